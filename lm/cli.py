@@ -1,0 +1,66 @@
+"""`lm <verb>`: the one command-line entry point.
+
+- `fit`, `validate`, `test`, `predict` go to LightningCLI: `--config experiments/x.yaml` (repeatable:
+  later files override earlier ones), `--print_config`, any field as `--model.config.hidden_size 512`.
+- Other verbs (`generate`, ...) are typed functions that jsonargparse turns into CLIs, so they take
+  `--config` and `--help` alike. They are imported only when called, which keeps `lm --help` fast.
+
+Errors we raise for bad input (ValueError, FileNotFoundError) are printed as one clear line; set
+LM_DEBUG=1 to see the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Optional
+
+LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+# verb -> "module:function"; each function's signature and docstring are its CLI.
+FUNCTION_VERBS = {
+    "generate": "lm.commands.generate:generate",
+}
+
+USAGE = f"""usage: lm <verb> [--config FILE.yaml ...] [--key value ...]
+
+Lightning verbs (train / evaluate / sample with a Trainer):
+  fit        train a model                 lm fit --config experiments/wikitext2_cpu.yaml
+  validate   loss, perplexity, bits/byte    lm validate --config ... --ckpt_path checkpoints/<exp>/last.ckpt
+  test       same, on the test split        lm test --config ... --ckpt_path ...
+  predict    write completions of prompts  lm predict --config ... --ckpt_path ... --data.prompts '[Hello]'
+Other verbs:
+  {'  '.join(sorted(FUNCTION_VERBS))}
+
+`lm <verb> --help` lists every option of a verb."""
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    verb = argv[0]
+    try:
+        if verb in LIGHTNING_VERBS:
+            from lm.lightning_cli import run_lightning_cli
+
+            run_lightning_cli(argv)
+        elif verb in FUNCTION_VERBS:
+            from jsonargparse import CLI
+
+            module_name, function_name = FUNCTION_VERBS[verb].split(":")
+            function = getattr(importlib.import_module(module_name), function_name)
+            CLI(function, args=argv[1:], prog=f"lm {verb}")
+        else:
+            print(f"lm: unknown verb {verb!r}.\n\n{USAGE}", file=sys.stderr)
+            sys.exit(2)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        if os.environ.get("LM_DEBUG"):
+            raise
+        print(f"lm {verb}: error: {error}\n(set LM_DEBUG=1 to see the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Byte-level BPE tokenizer.
+
+This is the only module in ``lm`` that imports Hugging Face ``tokenizers``: everything else talks to
+:class:`Tokenizer`, so swapping the backend later touches one file.
+
+Why byte-level BPE: every string is a sequence of bytes, and the 256 byte tokens are always in the
+vocabulary, so *any* text encodes without an ``<unk>`` and decodes back to exactly the same string.
+That lossless round trip is what makes two things in this framework exact rather than approximate:
+
+* bits-per-byte: :meth:`Tokenizer.token_byte_lengths` tells how many UTF-8 bytes each token stands
+  for, so a summed loss can be divided by the true number of bytes in the evaluated text;
+* streaming generation: :meth:`Tokenizer.decode_bytes` gives raw bytes, so a streaming printer can hold
+  back an incomplete UTF-8 sequence instead of emitting a replacement character mid-character.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders
+from tokenizers.implementations import ByteLevelBPETokenizer
+
+EOT = "<|endoftext|>"
+"""Document separator: appended after every document in the token stream (GPT-2 convention)."""
+
+NUM_BYTE_TOKENS = 256
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-character table used by the ByteLevel pre-tokenizer.
+
+    Byte-level BPE vocabularies store tokens as strings over this 256-character alphabet (printable
+    bytes map to themselves, the rest are shifted to U+0100 and up). Inverting it turns a token string
+    back into the raw bytes it stands for.
+    """
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = list(printable)
+    extra = 0
+    for b in range(NUM_BYTE_TOKENS):
+        if b not in printable:
+            printable.append(b)
+            chars.append(NUM_BYTE_TOKENS + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+_BYTE_DECODER: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer (HF ``tokenizers`` ``ByteLevelBPETokenizer`` underneath).
+
+    Construct it with :meth:`train`, :meth:`from_file` or :meth:`from_str`; the constructor wraps an
+    already built ``tokenizers.Tokenizer`` and checks that it really is byte-level BPE (the byte
+    accounting below relies on that).
+    """
+
+    def __init__(self, backend: _HFTokenizer) -> None:
+        _check_byte_level(backend)
+        self._tok = backend
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 8192,
+        min_frequency: int = 2,
+        special_tokens: Sequence[str] = (EOT,),
+    ) -> Tokenizer:
+        """Learn a BPE vocabulary of at most ``vocab_size`` tokens (byte tokens and specials included).
+
+        The result may be smaller than ``vocab_size`` when the corpus has too few pairs occurring at
+        least ``min_frequency`` times; callers should size model embeddings from the *requested*
+        vocabulary size, not from this one.
+        """
+        special_tokens = list(special_tokens)
+        minimum = NUM_BYTE_TOKENS + len(special_tokens)
+        if vocab_size < minimum:
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small: a byte-level BPE needs {NUM_BYTE_TOKENS} byte "
+                f"tokens plus {len(special_tokens)} special tokens, so at least {minimum}."
+            )
+        if min_frequency < 1:
+            raise ValueError(f"min_frequency must be >= 1, got {min_frequency}.")
+        if len(set(special_tokens)) != len(special_tokens):
+            raise ValueError(f"special_tokens contains duplicates: {special_tokens}")
+
+        counter = _CharCounter(texts)
+        # add_prefix_space=False: a leading space must not be invented, or decode(encode(t)) != t.
+        bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+        bpe.train_from_iterator(
+            counter,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=special_tokens,
+            show_progress=False,
+        )
+        if counter.num_chars == 0:
+            raise ValueError("Cannot train a tokenizer on an empty corpus (no text was given).")
+        backend = bpe._tokenizer  # the plain tokenizers.Tokenizer that the wrapper configures
+        backend.decoder = decoders.ByteLevel()
+        return cls(backend)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load a ``tokenizer.json`` written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Tokenizer file not found: {path}. Pass the tokenizer.json written by a previous run "
+                "(or leave tokenizer_path unset to train one on the training split)."
+            )
+        return cls.from_str(path.read_text(encoding="utf-8"))
+
+    @classmethod
+    def from_str(cls, json_str: str) -> Tokenizer:
+        """Restore from :meth:`to_str` output, e.g. a string stored inside a model checkpoint."""
+        try:
+            backend = _HFTokenizer.from_str(json_str)
+        except Exception as err:  # the Rust side raises a bare Exception subclass
+            raise ValueError(f"Not a valid tokenizer JSON: {err}") from err
+        return cls(backend)
+
+    # ------------------------------------------------------------------ serialization
+
+    def to_str(self) -> str:
+        """Serialize to the ``tokenizer.json`` format (a JSON string)."""
+        return self._tok.to_str()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``tokenizer.json`` atomically: readers never see a half-written file."""
+        atomic_write_text(Path(path), self.to_str())
+
+    # ------------------------------------------------------------------ vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        """Actual number of ids, special tokens included (may be below the size asked for in training)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eot_id(self) -> int | None:
+        """Id of ``<|endoftext|>``, or None if this tokenizer has no such token."""
+        return self._tok.token_to_id(EOT)
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of added/special tokens (they stand for no bytes of the original text)."""
+        return frozenset(self._tok.get_added_tokens_decoder())
+
+    # ------------------------------------------------------------------ encode / decode
+
+    def encode(self, text: str) -> list[int]:
+        # add_special_tokens=False: the byte-level post-processor adds nothing, but be explicit.
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts; the Rust backend spreads them over threads."""
+        # encode_batch_fast skips character offsets we never use (~30% faster); tokenizers >= 0.20.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Inverse of :meth:`encode`; special tokens are kept as their text (e.g. ``<|endoftext|>``)."""
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Raw UTF-8 bytes of the tokens (special tokens as their UTF-8 text).
+
+        A single token may hold part of a multi-byte character; concatenating bytes first and decoding
+        only complete sequences is how a streaming decoder avoids emitting half a character.
+        """
+        table = self._id_to_bytes
+        return b"".join(table[int(i)] for i in ids)
+
+    def token_byte_lengths(self) -> list[int]:
+        """For every id, how many UTF-8 bytes of the original text it stands for (special tokens: 0).
+
+        Summing this over the targets of an evaluation gives the exact byte count for bits-per-byte.
+        """
+        specials = self.special_ids
+        return [0 if i in specials else len(b) for i, b in enumerate(self._id_to_bytes)]
+
+    @cached_property
+    def _id_to_bytes(self) -> list[bytes]:
+        table: list[bytes] = []
+        specials = self.special_ids
+        for i in range(self.vocab_size):
+            token = self._tok.id_to_token(i)
+            if token is None:  # a hole in the id space; never produced by encode
+                table.append(b"")
+            elif i in specials:
+                table.append(token.encode("utf-8"))
+            else:
+                table.append(bytes(_BYTE_DECODER[c] for c in token))
+        return table
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+class _CharCounter:
+    """Pass texts through to the trainer while counting characters (to detect an empty corpus)."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self._texts = texts
+        self.num_chars = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self._texts:
+            self.num_chars += len(text)
+            if text:
+                yield text
+
+
+def _check_byte_level(backend: _HFTokenizer) -> None:
+    """Refuse tokenizers whose tokens aren't strings over the byte-level alphabet.
+
+    :meth:`Tokenizer.decode_bytes` and :meth:`Tokenizer.token_byte_lengths` invert the byte-level
+    mapping; on e.g. a SentencePiece vocabulary they would silently produce wrong byte counts.
+    """
+    spec = json.loads(backend.to_str())
+    model_type = (spec.get("model") or {}).get("type")
+    pre = spec.get("pre_tokenizer") or {}
+    pre_types = {pre.get("type")} | {p.get("type") for p in pre.get("pretokenizers", [])}
+    if model_type != "BPE" or "ByteLevel" not in pre_types:
+        raise ValueError(
+            "Only byte-level BPE tokenizers are supported (model BPE with a ByteLevel pre-tokenizer); "
+            f"got model={model_type!r}, pre_tokenizer={pre.get('type')!r}."
+        )
+    if spec.get("normalizer") is not None:
+        raise ValueError(
+            "The tokenizer has a normalizer, so decode(encode(text)) would not reproduce the text; "
+            "byte-level BPE without a normalizer is required."
+        )
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        backend.decoder = decoders.ByteLevel()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    ``os.replace`` is atomic on POSIX and Windows, so a killed process leaves either the old file or
+    the new one, never a truncated one (the stray temporary file is ignored by all readers).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache files and tokenizers are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

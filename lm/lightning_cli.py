@@ -1,0 +1,142 @@
+"""LightningCLI wiring for `lm fit|validate|test|predict`.
+
+What it adds to Lightning's CLI:
+- `--experiment NAME` names the run: TensorBoard logs go to logs/NAME/version_N and checkpoints to
+  checkpoints/NAME (a new version never overwrites an older one's logs).
+- `data.vocab_size` is linked to `model.config.vocab_size`: set it once, on the data.
+- Defaults: TensorBoardLogger, ModelCheckpoint (best `val/loss` + `last.ckpt`), LearningRateMonitor,
+  seed 1234.
+- `validate`/`test`/`predict` with `--ckpt_path` use the tokenizer stored in the checkpoint, so
+  evaluation always tokenizes exactly as training did.
+- `predict` writes `{prompt, completion}` lines to logs/NAME/predictions.jsonl and prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lm.data import TextDataModule
+from lm.modules import LanguageModel
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes every generated completion as one JSON line, and echoes it to the terminal."""
+
+    def __init__(self, output_path: str) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_path = Path(output_path)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        rows = [row for batch in predictions for row in batch]
+        if trainer.world_size > 1:
+            self.output_path = self.output_path.with_name(f"{self.output_path.stem}.rank{trainer.global_rank}.jsonl")
+        self.output_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.output_path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, self.output_path)
+        for row in rows:
+            print(f"\n>>> {row['prompt']}\n{row['completion']}")
+        print(f"\nWrote {len(rows)} completions to {self.output_path}")
+
+
+class LMCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--experiment", type=str, default="default",
+                            help="Run name: logs go to logs/<experiment>, checkpoints to checkpoints/<experiment>.")
+        parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "model": {"class_path": "lm.modules.LanguageModel"},  # `--model my_pkg.MyModel` swaps it
+            "checkpoint.monitor": "val/loss",
+            "checkpoint.mode": "min",
+            "checkpoint.save_top_k": 1,
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "step{step:06d}-val_loss{val/loss:.4f}",
+            "checkpoint.auto_insert_metric_name": False,
+            "trainer.logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "logs", "name": None},
+            },
+        })
+        parser.link_arguments("experiment", "checkpoint.dirpath", compute_fn=lambda name: f"checkpoints/{name}")
+
+    @property
+    def run_config(self):
+        """The parsed config of the verb being run (the whole config when run=False)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        config = self.run_config
+        # The logger's run name defaults to the experiment's (a logger given in full is left alone).
+        logger = config.trainer.get("logger")
+        if logger is not None and not isinstance(logger, bool):
+            init_args = logger.get("init_args") if hasattr(logger, "get") else None
+            if init_args is not None and "name" in init_args and init_args["name"] is None:
+                init_args["name"] = config.experiment
+        ckpt_path = config.get("ckpt_path")
+        if self.subcommand != "fit" and ckpt_path and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(
+                f"Checkpoint not found: {ckpt_path}. Runs write them to checkpoints/<experiment>/ "
+                f"(e.g. checkpoints/{config.experiment}/last.ckpt)."
+            )
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        config = self.run_config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            # Evaluate / continue with the tokenizer the checkpoint was trained with.
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            if "tokenizer" in checkpoint:
+                from lm.data.tokenizer import Tokenizer
+
+                tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
+                self.model.set_tokenizer(tokenizer)
+                if hasattr(self.datamodule, "set_tokenizer"):
+                    self.datamodule.set_tokenizer(tokenizer)
+        if self.subcommand == "predict":
+            self.trainer.callbacks.append(PredictionWriter(f"logs/{config.experiment}/predictions.jsonl"))
+        # No validation data means nothing to monitor: keep last.ckpt, skip the top-k search.
+        if self.subcommand == "fit" and self.datamodule is not None and not self.datamodule.has_validation:
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, ModelCheckpoint) and callback.monitor == "val/loss":
+                    callback.monitor, callback.save_top_k = None, 0  # only last.ckpt
+
+
+def _show_lm_logs() -> None:
+    """Print lm's own INFO lines (data cache hits, tokenization timings) like Lightning prints its own."""
+    lm_logger = logging.getLogger("lm")
+    if not lm_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        lm_logger.addHandler(handler)
+        lm_logger.setLevel(logging.INFO)
+        lm_logger.propagate = False
+
+
+def run_lightning_cli(argv: list[str]) -> LMCLI:
+    _show_lm_logs()
+    # LightningCLI reads sys.argv when args is None and warns when both are given (e.g. in tests).
+    sys.argv = [sys.argv[0]]
+    return LMCLI(
+        LanguageModel,
+        TextDataModule,
+        subclass_mode_model=True,
+        seed_everything_default=1234,
+        trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")]},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "lm", "default_env": False},
+        args=argv,
+        auto_configure_optimizers=False,
+    )

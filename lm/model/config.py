@@ -1,0 +1,119 @@
+"""`GPTConfig`: every architectural choice of the transformer is one field here.
+
+A variant (RMSNorm, RoPE, SwiGLU, grouped-query attention, QK-norm, ...) is a config value, so it can
+be chosen from an experiment YAML (`model.config.norm: rmsnorm`) and is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, Optional
+
+Norm = Literal["layernorm", "rmsnorm"]
+Position = Literal["learned", "sinusoidal", "rope"]
+Activation = Literal["gelu", "swiglu"]
+AttentionImpl = Literal["sdpa", "math"]
+
+
+@dataclass
+class GPTConfig:
+    """Shape and variant choices of a decoder-only transformer.
+
+    Args:
+        vocab_size: Rows of the token embedding and columns of the LM head. Linked to the data's
+            `vocab_size` by the CLI, so it is never typed twice.
+        hidden_size: Width of the residual stream.
+        num_hidden_layers: Number of transformer blocks.
+        num_attention_heads: Query heads; must divide `hidden_size`.
+        num_key_value_heads: Key/value heads for grouped-query attention. `None` means one per query
+            head (multi-head attention), 1 is multi-query attention. Must divide `num_attention_heads`.
+        intermediate_size: Hidden width of the MLP. `None`: 4 x hidden for GELU, and for SwiGLU
+            8/3 x hidden rounded up to a multiple of 64 (same parameter count as the GELU MLP).
+        max_position_embeddings: Longest sequence (prompt + generated tokens) the model accepts.
+        dropout: Dropout on embeddings, attention probabilities and residual branches.
+        bias: Biases in linear layers and LayerNorm.
+        tie_embeddings: Share the token embedding matrix with the LM head.
+        norm: `layernorm` or `rmsnorm`.
+        norm_eps: Epsilon of every normalization layer.
+        position: `learned` absolute, fixed `sinusoidal` absolute, or `rope` (rotary, relative).
+        rope_base: Base of the rotary frequencies (10000 in RoFormer/LLaMA; larger for long context).
+        activation: `gelu` MLP (GPT-2) or `swiglu` gated MLP (LLaMA).
+        qk_norm: RMS-normalize queries and keys per head before attention (stabilizes training).
+        attention: `sdpa` (torch's fused scaled_dot_product_attention) or `math` (written out;
+            same output, useful for reading and for inspecting attention).
+        init_std: Standard deviation of the normal init of linear and embedding weights.
+    """
+
+    vocab_size: int = 8192
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    num_key_value_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    max_position_embeddings: int = 256
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    position: Position = "learned"
+    rope_base: float = 10000.0
+    activation: Activation = "gelu"
+    qk_norm: bool = False
+    attention: AttentionImpl = "sdpa"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}: "
+                f"every head gets hidden_size / num_attention_heads channels. Pick a divisor of {self.hidden_size} "
+                f"(e.g. {_divisors_near(self.hidden_size, self.num_attention_heads)})."
+            )
+        if self.num_kv_heads <= 0 or self.num_attention_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_kv_heads} must be a positive divisor of "
+                f"num_attention_heads={self.num_attention_heads} (each key/value head serves a group of query heads)."
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"position='rope' needs an even head size, got {self.head_dim}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+
+    # Fields left as None mean "the default for this variant"; these properties resolve them. (The
+    # fields themselves stay None so that a config saved or printed says what the user chose.)
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def mlp_size(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        if self.activation == "swiglu":  # 3 matrices of 8/3 h instead of 2 of 4 h: same parameters
+            return 64 * -(-(8 * self.hidden_size // 3) // 64)
+        return 4 * self.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, safe for `torch.load(weights_only=True)` in checkpoints."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown GPTConfig keys {unknown}; valid keys are {sorted(known)}.")
+        return cls(**values)
+
+
+def _divisors_near(n: int, k: int) -> list[int]:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(divisors, key=lambda d: abs(d - k))[:3]

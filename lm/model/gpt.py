@@ -1,0 +1,110 @@
+"""GPT: a decoder-only transformer written out by hand.
+
+Notable features (each a `GPTConfig` value, see config.py):
+- pre-norm residual blocks with LayerNorm or RMSNorm;
+- learned, sinusoidal or rotary (RoPE) positions;
+- multi-head, grouped-query or multi-query attention, optional QK-norm, fused SDPA or plain math;
+- GELU MLP or SwiGLU; tied or untied embeddings; bias on/off; dropout;
+- GPT-2 initialization: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers) so the
+  residual stream's variance does not grow with depth;
+- a preallocated KV cache for generation (prefill once, then one token per step).
+
+`GPT(config)(input_ids)` returns logits of shape (batch, time, vocab). No Lightning here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lm.model.config import GPTConfig
+from lm.model.layers import Block, KVCache, Linear, LearnedPositions, RotaryPositions, SinusoidalPositions, make_norm
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Absolute positions are added to the embeddings; rotary ones are applied inside attention.
+        self.embed_positions = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(
+            config.position, lambda _: None
+        )(config)
+        self.rotary = RotaryPositions(config) if config.position == "rope" else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = make_norm(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def forward(self, input_ids: Tensor, kv_cache: Optional[KVCache] = None,
+                position_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Logits (B, T, vocab) for `input_ids` (B, T).
+
+        Args:
+            input_ids: token ids.
+            kv_cache: if given, `input_ids` continue the cached sequence: they are written to the cache
+                and attend to everything in it.
+            position_ids: (B, T) positions, for left-padded batches; default `past + arange(T)`.
+            attention_mask: (B, past + T) with 1 for real tokens, 0 for padding keys to ignore.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}.")
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence of {past + T} tokens is longer than max_position_embeddings="
+                f"{self.config.max_position_embeddings}: shorten the prompt (or truncate it from the left), "
+                f"or use a model trained with a longer context."
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(position_ids)
+        x = self.dropout(x)
+        rotary = self.rotary(position_ids) if self.rotary is not None else None
+        for block in self.layers:
+            x = block(x, rotary, kv_cache, attention_mask)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.lm_head(self.norm(x))
+
+    def new_kv_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
+        """An empty cache on the model's device and dtype."""
+        weight = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_length, device=weight.device, dtype=weight.dtype)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied head is counted once); optionally without embedding tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+            if isinstance(self.embed_positions, LearnedPositions):
+                n -= self.embed_positions.embedding.weight.numel()
+        return n
+
+    def flops_per_token(self, sequence_length: Optional[int] = None) -> int:
+        """Training FLOPs per token (forward + backward): 6N for the matmuls plus the attention
+        scores, 12 * layers * hidden * T (PaLM appendix B). Used for MFU."""
+        T = sequence_length or self.config.max_position_embeddings
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        c = self.config
+        return 6 * matmul_params + 12 * c.num_hidden_layers * c.hidden_size * T

@@ -1,0 +1,171 @@
+"""`lm` end to end through LightningCLI on tiny text: fit, checkpoints, TensorBoard, validate/test,
+predict, config printing/merging and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lm.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = [
+    "--model.config.hidden_size", "32", "--model.config.num_hidden_layers", "2",
+    "--model.config.num_attention_heads", "4", "--model.config.max_position_embeddings", "32",
+    "--model.warmup_steps", "2", "--model.learning_rate", "3e-3",
+]
+TINY_TRAINER = [
+    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "12",
+    "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]
+
+
+def tiny_data(files, cache_dir) -> list[str]:
+    return [
+        "--data.train_files", f"[{files['train']}]", "--data.val_files", f"[{files['valid']}]",
+        "--data.test_files", f"[{files['test']}]", "--data.vocab_size", "300", "--data.block_size", "16",
+        "--data.batch_size", "8", "--data.cache_dir", str(cache_dir),
+    ]
+
+
+def run_lm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lm", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def trained_run(tmp_path_factory, monkeypatch, corpus_files):
+    """One tiny `lm fit` shared by the tests below (run in its own working directory)."""
+    workdir = tmp_path_factory.mktemp("run")
+    monkeypatch.chdir(workdir)
+    data = tiny_data(corpus_files, workdir / "cache")
+    main(["fit", "--experiment", "tiny", *TINY_MODEL, *TINY_TRAINER, *data])
+    return workdir, data
+
+
+def scalar_tags(log_dir: Path) -> dict[str, list[float]]:
+    event_files = list(log_dir.rglob("events.out.tfevents.*"))
+    assert event_files, f"no TensorBoard event files under {log_dir}"
+    tags: dict[str, list[float]] = {}
+    for event_file in event_files:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            tags.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
+    return tags
+
+
+def test_fit_writes_checkpoint_and_tensorboard_events(trained_run):
+    workdir, _ = trained_run
+    checkpoints = sorted((workdir / "checkpoints" / "tiny").glob("*.ckpt"))
+    names = [c.name for c in checkpoints]
+    assert "last.ckpt" in names and any(n.startswith("step") for n in names), names
+
+    tags = scalar_tags(workdir / "logs" / "tiny")
+    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "val/bpb"):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    assert any(t.startswith("lr-") for t in tags)  # LearningRateMonitor
+    assert tags["train/loss"][-1] < tags["train/loss"][0]  # it learned something
+    for loss, ppl in zip(tags["val/loss"], tags["val/ppl"]):
+        assert ppl == pytest.approx(math.exp(loss), rel=1e-4)
+
+    checkpoint = torch.load(workdir / "checkpoints" / "tiny" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 12
+    assert "tokenizer" in checkpoint and json.loads(checkpoint["tokenizer"])["model"]["type"] == "BPE"
+    config = checkpoint["hyper_parameters"]["config"]
+    assert config["hidden_size"] == 32 and config["vocab_size"] == 300  # linked from data.vocab_size
+    assert (workdir / "logs" / "tiny" / "version_0" / "config.yaml").is_file()  # resolved config saved
+
+
+def test_validate_with_checkpoint_reproduces_val_loss(trained_run):
+    workdir, data = trained_run
+    tags = scalar_tags(workdir / "logs" / "tiny")
+    best = min(tags["val/loss"])
+    best_ckpt = next(c for c in (workdir / "checkpoints" / "tiny").glob("step*.ckpt"))
+    # Only the checkpoint path and the data: the model config comes from the checkpoint.
+    main(["validate", "--experiment", "tiny_eval", "--ckpt_path", str(best_ckpt), *TINY_TRAINER[:4], *data])
+    reloaded = scalar_tags(workdir / "logs" / "tiny_eval")
+    assert reloaded["val/loss"][-1] == pytest.approx(best, abs=1e-5)
+
+    main(["test", "--experiment", "tiny_test", "--ckpt_path", str(best_ckpt), *TINY_TRAINER[:4], *data])
+    test_tags = scalar_tags(workdir / "logs" / "tiny_test")
+    assert {"test/loss", "test/ppl", "test/bpb"} <= set(test_tags)
+    assert 0 < test_tags["test/bpb"][-1] < 10
+
+
+def test_predict_writes_generations(trained_run):
+    workdir, data = trained_run
+    main(["predict", "--experiment", "tiny", "--ckpt_path", str(workdir / "checkpoints" / "tiny" / "last.ckpt"),
+          *TINY_TRAINER[:4], *data, "--data.prompts", "[The river, A small town was]",
+          "--model.max_new_tokens", "8"])
+    rows = [json.loads(line) for line in (workdir / "logs" / "tiny" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["The river", "A small town was"]
+    assert all(isinstance(r["completion"], str) and r["completion"] for r in rows)
+
+
+@pytest.mark.parametrize("yaml_path", sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "experiments").rglob("*.yaml")))
+def test_every_experiment_yaml_parses(yaml_path):
+    """Each recipe (overlays on top of the CPU base) resolves with --print_config."""
+    configs = ["--config", yaml_path]
+    if "/" in yaml_path.removeprefix("experiments/"):  # an overlay: combine it with the base recipe
+        configs = ["--config", "experiments/wikitext2_cpu.yaml", *configs]
+    result = run_lm("fit", *configs, "--print_config", cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["model"]["class_path"].endswith("LanguageModel") or "class_path" in resolved["model"]
+    assert resolved["data"]["vocab_size"] > 256
+
+
+def test_configs_merge_later_wins(tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("model:\n  config:\n    num_hidden_layers: 3\ntrainer:\n  max_steps: 7\n")
+    result = run_lm("fit", "--config", "experiments/wikitext2_cpu.yaml", "--config", str(overlay), "--print_config",
+                    cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resolved = yaml.safe_load(result.stdout)
+    base = yaml.safe_load((REPO_ROOT / "experiments" / "wikitext2_cpu.yaml").read_text())
+    assert resolved["model"]["init_args"]["config"]["num_hidden_layers"] == 3
+    assert resolved["trainer"]["max_steps"] == 7
+    assert resolved["model"]["init_args"]["config"]["hidden_size"] == base["model"]["config"]["hidden_size"]
+
+
+def test_unknown_key_and_wrong_type_get_jsonargparse_messages(tmp_path):
+    result = run_lm("fit", "--config", "experiments/wikitext2_cpu.yaml", "--model.config.hiden_size", "12",
+                    "--print_config", cwd=REPO_ROOT)
+    assert result.returncode != 0 and "hiden_size" in result.stderr and "Traceback" not in result.stderr
+    result = run_lm("fit", "--config", "experiments/wikitext2_cpu.yaml", "--data.block_size", "many",
+                    "--print_config", cwd=REPO_ROOT)
+    assert result.returncode != 0 and "block_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_input_errors_are_clear(tmp_path, corpus_files):
+    data = tiny_data(corpus_files, tmp_path / "cache")
+    cases = {
+        "heads": (["fit", *data, *TINY_TRAINER, *TINY_MODEL, "--model.config.num_attention_heads", "5"],
+                  "num_attention_heads=5 does not divide hidden_size=32"),
+        "vocab": (["fit", *data, "--data.vocab_size", "200", *TINY_TRAINER, *TINY_MODEL],
+                  "vocab_size"),
+        "missing file": (["fit", "--data.train_files", f"[{tmp_path / 'nope.txt'}]", *TINY_TRAINER, *TINY_MODEL],
+                         str(tmp_path / "nope.txt")),
+        "missing ckpt": (["validate", *data, "--ckpt_path", str(tmp_path / "missing.ckpt")], "missing.ckpt"),
+    }
+    for name, (args, expected) in cases.items():
+        result = run_lm(*args, cwd=tmp_path)
+        assert result.returncode != 0, name
+        assert expected in result.stderr, f"{name}: {result.stderr[-1500:]}"
+        assert "Traceback" not in result.stderr, f"{name}: {result.stderr[-1500:]}"
+
+
+def test_lm_help_lists_verbs():
+    result = run_lm("--help", cwd=REPO_ROOT)
+    assert result.returncode == 0
+    for verb in ("fit", "validate", "test", "predict", "generate"):
+        assert verb in result.stdout
