@@ -71,6 +71,13 @@ class LMCLI(LightningCLI):
         })
         parser.link_arguments("experiment", "checkpoint.dirpath", compute_fn=lambda name: f"checkpoints/{name}")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Multi-process strategies (ddp, fsdp, model parallel) re-run this very command line in each
+        # child process: give sys.argv its arguments back once they are parsed.
+        if _COMMAND_LINE is not None:
+            sys.argv = list(_COMMAND_LINE)
+
     @property
     def run_config(self):
         """The parsed config of the verb being run (the whole config when run=False)."""
@@ -80,12 +87,16 @@ class LMCLI(LightningCLI):
         config = self.run_config
         # The logger's run name defaults to the experiment's (a logger given in full is left alone).
         logger = config.trainer.get("logger")
-        if logger is not None and not isinstance(logger, bool):
-            init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        # One logger or a list of them (e.g. experiments/trainer/wandb.yaml: TensorBoard + W&B).
+        for one_logger in logger if isinstance(logger, list) else [logger]:
+            if one_logger is None or isinstance(one_logger, bool):
+                continue
+            init_args = one_logger.get("init_args") if hasattr(one_logger, "get") else None
             if init_args is not None and "name" in init_args and init_args["name"] is None:
                 init_args["name"] = config.experiment
         ckpt_path = config.get("ckpt_path")
-        if self.subcommand != "fit" and ckpt_path and not Path(ckpt_path).is_file():
+        # A sharded (distributed) checkpoint is a directory.
+        if self.subcommand != "fit" and ckpt_path and not Path(ckpt_path).exists():
             raise FileNotFoundError(
                 f"Checkpoint not found: {ckpt_path}. Runs write them to checkpoints/<experiment>/ "
                 f"(e.g. checkpoints/{config.experiment}/last.ckpt)."
@@ -95,6 +106,8 @@ class LMCLI(LightningCLI):
         super().instantiate_classes()
         config = self.run_config
         ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":  # `fit --ckpt_path last`: Lightning resumes from the callback's last.ckpt
+            ckpt_path = str(Path(config.checkpoint.dirpath or f"checkpoints/{config.experiment}") / "last.ckpt")
         if ckpt_path and Path(ckpt_path).is_file():
             # Evaluate / continue with the tokenizer the checkpoint was trained with.
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
@@ -125,8 +138,15 @@ def _show_lm_logs() -> None:
         lm_logger.propagate = False
 
 
+_COMMAND_LINE: list[str] | None = None  # sys.argv of a real `lm <verb> ...` command, restored after parsing
+
+
 def run_lightning_cli(argv: list[str]) -> LMCLI:
+    global _COMMAND_LINE
     _show_lm_logs()
+    # Run from a shell, sys.argv[1:] is argv; DDP's launcher re-runs sys.argv in its child processes, so it is
+    # put back after parsing (LMCLI.parse_arguments). Called from Python (tests), sys.argv is someone else's.
+    _COMMAND_LINE = [sys.argv[0], *argv] if sys.argv[1:] == list(argv) else None
     # LightningCLI reads sys.argv when args is None and warns when both are given (e.g. in tests).
     sys.argv = [sys.argv[0]]
     return LMCLI(

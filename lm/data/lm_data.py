@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from lm.data.clean import clean_documents
@@ -28,6 +29,7 @@ from lm.data.tokenizer import EOT, NUM_BYTE_TOKENS, Tokenizer
 from lm.data.tokens import (
     EpochDistributedSampler,
     RandomWindowDataset,
+    ResumableDataLoader,
     SequentialWindowDataset,
     cache_key,
     get_or_build_tokens,
@@ -273,13 +275,23 @@ class TextDataModule(L.LightningDataModule):
             shuffle=False,
             drop_last=False,
         )
-        return DataLoader(
+        loader = ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=len(sampler) >= self.batch_size,  # fixed shapes (torch.compile) when possible
             **self._loader_kwargs(),
         )
+        # Checkpoints record how far into the epoch training got (exact mid-epoch resume).
+        loader.progress_fn = self._train_batches_consumed
+        return loader
+
+    def _train_batches_consumed(self) -> int:
+        """Training batches the trainer has run this epoch (what a checkpoint must not replay)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.val_dataset is None:
@@ -520,4 +532,7 @@ class TextDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.persistent_workers,
+            # Each new iterator draws a seed from its generator: a private one leaves torch's global RNG
+            # (dropout) alone, so a resumed run draws the same dropout masks as an uninterrupted one.
+            "generator": torch.Generator().manual_seed(self.seed),
         }

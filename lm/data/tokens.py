@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.data.tokenizer import Tokenizer, atomic_write_text
 
@@ -371,8 +371,78 @@ class EpochDistributedSampler(DistributedSampler):
     single process): identical index assignment, plus fresh windows per epoch.
     """
 
+    _skip = 0  # indices of this rank to skip once, on the next __iter__ (a resumed mid-epoch position)
+
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         set_dataset_epoch = getattr(self.dataset, "set_epoch", None)
         if callable(set_dataset_epoch):
             set_dataset_epoch(epoch)
+
+    def skip_once(self, num_indices: int) -> None:
+        """Make the next ``__iter__`` start ``num_indices`` into this rank's indices (then back to normal)."""
+        self._skip = max(0, int(num_indices))
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        indices = super().__iter__()
+        for _ in range(skip):
+            next(indices, None)
+        return indices
+
+
+class ResumableDataLoader(DataLoader):
+    """A training ``DataLoader`` whose mid-epoch position goes into Lightning checkpoints.
+
+    Lightning saves ``state_dict()`` of a train loader that has ``state_dict``/``load_state_dict``
+    (its ``_Stateful`` protocol) under ``loops.fit_loop.state_dict.combined_loader``, and calls
+    ``load_state_dict`` on resume before it creates the iterator. Without it a resumed run restarts the
+    epoch from its first batch, i.e. trains twice on what it already saw.
+
+    The position is the number of batches the *trainer* has consumed this epoch, read through
+    ``progress_fn`` (set by the DataModule to Lightning's batch progress). Counting what the iterator
+    yielded would be wrong: Lightning prefetches a batch ahead, and DataLoader workers several. Without
+    ``progress_fn`` (a loop of your own) the yielded batches are counted.
+
+    The state is stored as *global* samples consumed, so a run may resume on another number of
+    processes: with ``W`` ranks, rank ``r`` takes indices ``r, r+W, ...``, and the first ``k*W`` global
+    indices are exactly the first ``k`` of every rank. Requires an :class:`EpochDistributedSampler`.
+    """
+
+    progress_fn: Callable[[], int] | None = None
+    _yielded = 0
+
+    def __iter__(self):
+        self._yielded = 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.sampler
+        consumed = self.progress_fn() if self.progress_fn is not None else self._yielded
+        return {
+            "epoch": int(getattr(sampler, "epoch", 0)),
+            "batches_consumed": int(consumed),
+            "samples_consumed": int(consumed) * int(self.batch_size or 1) * int(getattr(sampler, "num_replicas", 1)),
+            "num_samples": len(self.dataset),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sampler = self.sampler
+        if not isinstance(sampler, EpochDistributedSampler):
+            logger.warning("Cannot restore the data position: the training sampler is a %s.", type(sampler).__name__)
+            return
+        if state.get("num_samples") != len(self.dataset):
+            logger.warning(
+                "The training set changed since the checkpoint (%s samples per epoch, now %d): the resumed data "
+                "position is approximate.", state.get("num_samples"), len(self.dataset),
+            )
+        epoch = int(state.get("epoch", 0))
+        skip = int(state.get("samples_consumed", 0)) // sampler.num_replicas  # indices of this rank
+        remaining = len(sampler) - skip
+        if remaining <= 0 or (self.drop_last and remaining < (self.batch_size or 1)):
+            epoch, skip = epoch + 1, 0  # saved at the end of an epoch: the next one starts afresh
+        # Lightning creates the resumed iterator (and prefetches from it) before it calls set_epoch.
+        sampler.set_epoch(epoch)
+        sampler.skip_once(skip)

@@ -1,11 +1,24 @@
-"""The hand-written transformer. Usable without Lightning:
+"""The hand-written transformer and its generation loop. Usable without Lightning:
 
-    from lm.model import GPT, GPTConfig
-    logits = GPT(GPTConfig(vocab_size=8192))(input_ids)   # (B, T, vocab)
+    from lm.model import GPT, GPTConfig, generate
+    model = GPT(GPTConfig(vocab_size=8192))
+    logits = model(input_ids)                                  # (B, T, vocab)
+    ids = generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=0)
 """
 
 from lm.model.config import GPTConfig
+from lm.model.generate import filter_logits, generate, generate_text, sample_next_token, stream_generate, stream_text
 from lm.model.gpt import GPT
 from lm.model.layers import KVCache
 
-__all__ = ["GPT", "GPTConfig", "KVCache"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "KVCache",
+    "generate",
+    "stream_generate",
+    "generate_text",
+    "stream_text",
+    "sample_next_token",
+    "filter_logits",
+]

@@ -91,7 +91,7 @@ class GPTConfig:
 
     @property
     def num_kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
 
     @property
     def mlp_size(self) -> int:

@@ -80,6 +80,8 @@ class LanguageModel(L.LightningModule):
         self.val_metrics = LanguageModelingMetrics()
         self.test_metrics = LanguageModelingMetrics()
         self._compiled = False
+        self._sharded = False
+        self._rng_states_to_restore: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------------------ subclass hooks
     def build_model(self, config: GPTConfig) -> nn.Module:
@@ -110,13 +112,42 @@ class LanguageModel(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.tokenizer is None and getattr(datamodule, "tokenizer", None) is not None:
             self.set_tokenizer(datamodule.tokenizer)
-        if self.hparams.compile and not self._compiled:
-            self.model = torch.compile(self.model)
+
+    def configure_model(self) -> None:
+        """Shard and/or compile the network. Lightning calls this once the strategy is set up, before
+        the optimizer is built (so the optimizer sees the sharded parameters).
+
+        - Under `ModelParallelStrategy` (`experiments/trainer/fsdp2_cpu.yaml`) the module has a device
+          mesh: FSDP2 `fully_shard` is applied to every transformer `Block`, then to the whole network
+          (embeddings, final norm and the tied head form the root group). Without a mesh (1 process,
+          DDP, Lightning's FSDPStrategy which wraps by itself) nothing is sharded here.
+        - `compile=True` compiles the network *in place* (`nn.Module.compile`), after sharding: the
+          parameter names stay `model.…`, so checkpoints of a compiled run load into an uncompiled model.
+        """
+        mesh = self.device_mesh
+        if mesh is not None and not self._sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            from lm.model.layers import Block
+
+            if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
+                raise ValueError("LanguageModel shards with FSDP2 only: use ModelParallelStrategy(tensor_parallel_size=1).")
+            dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+            for block in [m for m in self.model.modules() if isinstance(m, Block)]:
+                fully_shard(block, mesh=dp_mesh)
+            fully_shard(self.model, mesh=dp_mesh)
+            self._sharded = True
+        predicting = self._trainer is not None and self.trainer.predicting  # generation: varying shapes, KV cache
+        if self.hparams.compile and not self._compiled and not predicting:
+            self.model.compile()
             self._compiled = True
 
+    # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_str()
+        # Lightning does not checkpoint random generators; dropout needs them for an exact resume.
+        checkpoint["rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "tokenizer" in checkpoint:
@@ -127,6 +158,14 @@ class LanguageModel(L.LightningModule):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if "._orig_mod." in k]:
             state[key.replace("._orig_mod.", ".")] = state.pop(key)
+        # Applied when training resumes (on_train_start), after everything that runs between loading
+        # and the first batch (sanity validation, ...), not now.
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        states, self._rng_states_to_restore = self._rng_states_to_restore, None
+        if states:
+            _set_rng_states(states)
 
     # ---------------------------------------------------------------------------------- training
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -149,6 +188,14 @@ class LanguageModel(L.LightningModule):
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()).clamp(max=1e6), on_step=True)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # Effective batch in tokens = batch_size * block_size * accumulate_grad_batches * world_size.
+        trainer = self.trainer
+        tokens_per_step = batch[1].numel() * trainer.accumulate_grad_batches * trainer.world_size
+        self.log("train/tokens_per_step", float(tokens_per_step), on_step=True, on_epoch=False)
+        # From the (checkpointed) step counter, so it survives a resume; exact while the batch shape is fixed.
+        self.log("train/tokens_seen", float(trainer.global_step * tokens_per_step), on_step=True, on_epoch=False)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: LanguageModelingMetrics) -> Tensor:
         input_ids, targets = batch
@@ -205,3 +252,42 @@ class LanguageModel(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, warmup, max_steps, min_lr / hp.learning_rate)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _rng_states() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU, CUDA) generator states, as types `torch.load(weights_only=True)` reads.
+
+    In a multi-process run the checkpoint holds rank 0's states; every rank restores them, which is exact
+    because Lightning seeds all ranks alike (`seed_everything`), so their generators advance in lock step."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        n = states["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,134 @@
+"""Exact resume: `lm fit --ckpt_path last|PATH` continues a run as if it had never stopped (same global
+step, LR schedule position, optimizer state, RNG state and mid-epoch data position), including after
+the process is killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lm.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny model with dropout on, so the resumed run must also get the random generators right.
+MODEL = [
+    "--model.config.hidden_size", "32", "--model.config.num_hidden_layers", "2",
+    "--model.config.num_attention_heads", "4", "--model.config.max_position_embeddings", "16",
+    "--model.config.dropout", "0.1", "--model.warmup_steps", "3", "--model.learning_rate", "3e-3",
+]
+TRAINER = [
+    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+    "--trainer.log_every_n_steps", "1", "--trainer.check_val_every_n_epoch", "null",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]
+
+
+def data_args(files, cache_dir, samples_per_epoch: int = 40) -> list[str]:
+    # 40 windows / batch 8 = 5 batches per epoch.
+    return [
+        "--data.train_files", f"[{files['train']}]", "--data.val_files", f"[{files['valid']}]",
+        "--data.vocab_size", "300", "--data.block_size", "16", "--data.batch_size", "8",
+        "--data.samples_per_epoch", str(samples_per_epoch), "--data.cache_dir", str(cache_dir),
+    ]
+
+
+def train_losses(log_dir: Path) -> dict[int, float]:
+    """step -> train/loss from the TensorBoard events under log_dir."""
+    losses: dict[int, float] = {}
+    for event_file in sorted(log_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        if "train/loss" in accumulator.Tags()["scalars"]:
+            losses.update({e.step: e.value for e in accumulator.Scalars("train/loss")})
+    return losses
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_half_stop_resume_equals_one_go(tmp_path, monkeypatch, corpus_files):
+    """12 steps in one go == 6 steps, stop, `--ckpt_path last`, 6 more (resuming mid-epoch 2 of 5-batch epochs)."""
+    monkeypatch.chdir(tmp_path)
+    common = [*MODEL, *TRAINER, *data_args(corpus_files, tmp_path / "cache"),
+              "--model.max_steps", "12",  # the LR schedule spans the whole run in all three invocations
+              "--trainer.val_check_interval", "4", "--checkpoint.every_n_train_steps", "3"]
+    main(["fit", "--experiment", "full", *common, "--trainer.max_steps", "12"])
+    main(["fit", "--experiment", "half", *common, "--trainer.max_steps", "6"])
+    first_half = load(tmp_path / "checkpoints" / "half" / "last.ckpt")
+    assert first_half["global_step"] == 6
+    loader_state = first_half["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state["epoch"] == 1 and loader_state["batches_consumed"] == 1  # mid-epoch
+
+    main(["fit", "--experiment", "half", *common, "--trainer.max_steps", "12", "--ckpt_path", "last"])
+
+    full, resumed = load(tmp_path / "checkpoints/full/last.ckpt"), load(tmp_path / "checkpoints/half/last.ckpt")
+    assert resumed["global_step"] == full["global_step"] == 12
+    assert resumed["lr_schedulers"][0]["last_epoch"] == full["lr_schedulers"][0]["last_epoch"] == 12
+    for key, value in full["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, atol=1e-6, rtol=0, msg=key)
+    exp_avg = lambda ckpt: [s["exp_avg"] for s in ckpt["optimizer_states"][0]["state"].values()]  # noqa: E731
+    for a, b in zip(exp_avg(full), exp_avg(resumed)):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+    one_go = train_losses(tmp_path / "logs" / "full")
+    split = {**train_losses(tmp_path / "logs" / "half" / "version_0"), **train_losses(tmp_path / "logs" / "half" / "version_1")}
+    assert len(one_go) >= 12 and sorted(one_go) == sorted(split)
+    for step, loss in one_go.items():
+        assert split[step] == pytest.approx(loss, abs=1e-5), f"step {step}: {split[step]} != {loss}"
+
+
+def test_sigkill_mid_epoch_then_resume_last(tmp_path, corpus_files):
+    """kill -9 a run after a mid-epoch checkpoint; checkpoints stay readable; `--ckpt_path last` finishes the run."""
+    run = [*MODEL, *TRAINER, *data_args(corpus_files, tmp_path / "cache", samples_per_epoch=400),
+           "--experiment", "killed", "--model.max_steps", "1000", "--trainer.val_check_interval", "10",
+           "--checkpoint.every_n_train_steps", "5"]
+    ckpt_dir = tmp_path / "checkpoints" / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "lm", "fit", *run, "--trainer.max_steps", "100000"],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if (ckpt_dir / "last.ckpt").is_file() and any(ckpt_dir.glob("step*.ckpt")):
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)  # let it go on training (and maybe writing the next checkpoint) ...
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        os.kill(process.pid, signal.SIGKILL)  # ... and kill it without warning
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stderr.close()
+
+    checkpoints = sorted(ckpt_dir.glob("*.ckpt"))
+    assert len(checkpoints) >= 2, checkpoints
+    steps = {path.name: load(path)["global_step"] for path in checkpoints}  # every file is complete
+    saved = steps["last.ckpt"]
+    assert saved > 0 and saved % 5 == 0
+    loader_state = load(ckpt_dir / "last.ckpt")["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state["batches_consumed"] == saved  # 50 batches per epoch: mid-epoch
+    assert not list(ckpt_dir.glob("*.tmp"))
+
+    os.chdir(tmp_path)
+    try:
+        main(["fit", *run, "--trainer.max_steps", str(saved + 4), "--ckpt_path", "last"])
+    finally:
+        os.chdir(REPO_ROOT)
+    final = load(ckpt_dir / "last.ckpt")
+    assert final["global_step"] == saved + 4
+    assert final["lr_schedulers"][0]["last_epoch"] == saved + 4
+    final_loader = final["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert final_loader["batches_consumed"] == saved + 4
