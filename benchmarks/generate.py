@@ -1,16 +1,21 @@
-"""Decode speed of `lm.model.generate`: KV cache vs re-running the sequence, fp32 vs bf16.
+"""Decode speed of `lm.model.generate`: KV cache vs re-running the sequence, fp32 vs bf16, and the
+inference paths of `GPT.prepare_for_inference` (bf16 prepacked weights, a compiled decode step).
 
-    python benchmarks/generate.py                      # defaults: the 6x6x384 / vocab 8192 model
-    python benchmarks/generate.py --runs 5 --threads 1 --dtypes float32
+    python benchmarks/generate.py                          # the 6x6x384 / vocab 8192 model, 1 and 2 threads
+    python benchmarks/generate.py --runs 5 --threads 1 --dtypes float32 --paths eager compiled
 
 Measures batch-1 decode tokens/s (prefill excluded: the clock starts at the first generated token)
-on a randomly initialized model with greedy decoding, after a warm-up run; reports the median of
-`--runs` runs and the speed-up of the cache over the no-cache path. Prints a markdown table.
+on a randomly initialized model with greedy decoding, after a warm-up run (which also pays any
+compile time, reported as "setup"); reports the median of `--runs` runs, the speed-up of each path
+over the no-cache path, and the load average (other processes on the machine skew the numbers:
+measure when `uptime` is low). Also checks that every path decodes the same tokens as plain eager.
+Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -20,7 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lm.model import GPT, GPTConfig, stream_generate  # noqa: E402
+from lm.model import GPT, GPTConfig, generate, stream_generate  # noqa: E402
+
+PATHS = {
+    "eager": "plain eager model",
+    "prepared": "prepare_for_inference(): bf16 weights prepacked for oneDNN (no-op in fp32)",
+    "compiled": "prepare_for_inference(compile=True): torch.compile'd decode step",
+}
 
 
 def decode_tokens_per_second(model: GPT, prompt: list[int], new_tokens: int, use_cache: bool) -> float:
@@ -30,6 +41,15 @@ def decode_tokens_per_second(model: GPT, prompt: list[int], new_tokens: int, use
     start = time.perf_counter()
     count = sum(1 for _ in stream)
     return count / (time.perf_counter() - start)
+
+
+def prepare(config: GPTConfig, dtype: torch.dtype, path: str) -> tuple[GPT, float]:
+    torch.manual_seed(0)
+    model = GPT(config).to(dtype).eval()
+    start = time.perf_counter()
+    if path != "eager":
+        model.prepare_for_inference(compile=path == "compiled")
+    return model, time.perf_counter() - start
 
 
 def main() -> None:
@@ -42,33 +62,49 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per setting (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch.set_num_threads values")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--no-baseline", action="store_true", help="skip the (slow) no-cache runs")
     args = parser.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     config = GPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, max_position_embeddings=args.context)
-    prompt = torch.randint(0, args.vocab, (args.prompt_tokens,)).tolist()
+    prompt = torch.randint(0, args.vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     print(f"model: {args.layers} layers, {args.heads} heads, hidden {args.hidden}, vocab {args.vocab}, "
           f"context {args.context}; batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-          f"greedy; {torch.get_num_threads()} threads; median of {args.runs} runs after a warm-up\n")
-    print("| dtype | KV cache (tok/s) | no cache (tok/s) | speed-up |")
-    print("|---|---:|---:|---:|")
-    for dtype_name in args.dtypes:
-        model = GPT(config).to(getattr(torch, dtype_name)).eval()
-        results = {}
-        for use_cache in ([True] if args.no_baseline else [True, False]):
-            decode_tokens_per_second(model, prompt, args.new_tokens, use_cache)  # warm-up
-            runs = [decode_tokens_per_second(model, prompt, args.new_tokens, use_cache) for _ in range(args.runs)]
-            results[use_cache] = statistics.median(runs)
-        cached, uncached = results[True], results.get(False)
-        no_cache = f"{uncached:.0f}" if uncached else "-"
-        speedup = f"{cached / uncached:.1f}x" if uncached else "-"
-        print(f"| {dtype_name} | {cached:.0f} | {no_cache} | {speedup} |", flush=True)
+          f"greedy; median of {args.runs} runs after a warm-up; load average at start "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
+    for name in args.paths:
+        print(f"- {name}: {PATHS[name]}")
+    print("\n| threads | dtype | path | KV cache (tok/s) | no cache (tok/s) | speed-up vs no cache | setup (s) |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            reference, uncached = None, None
+            for path in args.paths:
+                if path == "prepared" and dtype == torch.float32:
+                    continue  # nothing to prepack in fp32: same as eager
+                model, setup = prepare(config, dtype, path)
+                start = time.perf_counter()
+                decode_tokens_per_second(model, prompt, args.new_tokens, True)  # warm-up (and compile)
+                setup += time.perf_counter() - start if path == "compiled" else 0.0
+                cached = statistics.median(decode_tokens_per_second(model, prompt, args.new_tokens, True)
+                                           for _ in range(args.runs))
+                tokens = generate(model, [prompt], args.new_tokens, temperature=0)[0]
+                if reference is None:
+                    reference = tokens
+                    if not args.no_baseline:
+                        uncached = statistics.median(decode_tokens_per_second(model, prompt, args.new_tokens, False)
+                                                     for _ in range(max(1, args.runs // 2)))
+                same = "" if tokens == reference else " (tokens differ from eager!)"
+                no_cache = f"{uncached:.0f}" if uncached and path == args.paths[0] else ""
+                speedup = f"{cached / uncached:.1f}x" if uncached else "-"
+                print(f"| {threads} | {dtype_name} | {path}{same} | {cached:.0f} | {no_cache} | {speedup} | "
+                      f"{setup:.1f} |", flush=True)
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

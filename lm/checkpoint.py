@@ -26,15 +26,41 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"Cannot read checkpoint {path}: {error}") from error
 
 
+# How `lm fit` names the stock LightningModule in `hyper_parameters["_class_path"]`.
+_STOCK_CLASS_PATHS = {None, "lm.modules.LanguageModel", "lm.modules.language_model.LanguageModel"}
+
+
+def _build_network(hparams: dict[str, Any]) -> torch.nn.Module:
+    """An untrained network of the checkpoint's architecture: a plain `GPT`, or, for a checkpoint of a
+    `LanguageModel` subclass (`--model my_pkg.MyModel`), whatever its `build_model` returns (the
+    subclass is imported and constructed from the saved hyper-parameters, which needs Lightning)."""
+    class_path = hparams.get("_class_path")
+    if class_path in _STOCK_CLASS_PATHS:
+        return GPT(GPTConfig.from_dict(hparams["config"]))
+    import importlib
+
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        module_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"The checkpoint was trained with {class_path}, which cannot be imported ({error}): "
+                         f"run from the directory of its package or add it to PYTHONPATH.") from error
+    init_args = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    return module_class(**init_args).model
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Return `(model, tokenizer)` from a checkpoint written by `lm fit`; the model is in eval mode."""
+    """Return `(model, tokenizer)` from a checkpoint written by `lm fit`; the model is in eval mode.
+
+    The model is the network the LightningModule trained (`LanguageModel.model`): a `GPT`, or what a
+    subclass's `build_model` made."""
     from lm.data.tokenizer import Tokenizer
 
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters", {})
     if "config" not in hparams or "tokenizer" not in checkpoint:
         raise ValueError(f"{path} is not an `lm` language-model checkpoint (no model config or tokenizer in it).")
-    model = GPT(GPTConfig.from_dict(hparams["config"]))
+    model = _build_network(hparams)
     prefix = "model."
     state = {k[len(prefix):].replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()
              if k.startswith(prefix)}

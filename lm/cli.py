@@ -50,8 +50,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             from jsonargparse import CLI
 
             module_name, function_name = FUNCTION_VERBS[verb].split(":")
-            function = getattr(importlib.import_module(module_name), function_name)
-            CLI(function, args=argv[1:], prog=f"lm {verb}")
+            module = importlib.import_module(module_name)
+            args = argv[1:]
+            if hasattr(module, "prepare_args"):  # optional: the verb normalizes its raw arguments
+                args = module.prepare_args(args)
+            CLI(getattr(module, function_name), args=args, prog=f"lm {verb}")
         else:
             print(f"lm: unknown verb {verb!r}.\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)

@@ -78,6 +78,30 @@ class LMCLI(LightningCLI):
         if _COMMAND_LINE is not None:
             sys.argv = list(_COMMAND_LINE)
 
+    def _parse_ckpt_path(self) -> None:
+        """With `--ckpt_path`, take the architecture (`model.config`) and the model class from the
+        checkpoint, so `lm validate --ckpt_path x.ckpt` needs no model flags.
+
+        Lightning's version applies *all* saved hyper-parameters over the command line, which would
+        silently ignore e.g. `--model.temperature` at predict time; this run's other settings
+        (sampling, optimizer for a resumed fit) stay the user's.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:
+            raise ValueError(f"Cannot read checkpoint {ckpt_path}: {error}") from error
+        hparams = checkpoint.get("hyper_parameters", {})
+        if "config" not in hparams:
+            return
+        model = {"init_args": {"config": hparams["config"]}}
+        if "_class_path" in hparams:
+            model["class_path"] = hparams["_class_path"]
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
     @property
     def run_config(self):
         """The parsed config of the verb being run (the whole config when run=False)."""

@@ -110,6 +110,14 @@ def test_predict_writes_generations(trained_run):
     assert [r["prompt"] for r in rows] == ["The river", "A small town was"]
     assert all(isinstance(r["completion"], str) and r["completion"] for r in rows)
 
+    # A prompt longer than the context (32 tokens here) is a clear error, not a traceback.
+    long_prompt = "The river was built in the north of England . " * 20
+    result = run_lm("predict", "--ckpt_path", str(workdir / "checkpoints" / "tiny" / "last.ckpt"), *TINY_TRAINER[:4],
+                    *data, "--data.prompts", f"[{long_prompt}]", "--model.max_new_tokens", "8", cwd=workdir)
+    assert result.returncode != 0
+    assert "max_position_embeddings=32" in result.stderr and "truncate" in result.stderr, result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
+
 
 @pytest.mark.parametrize("yaml_path", sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "experiments").rglob("*.yaml")))
 def test_every_experiment_yaml_parses(yaml_path):

@@ -7,7 +7,8 @@
 """
 
 from lm.model.config import GPTConfig
-from lm.model.generate import filter_logits, generate, generate_text, sample_next_token, stream_generate, stream_text
+from lm.model.generate import (SamplingOptions, filter_logits, generate, generate_text, sample_next_token,
+                               stream_generate, stream_text)
 from lm.model.gpt import GPT
 from lm.model.layers import KVCache
 
@@ -15,6 +16,7 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "KVCache",
+    "SamplingOptions",
     "generate",
     "stream_generate",
     "generate_text",

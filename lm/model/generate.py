@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-from typing import Iterator, Optional, Protocol, Sequence, Union
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "SamplingOptions",
     "generate",
     "stream_generate",
     "generate_text",
@@ -55,6 +57,44 @@ def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[fl
         raise ValueError(f"top_k must be a positive number of tokens (or None), got {top_k}.")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}.")
+
+
+@dataclass
+class SamplingOptions:
+    """The sampling arguments of the text API, in one place for every caller (`lm generate`,
+    `lm predict`, a notebook): same defaults, same checks, passed on with `**options.kwargs()`.
+
+    Args:
+        max_new_tokens: Most tokens to generate per prompt.
+        temperature: 0 is greedy; otherwise the softmax temperature for sampling.
+        top_k: Sample only among the k most likely tokens (None: no limit).
+        top_p: Nucleus sampling: the smallest set of tokens with probability mass >= top_p (None: off).
+        seed: Seed of the sampler's generator, for reproducible samples (None: torch's global RNG).
+        stop: Strings that end a completion (cut before the first one).
+        truncate: Keep only the last tokens of a prompt too long for the context (else an error).
+    """
+
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: Optional[int] = 50
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Optional[list[str]] = field(default=None)
+    truncate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
+        _check_sampling(self.temperature, self.top_k, self.top_p)
+        self.stop = list(self.stop) if self.stop else None
+
+    def kwargs(self, seed_offset: int = 0) -> dict[str, Any]:
+        """Keyword arguments of `generate_text` / `stream_text`. `seed_offset` gives the i-th batch of
+        a run its own (still reproducible) seed: `seed + i`."""
+        values = asdict(self)
+        if self.seed is not None:
+            values["seed"] = self.seed + seed_offset
+        return values
 
 
 def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
@@ -202,7 +242,8 @@ class _Decoder:
         self.ids[:, start] = tokens
         self.length = end = start + 1
         if self.use_cache:
-            logits = self.model(
+            decode = getattr(self.model, "decode", self.model)  # GPT.decode: compiled after prepare_for_inference
+            logits = decode(
                 self.ids[:, start:end], kv_cache=self.kv_cache,
                 position_ids=self._slice(self.position_ids, start, end),
                 attention_mask=self._slice(self.attention_mask, 0, end),

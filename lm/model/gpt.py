@@ -21,11 +21,18 @@ import torch
 from torch import Tensor, nn
 
 from lm.model.config import GPTConfig
-from lm.model.layers import Block, KVCache, Linear, LearnedPositions, RotaryPositions, SinusoidalPositions, make_norm
+from lm.model.layers import (Block, CausalSelfAttention, KVCache, LearnedPositions, Linear, RotaryPositions,
+                             SinusoidalPositions, make_norm)
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """The transformer. `block_class` / `attention_class` swap in subclasses of `Block` /
+    `CausalSelfAttention` (same constructor arguments) without copying this class."""
+
+    _compiled_decode = None  # set by prepare_for_inference(compile=True)
+
+    def __init__(self, config: GPTConfig, block_class: type[Block] = Block,
+                 attention_class: type[CausalSelfAttention] = CausalSelfAttention):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -35,7 +42,7 @@ class GPT(nn.Module):
         )(config)
         self.rotary = RotaryPositions(config) if config.position == "rope" else None
         self.dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(block_class(config, i, attention_class) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -86,6 +93,29 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         return self.lm_head(self.norm(x))
+
+    def prepare_for_inference(self, compile: bool = False) -> "GPT":
+        """Optional speed-ups for generation on CPU; returns the model. Logits stay equal (to float
+        rounding) and training is unaffected.
+
+        - bf16 weights are prepacked for oneDNN (`Linear.prepack`; one extra copy of the weights).
+        - `compile=True`: `decode` (the one-token step of generation) becomes a `torch.compile`d
+          forward, in which each linear layer is one fused pass over its weight (see `Linear`).
+          About 1.3-1.5x faster decoding here, for a one-time compile of ~15-40 s on the first step
+          (and again for a new case: another batch size's padding mask, another dtype).
+        Call it again after loading new weights or changing dtype.
+        """
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack()
+        self._compiled_decode = torch.compile(self.forward, dynamic=True) if compile else None
+        return self
+
+    def decode(self, input_ids: Tensor, kv_cache: KVCache, position_ids: Optional[Tensor] = None,
+               attention_mask: Optional[Tensor] = None) -> Tensor:
+        """`forward` for generation's one-token steps: compiled after `prepare_for_inference(compile=True)`."""
+        step = self._compiled_decode or self.forward
+        return step(input_ids, kv_cache=kv_cache, position_ids=position_ids, attention_mask=attention_mask)
 
     def new_kv_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
         """An empty cache on the model's device and dtype."""

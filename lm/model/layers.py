@@ -18,22 +18,54 @@ from lm.model.config import GPTConfig
 
 # -------------------------------------------------------------------------------------- linear
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, init and state-dict keys) with a faster route for decoding.
+    """`nn.Linear` (same parameters, init and state-dict keys) with faster routes for decoding.
 
-    Decoding multiplies every weight by only a handful of rows (one per sequence). For that shape
-    MKL on CPU picks a matrix-vector kernel that streams the weight from memory at a fraction of
-    the bandwidth a small matrix-matrix product reaches: measured on a 2-core Zen 4, the weights
-    of a 6-layer/384-wide GPT take ~7 ms per token with `F.linear` on one row and ~2.7 ms as
-    `weight @ x.T` with two rows. So without autograd, on CPU, for <= 16 rows we compute
-    `(weight @ x.T).T`, padding one row to two. Training and large batches use `F.linear`.
+    A decode step multiplies every weight by one row per sequence, so it is bound by streaming the
+    weights from memory, and the kernel decides how close to the memory bandwidth it gets. Measured
+    on a 2-core Zen 4, for the weights of a 6-layer/384-wide GPT (55 MB in fp32), one thread:
+    `F.linear` on one row ~7 ms per token (MKL's matrix-vector kernel), `(weight @ x.T).T` with the
+    row padded to two ~5 ms, a compiled multiply-and-sum ~4 ms. So without autograd, on CPU, for
+    <= 16 rows:
+    - inside `torch.compile` (`GPT.prepare_for_inference(compile=True)`), one row is written as
+      `(x * weight).sum(-1)`, which inductor turns into one vectorized pass over the weight;
+    - in bf16, after `prepack()`, a copy of the weight in oneDNN's blocked layout is used (bf16
+      without it is slower than fp32 in this build);
+    - otherwise fp32 takes `(weight @ x.T).T`, padding one row to two.
+    Training and large batches use `F.linear`. The packed copy is a cache: it is not in the state
+    dict, and it is dropped as soon as the weight changes (an optimizer step, a load, `.to()`), so
+    a prepared model can still be trained.
     """
 
     SMALL_ROWS = 16
+    _packed: Optional[tuple[Tensor, tuple]] = None  # (packed weight, the _weight_key() it was made from)
+
+    def prepack(self) -> None:
+        """bf16 on CPU: keep a copy of the weight in oneDNN's blocked layout for decoding. (In fp32 a
+        prepacked MKL or oneDNN weight measured no faster than the padded product: nothing to do.)"""
+        weight = self.weight.detach()
+        self._packed = None
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and bf16_packing_supported():
+            self._packed = (torch.ops.mkldnn._reorder_linear_weight(weight, 1), self._weight_key())
+
+    def _weight_key(self) -> tuple:
+        """Changes whenever the weight is modified in place, replaced or moved."""
+        return self.weight.data_ptr(), self.weight._version, self.weight.dtype
+
+    def _current_packed(self) -> Optional[Tensor]:
+        if self._packed is not None and self._packed[1] != self._weight_key():
+            self._packed = None  # stale: the weight was trained, loaded or moved since
+        return None if self._packed is None else self._packed[0]
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if (0 < rows <= self.SMALL_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.is_grad_enabled()):
+        if not (0 < rows <= self.SMALL_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()):
+            return F.linear(x, self.weight, self.bias)
+        if rows == 1 and torch.compiler.is_compiling():
+            y = (x.unsqueeze(-2) * self.weight).sum(-1)  # fused by inductor, never materialized
+            return y + self.bias if self.bias is not None else y
+        if x.dtype == torch.bfloat16 and self._current_packed() is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed[0], self.bias, "none", [], "")
+        if x.dtype == torch.float32:
             x2 = x.reshape(rows, x.shape[-1])
             if rows == 1:  # one column would make MKL fall back to its slow gemv again
                 x2 = x2.expand(2, -1).contiguous()
@@ -41,6 +73,12 @@ class Linear(nn.Linear):
             y = y + self.bias if self.bias is not None else y.contiguous()
             return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.weight, self.bias)
+
+
+def bf16_packing_supported() -> bool:
+    """oneDNN's bf16 linear needs AVX-512 (bw/vl/dq) or AVX-NE-CONVERT; on an AVX2-only CPU (e.g. AMD
+    Zen 3) it raises, so there the packed path is simply not used."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 # --------------------------------------------------------------------------------------- norms
@@ -227,16 +265,24 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)
 
         mask = causal_mask(T, past, attention_mask, x.device)  # None means "plain causal"
+        y = self.attend(q, k, v, mask)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.resid_dropout(self.o_proj(y))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """softmax(q k^T / sqrt(d)) v for q (B, heads, T, d) and k, v (B, kv_heads, S, d), S >= T.
+
+        `mask` (T, S) or (B, 1, T, S), True = may attend; None means causal with the queries at the
+        last T positions. The place to override for a new attention rule (see `lm` README, "Extending").
+        """
         dropout_p = self.dropout_p if self.training else 0.0
         if self.impl == "sdpa":
-            y = F.scaled_dot_product_attention(
+            T = q.shape[-2]
+            return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p,
                 is_causal=mask is None and T > 1, enable_gqa=self.num_kv_heads != self.num_heads,
             )
-        else:
-            y = math_attention(q, k, v, mask, dropout_p)
-        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.resid_dropout(self.o_proj(y))
+        return math_attention(q, k, v, mask, dropout_p)
 
 
 def causal_mask(T: int, past: int, attention_mask: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
@@ -277,10 +323,11 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], drop
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: GPTConfig, layer_idx: int = 0):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0,
+                 attention_class: type[CausalSelfAttention] = CausalSelfAttention):
         super().__init__()
         self.attn_norm = make_norm(config)
-        self.attn = CausalSelfAttention(config, layer_idx)
+        self.attn = attention_class(config, layer_idx)
         self.mlp_norm = make_norm(config)
         self.mlp = make_mlp(config)
 

@@ -47,7 +47,10 @@ class LanguageModel(L.LightningModule):
         temperature: `lm predict`: sampling temperature (0 = greedy).
         top_k: `lm predict`: sample only among the k most likely tokens.
         top_p: `lm predict`: nucleus sampling threshold.
-        generation_seed: `lm predict`: seed of the sampler, for reproducible generations.
+        generation_seed: `lm predict`: seed of the sampler, for reproducible generations (batch i
+            uses generation_seed + i).
+        stop: `lm predict`: strings that end a completion.
+        truncate: `lm predict`: left-truncate prompts too long for the context instead of failing.
     """
 
     def __init__(
@@ -66,6 +69,8 @@ class LanguageModel(L.LightningModule):
         top_k: Optional[int] = 50,
         top_p: Optional[float] = None,
         generation_seed: int = 1234,
+        stop: Optional[list[str]] = None,
+        truncate: bool = False,
     ) -> None:
         super().__init__()
         # A dict when reloaded from a checkpoint's plain hyper-parameters; copied either way so the
@@ -226,16 +231,17 @@ class LanguageModel(L.LightningModule):
     # -------------------------------------------------------------------------------- prediction
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, str]]:
         """Complete a batch of prompt strings with the same sampler as `lm generate`."""
-        from lm.model.generate import generate_text
+        from lm.model.generate import SamplingOptions, generate_text
 
         if self.tokenizer is None:
             raise RuntimeError("No tokenizer: run `lm predict` with --ckpt_path of a checkpoint written by `lm fit`.")
+        hp = self.hparams
+        options = SamplingOptions(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k,
+                                  top_p=hp.top_p, seed=hp.generation_seed, stop=hp.get("stop"),
+                                  truncate=hp.get("truncate", False))
         prompts = list(batch)
-        completions = generate_text(
-            getattr(self.model, "_orig_mod", self.model), self.tokenizer, prompts,
-            max_new_tokens=self.hparams.max_new_tokens, temperature=self.hparams.temperature,
-            top_k=self.hparams.top_k, top_p=self.hparams.top_p, seed=self.hparams.generation_seed + batch_idx,
-        )
+        completions = generate_text(getattr(self.model, "_orig_mod", self.model), self.tokenizer, prompts,
+                                    **options.kwargs(seed_offset=batch_idx))
         return [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
 
     # ------------------------------------------------------------------------------- optimization
@@ -252,6 +258,19 @@ class LanguageModel(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, warmup, max_steps, min_lr / hp.learning_rate)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales gradients
+        itself (fused AdamW, our default) -- even under bf16-mixed, where there is no GradScaler and the
+        gradients are the true ones. Without a scaler, clip them as in full precision; with one
+        (16-mixed) keep Lightning's check (choose `fused_adamw: false` there)."""
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def _rng_states() -> dict[str, Any]:

@@ -1,0 +1,6 @@
+"""Verbs of the `lm` command that are plain typed functions (see `FUNCTION_VERBS` in lm/cli.py).
+
+jsonargparse builds each verb's command line from its function's signature and docstring, so a
+verb gets `--help`, `--config file.yaml` and type checking for free. A module may also define
+`prepare_args(args) -> args` to normalize its raw arguments first (e.g. repeated flags).
+"""

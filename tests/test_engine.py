@@ -1,0 +1,227 @@
+"""The training engine's overlays (experiments/trainer/*.yaml): multi-process data parallelism (DDP,
+FSDP2) and gradient accumulation give the loss curve of one process with the same global batch;
+an FSDP2 checkpoint reloads into a plain process; compiled models save plain parameter names; the
+GPU-only overlays resolve to the intended strategy objects."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lm.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAINER_DIR = REPO_ROOT / "experiments" / "trainer"
+STEPS = 5
+
+
+class LossRecorder(Callback):
+    """Appends every micro-batch's training loss (as Lightning scaled it for accumulation) of this rank to
+    ./losses.rank<R>.jsonl, plus whether the parameters are FSDP2 DTensors. Used by the subprocess runs below."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from torch.distributed.tensor import DTensor
+
+        param = next(pl_module.model.parameters())
+        row = {"batch": trainer.fit_loop.total_batch_idx, "loss": outputs["loss"].item(),
+               "dtensor": isinstance(param, DTensor), "local_numel": param.to_local().numel()
+               if isinstance(param, DTensor) else param.numel(), "numel": param.numel()}
+        with open(f"losses.rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run_args(files, cache_dir, batch_size: int) -> list[str]:
+    return [
+        "--model.config.hidden_size", "32", "--model.config.num_hidden_layers", "2",
+        "--model.config.num_attention_heads", "4", "--model.config.max_position_embeddings", "16",
+        "--model.config.dropout", "0.0", "--model.warmup_steps", "2", "--model.learning_rate", "3e-3",
+        "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", str(STEPS),
+        "--trainer.val_check_interval", str(STEPS), "--trainer.check_val_every_n_epoch", "null",
+        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.gradient_clip_val", "1.0",
+        "--trainer.callbacks+=tests.test_engine.LossRecorder",
+        "--data.train_files", f"[{files['train']}]", "--data.val_files", f"[{files['valid']}]",
+        "--data.vocab_size", "300", "--data.block_size", "16", "--data.batch_size", str(batch_size),
+        "--data.samples_per_epoch", "80", "--data.cache_dir", str(cache_dir), "--experiment", "run",
+    ]
+
+
+def step_losses(workdir: Path, accumulate: int = 1) -> list[float]:
+    """Loss of each optimizer step: the mean over ranks of the sum over its (scaled) micro-batches."""
+    per_rank = []
+    for path in sorted(workdir.glob("losses.rank*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        steps: dict[int, float] = {}
+        for row in rows:
+            steps[row["batch"] // accumulate] = steps.get(row["batch"] // accumulate, 0.0) + row["loss"]
+        per_rank.append([steps[i] for i in sorted(steps)])
+    assert per_rank, f"no losses recorded in {workdir}"
+    return [sum(values) / len(values) for values in zip(*per_rank)]
+
+
+def scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    values: dict[int, float] = {}
+    for event_file in sorted(log_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values.update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return values
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(tmp_path_factory):
+    """Four runs of the same 5 steps on the same global batch of 8 windows, launched together:
+    1 process x batch 8 | DDP 2 x 4 | FSDP2 2 x 4 | 1 process x 4 x accumulate 2."""
+    from tests.conftest import make_corpus
+
+    root = tmp_path_factory.mktemp("engine")
+    files = {}
+    for split, (n_docs, seed) in {"train": (60, 0), "valid": (8, 1)}.items():
+        files[split] = root / f"wiki.{split}.raw"
+        files[split].write_text(make_corpus(n_docs, seed), encoding="utf-8")
+    # Tokenize once, so the concurrent runs only read the cache.
+    from lm.data import TextDataModule
+
+    TextDataModule(train_files=[str(files["train"])], val_files=[str(files["valid"])], vocab_size=300, block_size=16,
+                   cache_dir=str(root / "cache")).prepare_data()
+    runs = {
+        "single": (8, ["--trainer.devices", "1"]),
+        "ddp": (4, ["--config", str(TRAINER_DIR / "ddp.yaml")]),
+        "fsdp2": (4, ["--config", str(TRAINER_DIR / "fsdp2_cpu.yaml")]),
+        "accumulate": (4, ["--trainer.devices", "1", "--trainer.accumulate_grad_batches", "2",
+                           "--trainer.val_check_interval", str(2 * STEPS)]),
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    processes = {}
+    for name, (batch_size, extra) in runs.items():
+        workdir = root / name
+        workdir.mkdir()
+        command = [sys.executable, "-m", "lm", "fit", *run_args(files, root / "cache", batch_size), *extra]
+        processes[name] = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.PIPE, text=True)
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, f"{name} failed:\n{stderr[-3000:]}"
+    return root, files
+
+
+def test_ddp_two_processes_match_one_process_with_double_batch(parallel_runs):
+    root, _ = parallel_runs
+    single, ddp = step_losses(root / "single"), step_losses(root / "ddp")
+    assert len(single) == len(ddp) == STEPS
+    assert single[-1] < single[0]
+    for step, (a, b) in enumerate(zip(single, ddp)):
+        assert b == pytest.approx(a, abs=1e-4), f"step {step}: ddp {b} vs single {a}"
+    # Effective batch in tokens: 2 ranks x 4 windows x 16 tokens = 1 x 8 x 16.
+    for name in ("single", "ddp"):
+        assert set(scalars(root / name / "logs", "train/tokens_per_step").values()) == {128.0}
+        assert scalars(root / name / "logs", "train/tokens_seen")[STEPS - 1] == 128.0 * STEPS
+
+
+def test_gradient_accumulation_matches_the_full_batch(parallel_runs):
+    root, _ = parallel_runs
+    single, accumulated = step_losses(root / "single"), step_losses(root / "accumulate", accumulate=2)
+    assert len(accumulated) == STEPS
+    for step, (a, b) in enumerate(zip(single, accumulated)):
+        assert b == pytest.approx(a, abs=1e-4), f"step {step}: accumulate {b} vs single {a}"
+    tokens_per_step = scalars(root / "accumulate" / "logs", "train/tokens_per_step")
+    assert set(tokens_per_step.values()) == {128.0}  # 4 windows x 16 tokens x 2 micro-batches
+
+
+def test_fsdp2_trains_sharded_and_its_checkpoint_reloads_in_one_process(parallel_runs, monkeypatch):
+    root, files = parallel_runs
+    rows = [json.loads(line) for line in (root / "fsdp2" / "losses.rank0.jsonl").read_text().splitlines()]
+    assert rows[0]["dtensor"] and rows[0]["local_numel"] < rows[0]["numel"]  # really sharded over 2 ranks
+    single, fsdp2 = step_losses(root / "single"), step_losses(root / "fsdp2")
+    for step, (a, b) in enumerate(zip(single, fsdp2)):
+        assert b == pytest.approx(a, abs=1e-4), f"step {step}: fsdp2 {b} vs single {a}"
+
+    # save_distributed_checkpoint: false -> an ordinary file with plain parameter names ...
+    checkpoint_path = root / "fsdp2" / "checkpoints" / "run" / "last.ckpt"
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == STEPS and "model.embed_tokens.weight" in checkpoint["state_dict"]
+    reference = torch.load(root / "single" / "checkpoints" / "run" / "last.ckpt", map_location="cpu",
+                           weights_only=True)
+    for key, value in reference["state_dict"].items():
+        torch.testing.assert_close(checkpoint["state_dict"][key], value, atol=1e-4, rtol=0, msg=key)
+    # ... that `lm validate` reloads in a single plain process, giving the single-process run's val loss.
+    monkeypatch.chdir(root / "fsdp2")
+    main(["validate", "--experiment", "reload", "--ckpt_path", str(checkpoint_path), "--trainer.accelerator", "cpu",
+          "--trainer.devices", "1", "--data.val_files", f"[{files['valid']}]", "--data.vocab_size", "300",
+          "--data.block_size", "16", "--data.batch_size", "8", "--data.cache_dir", str(root / "cache"),
+          "--trainer.enable_progress_bar", "false"])
+    reloaded = scalars(root / "fsdp2" / "logs" / "reload", "val/loss")
+    single_val = scalars(root / "single" / "logs", "val/loss")
+    assert list(reloaded.values())[-1] == pytest.approx(single_val[STEPS - 1], abs=1e-4)
+
+
+def test_compiled_model_saves_and_loads_plain_parameter_names():
+    from lm.model import GPTConfig
+    from lm.modules import LanguageModel
+
+    config = GPTConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=16)
+    compiled = LanguageModel(config, compile=True)
+    compiled.configure_model()  # compiles in place (lazily: nothing is traced until the first forward)
+    assert compiled._compiled and compiled.model._compiled_call_impl is not None
+    plain = LanguageModel(config)
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # no "_orig_mod." in saved names
+    plain.load_state_dict(compiled.state_dict())
+    # Checkpoints of older runs (torch.compile wrapper) are renamed on load.
+    legacy = {"state_dict": {k.replace("model.", "model._orig_mod.", 1): v for k, v in compiled.state_dict().items()}}
+    plain.on_load_checkpoint(legacy)
+    plain.load_state_dict(legacy["state_dict"])
+
+
+def resolved(*overlays: str) -> dict:
+    configs = [arg for name in overlays for arg in ("--config", str(TRAINER_DIR / name))]
+    result = subprocess.run([sys.executable, "-m", "lm", "fit", "--config", "experiments/wikitext2_cpu.yaml", *configs,
+                             "--print_config"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return yaml.safe_load(result.stdout)
+
+
+def test_overlays_set_what_they_say():
+    expected = {
+        "precision_32.yaml": {"precision": "32-true"}, "bf16_mixed.yaml": {"precision": "bf16-mixed"},
+        "fp16_mixed.yaml": {"precision": "16-mixed"}, "bf16_true.yaml": {"precision": "bf16-true"},
+        "accumulate.yaml": {"accumulate_grad_batches": 4, "gradient_clip_val": 1.0},
+        "ddp.yaml": {"strategy": "ddp", "devices": 2},
+        "multinode.yaml": {"strategy": "ddp", "num_nodes": 2, "devices": 8, "accelerator": "gpu"},
+    }
+    for name, fields in expected.items():
+        trainer = yaml.safe_load((TRAINER_DIR / name).read_text())["trainer"]
+        assert {k: trainer[k] for k in fields} == fields, name
+    assert yaml.safe_load((TRAINER_DIR / "compile.yaml").read_text())["model"]["compile"] is True
+    assert yaml.safe_load((TRAINER_DIR / "checkpoint_every.yaml").read_text())["checkpoint"]["every_n_train_steps"] > 0
+
+
+def test_fsdp_overlay_builds_a_block_wrapped_sharded_strategy():
+    """fsdp.yaml cannot run here (FSDPStrategy needs GPUs), but its strategy must build as intended."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from lm.model.layers import Block
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    build = lambda name: parser.instantiate(  # noqa: E731
+        parser.parse_object({"strategy": yaml.safe_load((TRAINER_DIR / name).read_text())["trainer"]["strategy"]})
+    ).strategy
+    fsdp = build("fsdp.yaml")
+    assert isinstance(fsdp, FSDPStrategy) and fsdp._state_dict_type == "sharded"
+    policy = fsdp.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {Block}
+    fsdp2 = build("fsdp2_cpu.yaml")
+    assert isinstance(fsdp2, ModelParallelStrategy) and fsdp2._data_parallel_size == 2

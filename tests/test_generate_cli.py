@@ -1,0 +1,145 @@
+"""`lm generate` end to end: a tiny model trained through the CLI, then `python -m lm generate` in a
+subprocess: greedy output equals `generate_text` on the reloaded model, prompts from flags, a file or
+a YAML config, streaming, sampling options shared with `lm predict`, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lm.checkpoint import load_model
+from lm.cli import main
+from lm.model import generate_text
+from tests.conftest import make_corpus
+from tests.test_cli import TINY_MODEL, TINY_TRAINER, run_lm, tiny_data
+
+PROMPTS = ["The river", "A small town was", " = = Section"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(workdir, checkpoint, data flags) of one tiny `lm fit` shared by this module."""
+    workdir = tmp_path_factory.mktemp("generate_cli")
+    files = {}
+    for split, (n_docs, seed) in {"train": (60, 0), "valid": (8, 1), "test": (8, 2)}.items():
+        files[split] = workdir / f"wiki.{split}.raw"
+        files[split].write_text(make_corpus(n_docs, seed), encoding="utf-8")
+    data = tiny_data(files, workdir / "cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        main(["fit", "--experiment", "tiny", *TINY_MODEL, *TINY_TRAINER, *data])
+    return workdir, workdir / "checkpoints" / "tiny" / "last.ckpt", data
+
+
+def generate_jsonl(workdir: Path, *args: str) -> list[dict[str, str]]:
+    result = run_lm("generate", *args, "--format", "jsonl", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_greedy_output_equals_generate_text(trained):
+    workdir, ckpt, _ = trained
+    model, tokenizer = load_model(ckpt)
+    expected = generate_text(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=0)
+    assert any(expected)
+
+    flags = [f"--prompt={p}" for p in PROMPTS]  # repeated flag; "=" form keeps the leading space of the last one
+    rows = generate_jsonl(workdir, "--ckpt_path", str(ckpt), *flags, "--temperature", "0", "--max_new_tokens", "12")
+    assert rows == [{"prompt": p, "completion": c} for p, c in zip(PROMPTS, expected)]
+
+    # The compiled decode step, a list-valued --prompt and a batch size that splits the prompts agree.
+    rows = generate_jsonl(workdir, "--ckpt_path", str(ckpt), "--prompt", json.dumps(PROMPTS), "--temperature", "0",
+                          "--max_new_tokens", "12", "--compile", "true", "--batch_size", "2", "--threads", "1")
+    assert [r["completion"] for r in rows] == expected
+
+
+def test_single_prompt_streams_prompt_and_completion(trained):
+    workdir, ckpt, _ = trained
+    model, tokenizer = load_model(ckpt)
+    expected = generate_text(model, tokenizer, ["The river"], max_new_tokens=10, temperature=0)[0]
+    result = run_lm("generate", "--ckpt_path", str(ckpt), "--prompt", "The river", "--temperature", "0",
+                    "--max_new_tokens", "10", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == "The river" + expected + "\n"
+
+
+def test_prompts_file_and_yaml_config(trained):
+    workdir, ckpt, _ = trained
+    prompts_file = workdir / "prompts.txt"
+    prompts_file.write_text("The river\n\nA small town was\n", encoding="utf-8")  # the empty line is skipped
+    config = workdir / "sampling.yaml"
+    config.write_text(f"ckpt_path: {ckpt}\ntemperature: 0\nmax_new_tokens: 6\nformat: jsonl\n", encoding="utf-8")
+    result = run_lm("generate", "--config", str(config), "--prompts_file", str(prompts_file), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    model, tokenizer = load_model(ckpt)
+    expected = generate_text(model, tokenizer, ["The river", "A small town was"], max_new_tokens=6, temperature=0)
+    assert rows == [{"prompt": "The river", "completion": expected[0]},
+                    {"prompt": "A small town was", "completion": expected[1]}]
+
+
+def test_seeded_sampling_and_stop_strings(trained):
+    workdir, ckpt, _ = trained
+    args = ["--ckpt_path", str(ckpt), "--prompt", "The river", "--temperature", "1.0", "--top_k", "20",
+            "--top_p", "0.95", "--max_new_tokens", "16"]
+    first = generate_jsonl(workdir, *args, "--seed", "7")
+    assert first == generate_jsonl(workdir, *args, "--seed", "7")
+    model, tokenizer = load_model(ckpt)
+    expected = generate_text(model, tokenizer, ["The river"], max_new_tokens=16, temperature=1.0, top_k=20,
+                             top_p=0.95, seed=7)
+    assert first[0]["completion"] == expected[0]
+
+    # Greedy text always continues with " ." somewhere in this corpus; cut before it.
+    greedy = ["--ckpt_path", str(ckpt), "--prompt", "The river", "--temperature", "0", "--max_new_tokens", "16"]
+    full = generate_jsonl(workdir, *greedy)[0]["completion"]
+    stop = full.strip().split()[1] if len(full.split()) > 1 else full.strip()
+    cut = generate_jsonl(workdir, *greedy, "--stop", stop)[0]["completion"]
+    assert cut == full[:full.index(stop)]
+
+
+def test_predict_uses_the_same_sampling(trained):
+    """`lm predict` and `lm generate` go through SamplingOptions + generate_text: same greedy text."""
+    workdir, ckpt, data = trained
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        main(["predict", "--experiment", "pred", "--ckpt_path", str(ckpt), *TINY_TRAINER[:4], *data,
+              "--data.prompts", "[The river, A small town was]", "--model.max_new_tokens", "8",
+              "--model.temperature", "0", "--model.stop", "[' =']"])
+    predictions = workdir / "logs" / "pred" / "predictions.jsonl"
+    predicted = [json.loads(line) for line in predictions.read_text().splitlines()]
+    generated = generate_jsonl(workdir, "--ckpt_path", str(ckpt), "--prompt", "[The river, A small town was]",
+                               "--temperature", "0", "--max_new_tokens", "8", "--stop", " =")
+    assert predicted == generated
+
+
+def test_help_and_clear_errors(trained, tmp_path):
+    workdir, ckpt, _ = trained
+    result = run_lm("generate", "--help", cwd=workdir)
+    assert result.returncode == 0
+    for option in ("--ckpt_path", "--prompt", "--prompts_file", "--max_new_tokens", "--temperature", "--top_k",
+                   "--top_p", "--seed", "--stop", "--truncate", "--stream", "--device", "--dtype", "--config"):
+        assert option in result.stdout, option
+
+    long_prompt = "The river was built in the north of England . " * 20
+    cases = {
+        "missing checkpoint": (["--ckpt_path", str(tmp_path / "nope.ckpt"), "--prompt", "x"],
+                               [str(tmp_path / "nope.ckpt"), "checkpoints/<experiment>"]),
+        "no checkpoint": (["--prompt", "x"], ["--ckpt_path"]),
+        "no prompt": (["--ckpt_path", str(ckpt)], ["--prompt", "--prompts_file"]),
+        "long prompt": (["--ckpt_path", str(ckpt), "--prompt", long_prompt, "--max_new_tokens", "8"],
+                        ["max_position_embeddings=32", "truncate"]),
+        "bad temperature": (["--ckpt_path", str(ckpt), "--prompt", "x", "--temperature", "-1"], ["temperature"]),
+    }
+    for name, (args, expected) in cases.items():
+        result = run_lm("generate", *args, cwd=workdir)
+        assert result.returncode != 0, name
+        for text in expected:
+            assert text in result.stderr, f"{name}: {result.stderr[-1500:]}"
+        assert "Traceback" not in result.stderr, f"{name}: {result.stderr[-1500:]}"
+
+    # With --truncate the same prompt works (its last tokens are kept).
+    rows = generate_jsonl(workdir, "--ckpt_path", str(ckpt), "--prompt", long_prompt, "--max_new_tokens", "8",
+                          "--truncate", "true", "--temperature", "0")
+    assert rows[0]["prompt"] == long_prompt and rows[0]["completion"]
