@@ -34,10 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from lm.allocator import keep_large_allocations_in_heap  # noqa: E402
 from lm.callbacks import measure_matmul_flops  # noqa: E402
 from lm.model import GPT, GPTConfig  # noqa: E402
 from lm.optim import build_optimizer, warmup_cosine  # noqa: E402
 
+PEAK_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
 LR, MIN_LR_RATIO, WEIGHT_DECAY, BETAS, WARMUP_LR_STEPS, CLIP = 1e-3, 0.1, 0.1, (0.9, 0.95), 100, 1.0
 
 
@@ -169,18 +171,6 @@ def _print_profile(profiler, title: str) -> None:
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
 
 
-def malloc_keep_large_allocations() -> None:
-    """Large tensors (> 32 MB: the logits and their gradients) come from mmap and go back to the OS when
-    freed, so each step page-faults ~0.5 GB in again (measured: a fresh 134 MB clone 58 ms vs 10 ms into
-    an existing buffer). Keeping them in the glibc heap makes the next step reuse warm pages."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**30 * 64 - 1)
-
-
 # ------------------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,24 +192,22 @@ def main() -> None:
                              "(the one least disturbed by other processes)")
     parser.add_argument("--fused", choices=["on", "off"], default="on", help="fused AdamW (both loops)")
     parser.add_argument("--no-progress-bar", action="store_true", help="Lightning without its progress bar")
-    parser.add_argument("--malloc-no-mmap", action="store_true",
-                        help="glibc: serve large allocations from the heap and keep freed memory (mallopt "
-                             "M_MMAP_MAX=0, M_TRIM_THRESHOLD=huge), so the logits-sized buffers of every step "
-                             "are not page-faulted in again; same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's mmap threshold alone (by default, as `lm fit` does, large "
+                             "allocations stay in the heap: lm/allocator.py)")
     parser.add_argument("--profile", choices=["plain", "lightning"], default=None,
                         help="torch.profiler table of the timed steps of this loop (stderr)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    if args.malloc_no_mmap:
-        malloc_keep_large_allocations()
+    malloc_no_mmap = not args.default_malloc and keep_large_allocations_in_heap()
     config = gpt_config(args)
     model = GPT(config)
     flops_per_token = model.flops_per_token(args.block_size)
     tokens_per_step = args.batch_size * args.block_size
     load_before = os.getloadavg()
-    peaks = {"32-true": measure_matmul_flops(torch.float32, seconds=2),
-             "bf16-mixed": measure_matmul_flops(torch.bfloat16, seconds=2)}
+    # Only the precisions asked for: on a CPU without native bf16 (AVX2) a bf16 2048^2 matmul takes long.
+    peaks = {p: measure_matmul_flops(PEAK_DTYPES[p], seconds=2) for p in args.precisions}
     batches = make_batches(args)
     fused = args.fused == "on"
 
@@ -227,10 +215,10 @@ def main() -> None:
           f"{args.block_size}, batch {args.batch_size} ({tokens_per_step} tokens/step), "
           f"{model.num_parameters() / 1e6:.1f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token (train)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fused AdamW {args.fused}; "
-          f"malloc no-mmap {'on' if args.malloc_no_mmap else 'off'}; "
+          f"malloc no-mmap {'on' if malloc_no_mmap else 'off'}; "
           f"{args.warmup} warm-up + {args.steps} timed steps per run; random tokens")
-    print(f"matmul peak (2048^2, measured before the runs): fp32 {peaks['32-true'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peaks['bf16-mixed'] / 1e9:.0f} GFLOP/s")
+    print("matmul peak (2048^2, measured before the runs): "
+          + ", ".join(f"{p} {peak / 1e9:.0f} GFLOP/s" for p, peak in peaks.items()))
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}\n", flush=True)
 
     rows = []
@@ -249,7 +237,7 @@ def main() -> None:
                           f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
             rows.append((precision, compile_flag, results))
 
-    peaks_after = {"32-true": measure_matmul_flops(torch.float32), "bf16-mixed": measure_matmul_flops(torch.bfloat16)}
+    peaks_after = {p: measure_matmul_flops(PEAK_DTYPES[p]) for p in args.precisions}
     peaks = {k: max(peaks[k], peaks_after[k]) for k in peaks}
     print("| precision | compile | loop | tokens/s (median) | ms/step (median) | ms/step (mean) | MFU | "
           "Lightning overhead |")
@@ -263,8 +251,9 @@ def main() -> None:
             print(f"| {precision} | {compile_flag} | {loop} | {r['tok_s']:.0f} | {r['ms']:.0f} | {r['mean_ms']:.0f} | "
                   f"{mfu:.1%} | {overhead} |")
     load_after = os.getloadavg()
-    print(f"\nmatmul peak re-measured after the runs: fp32 {peaks_after['32-true'] / 1e9:.0f}, "
-          f"bf16 {peaks_after['bf16-mixed'] / 1e9:.0f} GFLOP/s (MFU uses the larger of before/after)")
+    print("\nmatmul peak re-measured after the runs: "
+          + ", ".join(f"{p} {peak / 1e9:.0f}" for p, peak in peaks_after.items())
+          + " GFLOP/s (MFU uses the larger of before/after)")
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
 
 

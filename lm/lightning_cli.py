@@ -79,12 +79,13 @@ class LMCLI(LightningCLI):
             sys.argv = list(_COMMAND_LINE)
 
     def _parse_ckpt_path(self) -> None:
-        """With `--ckpt_path`, take the architecture (`model.config`) and the model class from the
-        checkpoint, so `lm validate --ckpt_path x.ckpt` needs no model flags.
+        """With `--ckpt_path`, take the model class and its saved hyper-parameters (architecture,
+        optimizer, a subclass's own arguments) from the checkpoint, so `lm validate --ckpt_path x.ckpt`
+        needs no model flags.
 
-        Lightning's version applies *all* saved hyper-parameters over the command line, which would
-        silently ignore e.g. `--model.temperature` at predict time; this run's other settings
-        (sampling, optimizer for a resumed fit) stay the user's.
+        Lightning's version applies *all* saved hyper-parameters over the command line; here the
+        run-time options (`LanguageModel.RUN_TIME_ARGS`: sampling, compile, fused AdamW) stay this
+        run's, so e.g. `--model.temperature 0` at predict time is not silently replaced.
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -97,9 +98,13 @@ class LMCLI(LightningCLI):
         hparams = checkpoint.get("hyper_parameters", {})
         if "config" not in hparams:
             return
-        model = {"init_args": {"config": hparams["config"]}}
-        if "_class_path" in hparams:
-            model["class_path"] = hparams["_class_path"]
+        class_path = hparams.get("_class_path")
+        model_class = _import_class(class_path) if class_path else LanguageModel
+        keep = set(getattr(model_class, "RUN_TIME_ARGS", ()))
+        init_args = {k: v for k, v in hparams.items() if not k.startswith("_") and k not in keep}
+        model: dict[str, Any] = {"init_args": init_args}
+        if class_path:
+            model["class_path"] = class_path
         self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     @property
@@ -151,6 +156,17 @@ class LMCLI(LightningCLI):
                     callback.monitor, callback.save_top_k = None, 0  # only last.ckpt
 
 
+def _import_class(class_path: str) -> type:
+    import importlib
+
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"The checkpoint's model class {class_path!r} cannot be imported ({error}): "
+                         f"put its module on PYTHONPATH.") from error
+
+
 def _show_lm_logs() -> None:
     """Print lm's own INFO lines (data cache hits, tokenization timings) like Lightning prints its own."""
     lm_logger = logging.getLogger("lm")
@@ -168,6 +184,9 @@ _COMMAND_LINE: list[str] | None = None  # sys.argv of a real `lm <verb> ...` com
 def run_lightning_cli(argv: list[str]) -> LMCLI:
     global _COMMAND_LINE
     _show_lm_logs()
+    from lm.allocator import keep_large_allocations_in_heap
+
+    keep_large_allocations_in_heap()  # ~10% faster CPU steps (see lm/allocator.py); LM_DEFAULT_MALLOC=1: off
     # Run from a shell, sys.argv[1:] is argv; DDP's launcher re-runs sys.argv in its child processes, so it is
     # put back after parsing (LMCLI.parse_arguments). Called from Python (tests), sys.argv is someone else's.
     _COMMAND_LINE = [sys.argv[0], *argv] if sys.argv[1:] == list(argv) else None

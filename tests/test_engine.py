@@ -6,6 +6,7 @@ GPU-only overlays resolve to the intended strategy objects."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -116,12 +117,23 @@ def parallel_runs(tmp_path_factory):
 
 
 def test_ddp_two_processes_match_one_process_with_double_batch(parallel_runs):
-    root, _ = parallel_runs
+    root, files = parallel_runs
     single, ddp = step_losses(root / "single"), step_losses(root / "ddp")
     assert len(single) == len(ddp) == STEPS
     assert single[-1] < single[0]
     for step, (a, b) in enumerate(zip(single, ddp)):
         assert b == pytest.approx(a, abs=1e-4), f"step {step}: ddp {b} vs single {a}"
+    # Validation under DDP: every window counted once (no repeats padding the shorter rank), so the
+    # token-weighted val/loss equals the single process's. An odd window count makes padding necessary.
+    from lm.data import TextDataModule
+
+    data = TextDataModule(train_files=[str(files["train"])], val_files=[str(files["valid"])], vocab_size=300,
+                          block_size=16, cache_dir=str(root / "cache"))
+    data.prepare_data()
+    data.setup("fit")
+    assert len(data.val_dataset) % 2 == 1, "the fixture's validation split must give an odd number of windows"
+    single_val, ddp_val = scalars(root / "single" / "logs", "val/loss"), scalars(root / "ddp" / "logs", "val/loss")
+    assert ddp_val[STEPS - 1] == pytest.approx(single_val[STEPS - 1], abs=1e-4)
     # Effective batch in tokens: 2 ranks x 4 windows x 16 tokens = 1 x 8 x 16.
     for name in ("single", "ddp"):
         assert set(scalars(root / name / "logs", "train/tokens_per_step").values()) == {128.0}
@@ -225,3 +237,22 @@ def test_fsdp_overlay_builds_a_block_wrapped_sharded_strategy():
     assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {Block}
     fsdp2 = build("fsdp2_cpu.yaml")
     assert isinstance(fsdp2, ModelParallelStrategy) and fsdp2._data_parallel_size == 2
+
+
+@pytest.mark.parametrize("overlay", ["bf16_mixed.yaml", "bf16_true.yaml"])
+def test_bf16_overlays_train_and_checkpoint(overlay, tmp_path, monkeypatch, corpus_files):
+    """The bf16 overlays train on CPU (native bf16 or emulated on AVX2-only CPUs): the loss goes down,
+    stays finite, and the checkpoint reloads for validation in the same precision."""
+    from tests.test_cli import TINY_MODEL, TINY_TRAINER, scalar_tags, tiny_data
+
+    monkeypatch.chdir(tmp_path)
+    data = tiny_data(corpus_files, tmp_path / "cache")
+    main(["fit", "--experiment", "bf16", "--config", str(TRAINER_DIR / overlay), *TINY_MODEL, *TINY_TRAINER, *data])
+    losses = scalar_tags(tmp_path / "logs" / "bf16")["train/loss"]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "bf16" / "last.ckpt", map_location="cpu", weights_only=True)
+    dtype = torch.bfloat16 if overlay == "bf16_true.yaml" else torch.float32  # bf16-mixed keeps fp32 weights
+    assert checkpoint["state_dict"]["model.layers.0.mlp.up_proj.weight"].dtype == dtype
+    main(["validate", "--experiment", "bf16_eval", "--config", str(TRAINER_DIR / overlay),
+          "--ckpt_path", str(tmp_path / "checkpoints" / "bf16" / "last.ckpt"), *TINY_TRAINER[:4], *data])
+    assert math.isfinite(scalar_tags(tmp_path / "logs" / "bf16_eval")["val/loss"][-1])

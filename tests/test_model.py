@@ -4,7 +4,6 @@ parameter count, config errors, and that it can learn. Every property is checked
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -240,7 +239,6 @@ def test_input_longer_than_context_is_an_error():
 
 # ---------------------------------------------------------------------------------- learning
 def test_tiny_model_overfits_one_batch():
-    start = time.perf_counter()
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY)).train()
     batch = torch.randint(0, 64, (4, 17))
@@ -256,4 +254,3 @@ def test_tiny_model_overfits_one_batch():
         if losses[-1] < 0.1 * losses[0]:
             break
     assert losses[-1] < 0.1 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
-    assert time.perf_counter() - start < 10

@@ -77,5 +77,16 @@ def test_subclassed_model_from_outside_the_package(tmp_path, monkeypatch, corpus
     assert hparams["_class_path"] == class_path and hparams["label_smoothing"] == 0.05
     head_scale = checkpoint["state_dict"]["model.layers.0.attn.head_scale"]
     assert head_scale.shape == (4,) and not torch.equal(head_scale, torch.ones(4))  # trained
-    model, _ = load_model(next((tmp_path / "checkpoints" / "custom").glob("step*.ckpt")))
+    best = next((tmp_path / "checkpoints" / "custom").glob("step*.ckpt"))
+    model, _ = load_model(best)
     assert isinstance(model.layers[0].attn, extension_example.ScaledAttention)
+    # `--ckpt_path` alone restores the subclass and its own saved arguments (not their defaults)...
+    from lm.lightning_cli import run_lightning_cli
+
+    data = tiny_data(corpus_files, tmp_path / "cache")
+    cli = run_lightning_cli(["validate", "--experiment", "custom_again", "--ckpt_path", str(best), *TINY_TRAINER[:4], *data])
+    assert isinstance(cli.model, extension_example.ScaledAttentionModel) and cli.model.label_smoothing == 0.05
+    # ...while run-time options stay this run's.
+    cli = run_lightning_cli(["validate", "--experiment", "custom_again", "--ckpt_path", str(best),
+                             "--model.temperature", "0", *TINY_TRAINER[:4], *data])
+    assert cli.model.hparams.temperature == 0 and cli.model.label_smoothing == 0.05

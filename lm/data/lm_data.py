@@ -28,6 +28,7 @@ from lm.data.sources import FileSource, HubSource, TextSource, carve_tail
 from lm.data.tokenizer import EOT, NUM_BYTE_TOKENS, Tokenizer
 from lm.data.tokens import (
     EpochDistributedSampler,
+    EvalDistributedSampler,
     RandomWindowDataset,
     ResumableDataLoader,
     SequentialWindowDataset,
@@ -296,7 +297,7 @@ class TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.val_dataset is None:
             return []  # Lightning skips validation for an empty list
-        return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+        return self._eval_loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
         if self.test_dataset is None:
@@ -304,7 +305,13 @@ class TextDataModule(L.LightningDataModule):
                 "No test data: pass --data.test_files, or --data.data_dir with a wiki.test.raw, "
                 "(or no local paths at all to use the Hub)."
             )
-        return DataLoader(self.test_dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+        return self._eval_loader(self.test_dataset)
+
+    def _eval_loader(self, dataset: SequentialWindowDataset) -> DataLoader:
+        """Every window once over all ranks, none repeated (see EvalDistributedSampler)."""
+        kwargs = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        sampler = EvalDistributedSampler(dataset, num_replicas=kwargs.get("num_replicas", 1), rank=kwargs.get("rank", 0))
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
 
     def predict_dataloader(self) -> DataLoader:
         """Batches of raw prompt strings (``list[str]``); the model tokenizes them."""

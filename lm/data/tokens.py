@@ -326,7 +326,9 @@ class SequentialWindowDataset(_TokenArrayState, Dataset[tuple[torch.Tensor, torc
     Window ``k`` predicts tokens ``k*B+1 .. k*B+B`` from tokens ``k*B .. k*B+B-1``, so every token
     except the very first is a target exactly once, and a summed loss over the dataset is the loss of
     the whole split (the basis of exact perplexity and bits-per-byte). The last window is padded:
-    inputs with ``pad_id``, targets with :data:`IGNORE_INDEX`.
+    inputs with ``pad_id``, targets with :data:`IGNORE_INDEX`. Index ``len(self)`` is an all-padding
+    window (no targets): :class:`EvalDistributedSampler` uses it to give every rank the same number of
+    batches without counting any window twice.
 
     Args:
         tokens: 1-D token ids.
@@ -349,6 +351,9 @@ class SequentialWindowDataset(_TokenArrayState, Dataset[tuple[torch.Tensor, torc
         return math.ceil(self.num_targets / self.block_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index == len(self):  # the filler window of EvalDistributedSampler
+            inputs = torch.full((self.block_size,), self.pad_id, dtype=torch.int64)
+            return inputs, torch.full((self.block_size,), IGNORE_INDEX, dtype=torch.int64)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} windows")
         start = index * self.block_size
@@ -359,6 +364,25 @@ class SequentialWindowDataset(_TokenArrayState, Dataset[tuple[torch.Tensor, torc
             inputs = torch.cat([inputs, inputs.new_full((pad,), self.pad_id)])
             targets = torch.cat([targets, targets.new_full((pad,), IGNORE_INDEX)])
         return inputs, targets
+
+
+class EvalDistributedSampler(DistributedSampler):
+    """Rank ``r`` of ``W`` evaluates windows ``r, r+W, ...``; ranks that come up short get the dataset's
+    all-padding window (index ``len(dataset)``, every target ignored) instead of a repeated one.
+
+    Lightning's injected ``DistributedSampler`` pads by repeating the first windows, which counts them
+    twice in a multi-process validation loss; dropping them instead would give ranks unequal batch
+    counts (a hang risk under DDP). With this one each rank runs the same number of batches and the
+    token-weighted sums are those of the split, exactly. One process: all windows, in order.
+    """
+
+    def __init__(self, dataset: SequentialWindowDataset, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        filler = len(self.dataset)
+        indices = list(range(self.rank, filler, self.num_replicas))
+        return iter(indices + [filler] * (self.num_samples - len(indices)))
 
 
 class EpochDistributedSampler(DistributedSampler):

@@ -32,6 +32,9 @@ IGNORE_INDEX = -100
 class LanguageModel(L.LightningModule):
     """Causal language modelling with a GPT.
 
+    With `--ckpt_path`, the CLI restores every saved hyper-parameter except those in `RUN_TIME_ARGS`,
+    which stay this run's (a subclass adds its own run-time options to the tuple).
+
     Args:
         config: The transformer's shape and variants (see `GPTConfig`). Its `vocab_size` is linked to
             `data.vocab_size` by the CLI.
@@ -52,6 +55,9 @@ class LanguageModel(L.LightningModule):
         stop: `lm predict`: strings that end a completion.
         truncate: `lm predict`: left-truncate prompts too long for the context instead of failing.
     """
+
+    RUN_TIME_ARGS: tuple[str, ...] = ("compile", "fused_adamw", "max_new_tokens", "temperature", "top_k", "top_p",
+                                       "generation_seed", "stop", "truncate")
 
     def __init__(
         self,
