@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.common import add_model_arguments, model_config  # noqa: E402
 from lm.model import GPT, GPTConfig, generate, stream_generate  # noqa: E402
 
 PATHS = {
@@ -54,10 +55,7 @@ def prepare(config: GPTConfig, dtype: torch.dtype, path: str) -> tuple[GPT, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--vocab", type=int, default=8192)
+    add_model_arguments(parser)
     parser.add_argument("--context", type=int, default=256, help="max_position_embeddings")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=200)
@@ -68,8 +66,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the (slow) no-cache runs")
     args = parser.parse_args()
 
-    config = GPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                       num_attention_heads=args.heads, max_position_embeddings=args.context)
+    config = model_config(args, context=args.context)
     prompt = torch.randint(0, args.vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     print(f"model: {args.layers} layers, {args.heads} heads, hidden {args.hidden}, vocab {args.vocab}, "
           f"context {args.context}; batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.common import add_model_arguments, model_config  # noqa: E402
 from lm.allocator import keep_large_allocations_in_heap  # noqa: E402
 from lm.callbacks import measure_matmul_flops  # noqa: E402
 from lm.model import GPT, GPTConfig  # noqa: E402
@@ -54,8 +55,7 @@ def make_batches(args, n: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def gpt_config(args) -> GPTConfig:
-    return GPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                     num_attention_heads=args.heads, max_position_embeddings=args.block_size, dropout=0.0)
+    return model_config(args, context=args.block_size)
 
 
 def summarize(step_times: list[float], tokens_per_step: int) -> dict[str, float]:
@@ -174,10 +174,7 @@ def _print_profile(profiler, title: str) -> None:
 # ------------------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--vocab", type=int, default=8192)
+    add_model_arguments(parser)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
