@@ -38,11 +38,31 @@ __all__ = [
     "num_tokens",
     "measure_matmul_flops",
     "model_flops_per_token",
+    "LastStepCheckpoint",
     "TokenThroughputMonitor",
     "TextSampler",
     "NonFiniteGuard",
     "NonFiniteLossError",
 ]
+
+
+# ------------------------------------------------------------------------------ checkpoints
+class LastStepCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` whose `last.ckpt` always holds the final step of a finished fit.
+
+    With a monitored metric, Lightning saves `last.ckpt` only when it checks the metric (after each
+    validation, or every `every_n_train_steps`), and at the end of training only if it never saved
+    one: steps after the last validation were lost (max_steps 450 with validation every 100 ended
+    with a `last.ckpt` of step 400). Here `on_train_end` writes it once more when the run has moved on
+    since. A run stopped by `NonFiniteGuard` raises instead of ending, so its `last.ckpt` keeps the
+    last finite weights.
+    """
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_last and self._last_checkpoint_saved and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_train_end(trainer, pl_module)
 
 
 # ------------------------------------------------------------------------------ batch helpers

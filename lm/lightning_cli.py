@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lm.callbacks import LastStepCheckpoint
 from lm.data import TextDataModule
 from lm.modules import LanguageModel
 
@@ -55,7 +56,7 @@ class LMCLI(LightningCLI):
         parser.add_argument("--experiment", type=str, default="default",
                             help="Run name: logs go to logs/<experiment>, checkpoints to checkpoints/<experiment>.")
         parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastStepCheckpoint, "checkpoint")
         parser.set_defaults({
             "model": {"class_path": "lm.modules.LanguageModel"},  # `--model my_pkg.MyModel` swaps it
             "checkpoint.monitor": "val/loss",

@@ -58,6 +58,15 @@ def test_top_k_overlay_keeps_k_best_by_val_loss_plus_last(workdir, corpus_files)
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 12
 
 
+def test_last_checkpoint_holds_the_final_step_after_the_last_validation(workdir, corpus_files):
+    """12 steps, validation every 5: Lightning alone leaves last.ckpt at step 10."""
+    fit(workdir, corpus_files, "--trainer.val_check_interval", "5")
+    ckpt_dir = workdir / "checkpoints" / "cb"
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 12
+    best = [p.name for p in ckpt_dir.glob("step*.ckpt")]  # top-k still comes from validations only
+    assert len(best) == 1 and best[0].startswith(("step000005-", "step000010-")), best
+
+
 # --------------------------------------------------------------------------- LearningRateMonitor
 def test_lr_monitor_logs_warmup_then_cosine(workdir, corpus_files):
     fit(workdir, corpus_files, "--model.warmup_steps", "4")
