@@ -23,11 +23,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated / not a torch file
-        raise ValueError(f"Cannot read checkpoint {path}: {error}") from error
+        raise ValueError(f"Cannot read checkpoint {path}: {str(error).rstrip('.')}. Is it a complete checkpoint written by "
+                         f"`lm fit` (a copy cut short, or another program's file, fails here)?") from error
 
 
 # How `lm fit` names the stock LightningModule in `hyper_parameters["_class_path"]`.
 _STOCK_CLASS_PATHS = {None, "lm.modules.LanguageModel", "lm.modules.language_model.LanguageModel"}
+
+
+def import_class(class_path: str) -> type:
+    """The class a checkpoint names in `hyper_parameters["_class_path"]` (a `LanguageModel` subclass)."""
+    import importlib
+
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"The checkpoint was trained with {class_path}, which cannot be imported ({error}): "
+                         f"run from the directory of its package or add it to PYTHONPATH.") from error
 
 
 def _build_network(hparams: dict[str, Any]) -> torch.nn.Module:
@@ -37,16 +50,8 @@ def _build_network(hparams: dict[str, Any]) -> torch.nn.Module:
     class_path = hparams.get("_class_path")
     if class_path in _STOCK_CLASS_PATHS:
         return GPT(GPTConfig.from_dict(hparams["config"]))
-    import importlib
-
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        module_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"The checkpoint was trained with {class_path}, which cannot be imported ({error}): "
-                         f"run from the directory of its package or add it to PYTHONPATH.") from error
     init_args = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    return module_class(**init_args).model
+    return import_class(class_path)(**init_args).model
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lm.callbacks import LastStepCheckpoint
+from lm.checkpoint import import_class, read_checkpoint
 from lm.data import TextDataModule
 from lm.modules import LanguageModel
 
@@ -92,15 +92,11 @@ class LMCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:
-            raise ValueError(f"Cannot read checkpoint {ckpt_path}: {error}") from error
-        hparams = checkpoint.get("hyper_parameters", {})
+        hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
         if "config" not in hparams:
             return
         class_path = hparams.get("_class_path")
-        model_class = _import_class(class_path) if class_path else LanguageModel
+        model_class = import_class(class_path) if class_path else LanguageModel
         keep = set(getattr(model_class, "RUN_TIME_ARGS", ()))
         init_args = {k: v for k, v in hparams.items() if not k.startswith("_") and k not in keep}
         model: dict[str, Any] = {"init_args": init_args}
@@ -140,7 +136,7 @@ class LMCLI(LightningCLI):
             ckpt_path = str(Path(config.checkpoint.dirpath or f"checkpoints/{config.experiment}") / "last.ckpt")
         if ckpt_path and Path(ckpt_path).is_file():
             # Evaluate / continue with the tokenizer the checkpoint was trained with.
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            checkpoint = read_checkpoint(ckpt_path)
             if "tokenizer" in checkpoint:
                 from lm.data.tokenizer import Tokenizer
 
@@ -155,17 +151,6 @@ class LMCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, ModelCheckpoint) and callback.monitor == "val/loss":
                     callback.monitor, callback.save_top_k = None, 0  # only last.ckpt
-
-
-def _import_class(class_path: str) -> type:
-    import importlib
-
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"The checkpoint's model class {class_path!r} cannot be imported ({error}): "
-                         f"put its module on PYTHONPATH.") from error
 
 
 def _show_lm_logs() -> None:

@@ -268,11 +268,11 @@ class TextDataModule(L.LightningDataModule):
             raise RuntimeError("train_dataloader() called before setup('fit').")
         # Our own DistributedSampler (Lightning keeps it instead of injecting one): same rank split as
         # Lightning's DistributedSampler(shuffle=False), and set_epoch reaches the dataset.
-        kwargs = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        num_replicas, rank = self._rank_split()
         sampler = EpochDistributedSampler(
             self.train_dataset,
-            num_replicas=kwargs.get("num_replicas", 1),
-            rank=kwargs.get("rank", 0),
+            num_replicas=num_replicas,
+            rank=rank,
             shuffle=False,
             drop_last=False,
         )
@@ -309,9 +309,14 @@ class TextDataModule(L.LightningDataModule):
 
     def _eval_loader(self, dataset: SequentialWindowDataset) -> DataLoader:
         """Every window once over all ranks, none repeated (see EvalDistributedSampler)."""
-        kwargs = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
-        sampler = EvalDistributedSampler(dataset, num_replicas=kwargs.get("num_replicas", 1), rank=kwargs.get("rank", 0))
+        num_replicas, rank = self._rank_split()
+        sampler = EvalDistributedSampler(dataset, num_replicas=num_replicas, rank=rank)
         return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
+
+    def _rank_split(self) -> tuple[int, int]:
+        """(number of data-parallel processes, this one's rank): (1, 0) outside a distributed Trainer."""
+        kwargs = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
 
     def predict_dataloader(self) -> DataLoader:
         """Batches of raw prompt strings (``list[str]``); the model tokenizes them."""

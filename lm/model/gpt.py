@@ -103,7 +103,7 @@ class GPT(nn.Module):
           forward, in which each linear layer is one fused pass over its weight (see `Linear`).
           Inductor's C++ wrapper (`cpp_wrapper`) calls the kernels from C++ instead of Python: at
           ~4 ms per token the Python launch overhead was a fifth of the step. About 1.5-1.9x faster
-          decoding here, for a one-time compile of ~15-40 s on the first step (and again for a new
+          decoding here, for a one-time compile of ~10-30 s on the first step (and again for a new
           case: another batch size's padding mask, another dtype). Weights are not frozen into the
           compiled code, so it stays correct if they change.
         Call it again after loading new weights or changing dtype.
