@@ -15,8 +15,10 @@ The first `--warmup` steps (compilation, allocator, thread pool) are not timed. 
 one batch start to the next; the table reports the median (robust to other processes' bursts on a
 shared machine) and the mean. MFU is model FLOPs/s (`GPT.flops_per_token`: 6N + attention) over a
 matmul peak measured at start in the same run (2048^2 matmul, fp32 and bf16). Lightning's overhead is
-its median step time over the plain loop's, minus 1. The machine load (`os.getloadavg`) is printed
-before and after: with other processes on the cores the figures are noisy.
+its median step time over the plain loop's, minus 1; as that ratio is within the machine's drift, the
+fixed cost Lightning adds per step is also measured on a tiny model and set against each row's step
+time (`print_fixed_overhead`). The machine load (`os.getloadavg`) is printed before and after: with
+other processes on the cores the figures are noisy.
 """
 
 from __future__ import annotations
@@ -159,6 +161,34 @@ def run_lightning(args, precision: str, compile_model: bool, batches, fused: boo
     return timer.times
 
 
+# ---------------------------------------------------------------------------- fixed overhead probe
+def print_fixed_overhead(args, rows, fused: bool) -> None:
+    """Lightning's fixed cost per step, measured where it is not lost in the noise.
+
+    On the reference model a step takes seconds and this VM's speed drifts by several percent between
+    runs, so the overhead column above is mostly that drift. Lightning's own work per step (hooks,
+    logging, the optimizer closure, checkpoint bookkeeping) does not depend on the model size: timed
+    on a tiny model (~3 ms steps, 100 of them, best of 3 interleaved pairs) it is a difference of
+    milliseconds, which is then compared to the reference step time of each row above.
+    """
+    tiny = argparse.Namespace(**{**vars(args), "layers": 1, "heads": 1, "hidden": 64, "vocab": 256,
+                                 "block_size": 32, "batch_size": 4, "steps": 100, "warmup": 5,
+                                 "profile": None})
+    batches = make_batches(tiny)
+    best = {}
+    for _ in range(3):
+        for loop, run in (("plain", run_plain), ("lightning", run_lightning)):
+            ms = statistics.median(run(tiny, "32-true", False, batches, fused)) * 1e3
+            best[loop] = min(best.get(loop, ms), ms)
+    fixed = best["lightning"] - best["plain"]
+    print(f"\nLightning's fixed cost per step (tiny model, 32-true, median of 100 steps, best of 3): "
+          f"plain {best['plain']:.2f} ms, lightning {best['lightning']:.2f} ms: {fixed:+.2f} ms per step")
+    for precision, compile_flag, results in rows:
+        if "plain" in results:
+            print(f"  = {fixed / results['plain']['ms'] * 100:+.2f}% of the {results['plain']['ms']:.0f} ms "
+                  f"plain step of {precision}, compile {compile_flag}")
+
+
 # -------------------------------------------------------------------------------------- profiler
 def _profiler(args):
     from torch.profiler import ProfilerActivity, profile
@@ -192,6 +222,8 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's mmap threshold alone (by default, as `lm fit` does, large "
                              "allocations stay in the heap: lm/allocator.py)")
+    parser.add_argument("--no-overhead-probe", action="store_true",
+                        help="skip the tiny-model measurement of Lightning's fixed per-step cost")
     parser.add_argument("--profile", choices=["plain", "lightning"], default=None,
                         help="torch.profiler table of the timed steps of this loop (stderr)")
     args = parser.parse_args()
@@ -247,6 +279,8 @@ def main() -> None:
                 overhead = f"{(r['ms'] / results['plain']['ms'] - 1) * 100:+.1f}%"
             print(f"| {precision} | {compile_flag} | {loop} | {r['tok_s']:.0f} | {r['ms']:.0f} | {r['mean_ms']:.0f} | "
                   f"{mfu:.1%} | {overhead} |")
+    if {"plain", "lightning"} <= set(args.loops) and not args.no_overhead_probe:
+        print_fixed_overhead(args, rows, fused)
     load_after = os.getloadavg()
     print("\nmatmul peak re-measured after the runs: "
           + ", ".join(f"{p} {peak / 1e9:.0f}" for p, peak in peaks_after.items())

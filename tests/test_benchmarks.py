@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end (tiny model, few steps) and print their tables.
+
+Their figures are measurements, not assertions: these tests only keep the scripts from rotting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--layers", "1", "--heads", "2", "--hidden", "32", "--vocab", "128"]
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *TINY, *args],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_train_throughput_prints_both_loops_and_the_fixed_overhead():
+    out = run("train_throughput.py", "--precisions", "32-true", "--compile", "off", "--block-size", "16",
+              "--batch-size", "2", "--steps", "3", "--warmup", "1", "--no-progress-bar")
+    rows = [line for line in out.splitlines() if line.startswith("| 32-true | off |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["plain", "lightning"]
+    assert rows[1].rstrip(" |").endswith("%")  # the overhead column is filled in
+    assert "Lightning's fixed cost per step" in out and "ms per step" in out
+
+
+def test_generate_benchmark_prints_cache_and_no_cache_speeds():
+    out = run("generate.py", "--context", "32", "--prompt-tokens", "4", "--new-tokens", "8", "--runs", "1",
+              "--threads", "1", "--dtypes", "float32", "--paths", "eager")
+    row = next(line for line in out.splitlines() if line.startswith("| 1 | float32 | eager |"))
+    cache, no_cache = (float(cell) for cell in row.split("|")[4:6])
+    assert cache > 0 and no_cache > 0
