@@ -66,7 +66,7 @@ def generate(
         device: Where to run the model, e.g. cpu or cuda.
         dtype: Weights and activations type: float32 or bfloat16 (half the bytes to stream per
             token: the faster decode with `compile`, even on CPUs without native bf16).
-        compile: Compile the decode step (`GPT.prepare_for_inference(compile=True)`): 1.4-1.7x
+        compile: Compile the decode step (`GPT.prepare_for_inference(compile=True)`): 1.5-2x
             faster decoding on a 2-core CPU after a one-time compile of ~2-22 s; same results.
         threads: CPU threads for torch (default: torch's choice, one per core). On a busy machine
             1 thread can decode much faster than 2 competing for the same cores.

@@ -32,8 +32,8 @@ from lm.model.layers import (Block, CausalSelfAttention, KVCache, LearnedPositio
 #   instead of inlining it into its consumer. Without it inductor recomputes a linear layer's input
 #   (residual adds, LayerNorm) inside the matrix-vector loop, once per output row: 8192 times for
 #   the LM head. In fp32 the loop hides that behind the weight loads; in bf16 on a CPU without
-#   native bf16 each recomputed input is six bf16->fp32 conversions per weight vector, and the
-#   compiled bf16 step ran slower than fp32 (264 vs 329 tokens/s here) instead of faster (440).
+#   native bf16 each recomputed input is six bf16->fp32 conversions per weight vector. In
+#   interleaved A/B runs on a 2-core Zen 3 it took bf16 from 237 to 407 tokens/s, fp32 from 287 to 350.
 DECODE_COMPILE_OPTIONS = {"cpp_wrapper": True, "realize_acc_reads_threshold": 1}
 
 
@@ -113,10 +113,10 @@ class GPT(nn.Module):
         - bf16 weights are prepacked for oneDNN (`Linear.prepack`; one extra copy of the weights).
         - `compile=True`: `decode` (the one-token step of generation) becomes a `torch.compile`d
           forward, in which each linear layer is one fused pass over its weight (see `Linear`), with
-          the inductor options of `DECODE_COMPILE_OPTIONS`. About 1.5-2x faster decoding in fp32 on
-          a 2-core CPU, and the fastest bf16 path, for a one-time compile of ~10-30 s on the first step (and again for a new
-          case: another batch size's padding mask, another dtype). Weights are not frozen into the
-          compiled code, so it stays correct if they change.
+          the inductor options of `DECODE_COMPILE_OPTIONS`. About 1.7-2x faster decoding in fp32 on
+          a 2-core CPU, and the fastest path in bf16, for a one-time compile of ~2-22 s on the first
+          step (and again for a new case: another batch size's padding mask, another dtype). Weights
+          are not frozen into the compiled code, so it stays correct if they change.
         Call it again after loading new weights or changing dtype.
         """
         for module in self.modules():
