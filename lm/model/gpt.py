@@ -25,16 +25,22 @@ from lm.model.layers import (Block, CausalSelfAttention, KVCache, LearnedPositio
                              SinusoidalPositions, make_norm)
 
 
-# Inductor options for the compiled decode step (scoped to that one compile; training is unaffected).
-# - cpp_wrapper: the kernels are called from C++, not Python; at ~3-4 ms per token the Python launch
-#   overhead was a fifth of the step.
-# - realize_acc_reads_threshold=1: store every pointwise result that reads more than one buffer
-#   instead of inlining it into its consumer. Without it inductor recomputes a linear layer's input
-#   (residual adds, LayerNorm) inside the matrix-vector loop, once per output row: 8192 times for
-#   the LM head. In fp32 the loop hides that behind the weight loads; in bf16 on a CPU without
-#   native bf16 each recomputed input is six bf16->fp32 conversions per weight vector. In
-#   interleaved A/B runs on a 2-core Zen 3 it took bf16 from 237 to 407 tokens/s, fp32 from 287 to 350.
-DECODE_COMPILE_OPTIONS = {"cpp_wrapper": True, "realize_acc_reads_threshold": 1}
+def decode_compile_options(device: torch.device) -> dict:
+    """Inductor options for the compiled decode step (scoped to that one compile; training is unaffected).
+
+    - cpp_wrapper: the kernels are called from C++, not Python; at ~3-4 ms per token the Python
+      launch overhead was a fifth of the step.
+    - on CPU, realize_acc_reads_threshold=1: store every pointwise result that reads more than one
+      buffer instead of inlining it into its consumer. Without it inductor recomputes a linear layer's
+      input (residual adds, LayerNorm) inside the matrix-vector loop of `Linear`, once per output
+      row: 8192 times for the LM head. In bf16 on a CPU without native bf16 each recomputed input is
+      six bf16->fp32 conversions per weight vector. In interleaved A/B runs on a 2-core Zen 3 it took
+      bf16 from 237 to 407 tokens/s, fp32 from 287 to 350. (GPUs use `F.linear` there: not needed.)
+    """
+    options = {"cpp_wrapper": True}
+    if device.type == "cpu":
+        options["realize_acc_reads_threshold"] = 1
+    return options
 
 
 class GPT(nn.Module):
@@ -113,18 +119,17 @@ class GPT(nn.Module):
         - bf16 weights are prepacked for oneDNN (`Linear.prepack`; one extra copy of the weights).
         - `compile=True`: `decode` (the one-token step of generation) becomes a `torch.compile`d
           forward, in which each linear layer is one fused pass over its weight (see `Linear`), with
-          the inductor options of `DECODE_COMPILE_OPTIONS`. About 1.7-2x faster decoding in fp32 on
+          the inductor options of `decode_compile_options`. About 1.7-2x faster decoding in fp32 on
           a 2-core CPU, and the fastest path in bf16, for a one-time compile of ~2-22 s on the first
           step (and again for a new case: another batch size's padding mask, another dtype). Weights
           are not frozen into the compiled code, so it stays correct if they change.
-        Call it again after loading new weights or changing dtype.
+        Call it again after loading new weights or changing dtype or device.
         """
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack()
-        self._compiled_decode = (
-            torch.compile(self.forward, dynamic=True, options=DECODE_COMPILE_OPTIONS) if compile else None
-        )
+        options = decode_compile_options(self.embed_tokens.weight.device)
+        self._compiled_decode = torch.compile(self.forward, dynamic=True, options=options) if compile else None
         return self
 
     def decode(self, input_ids: Tensor, kv_cache: KVCache, position_ids: Optional[Tensor] = None,
