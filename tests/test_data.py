@@ -346,7 +346,8 @@ def test_val_fraction_carves_the_tail(corpus, tmp_path) -> None:
     # end-of-text token (the document goes on in the validation split).
     plain = tmp_path / "plain.txt"
     plain.write_text("".join(f"line {i} of a long play\n" for i in range(300)), encoding="utf-8")
-    dm = make_dm(tmp_path, train_files=[str(plain)], val_fraction=0.1)
+    dm = make_dm(tmp_path, train_files=str(plain), val_fraction=0.1)  # one path, not a list: also accepted
+    assert dm.train_files == [str(plain)]
     dm.prepare_data()
     dm.setup("fit")
     train_text = dm.tokenizer.decode(dm.train_dataset.tokens.tolist())

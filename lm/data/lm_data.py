@@ -13,6 +13,7 @@ cannot race or disagree.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,13 @@ _STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
 _Documents = tuple[list[str], bool]  # (documents, put end-of-text after the last one)
 
 
+def _file_list(files: Sequence[str] | str | None) -> list[str] | None:
+    """One path or a list of paths (``--data.train_files a.txt`` or ``[a.txt, b.txt]``) as a list."""
+    if not files:
+        return None
+    return [files] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
+
+
 class TextDataModule(L.LightningDataModule):
     """Language-modeling data: WikiText from the Hub, a local WikiText folder, or any text files.
 
@@ -75,7 +83,7 @@ class TextDataModule(L.LightningDataModule):
 
     Args:
         data_dir: Local folder with WikiText ``wiki.{train,valid,test}.raw`` files.
-        train_files: Text files for training (override ``data_dir``'s training file).
+        train_files: Text files for training (override ``data_dir``'s training file); one path or a list.
         val_files: Text files for validation (cannot be combined with ``val_fraction``).
         test_files: Text files for testing.
         hub_name: Hugging Face dataset used when no local path is given.
@@ -110,9 +118,9 @@ class TextDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str | None = None,
-        train_files: list[str] | None = None,
-        val_files: list[str] | None = None,
-        test_files: list[str] | None = None,
+        train_files: list[str] | str | None = None,
+        val_files: list[str] | str | None = None,
+        test_files: list[str] | str | None = None,
         hub_name: str = "Salesforce/wikitext",
         hub_config: str = "wikitext-2-raw-v1",
         val_fraction: float = 0.0,
@@ -159,9 +167,9 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
 
         self.data_dir = data_dir
-        self.train_files = list(train_files) if train_files else None
-        self.val_files = list(val_files) if val_files else None
-        self.test_files = list(test_files) if test_files else None
+        self.train_files = _file_list(train_files)
+        self.val_files = _file_list(val_files)
+        self.test_files = _file_list(test_files)
         self.hub_name = hub_name
         self.hub_config = hub_config
         self.val_fraction = val_fraction
