@@ -59,7 +59,7 @@ def _file_list(files: Sequence[str] | str | None) -> list[str] | None:
     """One path or a list of paths (``--data.train_files a.txt`` or ``[a.txt, b.txt]``) as a list."""
     if not files:
         return None
-    return [files] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
+    return [str(files)] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
 
 
 class TextDataModule(L.LightningDataModule):
