@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.data.tokenizer import EOT, Tokenizer
-from lm.model import GPT, GPTConfig, generate, generate_text, sample_next_token, stream_generate, stream_text
+from lm.model import (GPT, GPTConfig, SamplingOptions, generate, generate_text, sample_next_token, stream_generate,
+                      stream_text)
 from lm.model.generate import filter_logits
 from lm.model.layers import Linear, bf16_packing_supported
 
@@ -95,6 +96,14 @@ def test_bad_sampling_arguments(model):
     for kwargs in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             generate(model, [[1]], 2, **kwargs)
+
+
+def test_sampling_options_take_one_stop_string_or_a_list():
+    assert SamplingOptions(stop="\n\n").stop == ["\n\n"]  # one string, not its characters
+    assert SamplingOptions(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingOptions(stop=[]).stop is None and SamplingOptions().stop is None
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingOptions(max_new_tokens=-1)
 
 
 def test_stops_at_eos_and_respects_max_new_tokens(model):

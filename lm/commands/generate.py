@@ -77,7 +77,7 @@ def generate(
     prompts = _collect_prompts(prompt, prompts_file)
     # Checked before the (slow) model load so a typo fails at once.
     options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, stop=[stop] if isinstance(stop, str) else stop, truncate=truncate)
+                              seed=seed, stop=stop, truncate=truncate)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if stream is None:

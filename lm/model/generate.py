@@ -70,7 +70,7 @@ class SamplingOptions:
         top_k: Sample only among the k most likely tokens (None: no limit).
         top_p: Nucleus sampling: the smallest set of tokens with probability mass >= top_p (None: off).
         seed: Seed of the sampler's generator, for reproducible samples (None: torch's global RNG).
-        stop: Strings that end a completion (cut before the first one).
+        stop: Strings that end a completion (cut before the first one); one string or a list.
         truncate: Keep only the last tokens of a prompt too long for the context (else an error).
     """
 
@@ -79,14 +79,14 @@ class SamplingOptions:
     top_k: Optional[int] = 50
     top_p: Optional[float] = None
     seed: Optional[int] = None
-    stop: Optional[list[str]] = field(default=None)
+    stop: Union[str, list[str], None] = field(default=None)
     truncate: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
         _check_sampling(self.temperature, self.top_k, self.top_p)
-        self.stop = list(self.stop) if self.stop else None
+        self.stop = ([self.stop] if isinstance(self.stop, str) else list(self.stop)) if self.stop else None
 
     def kwargs(self, seed_offset: int = 0) -> dict[str, Any]:
         """Keyword arguments of `generate_text` / `stream_text`. `seed_offset` gives the i-th batch of
