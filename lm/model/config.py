@@ -25,10 +25,10 @@ class GPTConfig:
         hidden_size: Width of the residual stream.
         num_hidden_layers: Number of transformer blocks.
         num_attention_heads: Query heads; must divide `hidden_size`.
-        num_key_value_heads: Key/value heads for grouped-query attention. `None` means one per query
-            head (multi-head attention), 1 is multi-query attention. Must divide `num_attention_heads`.
-        intermediate_size: Hidden width of the MLP. `None`: 4 x hidden for GELU, and for SwiGLU
-            8/3 x hidden rounded up to a multiple of 64 (same parameter count as the GELU MLP).
+        num_key_value_heads: Key/value heads for grouped-query attention; 1 is multi-query attention.
+            Must divide `num_attention_heads`. Left `None`, it becomes `num_attention_heads` (multi-head).
+        intermediate_size: Hidden width of the MLP. Left `None`, it becomes 4 x hidden for GELU, and for
+            SwiGLU 8/3 x hidden rounded up to a multiple of 64 (the GELU MLP's parameter count).
         max_position_embeddings: Longest sequence (prompt + generated tokens) the model accepts.
         dropout: Dropout on embeddings, attention probabilities and residual branches.
         bias: Biases in linear layers and LayerNorm.
@@ -64,7 +64,14 @@ class GPTConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+        # A field left None takes its variant's default here, so the rest of the code (and a saved
+        # checkpoint) reads one concrete value under one name.
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = _default_intermediate_size(self.hidden_size, self.activation)
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads:
@@ -73,9 +80,9 @@ class GPTConfig:
                 f"every head gets hidden_size / num_attention_heads channels. Pick a divisor of {self.hidden_size} "
                 f"(e.g. {_divisors_near(self.hidden_size, self.num_attention_heads)})."
             )
-        if self.num_kv_heads <= 0 or self.num_attention_heads % self.num_kv_heads:
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
-                f"num_key_value_heads={self.num_kv_heads} must be a positive divisor of "
+                f"num_key_value_heads={self.num_key_value_heads} must be a positive divisor of "
                 f"num_attention_heads={self.num_attention_heads} (each key/value head serves a group of query heads)."
             )
         if self.position == "rope" and self.head_dim % 2:
@@ -83,23 +90,9 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
 
-    # Fields left as None mean "the default for this variant"; these properties resolve them. (The
-    # fields themselves stay None so that a config saved or printed says what the user chose.)
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
-
-    @property
-    def mlp_size(self) -> int:
-        if self.intermediate_size:
-            return self.intermediate_size
-        if self.activation == "swiglu":  # 3 matrices of 8/3 h instead of 2 of 4 h: same parameters
-            return 64 * -(-(8 * self.hidden_size // 3) // 64)
-        return 4 * self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, safe for `torch.load(weights_only=True)` in checkpoints."""
@@ -112,6 +105,12 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"Unknown GPTConfig keys {unknown}; valid keys are {sorted(known)}.")
         return cls(**values)
+
+
+def _default_intermediate_size(hidden_size: int, activation: str) -> int:
+    if activation == "swiglu":  # 3 matrices of 8/3 h instead of 2 of 4 h: same parameters
+        return 64 * -(-(8 * hidden_size // 3) // 64)
+    return 4 * hidden_size
 
 
 def _divisors_near(n: int, k: int) -> list[int]:

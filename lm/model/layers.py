@@ -153,8 +153,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.up_proj = Linear(config.hidden_size, config.mlp_size, bias=config.bias)
-        self.down_proj = Linear(config.mlp_size, config.hidden_size, bias=config.bias)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
         self.down_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -167,9 +167,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.intermediate_size = config.mlp_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.mlp_size, bias=config.bias)
-        self.down_proj = Linear(config.mlp_size, config.hidden_size, bias=config.bias)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
         self.down_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -198,7 +198,7 @@ class KVCache:
             raise ValueError(
                 f"KV cache length {max_length} exceeds max_position_embeddings={config.max_position_embeddings}."
             )
-        shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_length = max_length
@@ -231,7 +231,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.impl = config.attention
         self.dropout_p = config.dropout
