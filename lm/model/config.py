@@ -6,7 +6,7 @@ be chosen from an experiment YAML (`model.config.norm: rmsnorm`) and is saved wi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Optional
 
 Norm = Literal["layernorm", "rmsnorm"]
@@ -26,9 +26,9 @@ class GPTConfig:
         num_hidden_layers: Number of transformer blocks.
         num_attention_heads: Query heads; must divide `hidden_size`.
         num_key_value_heads: Key/value heads for grouped-query attention; 1 is multi-query attention.
-            Must divide `num_attention_heads`. Left `None`, it becomes `num_attention_heads` (multi-head).
-        intermediate_size: Hidden width of the MLP. Left `None`, it becomes 4 x hidden for GELU, and for
-            SwiGLU 8/3 x hidden rounded up to a multiple of 64 (the GELU MLP's parameter count).
+            Must divide `num_attention_heads`. `None`: `num_attention_heads` (multi-head attention).
+        intermediate_size: Hidden width of the MLP. `None`: 4 x hidden for GELU, and for SwiGLU 8/3 x
+            hidden rounded up to a multiple of 64 (the GELU MLP's parameter count).
         max_position_embeddings: Longest sequence (prompt + generated tokens) the model accepts.
         dropout: Dropout on embeddings, attention probabilities and residual branches.
         bias: Biases in linear layers and LayerNorm.
@@ -64,14 +64,7 @@ class GPTConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        # A field left None takes its variant's default here, so the rest of the code (and a saved
-        # checkpoint) reads one concrete value under one name.
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.intermediate_size is None:
-            self.intermediate_size = _default_intermediate_size(self.hidden_size, self.activation)
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings"):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads:
@@ -80,15 +73,37 @@ class GPTConfig:
                 f"every head gets hidden_size / num_attention_heads channels. Pick a divisor of {self.hidden_size} "
                 f"(e.g. {_divisors_near(self.hidden_size, self.num_attention_heads)})."
             )
-        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+        kv_heads = self.resolved_value("num_key_value_heads")
+        if kv_heads <= 0 or self.num_attention_heads % kv_heads:
             raise ValueError(
-                f"num_key_value_heads={self.num_key_value_heads} must be a positive divisor of "
+                f"num_key_value_heads={kv_heads} must be a positive divisor of "
                 f"num_attention_heads={self.num_attention_heads} (each key/value head serves a group of query heads)."
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"position='rope' needs an even head size, got {self.head_dim}.")
+        if self.resolved_value("intermediate_size") <= 0:
+            raise ValueError(f"intermediate_size must be positive, got {self.intermediate_size}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+
+    # A field left None means "this variant's default". The config itself keeps the None (it is what the
+    # user chose, and a default instance must not freeze derived sizes: the CLI merges YAML overrides
+    # into it); `resolved()` is the copy the model is built from, with every such field filled in.
+    def resolved_value(self, name: str) -> Any:
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        if name == "num_key_value_heads":
+            return self.num_attention_heads
+        if name == "intermediate_size" and self.activation == "swiglu":  # 3 matrices of 8/3 h: 2 x 4h's parameters
+            return 64 * -(-(8 * self.hidden_size // 3) // 64)
+        if name == "intermediate_size":
+            return 4 * self.hidden_size
+        return value
+
+    def resolved(self) -> "GPTConfig":
+        """A copy with every field that was left None (the variant's default) filled in."""
+        return replace(self, **{f.name: self.resolved_value(f.name) for f in fields(self)})
 
     @property
     def head_dim(self) -> int:
@@ -105,12 +120,6 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"Unknown GPTConfig keys {unknown}; valid keys are {sorted(known)}.")
         return cls(**values)
-
-
-def _default_intermediate_size(hidden_size: int, activation: str) -> int:
-    if activation == "swiglu":  # 3 matrices of 8/3 h instead of 2 of 4 h: same parameters
-        return 64 * -(-(8 * hidden_size // 3) // 64)
-    return 4 * hidden_size
 
 
 def _divisors_near(n: int, k: int) -> list[int]:

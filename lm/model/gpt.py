@@ -52,7 +52,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, block_class: type[Block] = Block,
                  attention_class: type[CausalSelfAttention] = CausalSelfAttention):
         super().__init__()
-        self.config = config
+        self.config = config = config.resolved()  # None fields -> the variant's defaults
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # Absolute positions are added to the embeddings; rotary ones are applied inside attention.
         self.embed_positions = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(
