@@ -37,7 +37,7 @@ PATHS = {
 
 def decode_tokens_per_second(model: GPT, prompt: list[int], new_tokens: int, use_cache: bool) -> float:
     """Tokens/s from the first generated token to the last (the prompt's prefill is not counted)."""
-    stream = stream_generate(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache)
+    stream = stream_generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache)
     next(stream)  # prefill + first token
     start = time.perf_counter()
     count = sum(1 for _ in stream)
@@ -90,7 +90,7 @@ def main() -> None:
                 setup += time.perf_counter() - start if path == "compiled" else 0.0
                 cached = statistics.median(decode_tokens_per_second(model, prompt, args.new_tokens, True)
                                            for _ in range(args.runs))
-                tokens = generate(model, [prompt], args.new_tokens, temperature=0)[0]
+                tokens = generate(model, [prompt], max_new_tokens=args.new_tokens, temperature=0)[0]
                 if reference is None:
                     reference = tokens
                     if not args.no_baseline:

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from benchmarks.common import add_model_arguments, model_config  # noqa: E402
 from lm.allocator import keep_large_allocations_in_heap  # noqa: E402
 from lm.callbacks import measure_matmul_flops  # noqa: E402
+from lm.hardware import auto_precision, describe_cpu  # noqa: E402
 from lm.model import GPT, GPTConfig  # noqa: E402
 from lm.optim import build_optimizer, warmup_cosine  # noqa: E402
 
@@ -243,6 +244,7 @@ def main() -> None:
     print(f"model: {args.layers} layers, {args.heads} heads, hidden {args.hidden}, vocab {args.vocab}, block "
           f"{args.block_size}, batch {args.batch_size} ({tokens_per_step} tokens/step), "
           f"{model.num_parameters() / 1e6:.1f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token (train)")
+    print(f"CPU: {describe_cpu()}; default precision here: {auto_precision('cpu')[0]}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fused AdamW {args.fused}; "
           f"malloc no-mmap {'on' if malloc_no_mmap else 'off'}; "
           f"{args.warmup} warm-up + {args.steps} timed steps per run; random tokens")

@@ -11,19 +11,20 @@ from typing import Any
 
 import torch
 
+from lm.errors import LMError, MissingFileError
 from lm.model import GPT, GPTConfig
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Checkpoint not found: {path}. `lm fit` writes them to checkpoints/<experiment>/ (last.ckpt and the best)."
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated / not a torch file
-        raise ValueError(f"Cannot read checkpoint {path}: {str(error).rstrip('.')}. Is it a complete checkpoint written by "
+        raise LMError(f"Cannot read checkpoint {path}: {str(error).rstrip('.')}. Is it a complete checkpoint written by "
                          f"`lm fit` (a copy cut short, or another program's file, fails here)?") from error
 
 
@@ -39,7 +40,7 @@ def import_class(class_path: str) -> type:
     try:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"The checkpoint was trained with {class_path}, which cannot be imported ({error}): "
+        raise LMError(f"The checkpoint was trained with {class_path}, which cannot be imported ({error}): "
                          f"run from the directory of its package or add it to PYTHONPATH.") from error
 
 
@@ -64,10 +65,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters", {})
     if "config" not in hparams or "tokenizer" not in checkpoint:
-        raise ValueError(f"{path} is not an `lm` language-model checkpoint (no model config or tokenizer in it).")
+        raise LMError(f"{path} is not an `lm` language-model checkpoint (no model config or tokenizer in it).")
     model = _build_network(hparams)
     prefix = "model."
-    state = {k[len(prefix):].replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
              if k.startswith(prefix)}
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype).eval()

@@ -5,8 +5,8 @@
 - Other verbs (`generate`, ...) are typed functions that jsonargparse turns into CLIs, so they take
   `--config` and `--help` alike. They are imported only when called, which keeps `lm --help` fast.
 
-Errors we raise for bad input (ValueError, FileNotFoundError) are printed as one clear line; set
-LM_DEBUG=1 to see the traceback.
+Bad input raises `lm.errors.LMError`, whose message says what was wrong and what to do: it is printed as
+one line (set LM_DEBUG=1 to see the traceback). Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import importlib
 import os
 import sys
 from typing import Optional
+
+from lm.errors import LMError
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 # verb -> "module:function"; each function's signature and docstring are its CLI.
@@ -36,6 +38,7 @@ Other verbs:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from_shell = argv is None  # the `lm` command: Lightning re-runs sys.argv in DDP child processes
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -45,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if verb in LIGHTNING_VERBS:
             from lm.lightning_cli import run_lightning_cli
 
-            run_lightning_cli(argv)
+            run_lightning_cli(None if from_shell else argv)
         elif verb in FUNCTION_VERBS:
             from jsonargparse import CLI
 
@@ -58,7 +61,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             print(f"lm: unknown verb {verb!r}.\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except LMError as error:
         if os.environ.get("LM_DEBUG"):
             raise
         print(f"lm {verb}: error: {error}\n(set LM_DEBUG=1 to see the traceback)", file=sys.stderr)

@@ -16,8 +16,21 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
+
+IGNORE_INDEX = -100  # targets with this value (padding, masked prompt tokens) are not scored
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed negative log-likelihood (nats) of `targets` (B, T) under `logits` (B, T, V), and the number
+    of scored targets. The plain cross-entropy every metric here is made of, whatever a model trains on.
+
+    Logits are upcast to float32 for the log-softmax: under bf16 autocast an 8k-50k way softmax in bf16
+    loses the small probabilities the loss is made of."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll, (targets != IGNORE_INDEX).sum()
 
 
 class LanguageModelingMetrics(Metric):

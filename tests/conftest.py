@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-WIKITEXT_DIR = SHARED_DATA / "wikitext-2-raw-v1"
+from tests.helpers import REPO_ROOT, SHARED_DATA, WIKITEXT_DIR  # noqa: F401  (re-exported for older imports)
 
 
 def make_corpus(n_docs: int = 40, seed: int = 0) -> str:

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT as ROOT
 TINY = ["--layers", "1", "--heads", "2", "--hidden", "32", "--vocab", "128"]
 
 

@@ -5,41 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm.cli import main
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = [
-    "--model.config.hidden_size", "32", "--model.config.num_hidden_layers", "2",
-    "--model.config.num_attention_heads", "4", "--model.config.max_position_embeddings", "32",
-    "--model.warmup_steps", "2", "--model.learning_rate", "3e-3",
-]
-TINY_TRAINER = [
-    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "12",
-    "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-]
-
-
-def tiny_data(files, cache_dir) -> list[str]:
-    return [
-        "--data.train_files", f"[{files['train']}]", "--data.val_files", f"[{files['valid']}]",
-        "--data.test_files", f"[{files['test']}]", "--data.vocab_size", "300", "--data.block_size", "16",
-        "--data.batch_size", "8", "--data.cache_dir", str(cache_dir),
-    ]
-
-
-def run_lm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lm", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
+from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, run_lm, scalar_tags, tiny_data  # noqa: F401
 
 @pytest.fixture
 def trained_run(tmp_path_factory, monkeypatch, corpus_files):
@@ -49,18 +21,6 @@ def trained_run(tmp_path_factory, monkeypatch, corpus_files):
     data = tiny_data(corpus_files, workdir / "cache")
     main(["fit", "--experiment", "tiny", *TINY_MODEL, *TINY_TRAINER, *data])
     return workdir, data
-
-
-def scalar_tags(log_dir: Path) -> dict[str, list[float]]:
-    event_files = list(log_dir.rglob("events.out.tfevents.*"))
-    assert event_files, f"no TensorBoard event files under {log_dir}"
-    tags: dict[str, list[float]] = {}
-    for event_file in event_files:
-        accumulator = EventAccumulator(str(event_file))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            tags.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
-    return tags
 
 
 def test_fit_writes_checkpoint_and_tensorboard_events(trained_run):
@@ -105,7 +65,7 @@ def test_predict_writes_generations(trained_run):
     workdir, data = trained_run
     main(["predict", "--experiment", "tiny", "--ckpt_path", str(workdir / "checkpoints" / "tiny" / "last.ckpt"),
           *TINY_TRAINER[:4], *data, "--data.prompts", "[The river, A small town was]",
-          "--model.max_new_tokens", "8"])
+          "--model.sampling.max_new_tokens", "8"])
     rows = [json.loads(line) for line in (workdir / "logs" / "tiny" / "predictions.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["The river", "A small town was"]
     assert all(isinstance(r["completion"], str) and r["completion"] for r in rows)
@@ -113,7 +73,7 @@ def test_predict_writes_generations(trained_run):
     # A prompt longer than the context (32 tokens here) is a clear error, not a traceback.
     long_prompt = "The river was built in the north of England . " * 20
     result = run_lm("predict", "--ckpt_path", str(workdir / "checkpoints" / "tiny" / "last.ckpt"), *TINY_TRAINER[:4],
-                    *data, "--data.prompts", f"[{long_prompt}]", "--model.max_new_tokens", "8", cwd=workdir)
+                    *data, "--data.prompts", f"[{long_prompt}]", "--model.sampling.max_new_tokens", "8", cwd=workdir)
     assert result.returncode != 0
     assert "max_position_embeddings=32" in result.stderr and "truncate" in result.stderr, result.stderr[-1500:]
     assert "Traceback" not in result.stderr
@@ -128,8 +88,29 @@ def test_every_experiment_yaml_parses(yaml_path):
     result = run_lm("fit", *configs, "--print_config", cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["model"]["class_path"].endswith("LanguageModel") or "class_path" in resolved["model"]
+    written = yaml.safe_load((REPO_ROOT / yaml_path).read_text())
+    assert resolved["model"]["class_path"] == (written.get("model") or {}).get("class_path", "lm.modules.LanguageModel")
+    for key, value in _scalar_leaves(written).items():  # every value the file sets is the resolved one
+        target = resolved
+        for part in key.split("."):
+            if part not in target and "init_args" in target:  # a class given as class_path + init_args
+                target = target["init_args"]
+            target = target[part]
+        assert target == value, key
     assert resolved["data"]["vocab_size"] > 256
+
+
+def _scalar_leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """`{"a.b": value}` for every scalar a YAML file sets (lists and appended callbacks left out)."""
+    leaves = {}
+    for key, value in tree.items():
+        if key.endswith("+") or key == "class_path":
+            continue
+        if isinstance(value, dict):
+            leaves.update(_scalar_leaves(value, f"{prefix}{key}."))
+        elif not isinstance(value, list):
+            leaves[f"{prefix}{key}"] = value
+    return leaves
 
 
 def test_configs_merge_later_wins(tmp_path):

@@ -20,8 +20,7 @@ from lm.data.clean import clean_document, clean_documents
 from lm.data.sources import carve_tail, load_wikitext_split, read_text_files, split_documents
 from lm.data.tokens import EpochDistributedSampler, load_cached_tokens, token_dtype
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-WIKITEXT_DIR = SHARED_DATA / "wikitext-2-raw-v1"
+from tests.helpers import SHARED_DATA, WIKITEXT_DIR
 UNICODE_TEXT = "naïve café — 日本 🤖 Ωmega\n\n  indented\tand tabbed  \r\n<|endoftext|> after eot"
 
 WORDS = (

@@ -16,11 +16,10 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm.cli import main
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT, tb_scalars, tiny_data, tiny_model_flags
 TRAINER_DIR = REPO_ROOT / "experiments" / "trainer"
 STEPS = 5
 
@@ -42,17 +41,13 @@ class LossRecorder(Callback):
 
 def run_args(files, cache_dir, batch_size: int) -> list[str]:
     return [
-        "--model.config.hidden_size", "32", "--model.config.num_hidden_layers", "2",
-        "--model.config.num_attention_heads", "4", "--model.config.max_position_embeddings", "16",
-        "--model.config.dropout", "0.0", "--model.warmup_steps", "2", "--model.learning_rate", "3e-3",
+        *tiny_model_flags(context=16, dropout=0.0),
         "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", str(STEPS),
         "--trainer.val_check_interval", str(STEPS), "--trainer.check_val_every_n_epoch", "null",
         "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.gradient_clip_val", "1.0",
         "--trainer.callbacks+=tests.test_engine.LossRecorder",
-        "--data.train_files", f"[{files['train']}]", "--data.val_files", f"[{files['valid']}]",
-        "--data.vocab_size", "300", "--data.block_size", "16", "--data.batch_size", str(batch_size),
-        "--data.samples_per_epoch", "80", "--data.cache_dir", str(cache_dir), "--experiment", "run",
+        *tiny_data(files, cache_dir, test=False, batch_size=batch_size, samples_per_epoch=80), "--experiment", "run",
     ]
 
 
@@ -70,13 +65,7 @@ def step_losses(workdir: Path, accumulate: int = 1) -> list[float]:
 
 
 def scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    values: dict[int, float] = {}
-    for event_file in sorted(log_dir.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(event_file))
-        accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            values.update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return values
+    return tb_scalars(log_dir).get(tag, {})
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +178,6 @@ def test_compiled_model_saves_and_loads_plain_parameter_names():
     plain = LanguageModel(config)
     assert list(compiled.state_dict()) == list(plain.state_dict())  # no "_orig_mod." in saved names
     plain.load_state_dict(compiled.state_dict())
-    # Checkpoints of older runs (torch.compile wrapper) are renamed on load.
-    legacy = {"state_dict": {k.replace("model.", "model._orig_mod.", 1): v for k, v in compiled.state_dict().items()}}
-    plain.on_load_checkpoint(legacy)
-    plain.load_state_dict(legacy["state_dict"])
 
 
 def resolved(*overlays: str) -> dict:
@@ -243,7 +228,7 @@ def test_fsdp_overlay_builds_a_block_wrapped_sharded_strategy():
 def test_bf16_overlays_train_and_checkpoint(overlay, tmp_path, monkeypatch, corpus_files):
     """The bf16 overlays train on CPU (native bf16 or emulated on AVX2-only CPUs): the loss goes down,
     stays finite, and the checkpoint reloads for validation in the same precision."""
-    from tests.test_cli import TINY_MODEL, TINY_TRAINER, scalar_tags, tiny_data
+    from tests.helpers import TINY_MODEL, TINY_TRAINER, scalar_tags, tiny_data
 
     monkeypatch.chdir(tmp_path)
     data = tiny_data(corpus_files, tmp_path / "cache")

@@ -46,28 +46,28 @@ def test_greedy_equals_argmax_by_hand(overrides):
     model = make_model(**overrides)
     prompt = [5, 17, 33, 2]
     expected = greedy_by_hand(model, prompt, 12)
-    assert generate(model, [prompt], 12, temperature=0)[0] == expected
-    assert generate(model, [prompt], 12, temperature=0, use_cache=False)[0] == expected
-    out = generate(model, torch.tensor([prompt]), 12, temperature=0)
+    assert generate(model, [prompt], max_new_tokens=12, temperature=0)[0] == expected
+    assert generate(model, [prompt], max_new_tokens=12, temperature=0, use_cache=False)[0] == expected
+    out = generate(model, torch.tensor([prompt]), max_new_tokens=12, temperature=0)
     assert isinstance(out, torch.Tensor) and out.tolist() == [expected]
 
 
 def test_seeded_sampling_is_reproducible(model):
-    a = generate(model, [[1, 2, 3]], 20, temperature=1.0, seed=123)
-    b = generate(model, [[1, 2, 3]], 20, temperature=1.0, seed=123)
-    c = generate(model, [[1, 2, 3]], 20, temperature=1.0, seed=7)
+    a = generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=123)
+    b = generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=123)
+    c = generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=7)
     assert a == b
     assert a != c
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert generate(model, [[1]], 10, generator=g1) == generate(model, [[1]], 10, generator=g2)
-    with pytest.raises(ValueError, match="seed or generator"):
-        generate(model, [[1]], 2, seed=1, generator=g1)
+    assert generate(model, [[1]], max_new_tokens=10, generator=g1) == generate(model, [[1]], max_new_tokens=10, generator=g2)
+    with pytest.raises(ValueError, match="seed in the sampling options or a generator"):
+        generate(model, [[1]], max_new_tokens=2, seed=1, generator=g1)
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(model):
-    greedy = generate(model, [[4, 8, 15]], 15, temperature=0)
-    assert generate(model, [[4, 8, 15]], 15, temperature=1.5, top_k=1, seed=0) == greedy
-    assert generate(model, [[4, 8, 15]], 15, temperature=1.5, top_p=1e-6, seed=0) == greedy
+    greedy = generate(model, [[4, 8, 15]], max_new_tokens=15, temperature=0)
+    assert generate(model, [[4, 8, 15]], max_new_tokens=15, temperature=1.5, top_k=1, seed=0) == greedy
+    assert generate(model, [[4, 8, 15]], max_new_tokens=15, temperature=1.5, top_p=1e-6, seed=0) == greedy
 
 
 def test_top_k_and_top_p_never_sample_outside_the_allowed_set():
@@ -76,7 +76,7 @@ def test_top_k_and_top_p_never_sample_outside_the_allowed_set():
     gen = torch.Generator().manual_seed(0)
 
     def drawn(**kwargs) -> set[int]:
-        return set(sample_next_token(logits, temperature=1.0, generator=gen, **kwargs).tolist())
+        return set(sample_next_token(logits, SamplingOptions(**{"temperature": 1.0, "top_k": None, **kwargs}), gen).tolist())
 
     assert drawn() == {0, 1, 2, 3, 4, 5}
     assert drawn(top_k=2) == {1, 3}
@@ -89,13 +89,13 @@ def test_top_k_and_top_p_never_sample_outside_the_allowed_set():
     # the filter itself: masked logits are -inf, kept ones untouched
     filtered = filter_logits(probs.log()[None], top_k=2)[0]
     assert torch.isinf(filtered[[0, 2, 4, 5]]).all() and torch.equal(filtered[[1, 3]], probs.log()[[1, 3]])
-    assert set(sample_next_token(logits[:3], temperature=0).tolist()) == {1}
+    assert set(sample_next_token(logits[:3], SamplingOptions(temperature=0)).tolist()) == {1}
 
 
 def test_bad_sampling_arguments(model):
     for kwargs in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
-            generate(model, [[1]], 2, **kwargs)
+            generate(model, [[1]], max_new_tokens=2, **kwargs)
 
 
 def test_sampling_options_take_one_stop_string_or_a_list():
@@ -108,21 +108,21 @@ def test_sampling_options_take_one_stop_string_or_a_list():
 
 def test_stops_at_eos_and_respects_max_new_tokens(model):
     prompt = [9, 10, 11]
-    free = generate(model, [prompt], 10, temperature=0)[0]
+    free = generate(model, [prompt], max_new_tokens=10, temperature=0)[0]
     assert len(free) == len(prompt) + 10  # no eos: exactly max_new_tokens
     eos = free[len(prompt) + 3]  # the 4th generated token
     first = free.index(eos, len(prompt))
-    assert generate(model, [prompt], 10, temperature=0, eos_id=eos)[0] == free[:first + 1]
-    assert list(stream_generate(model, prompt, 10, temperature=0, eos_id=eos)) == free[len(prompt):first + 1]
+    assert generate(model, [prompt], max_new_tokens=10, temperature=0, eos_id=eos)[0] == free[:first + 1]
+    assert list(stream_generate(model, prompt, max_new_tokens=10, temperature=0, eos_id=eos)) == free[len(prompt):first + 1]
     # tensor input: the batch runs until every row stopped; finished rows are filled with eos
     other = [1, 2]
-    batch = generate(model, torch.tensor([prompt, [3, 5, 7]]), 10, temperature=0, eos_id=eos)
-    alone = generate(model, [[3, 5, 7]], 10, temperature=0, eos_id=eos)[0]
+    batch = generate(model, torch.tensor([prompt, [3, 5, 7]]), max_new_tokens=10, temperature=0, eos_id=eos)
+    alone = generate(model, [[3, 5, 7]], max_new_tokens=10, temperature=0, eos_id=eos)[0]
     assert batch.shape[1] <= 13
     row0 = batch[0].tolist()
     assert row0[:first + 1] == free[:first + 1] and set(row0[first + 1:]) <= {eos}
     assert batch[1].tolist()[:len(alone)] == alone
-    assert generate(model, [other], 0) == [other]
+    assert generate(model, [other], max_new_tokens=0) == [other]
 
 
 @pytest.mark.parametrize("overrides", [{}, LLAMA, dict(position="sinusoidal", num_key_value_heads=1)],
@@ -130,26 +130,26 @@ def test_stops_at_eos_and_respects_max_new_tokens(model):
 def test_batch_of_different_lengths_equals_each_alone(overrides):
     model = make_model(**overrides)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11], [12, 13, 14, 15, 16]]
-    batch = generate(model, prompts, 8, temperature=0)
-    alone = [generate(model, [p], 8, temperature=0)[0] for p in prompts]
+    batch = generate(model, prompts, max_new_tokens=8, temperature=0)
+    alone = [generate(model, [p], max_new_tokens=8, temperature=0)[0] for p in prompts]
     assert batch == alone
     assert batch == [greedy_by_hand(model, p, 8) for p in prompts]
-    assert generate(model, prompts, 8, temperature=0, use_cache=False) == alone
+    assert generate(model, prompts, max_new_tokens=8, temperature=0, use_cache=False) == alone
 
 
 def test_stream_generate_matches_generate(model):
     prompt = [3, 1, 4, 1, 5]
-    streamed = list(stream_generate(model, prompt, 15, temperature=0.8, top_k=20, seed=3))
-    assert prompt + streamed == generate(model, [prompt], 15, temperature=0.8, top_k=20, seed=3)[0]
-    assert list(stream_generate(model, torch.tensor([prompt]), 4, temperature=0)) == \
-        generate(model, [prompt], 4, temperature=0)[0][5:]
+    streamed = list(stream_generate(model, prompt, max_new_tokens=15, temperature=0.8, top_k=20, seed=3))
+    assert prompt + streamed == generate(model, [prompt], max_new_tokens=15, temperature=0.8, top_k=20, seed=3)[0]
+    assert list(stream_generate(model, torch.tensor([prompt]), max_new_tokens=4, temperature=0)) == \
+        generate(model, [prompt], max_new_tokens=4, temperature=0)[0][5:]
 
 
 def test_modes_are_restored(model):
     model.train()
-    generate(model, [[1, 2]], 3)
+    generate(model, [[1, 2]], max_new_tokens=3)
     assert model.training
-    stream = stream_generate(model, [1, 2], 5, temperature=0)
+    stream = stream_generate(model, [1, 2], max_new_tokens=5, temperature=0)
     next(stream)
     assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()  # not leaked between steps
     list(stream)
@@ -161,17 +161,17 @@ def test_too_long_prompts(model):
     context = model.config.max_position_embeddings  # 48
     long_prompt = list(range(1, 61))
     with pytest.raises(ValueError, match=r"60 tokens.*max_position_embeddings=48.*truncate=True"):
-        generate(model, [long_prompt], 5)
+        generate(model, [long_prompt], max_new_tokens=5)
     with pytest.raises(ValueError, match=r"max_new_tokens=10.*max_position_embeddings=48.*truncate"):
-        generate(model, [long_prompt[:40]], 10)  # fits alone, not with the new tokens
-    out = generate(model, [long_prompt], 5, temperature=0, truncate=True)[0]
+        generate(model, [long_prompt[:40]], max_new_tokens=10)  # fits alone, not with the new tokens
+    out = generate(model, [long_prompt], max_new_tokens=5, temperature=0, truncate=True)[0]
     kept = long_prompt[-(context - 5):]
     assert out[:len(kept)] == kept and len(out) == context
     assert out == greedy_by_hand(model, kept, 5)
     with pytest.raises(ValueError, match="no room for the prompt"):
-        generate(model, [[1]], context, truncate=True)
+        generate(model, [[1]], max_new_tokens=context, truncate=True)
     with pytest.raises(ValueError, match="Empty prompt"):
-        generate(model, [[]], 3)
+        generate(model, [[]], max_new_tokens=3)
 
 
 # --------------------------------------------------------------------------------- text level
@@ -221,13 +221,13 @@ def test_streaming_never_splits_a_character(byte_tokenizer):
     partial = [i for i in ids if _not_utf8(tok.decode_bytes([i]))]
     assert len(partial) >= 4
     model = scripted(tok, "hi", completion, [tok.eot_id])
-    pieces = list(stream_text(model, tok, "hi", 100, temperature=0))
+    pieces = list(stream_text(model, tok, "hi", max_new_tokens=100, temperature=0))
     assert "".join(pieces) == completion
     assert len(pieces) > 5 and all(pieces)
     for piece in pieces:
         assert "\ufffd" not in piece
         piece.encode("utf-8")  # raises on a lone surrogate
-    assert generate_text(model, tok, ["hi"], 100, temperature=0) == [completion]
+    assert generate_text(model, tok, ["hi"], max_new_tokens=100, temperature=0) == [completion]
 
 
 def _not_utf8(data: bytes) -> bool:
@@ -243,15 +243,15 @@ def test_max_new_tokens_cutting_a_character_drops_the_partial_bytes(byte_tokeniz
     completion = "ab😀"
     n = len(tok.encode("ab")) + 2  # stop in the middle of the emoji's bytes
     model = scripted(tok, "x", completion)
-    assert generate_text(model, tok, ["x"], n, temperature=0) == ["ab"]
-    assert "".join(stream_text(model, tok, "x", n, temperature=0)) == "ab"
+    assert generate_text(model, tok, ["x"], max_new_tokens=n, temperature=0) == ["ab"]
+    assert "".join(stream_text(model, tok, "x", max_new_tokens=n, temperature=0)) == "ab"
 
 
 def test_stops_at_end_of_text(byte_tokenizer):
     tok = byte_tokenizer
     model = scripted(tok, "hi", "hello", [tok.eot_id] + tok.encode(" more text"))
-    assert generate_text(model, tok, ["hi"], 50, temperature=0) == ["hello"]
-    assert "".join(stream_text(model, tok, "hi", 50, temperature=0)) == "hello"
+    assert generate_text(model, tok, ["hi"], max_new_tokens=50, temperature=0) == ["hello"]
+    assert "".join(stream_text(model, tok, "hi", max_new_tokens=50, temperature=0)) == "hello"
 
 
 @pytest.mark.parametrize("stop", [["STOP"], ["xyz", "STOP"], ["STOP", "P h"]])
@@ -260,8 +260,8 @@ def test_stop_strings_cut_the_text_across_pieces(byte_tokenizer, stop):
     completion = "a ST b STO c STOP here 😀 STOP again"
     model = scripted(tok, "hi", completion)
     expected = "a ST b STO c "
-    assert generate_text(model, tok, ["hi"], 100, temperature=0, stop=stop) == [expected]
-    pieces = list(stream_text(model, tok, "hi", 100, temperature=0, stop=stop))
+    assert generate_text(model, tok, ["hi"], max_new_tokens=100, temperature=0, stop=stop) == [expected]
+    pieces = list(stream_text(model, tok, "hi", max_new_tokens=100, temperature=0, stop=stop))
     assert "".join(pieces) == expected
     assert not any("STOP" in p for p in pieces)
     # held-back text is released once it can no longer become a stop string
@@ -271,8 +271,8 @@ def test_stop_strings_cut_the_text_across_pieces(byte_tokenizer, stop):
 def test_stop_string_made_of_multibyte_characters(byte_tokenizer):
     tok = byte_tokenizer
     model = scripted(tok, "hi", "one 世界 two")
-    assert generate_text(model, tok, ["hi"], 100, temperature=0, stop=["世界"]) == ["one "]
-    pieces = list(stream_text(model, tok, "hi", 100, temperature=0, stop=["界"]))
+    assert generate_text(model, tok, ["hi"], max_new_tokens=100, temperature=0, stop=["世界"]) == ["one "]
+    pieces = list(stream_text(model, tok, "hi", max_new_tokens=100, temperature=0, stop=["界"]))
     assert "".join(pieces) == "one 世" and all("\ufffd" not in p for p in pieces)
 
 
@@ -280,16 +280,16 @@ def test_generate_text_with_a_real_model(byte_tokenizer):
     tok = byte_tokenizer
     model = make_model(vocab_size=tok.vocab_size, max_position_embeddings=64)
     prompts = ["hello", "the stop here. hello world"]
-    batch = generate_text(model, tok, prompts, 12, temperature=0.9, seed=0)
+    batch = generate_text(model, tok, prompts, max_new_tokens=12, temperature=0.9, seed=0)
     assert len(batch) == 2 and all(isinstance(t, str) for t in batch)
-    greedy = generate_text(model, tok, prompts, 12, temperature=0)
-    assert greedy == [generate_text(model, tok, [p], 12, temperature=0)[0] for p in prompts]
+    greedy = generate_text(model, tok, prompts, max_new_tokens=12, temperature=0)
+    assert greedy == [generate_text(model, tok, [p], max_new_tokens=12, temperature=0)[0] for p in prompts]
     for p in prompts:
-        joined = "".join(stream_text(model, tok, p, 12, temperature=0.9, seed=1))
-        assert joined == generate_text(model, tok, [p], 12, temperature=0.9, seed=1)[0]
+        joined = "".join(stream_text(model, tok, p, max_new_tokens=12, temperature=0.9, seed=1))
+        assert joined == generate_text(model, tok, [p], max_new_tokens=12, temperature=0.9, seed=1)[0]
     with pytest.raises(ValueError, match="truncate"):
-        generate_text(model, tok, ["hello " * 40], 10)
-    assert isinstance(generate_text(model, tok, ["hello " * 40], 10, truncate=True)[0], str)
+        generate_text(model, tok, ["hello " * 40], max_new_tokens=10)
+    assert isinstance(generate_text(model, tok, ["hello " * 40], max_new_tokens=10, truncate=True)[0], str)
 
 
 # ----------------------------------------------------------------------- prepare_for_inference
@@ -308,8 +308,8 @@ def test_prepared_bf16_linears_match_unprepared(overrides):
         model(ids[:, :4], kv_cache=cache)
         prepared = model(ids[:, 4:], kv_cache=cache)
     torch.testing.assert_close(prepared.float(), plain.float(), atol=2e-2, rtol=0)  # bf16 rounding
-    assert generate(model, [[5, 17, 33]], 10, temperature=0) == generate(make_model(**overrides).to(torch.bfloat16),
-                                                                          [[5, 17, 33]], 10, temperature=0)
+    assert generate(model, [[5, 17, 33]], max_new_tokens=10, temperature=0) == generate(make_model(**overrides).to(torch.bfloat16),
+                                                                          [[5, 17, 33]], max_new_tokens=10, temperature=0)
 
 
 @pytest.mark.skipif(not bf16_packing_supported(), reason="this CPU has no oneDNN bf16 (needs AVX-512 bw/vl/dq)")
@@ -348,5 +348,5 @@ def test_compiled_decode_equals_eager(overrides, dtype):
         return
     torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-4, rtol=0)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11]]
-    assert generate(model, prompts, 12, temperature=0) == generate(eager, prompts, 12, temperature=0)
-    assert generate(model, [[4, 5]], 12, temperature=0)[0] == greedy_by_hand(eager, [4, 5], 12)
+    assert generate(model, prompts, max_new_tokens=12, temperature=0) == generate(eager, prompts, max_new_tokens=12, temperature=0)
+    assert generate(model, [[4, 5]], max_new_tokens=12, temperature=0)[0] == greedy_by_hand(eager, [4, 5], 12)

@@ -13,7 +13,7 @@ from lm.checkpoint import load_model
 from lm.cli import main
 from lm.model import generate_text
 from tests.conftest import make_corpus
-from tests.test_cli import TINY_MODEL, TINY_TRAINER, run_lm, tiny_data
+from tests.helpers import TINY_MODEL, TINY_TRAINER, run_lm, tiny_data
 
 PROMPTS = ["The river", "A small town was", " = = Section"]
 
@@ -70,7 +70,7 @@ def test_prompts_file_and_yaml_config(trained):
     prompts_file = workdir / "prompts.txt"
     prompts_file.write_text("The river\n\nA small town was\n", encoding="utf-8")  # the empty line is skipped
     config = workdir / "sampling.yaml"
-    config.write_text(f"ckpt_path: {ckpt}\ntemperature: 0\nmax_new_tokens: 6\nformat: jsonl\n", encoding="utf-8")
+    config.write_text(f"ckpt_path: {ckpt}\nsampling:\n  temperature: 0\n  max_new_tokens: 6\nformat: jsonl\n", encoding="utf-8")
     result = run_lm("generate", "--config", str(config), "--prompts_file", str(prompts_file), cwd=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -105,8 +105,8 @@ def test_predict_uses_the_same_sampling(trained):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
         main(["predict", "--experiment", "pred", "--ckpt_path", str(ckpt), *TINY_TRAINER[:4], *data,
-              "--data.prompts", "[The river, A small town was]", "--model.max_new_tokens", "8",
-              "--model.temperature", "0", "--model.stop", "[' =']"])
+              "--data.prompts", "[The river, A small town was]", "--model.sampling.max_new_tokens", "8",
+              "--model.sampling.temperature", "0", "--model.sampling.stop", "[' =']"])
     predictions = workdir / "logs" / "pred" / "predictions.jsonl"
     predicted = [json.loads(line) for line in predictions.read_text().splitlines()]
     generated = generate_jsonl(workdir, "--ckpt_path", str(ckpt), "--prompt", "[The river, A small town was]",
@@ -118,8 +118,9 @@ def test_help_and_clear_errors(trained, tmp_path):
     workdir, ckpt, _ = trained
     result = run_lm("generate", "--help", cwd=workdir)
     assert result.returncode == 0
-    for option in ("--ckpt_path", "--prompt", "--prompts_file", "--max_new_tokens", "--temperature", "--top_k",
-                   "--top_p", "--seed", "--stop", "--truncate", "--stream", "--device", "--dtype", "--config"):
+    for option in ("--ckpt_path", "--prompt", "--prompts_file", "--sampling.max_new_tokens", "--sampling.temperature",
+                   "--sampling.top_k", "--sampling.top_p", "--sampling.seed", "--sampling.stop", "--sampling.truncate",
+                   "--stream", "--device", "--dtype", "--config"):
         assert option in result.stdout, option
 
     long_prompt = "The river was built in the north of England . " * 20

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lm.cli import main
-from tests.conftest import WIKITEXT_DIR
+from tests.helpers import WIKITEXT_DIR, scalar_tags
 
 pytestmark = pytest.mark.skipif(
     not (WIKITEXT_DIR / "wiki.valid.raw").is_file(),
@@ -40,8 +40,6 @@ def test_offline_protocol_trains_and_tests(tmp_path, monkeypatch, capsys):
           "--trainer.limit_test_batches", "20"])
     out = capsys.readouterr().out
     assert "test/ppl" in out and "test/bpb" in out
-    from tests.test_cli import scalar_tags
-
     tags = scalar_tags(tmp_path / "logs" / "wt2_test")
     ppl, loss, bpb = tags["test/ppl"][-1], tags["test/loss"][-1], tags["test/bpb"][-1]
     assert ppl == pytest.approx(math.exp(loss), rel=1e-4)

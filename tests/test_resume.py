@@ -13,18 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm.cli import main
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT, tb_scalars, tiny_data, tiny_model_flags
 
 # A tiny model with dropout on, so the resumed run must also get the random generators right.
-MODEL = [
-    "--model.config.hidden_size", "32", "--model.config.num_hidden_layers", "2",
-    "--model.config.num_attention_heads", "4", "--model.config.max_position_embeddings", "16",
-    "--model.config.dropout", "0.1", "--model.warmup_steps", "3", "--model.learning_rate", "3e-3",
-]
+MODEL = tiny_model_flags(context=16, dropout=0.1, warmup_steps=3)
 TRAINER = [
     "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
     "--trainer.log_every_n_steps", "1", "--trainer.check_val_every_n_epoch", "null",
@@ -34,22 +29,12 @@ TRAINER = [
 
 def data_args(files, cache_dir, samples_per_epoch: int = 40) -> list[str]:
     # 40 windows / batch 8 = 5 batches per epoch.
-    return [
-        "--data.train_files", f"[{files['train']}]", "--data.val_files", f"[{files['valid']}]",
-        "--data.vocab_size", "300", "--data.block_size", "16", "--data.batch_size", "8",
-        "--data.samples_per_epoch", str(samples_per_epoch), "--data.cache_dir", str(cache_dir),
-    ]
+    return tiny_data(files, cache_dir, test=False, samples_per_epoch=samples_per_epoch)
 
 
 def train_losses(log_dir: Path) -> dict[int, float]:
     """step -> train/loss from the TensorBoard events under log_dir."""
-    losses: dict[int, float] = {}
-    for event_file in sorted(log_dir.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(event_file))
-        accumulator.Reload()
-        if "train/loss" in accumulator.Tags()["scalars"]:
-            losses.update({e.step: e.value for e in accumulator.Scalars("train/loss")})
-    return losses
+    return tb_scalars(log_dir)["train/loss"]
 
 
 def load(path: Path) -> dict:

@@ -12,7 +12,7 @@ from lm.checkpoint import load_model
 from lm.cli import main
 from lm.model import generate_text
 from tests import extension_example
-from tests.test_cli import REPO_ROOT, TINY_MODEL, TINY_TRAINER, scalar_tags, tiny_data
+from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, scalar_tags, tiny_data
 
 VARIANTS = sorted(p.stem for p in (REPO_ROOT / "experiments" / "variants").glob("*.yaml"))
 
@@ -88,5 +88,5 @@ def test_subclassed_model_from_outside_the_package(tmp_path, monkeypatch, corpus
     assert isinstance(cli.model, extension_example.ScaledAttentionModel) and cli.model.label_smoothing == 0.05
     # ...while run-time options stay this run's.
     cli = run_lightning_cli(["validate", "--experiment", "custom_again", "--ckpt_path", str(best),
-                             "--model.temperature", "0", *TINY_TRAINER[:4], *data])
-    assert cli.model.hparams.temperature == 0 and cli.model.label_smoothing == 0.05
+                             "--model.sampling.temperature", "0", *TINY_TRAINER[:4], *data])
+    assert cli.model.sampling.temperature == 0 and cli.model.label_smoothing == 0.05

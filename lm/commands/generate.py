@@ -5,34 +5,31 @@
     lm generate --ckpt_path ... --prompts_file prompts.txt --format jsonl > completions.jsonl
     lm generate --config my_sampling.yaml --prompt "..."
 
-Sampling goes through `SamplingOptions` and `generate_text` / `stream_text`, the same code (and the
-same defaults) as `lm predict`.
+Sampling settings are one `SamplingOptions` (`--sampling.temperature 0`, or bare `--temperature 0`),
+the same type, defaults and code (`generate_text` / `stream_text`) as `lm predict` and the TextSampler.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+from lm.errors import LMError, MissingFileError
 from lm.model.generate import SamplingOptions
 
-_DEFAULTS = SamplingOptions()
-_LIST_FLAGS = ("--prompt", "--stop")
+# Sampling flags may be given bare (`--temperature 0`) as well as `--sampling.temperature 0`.
+_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingOptions))
+_LIST_FLAGS = ("--prompt", "--sampling.stop")
 
 
 def generate(
     ckpt_path: Optional[str] = None,
     prompt: Union[str, list[str], None] = None,
     prompts_file: Optional[str] = None,
-    max_new_tokens: int = _DEFAULTS.max_new_tokens,
-    temperature: float = _DEFAULTS.temperature,
-    top_k: Optional[int] = _DEFAULTS.top_k,
-    top_p: Optional[float] = _DEFAULTS.top_p,
-    seed: Optional[int] = _DEFAULTS.seed,
-    stop: Union[str, list[str], None] = None,
-    truncate: bool = _DEFAULTS.truncate,
+    sampling: SamplingOptions = SamplingOptions(),
     stream: Optional[bool] = None,
     batch_size: int = 8,
     format: Literal["text", "jsonl"] = "text",
@@ -48,15 +45,9 @@ def generate(
         ckpt_path: Checkpoint file, e.g. checkpoints/<experiment>/last.ckpt.
         prompt: A prompt; repeat the flag (or pass a list, `--prompt '[a, b]'`) for several.
         prompts_file: A text file with one prompt per line (empty lines are skipped).
-        max_new_tokens: Most tokens to generate per prompt.
-        temperature: 0 is greedy decoding; otherwise the softmax temperature.
-        top_k: Sample only among the k most likely tokens (null: no limit).
-        top_p: Nucleus sampling threshold in (0, 1] (null: off).
-        seed: Seed for reproducible sampling (batch i of a run uses seed + i); null: a fresh draw.
-        stop: A string that ends a completion (it is not printed); repeat the flag for several.
-            Escapes work inside a YAML list: `--stop '["\\n\\n"]'`.
-        truncate: Keep only the last tokens of a prompt that does not fit in the context together
-            with max_new_tokens (default: that is an error).
+        sampling: How to sample (`SamplingOptions`): max_new_tokens, temperature (0 = greedy), top_k,
+            top_p, seed (batch i of a run uses seed + i), stop (repeat `--stop` for several), truncate.
+            Each may be given bare: `--temperature 0` is `--sampling.temperature 0`.
         stream: Print each completion piece by piece as it is decoded (default: on for one prompt;
             several prompts are then decoded one after the other instead of in batches).
         batch_size: Prompts decoded together when not streaming.
@@ -66,35 +57,51 @@ def generate(
         device: Where to run the model, e.g. cpu or cuda.
         dtype: Weights and activations type: float32 or bfloat16 (half the bytes to stream per
             token: the faster decode with `compile`, even on CPUs without native bf16).
-        compile: Compile the decode step (`GPT.prepare_for_inference(compile=True)`): 1.5-2x
-            faster decoding on a 2-core CPU after a one-time compile of ~2-22 s; same results.
+        compile: Compile the decode step (`GPT.prepare_for_inference(compile=True)`): faster decoding
+            after a one-time compile; same results.
         threads: CPU threads for torch (default: torch's choice, one per core). On a busy machine
             1 thread can decode much faster than 2 competing for the same cores.
     """
     if not ckpt_path:
-        raise ValueError("No checkpoint given: pass --ckpt_path, e.g. checkpoints/<experiment>/last.ckpt "
-                         "(where `lm fit` writes them).")
-    prompts = _collect_prompts(prompt, prompts_file)
-    # Checked before the (slow) model load so a typo fails at once.
-    options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, stop=stop, truncate=truncate)
+        raise LMError("No checkpoint given: pass --ckpt_path, e.g. checkpoints/<experiment>/last.ckpt "
+                      "(where `lm fit` writes them).")
+    prompts = _collect_prompts(prompt, prompts_file)  # checked before the (slow) model load
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        raise LMError(f"batch_size must be positive, got {batch_size}.")
     if stream is None:
         stream = len(prompts) == 1 and format == "text"
+    model, tokenizer = _load(ckpt_path, device, dtype, compile, threads)
+    write = _writer(sys.stdout, format, echo_prompt)
+    if stream:
+        from lm.model.generate import stream_text
 
+        for i, text in enumerate(prompts):
+            write(i, text, stream_text(model, tokenizer, text, sampling.for_batch(i)))
+        return
+    from lm.model.generate import generate_text
+
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        completions = generate_text(model, tokenizer, batch, sampling.for_batch(start // batch_size))
+        for i, (text, completion) in enumerate(zip(batch, completions)):
+            write(start + i, text, [completion])
+
+
+def _load(ckpt_path: str, device: str, dtype: str, compile: bool, threads: Optional[int]):
     import torch
 
     from lm.checkpoint import load_model
-    from lm.model.generate import generate_text, stream_text
 
     if threads is not None:
         torch.set_num_threads(threads)
     model, tokenizer = load_model(ckpt_path, device=device, dtype=getattr(torch, dtype))
     if hasattr(model, "prepare_for_inference"):  # a GPT (a custom network may not have it)
         model.prepare_for_inference(compile=compile)
-    out = sys.stdout
+    return model, tokenizer
 
+
+def _writer(out, format: str, echo_prompt: bool):
+    """`write(index, prompt, completion_pieces)` in the chosen output format."""
     def write(index: int, text: str, completion_pieces) -> None:
         if format == "jsonl":
             completion = "".join(completion_pieces)
@@ -111,15 +118,7 @@ def generate(
         out.write("\n")
         out.flush()
 
-    if stream:
-        for i, text in enumerate(prompts):
-            write(i, text, stream_text(model, tokenizer, text, **options.kwargs(seed_offset=i)))
-        return
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        completions = generate_text(model, tokenizer, batch, **options.kwargs(seed_offset=start // batch_size))
-        for i, (text, completion) in enumerate(zip(batch, completions)):
-            write(start + i, text, [completion])
+    return write
 
 
 def _collect_prompts(prompt: Union[str, list[str], None], prompts_file: Optional[str]) -> list[str]:
@@ -127,16 +126,17 @@ def _collect_prompts(prompt: Union[str, list[str], None], prompts_file: Optional
     if prompts_file is not None:
         path = Path(prompts_file)
         if not path.is_file():
-            raise FileNotFoundError(f"Prompts file not found: {path}.")
+            raise MissingFileError(f"Prompts file not found: {path}.")
         prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError("No prompt given: pass --prompt TEXT (repeat it for several) or --prompts_file FILE "
+        raise LMError("No prompt given: pass --prompt TEXT (repeat it for several) or --prompts_file FILE "
                          "(one prompt per line).")
     return prompts
 
 
 def prepare_args(args: list[str]) -> list[str]:
-    """Collect repeated `--prompt X` / `--stop X` flags into one list each, passed as JSON.
+    """Normalize the raw arguments: bare sampling flags (`--temperature 0`) become `--sampling.<field>`,
+    and repeated `--prompt X` / `--stop X` flags are collected into one list each, passed as JSON.
 
     jsonargparse would keep only the last of repeated flags, and would read a prompt such as
     `- item` or `null` as YAML. Here each value is kept verbatim, except a value written as a list
@@ -144,12 +144,15 @@ def prepare_args(args: list[str]) -> list[str]:
     """
     import yaml
 
+    def canonical(flag: str) -> str:
+        return f"--sampling.{flag[2:]}" if flag[2:] in _SAMPLING_FIELDS else flag
+
     collected: dict[str, list[str]] = {flag: [] for flag in _LIST_FLAGS}
     rest: list[str] = []
     i = 0
     while i < len(args):
-        arg = args[i]
-        flag, eq, value = arg.partition("=")
+        flag, eq, value = args[i].partition("=")
+        flag = canonical(flag)
         if flag in collected and (eq or i + 1 < len(args)):
             if not eq:
                 value = args[i + 1]
@@ -162,7 +165,7 @@ def prepare_args(args: list[str]) -> list[str]:
                     parsed = None
             collected[flag] += [str(v) for v in parsed] if isinstance(parsed, list) else [value]
         else:
-            rest.append(arg)
+            rest.append(flag + eq + value if flag.startswith("--") else args[i])
         i += 1
     for flag, values in collected.items():
         if values:

@@ -38,6 +38,7 @@ from lm.data.tokens import (
     load_cached_tokens,
     sha256_text,
 )
+from lm.errors import LMError, MissingFileError
 
 logger = logging.getLogger("lm.data")
 
@@ -146,25 +147,25 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         special_tokens = list(special_tokens)
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+            raise LMError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if val_fraction > 0 and val_files:
-            raise ValueError("Pass either val_files or val_fraction > 0, not both.")
+            raise LMError("Pass either val_files or val_fraction > 0, not both.")
         minimum_vocab = NUM_BYTE_TOKENS + len(special_tokens)
         if vocab_size < minimum_vocab:
-            raise ValueError(
+            raise LMError(
                 f"vocab_size={vocab_size} is too small: a byte-level BPE needs {NUM_BYTE_TOKENS} byte "
                 f"tokens plus {len(special_tokens)} special tokens, so at least {minimum_vocab}."
             )
         for name, value in [("block_size", block_size), ("batch_size", batch_size), ("min_frequency", min_frequency),
                             ("predict_batch_size", predict_batch_size)]:  # fmt: skip
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}.")
+                raise LMError(f"{name} must be >= 1, got {value}.")
         if eval_batch_size is not None and eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}.")
+            raise LMError(f"eval_batch_size must be >= 1, got {eval_batch_size}.")
         if samples_per_epoch is not None and samples_per_epoch < 1:
-            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}.")
+            raise LMError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}.")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+            raise LMError(f"num_workers must be >= 0, got {num_workers}.")
 
         self.data_dir = data_dir
         self.train_files = _file_list(train_files)
@@ -273,7 +274,7 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
-            raise RuntimeError("train_dataloader() called before setup('fit').")
+            raise LMError("train_dataloader() called before setup('fit').")
         # Our own DistributedSampler (Lightning keeps it instead of injecting one): same rank split as
         # Lightning's DistributedSampler(shuffle=False), and set_epoch reaches the dataset.
         num_replicas, rank = self._rank_split()
@@ -309,7 +310,7 @@ class TextDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if self.test_dataset is None:
-            raise RuntimeError(
+            raise LMError(
                 "No test data: pass --data.test_files, or --data.data_dir with a wiki.test.raw, "
                 "(or no local paths at all to use the Hub)."
             )
@@ -337,10 +338,10 @@ class TextDataModule(L.LightningDataModule):
         if self.prompts_file:
             path = Path(self.prompts_file)
             if not path.is_file():
-                raise FileNotFoundError(f"prompts_file not found: {path}")
+                raise MissingFileError(f"prompts_file not found: {path}")
             prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not prompts:
-            raise ValueError("Nothing to predict: pass --data.prompts [...] or --data.prompts_file FILE.")
+            raise LMError("Nothing to predict: pass --data.prompts [...] or --data.prompts_file FILE.")
         return prompts
 
     # ------------------------------------------------------------------ sources
@@ -355,7 +356,7 @@ class TextDataModule(L.LightningDataModule):
         assert self.data_dir is not None
         path = Path(self.data_dir)
         if not path.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"data_dir not found: {path}. It should hold WikiText's wiki.train.raw, wiki.valid.raw and "
                 "wiki.test.raw (download WikiText-2 raw from https://huggingface.co/datasets/Salesforce/wikitext), "
                 "or pass files with --data.train_files / --data.val_files / --data.test_files."
@@ -385,17 +386,17 @@ class TextDataModule(L.LightningDataModule):
 
     def _splits_for(self, stage: str | None) -> list[str]:
         if stage not in _STAGE_SPLITS:
-            raise ValueError(f"Unknown stage {stage!r}; expected one of {sorted(s for s in _STAGE_SPLITS if s)}.")
+            raise LMError(f"Unknown stage {stage!r}; expected one of {sorted(s for s in _STAGE_SPLITS if s)}.")
         splits = [s for s in _STAGE_SPLITS[stage] if self._has_split(s)]
         if stage == "fit" and "train" not in splits:
-            raise ValueError(
+            raise LMError(
                 "No training data: pass --data.train_files [...], --data.data_dir (with wiki.train.raw), or no "
                 "local paths at all to download WikiText from the Hub."
             )
         for needed in ("val", "test"):
             if stage in ("validate", "test") and needed in _STAGE_SPLITS[stage] and needed not in splits:
                 option = "--data.val_files or --data.val_fraction" if needed == "val" else "--data.test_files"
-                raise ValueError(f"No {needed} data for `{stage}`: pass {option}.")
+                raise LMError(f"No {needed} data for `{stage}`: pass {option}.")
         return splits
 
     def _documents(self, split: str, memo: dict[str, _Documents]) -> _Documents:
@@ -407,7 +408,7 @@ class TextDataModule(L.LightningDataModule):
             docs = self._clean(source.documents(), "train", source)
             head, tail, cut_inside = carve_tail(docs, self.val_fraction)
             if not tail or not head:
-                raise ValueError(
+                raise LMError(
                     f"val_fraction={self.val_fraction} leaves an empty {'validation' if not tail else 'training'} "
                     f"split ({sum(map(len, docs))} characters of training text in {len(docs)} documents)."
                 )
@@ -420,13 +421,13 @@ class TextDataModule(L.LightningDataModule):
     def _required_source(self, split: str) -> TextSource:
         source = self._source(split)
         if source is None:
-            raise ValueError(f"No source for the {split} split.")
+            raise LMError(f"No source for the {split} split.")
         return source
 
     def _clean(self, docs: list[str], split: str, source: TextSource) -> list[str]:
         cleaned = clean_documents(docs, clean=self.clean, dedupe=self.clean)
         if not cleaned:
-            raise ValueError(f"The {split} split is empty after cleaning (source: {source.describe()}).")
+            raise LMError(f"The {split} split is empty after cleaning (source: {source.describe()}).")
         if len(cleaned) < len(docs):
             logger.info("%s: kept %d of %d documents (empty or duplicate ones dropped)", split, len(cleaned), len(docs))
         return cleaned
@@ -441,7 +442,7 @@ class TextDataModule(L.LightningDataModule):
             tokenizer = Tokenizer.from_file(self.tokenizer_path)
             self.tokenizer_file = Path(self.tokenizer_path)
         elif not self._has_training_source():
-            raise ValueError(
+            raise LMError(
                 "No tokenizer: pass --data.tokenizer_path (the tokenizer.json of the training run; its path is "
                 "logged when it is trained) or the training data (--data.train_files / --data.data_dir) so the "
                 "cached tokenizer can be found."
@@ -453,7 +454,7 @@ class TextDataModule(L.LightningDataModule):
                 if build:
                     logger.info("Tokenizer cache hit: %s (%d tokens)", path, tokenizer.vocab_size)
             elif not build:
-                raise RuntimeError(
+                raise LMError(
                     f"Tokenizer not found in the cache ({path}): prepare_data() must run before setup() "
                     "(Lightning's Trainer does this; call dm.prepare_data() when using the DataModule directly)."
                 )
@@ -481,7 +482,7 @@ class TextDataModule(L.LightningDataModule):
 
     def _check_vocab(self, tokenizer: Tokenizer, what: str) -> None:
         if tokenizer.vocab_size > self.vocab_size:
-            raise ValueError(
+            raise LMError(
                 f"{what} has {tokenizer.vocab_size} tokens but vocab_size is {self.vocab_size}: the model's "
                 f"embedding would be too small. Set --data.vocab_size >= {tokenizer.vocab_size}."
             )
@@ -524,7 +525,7 @@ class TextDataModule(L.LightningDataModule):
         else:
             loaded = load_cached_tokens(bin_path)
             if loaded is None:
-                raise RuntimeError(
+                raise LMError(
                     f"Token cache for the {split} split not found ({bin_path}): prepare_data() must run before "
                     "setup() (Lightning's Trainer does this; call dm.prepare_data() when using the DataModule "
                     "directly)."
@@ -532,7 +533,7 @@ class TextDataModule(L.LightningDataModule):
             tokens, meta = loaded
         minimum = self.block_size + 1 if split == "train" else 2
         if len(tokens) < minimum:
-            raise ValueError(
+            raise LMError(
                 f"The {split} split has {len(tokens)} tokens, too few for block_size={self.block_size} "
                 f"(need at least {minimum}; source: {description}). Use more text or a smaller --data.block_size."
             )

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from lm.errors import LMError, MissingFileError
+
 WIKITEXT_URL = "https://huggingface.co/datasets/Salesforce/wikitext"
 WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
 _SPLIT_ALIASES = {
@@ -50,17 +52,17 @@ def read_text_files(paths: Sequence[str | os.PathLike[str]], option: str = "--da
     """
     paths = [Path(p) for p in paths]
     if not paths:
-        raise ValueError(f"No files given ({option} is empty).")
+        raise LMError(f"No files given ({option} is empty).")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         kind = "Not a file" if all(Path(m).exists() for m in missing) else "File not found"
-        raise FileNotFoundError(f"{kind}: {', '.join(missing)}. {_how_to_get_data(option)}")
+        raise MissingFileError(f"{kind}: {', '.join(missing)}. {_how_to_get_data(option)}")
     parts = []
     for p in paths:
         try:
             parts.append(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:
-            raise ValueError(f"{p} is not valid UTF-8 text ({err}). Convert it to UTF-8 first.") from err
+            raise LMError(f"{p} is not valid UTF-8 text ({err}). Convert it to UTF-8 first.") from err
     return "".join(parts)
 
 
@@ -84,7 +86,7 @@ def load_wikitext_split(
         hub_config: dataset config, e.g. "wikitext-2-raw-v1" or "wikitext-103-raw-v1".
     """
     if split not in _SPLIT_ALIASES:
-        raise ValueError(f"Unknown WikiText split {split!r}; expected one of {sorted(_SPLIT_ALIASES)}.")
+        raise LMError(f"Unknown WikiText split {split!r}; expected one of {sorted(_SPLIT_ALIASES)}.")
     split = _SPLIT_ALIASES[split]
     if data_dir is not None:
         return read_text_files([Path(data_dir) / WIKITEXT_FILES[split]], option=f"--data.{_option_for(split)}")
@@ -93,7 +95,7 @@ def load_wikitext_split(
 
         dataset = load_dataset(hub_name, hub_config, split=split)
     except Exception as err:  # offline: ConnectionError, OfflineModeIsEnabled, LocalEntryNotFound...
-        raise RuntimeError(
+        raise LMError(
             f"Could not load {hub_name!r} (config {hub_config!r}, split {split!r}) from the Hugging Face "
             f"Hub: {type(err).__name__}: {err}\nIf you are offline, use local files instead: "
             "--data.data_dir FOLDER (holding wiki.train.raw, wiki.valid.raw, wiki.test.raw) or "
@@ -135,7 +137,7 @@ def carve_tail(documents: Sequence[str], fraction: float) -> tuple[list[str], li
         end-of-text token after a half document.
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}.")
+        raise LMError(f"fraction must be in (0, 1), got {fraction}.")
     total = sum(len(d) for d in documents)
     target = total - int(round(total * fraction))
     seen = 0
@@ -183,7 +185,7 @@ class FileSource:
         """Fail early, naming every missing file, before any expensive work starts."""
         missing = [p for p in self.paths if not Path(p).is_file()]
         if missing:
-            raise FileNotFoundError(f"File not found: {', '.join(missing)}. {_how_to_get_data(self.option)}")
+            raise MissingFileError(f"File not found: {', '.join(missing)}. {_how_to_get_data(self.option)}")
 
     def fingerprint(self) -> dict[str, Any]:
         self.check()

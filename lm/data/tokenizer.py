@@ -26,6 +26,8 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders
 from tokenizers.implementations import ByteLevelBPETokenizer
 
+from lm.errors import LMError, MissingFileError
+
 EOT = "<|endoftext|>"
 """Document separator: appended after every document in the token stream (GPT-2 convention)."""
 
@@ -88,14 +90,14 @@ class Tokenizer:
         special_tokens = list(special_tokens)
         minimum = NUM_BYTE_TOKENS + len(special_tokens)
         if vocab_size < minimum:
-            raise ValueError(
+            raise LMError(
                 f"vocab_size={vocab_size} is too small: a byte-level BPE needs {NUM_BYTE_TOKENS} byte "
                 f"tokens plus {len(special_tokens)} special tokens, so at least {minimum}."
             )
         if min_frequency < 1:
-            raise ValueError(f"min_frequency must be >= 1, got {min_frequency}.")
+            raise LMError(f"min_frequency must be >= 1, got {min_frequency}.")
         if len(set(special_tokens)) != len(special_tokens):
-            raise ValueError(f"special_tokens contains duplicates: {special_tokens}")
+            raise LMError(f"special_tokens contains duplicates: {special_tokens}")
 
         counter = _CharCounter(texts)
         # add_prefix_space=False: a leading space must not be invented, or decode(encode(t)) != t.
@@ -108,7 +110,7 @@ class Tokenizer:
             show_progress=False,
         )
         if counter.num_chars == 0:
-            raise ValueError("Cannot train a tokenizer on an empty corpus (no text was given).")
+            raise LMError("Cannot train a tokenizer on an empty corpus (no text was given).")
         backend = bpe._tokenizer  # the plain tokenizers.Tokenizer that the wrapper configures
         backend.decoder = decoders.ByteLevel()
         return cls(backend)
@@ -118,7 +120,7 @@ class Tokenizer:
         """Load a ``tokenizer.json`` written by :meth:`save`."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"Tokenizer file not found: {path}. Pass the tokenizer.json written by a previous run "
                 "(or leave tokenizer_path unset to train one on the training split)."
             )
@@ -130,7 +132,7 @@ class Tokenizer:
         try:
             backend = _HFTokenizer.from_str(json_str)
         except Exception as err:  # the Rust side raises a bare Exception subclass
-            raise ValueError(f"Not a valid tokenizer JSON: {err}") from err
+            raise LMError(f"Not a valid tokenizer JSON: {err}") from err
         return cls(backend)
 
     # ------------------------------------------------------------------ serialization
@@ -239,12 +241,12 @@ def _check_byte_level(backend: _HFTokenizer) -> None:
     pre = spec.get("pre_tokenizer") or {}
     pre_types = {pre.get("type")} | {p.get("type") for p in pre.get("pretokenizers", [])}
     if model_type != "BPE" or "ByteLevel" not in pre_types:
-        raise ValueError(
+        raise LMError(
             "Only byte-level BPE tokenizers are supported (model BPE with a ByteLevel pre-tokenizer); "
             f"got model={model_type!r}, pre_tokenizer={pre.get('type')!r}."
         )
     if spec.get("normalizer") is not None:
-        raise ValueError(
+        raise LMError(
             "The tokenizer has a normalizer, so decode(encode(text)) would not reproduce the text; "
             "byte-level BPE without a normalizer is required."
         )

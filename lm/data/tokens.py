@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.data.tokenizer import Tokenizer, atomic_write_text
+from lm.errors import LMError
 
 logger = logging.getLogger("lm.data")
 
@@ -253,11 +254,11 @@ class _TokenArrayState:
 
 def _check_tokens(tokens: np.ndarray, block_size: int, minimum: int, what: str) -> None:
     if tokens.ndim != 1:
-        raise ValueError(f"tokens must be a 1-D array, got shape {tokens.shape}")
+        raise LMError(f"tokens must be a 1-D array, got shape {tokens.shape}")
     if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+        raise LMError(f"block_size must be >= 1, got {block_size}")
     if len(tokens) < minimum:
-        raise ValueError(
+        raise LMError(
             f"The {what} split has {len(tokens)} tokens, too few for block_size={block_size} "
             f"(need at least {minimum}). Use more text or a smaller --data.block_size."
         )
@@ -289,7 +290,7 @@ class RandomWindowDataset(_TokenArrayState, Dataset[tuple[torch.Tensor, torch.Te
     def __init__(self, tokens: np.ndarray, block_size: int, num_samples: int, seed: int = 0) -> None:
         _check_tokens(tokens, block_size, block_size + 1, "training")
         if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise LMError(f"num_samples must be >= 1, got {num_samples}")
         self.tokens = tokens
         self.block_size = block_size
         self.num_samples = num_samples

@@ -7,8 +7,15 @@
 """
 
 from lm.model.config import GPTConfig
-from lm.model.generate import (SamplingOptions, filter_logits, generate, generate_text, sample_next_token,
-                               stream_generate, stream_text)
+from lm.model.generate import (
+                               SamplingOptions,
+                               filter_logits,
+                               generate,
+                               generate_text,
+                               sample_next_token,
+                               stream_generate,
+                               stream_text,
+)
 from lm.model.gpt import GPT
 from lm.model.layers import KVCache
 

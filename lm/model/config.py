@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Optional
 
+from lm.errors import LMError
+
 Norm = Literal["layernorm", "rmsnorm"]
 Position = Literal["learned", "sinusoidal", "rope"]
 Activation = Literal["gelu", "swiglu"]
@@ -66,25 +68,25 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}.")
+                raise LMError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise LMError(
                 f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}: "
                 f"every head gets hidden_size / num_attention_heads channels. Pick a divisor of {self.hidden_size} "
                 f"(e.g. {_divisors_near(self.hidden_size, self.num_attention_heads)})."
             )
         kv_heads = self.resolved_value("num_key_value_heads")
         if kv_heads <= 0 or self.num_attention_heads % kv_heads:
-            raise ValueError(
+            raise LMError(
                 f"num_key_value_heads={kv_heads} must be a positive divisor of "
                 f"num_attention_heads={self.num_attention_heads} (each key/value head serves a group of query heads)."
             )
         if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"position='rope' needs an even head size, got {self.head_dim}.")
+            raise LMError(f"position='rope' needs an even head size, got {self.head_dim}.")
         if self.resolved_value("intermediate_size") <= 0:
-            raise ValueError(f"intermediate_size must be positive, got {self.intermediate_size}.")
+            raise LMError(f"intermediate_size must be positive, got {self.intermediate_size}.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+            raise LMError(f"dropout must be in [0, 1), got {self.dropout}.")
 
     # A field left None means "this variant's default". The config itself keeps the None (it is what the
     # user chose, and a default instance must not freeze derived sizes: the CLI merges YAML overrides
@@ -118,7 +120,7 @@ class GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown GPTConfig keys {unknown}; valid keys are {sorted(known)}.")
+            raise LMError(f"Unknown GPTConfig keys {unknown}; valid keys are {sorted(known)}.")
         return cls(**values)
 
 

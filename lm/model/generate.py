@@ -7,7 +7,8 @@ How a call runs:
 - the prompt is run once (prefill) into a preallocated KV cache, then one token per step, each step
   attending to the cache (`use_cache=False` re-runs the whole sequence instead: a reference and a
   benchmark baseline);
-- the next token is greedy (`temperature=0`) or sampled with temperature / top-k / top-p;
+- the next token is greedy (`temperature=0`) or sampled with temperature / top-k / top-p, all read from
+  one `SamplingOptions` (or keyword overrides of its fields: `generate(model, ids, temperature=0)`);
 - a row stops at `eos_id` (text level: the tokenizer's end-of-text id or a stop string); the loop ends
   when every row stopped or after `max_new_tokens`.
 
@@ -20,21 +21,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "SamplingOptions",
-    "generate",
-    "stream_generate",
-    "generate_text",
-    "stream_text",
-    "sample_next_token",
-    "filter_logits",
-]
+from lm.errors import LMError
 
 Prompts = Union[Tensor, Sequence[Sequence[int]]]
 
@@ -50,19 +43,10 @@ class TextTokenizer(Protocol):
 
 
 # ------------------------------------------------------------------------------------- sampling
-def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k must be a positive number of tokens (or None), got {top_k}.")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}.")
-
-
 @dataclass
 class SamplingOptions:
-    """The sampling arguments of the text API, in one place for every caller (`lm generate`,
-    `lm predict`, a notebook): same defaults, same checks, passed on with `**options.kwargs()`.
+    """How to sample: the one typed source of these settings for every caller (the functions below,
+    `lm generate`, `lm predict`, the `TextSampler` callback, the server). Same defaults, same checks.
 
     Args:
         max_new_tokens: Most tokens to generate per prompt.
@@ -70,7 +54,8 @@ class SamplingOptions:
         top_k: Sample only among the k most likely tokens (None: no limit).
         top_p: Nucleus sampling: the smallest set of tokens with probability mass >= top_p (None: off).
         seed: Seed of the sampler's generator, for reproducible samples (None: torch's global RNG).
-        stop: Strings that end a completion (cut before the first one); one string or a list.
+        stop: Strings that end a completion (cut before the first one); one string or a list. Text
+            level only (`generate_text`, `stream_text`).
         truncate: Keep only the last tokens of a prompt too long for the context (else an error).
     """
 
@@ -84,17 +69,28 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
-        _check_sampling(self.temperature, self.top_k, self.top_p)
+            raise LMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise LMError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}.")
+        if self.top_k is not None and self.top_k <= 0:
+            raise LMError(f"top_k must be a positive number of tokens (or None), got {self.top_k}.")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise LMError(f"top_p must be in (0, 1] (or None), got {self.top_p}.")
         self.stop = ([self.stop] if isinstance(self.stop, str) else list(self.stop)) if self.stop else None
 
-    def kwargs(self, seed_offset: int = 0) -> dict[str, Any]:
-        """Keyword arguments of `generate_text` / `stream_text`. `seed_offset` gives the i-th batch of
-        a run its own (still reproducible) seed: `seed + i`."""
-        values = asdict(self)
-        if self.seed is not None:
-            values["seed"] = self.seed + seed_offset
-        return values
+    @classmethod
+    def resolve(cls, options: Optional["SamplingOptions"] = None, **overrides: Any) -> "SamplingOptions":
+        """`options` (default: `SamplingOptions()`) with some fields replaced, e.g. `temperature=0`."""
+        if isinstance(options, dict):  # e.g. read back from a checkpoint's plain hyper-parameters
+            options = cls(**options)
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"Unknown sampling options {unknown}; valid: {[f.name for f in fields(cls)]}.")
+        return replace(options or cls(), **overrides)
+
+    def for_batch(self, index: int) -> "SamplingOptions":
+        """The options of the `index`-th batch of a run: its own, still reproducible, seed (`seed + index`)."""
+        return self if self.seed is None else replace(self, seed=self.seed + index)
 
 
 def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
@@ -119,20 +115,20 @@ def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[f
     return logits
 
 
-def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Next token ids (B,) from last-position logits (B, V).
+def sample_next_token(logits: Tensor, options: SamplingOptions,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+    """Next token ids (B,) from last-position logits (B, V), with `options`' temperature, top-k, top-p.
 
     `temperature=0` is greedy (argmax; top-k/top-p do not change the argmax). Otherwise the logits are
     divided by the temperature, filtered by `filter_logits` and sampled in float32 (bf16 probabilities
     are too coarse for `multinomial`).
     """
-    if temperature == 0:
+    if options.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logits = filter_logits(logits, top_k, top_p)
+    if options.temperature != 1.0:
+        logits = logits / options.temperature
+    logits = filter_logits(logits, options.top_k, options.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
@@ -140,7 +136,7 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: Optional[
 def _make_generator(seed: Optional[int], generator: Optional[torch.Generator],
                     device: torch.device) -> Optional[torch.Generator]:
     if seed is not None and generator is not None:
-        raise ValueError("Pass either seed or generator, not both.")
+        raise LMError("Pass either a seed in the sampling options or a generator, not both.")
     if seed is not None:
         return torch.Generator(device=device).manual_seed(seed)
     return generator  # None: torch's global RNG (reproducible under torch.manual_seed)
@@ -150,19 +146,19 @@ def _make_generator(seed: Optional[int], generator: Optional[torch.Generator],
 def _prepare_rows(model: nn.Module, input_ids: Prompts, max_new_tokens: int, truncate: bool) -> list[list[int]]:
     """Prompts as lists of ids, checked (or left-truncated) against the model's context length."""
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+        raise LMError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
     if isinstance(input_ids, Tensor):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}.")
+            raise LMError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}.")
         rows = input_ids.tolist()
     else:
         rows = [list(map(int, row)) for row in input_ids]
     if not rows:
-        raise ValueError("No prompts given.")
+        raise LMError("No prompts given.")
     if any(len(row) == 0 for row in rows):
-        raise ValueError("Empty prompt: generation needs at least one token to condition on "
+        raise LMError("Empty prompt: generation needs at least one token to condition on "
                          "(e.g. start the prompt with the end-of-text token).")
     context = model.config.max_position_embeddings
     room = context - max_new_tokens  # prompt tokens that fit next to the generated ones
@@ -171,18 +167,18 @@ def _prepare_rows(model: nn.Module, input_ids: Prompts, max_new_tokens: int, tru
         return rows
     if truncate:
         if room <= 0:
-            raise ValueError(
+            raise LMError(
                 f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the context of "
                 f"max_position_embeddings={context} tokens: ask for fewer than {context} new tokens."
             )
         return [row[-room:] for row in rows]
     if longest > context:
-        raise ValueError(
+        raise LMError(
             f"Prompt of {longest} tokens is longer than the model's context, max_position_embeddings={context}. "
             f"Shorten it, or pass truncate=True to keep only its last {max(room, 0)} tokens "
             f"(the context minus max_new_tokens={max_new_tokens})."
         )
-    raise ValueError(
+    raise LMError(
         f"Prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} tokens "
         f"exceeds the model's context, max_position_embeddings={context}. Lower max_new_tokens to at most "
         f"{context - longest}, or pass truncate=True to keep only the last {max(room, 0)} prompt tokens."
@@ -267,8 +263,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _token_steps(model: nn.Module, rows: list[list[int]], max_new_tokens: int, *, temperature: float,
-                 top_k: Optional[int], top_p: Optional[float], eos_id: Optional[int],
+def _token_steps(model: nn.Module, rows: list[list[int]], options: SamplingOptions, *, eos_id: Optional[int],
                  generator: Optional[torch.Generator], use_cache: bool,
                  per_step_inference_mode: bool) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield `(tokens, finished)` per step: the new tokens (B,) and which rows are done after it.
@@ -279,6 +274,7 @@ def _token_steps(model: nn.Module, rows: list[list[int]], max_new_tokens: int, *
     inference mode around each step only, so the caller's code between steps is not affected.
     """
     mode = torch.inference_mode if per_step_inference_mode else contextlib.nullcontext
+    max_new_tokens = options.max_new_tokens
     with mode():
         decoder = _Decoder(model, rows, max_new_tokens, use_cache)
         finished = torch.zeros(decoder.batch_size, dtype=torch.bool, device=decoder.device)
@@ -287,7 +283,7 @@ def _token_steps(model: nn.Module, rows: list[list[int]], max_new_tokens: int, *
         logits = decoder.prefill()
     for step in range(max_new_tokens):
         with mode():
-            tokens = sample_next_token(logits, temperature, top_k, top_p, generator)
+            tokens = sample_next_token(logits, options, generator)
             if eos_id is not None:
                 tokens = tokens.masked_fill(finished, eos_id)
                 finished |= tokens == eos_id
@@ -300,40 +296,38 @@ def _token_steps(model: nn.Module, rows: list[list[int]], max_new_tokens: int, *
 
 
 # ---------------------------------------------------------------------------------- token API
-def generate(model: nn.Module, input_ids: Prompts, max_new_tokens: int, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
-             seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             truncate: bool = False, use_cache: bool = True) -> Union[Tensor, list[list[int]]]:
-    """Continue each prompt by up to `max_new_tokens` tokens.
+def generate(model: nn.Module, input_ids: Prompts, options: Optional[SamplingOptions] = None, *,
+             eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None, use_cache: bool = True,
+             **overrides: Any) -> Union[Tensor, list[list[int]]]:
+    """Continue each prompt by up to `options.max_new_tokens` tokens.
 
     Args:
         model: a `GPT` (anything with `.config.max_position_embeddings`, `new_kv_cache` and the GPT
             forward signature). Run in eval mode (no dropout); its training flag is restored after.
         input_ids: a (B, T) tensor, or a list of id lists that may have different lengths (they are
             left-padded internally; each row's result equals generating it alone).
-        temperature: 0 is greedy; otherwise softmax temperature for sampling.
-        top_k, top_p: restrict sampling to the k most likely tokens / the nucleus of mass `top_p`.
+        options: how to sample (`SamplingOptions`; default `SamplingOptions()`), e.g.
+            `SamplingOptions(max_new_tokens=20, temperature=0)`; `truncate` left-truncates prompts that
+            do not fit the context (see the module docstring), else they raise `ValueError`.
         eos_id: a row stops after producing this id (it is included in the output).
-        seed / generator: reproducible sampling (a fresh `torch.Generator` seeded with `seed`).
-        truncate: left-truncate prompts that do not fit the context with `max_new_tokens` (see module
-            docstring); otherwise such prompts raise `ValueError`.
+        generator: a `torch.Generator` to sample from (instead of `options.seed`).
         use_cache: False re-runs the whole sequence every step (slow reference path).
+        **overrides: `SamplingOptions` fields replacing those of `options`, e.g. `temperature=0`.
 
     Returns:
         For a tensor input: a (B, T + n) long tensor, prompt then generated ids, n <= max_new_tokens
         (fewer when every row hit `eos_id`); a row that stopped early is filled with `eos_id` after it.
-        With `truncate=True` the prompt part is the truncated prompt.
+        With `truncate` the prompt part is the truncated prompt.
         For a list input: one list per prompt, prompt + generated ids up to and including `eos_id`.
     """
-    _check_sampling(temperature, top_k, top_p)
-    rows = _prepare_rows(model, input_ids, max_new_tokens, truncate)
+    options = SamplingOptions.resolve(options, **overrides)
+    rows = _prepare_rows(model, input_ids, options.max_new_tokens, options.truncate)
     device = next(model.parameters()).device
-    gen = _make_generator(seed, generator, device)
-    new = torch.empty(len(rows), max_new_tokens, dtype=torch.long, device=device)
+    gen = _make_generator(options.seed, generator, device)
+    new = torch.empty(len(rows), options.max_new_tokens, dtype=torch.long, device=device)
     n = 0
     with _eval_mode(model), torch.inference_mode():
-        for tokens, _ in _token_steps(model, rows, max_new_tokens, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, eos_id=eos_id, generator=gen, use_cache=use_cache,
+        for tokens, _ in _token_steps(model, rows, options, eos_id=eos_id, generator=gen, use_cache=use_cache,
                                       per_step_inference_mode=False):
             new[:, n] = tokens
             n += 1
@@ -349,11 +343,10 @@ def generate(model: nn.Module, input_ids: Prompts, max_new_tokens: int, temperat
     return out
 
 
-def stream_generate(model: nn.Module, input_ids: Union[Tensor, Sequence[int]], max_new_tokens: int,
-                    temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                    eos_id: Optional[int] = None, seed: Optional[int] = None,
-                    generator: Optional[torch.Generator] = None, truncate: bool = False,
-                    use_cache: bool = True) -> Iterator[int]:
+def stream_generate(model: nn.Module, input_ids: Union[Tensor, Sequence[int]],
+                    options: Optional[SamplingOptions] = None, *, eos_id: Optional[int] = None,
+                    generator: Optional[torch.Generator] = None, use_cache: bool = True,
+                    **overrides: Any) -> Iterator[int]:
     """Yield the new token ids of one prompt as they are decoded (`eos_id` is yielded, then it ends).
 
     `input_ids` is a list of ids, a (T,) or a (1, T) tensor. Same arguments and results as
@@ -362,16 +355,15 @@ def stream_generate(model: nn.Module, input_ids: Union[Tensor, Sequence[int]], m
     """
     if isinstance(input_ids, Tensor):
         if input_ids.dim() == 2 and input_ids.shape[0] != 1:
-            raise ValueError(f"stream_generate takes one prompt, got a batch of {input_ids.shape[0]}.")
+            raise LMError(f"stream_generate takes one prompt, got a batch of {input_ids.shape[0]}.")
         row = input_ids.reshape(-1).tolist()
     else:
         row = list(input_ids)
-    _check_sampling(temperature, top_k, top_p)
-    rows = _prepare_rows(model, [row], max_new_tokens, truncate)
-    gen = _make_generator(seed, generator, next(model.parameters()).device)
+    options = SamplingOptions.resolve(options, **overrides)
+    rows = _prepare_rows(model, [row], options.max_new_tokens, options.truncate)
+    gen = _make_generator(options.seed, generator, next(model.parameters()).device)
     with _eval_mode(model):
-        for tokens, _ in _token_steps(model, rows, max_new_tokens, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, eos_id=eos_id, generator=gen, use_cache=use_cache,
+        for tokens, _ in _token_steps(model, rows, options, eos_id=eos_id, generator=gen, use_cache=use_cache,
                                       per_step_inference_mode=True):
             yield int(tokens[0])
 
@@ -432,28 +424,27 @@ class _TextAssembler:
         return piece
 
 
-def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompts: Sequence[str], max_new_tokens: int,
-                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                  seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                  stop: Optional[Sequence[str]] = None, truncate: bool = False) -> list[str]:
+def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompts: Sequence[str],
+                  options: Optional[SamplingOptions] = None, *, generator: Optional[torch.Generator] = None,
+                  **overrides: Any) -> list[str]:
     """Completions (the new text only, without the prompt) for a batch of text prompts.
 
-    A completion ends at the tokenizer's end-of-text id (`tokenizer.eot_id`, not included), before the
-    first stop string (not included), or after `max_new_tokens` tokens. Rows run as one left-padded
+    `options` / `**overrides` as in `generate`. A completion ends at the tokenizer's end-of-text id
+    (`tokenizer.eot_id`, not included), before the first `options.stop` string (not included), or after
+    `max_new_tokens` tokens. Rows run as one left-padded
     batch; a row that stopped is masked until all are done. The result equals the concatenation of
     `stream_text`'s pieces for the same prompt and seed when the batch has one prompt (with several,
     sampling draws differ from one-at-a-time: the random stream is shared by the batch).
     """
     if isinstance(prompts, str):
         raise TypeError("generate_text takes a list of prompts; use [prompt] for one.")
-    _check_sampling(temperature, top_k, top_p)
-    rows = _prepare_rows(model, [tokenizer.encode(p) for p in prompts], max_new_tokens, truncate)
-    gen = _make_generator(seed, generator, next(model.parameters()).device)
-    assemblers = [_TextAssembler(tokenizer, stop) for _ in rows]
+    options = SamplingOptions.resolve(options, **overrides)
+    rows = _prepare_rows(model, [tokenizer.encode(p) for p in prompts], options.max_new_tokens, options.truncate)
+    gen = _make_generator(options.seed, generator, next(model.parameters()).device)
+    assemblers = [_TextAssembler(tokenizer, options.stop) for _ in rows]
     pieces: list[list[str]] = [[] for _ in rows]
     with _eval_mode(model), torch.inference_mode():
-        for tokens, finished in _token_steps(model, rows, max_new_tokens, temperature=temperature, top_k=top_k,
-                                             top_p=top_p, eos_id=tokenizer.eot_id, generator=gen,
+        for tokens, finished in _token_steps(model, rows, options, eos_id=tokenizer.eot_id, generator=gen,
                                              use_cache=True, per_step_inference_mode=False):
             for i, token in enumerate(tokens.tolist()):
                 if not assemblers[i].stopped:
@@ -465,20 +456,18 @@ def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompts: Sequence[
     return ["".join(p) for p in pieces]
 
 
-def stream_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, max_new_tokens: int,
-                temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                stop: Optional[Sequence[str]] = None, truncate: bool = False) -> Iterator[str]:
+def stream_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, options: Optional[SamplingOptions] = None,
+                *, generator: Optional[torch.Generator] = None, **overrides: Any) -> Iterator[str]:
     """Yield the completion of one prompt as non-empty text pieces, as soon as they are safe to show.
 
     Never yields half a UTF-8 character, nor text that might turn out to be the start of a stop
     string (it is yielded once it cannot be). Stops like `generate_text`; "".join of the pieces
     equals `generate_text(model, tokenizer, [prompt], ...)[0]` for the same seed.
     """
-    assembler = _TextAssembler(tokenizer, stop)
-    for token in stream_generate(model, tokenizer.encode(prompt), max_new_tokens, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, eos_id=tokenizer.eot_id, seed=seed,
-                                 generator=generator, truncate=truncate):
+    options = SamplingOptions.resolve(options, **overrides)
+    assembler = _TextAssembler(tokenizer, options.stop)
+    for token in stream_generate(model, tokenizer.encode(prompt), options, eos_id=tokenizer.eot_id,
+                                 generator=generator):
         piece = assembler.feed(token)
         if piece:
             yield piece

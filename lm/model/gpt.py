@@ -20,9 +20,18 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from lm.errors import LMError
 from lm.model.config import GPTConfig
-from lm.model.layers import (Block, CausalSelfAttention, KVCache, LearnedPositions, Linear, RotaryPositions,
-                             SinusoidalPositions, make_norm)
+from lm.model.layers import (
+    Block,
+    CausalSelfAttention,
+    KVCache,
+    LearnedPositions,
+    Linear,
+    RotaryPositions,
+    SinusoidalPositions,
+    make_norm,
+)
 
 
 def decode_compile_options(device: torch.device) -> dict:
@@ -90,11 +99,11 @@ class GPT(nn.Module):
             attention_mask: (B, past + T) with 1 for real tokens, 0 for padding keys to ignore.
         """
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}.")
+            raise LMError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}.")
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.config.max_position_embeddings:
-            raise ValueError(
+            raise LMError(
                 f"Sequence of {past + T} tokens is longer than max_position_embeddings="
                 f"{self.config.max_position_embeddings}: shorten the prompt (or truncate it from the left), "
                 f"or use a model trained with a longer context."

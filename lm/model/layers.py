@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lm.errors import LMError
 from lm.model.config import GPTConfig
 
 
@@ -195,7 +196,7 @@ class KVCache:
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         max_length = max_length or config.max_position_embeddings
         if max_length > config.max_position_embeddings:
-            raise ValueError(
+            raise LMError(
                 f"KV cache length {max_length} exceeds max_position_embeddings={config.max_position_embeddings}."
             )
         shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
@@ -208,7 +209,7 @@ class KVCache:
         """Write the new keys/values (B, kv_heads, T, head_dim) after the cached ones; return all of them."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_length:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_length} allocated.")
+            raise LMError(f"KV cache is full: {end} positions needed, {self.max_length} allocated.")
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]

@@ -1,13 +1,18 @@
 """`LanguageModel`: the LightningModule for pre-training a GPT.
 
-It wires four things and nothing else: the hand-written `GPT` (lm/model), the cross-entropy loss,
+It wires four things and nothing else: the hand-written `GPT` (lm/model), the training objective,
 token-weighted loss / perplexity / bits-per-byte (lm/metrics.py) and AdamW with warm-up + cosine
 decay (lm/optim.py). The tokenizer travels inside every checkpoint, so a `.ckpt` file alone is
 enough to evaluate or generate.
 
+Objective vs metrics: `compute_loss` is the objective training minimizes, and a subclass may change
+it (label smoothing, z-loss, ...). Validation and test metrics never use it: `val/*` and `test/*` are
+always the plain token negative log-likelihood of the logits (`lm.metrics.token_nll`), so perplexity
+and bits-per-byte stay comparable between runs whatever they trained on.
+
 Hooks meant for subclasses (select one with `--model my_pkg.MyModel` or `class_path` in YAML):
 - `build_model(config)`: return your own `nn.Module` (e.g. a GPT with a custom attention);
-- `compute_loss(logits, targets)`: change the objective (label smoothing, z-loss, ...);
+- `compute_loss(logits, targets)`: change the training objective;
 - `configure_optimizers()`: another optimizer or schedule.
 """
 
@@ -18,22 +23,21 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lm.metrics import LanguageModelingMetrics
-from lm.model import GPT, GPTConfig
+from lm.errors import LMError
+from lm.metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
+from lm.model import GPT, GPTConfig, SamplingOptions, generate_text
 from lm.optim import build_optimizer, warmup_cosine
-
-IGNORE_INDEX = -100
 
 
 class LanguageModel(L.LightningModule):
     """Causal language modelling with a GPT.
 
-    With `--ckpt_path`, the CLI restores every saved hyper-parameter except those in `RUN_TIME_ARGS`,
-    which stay this run's (a subclass adds its own run-time options to the tuple).
+    Checkpoints keep every `__init__` argument except those in `RUN_TIME_ARGS`, which are choices of
+    the run at hand (so `lm predict --ckpt_path x.ckpt --model.sampling.temperature 0` is not replaced by
+    the checkpoint's); a subclass adds its own run-time options to the tuple.
 
     Args:
         config: The transformer's shape and variants (see `GPTConfig`). Its `vocab_size` is linked to
@@ -45,19 +49,12 @@ class LanguageModel(L.LightningModule):
         warmup_steps: Optimizer steps of linear warm-up.
         max_steps: Steps over which the cosine decays; default: the Trainer's total optimizer steps.
         fused_adamw: Use the fused AdamW kernel (default: where the device has one).
-        compile: Wrap the transformer in `torch.compile` (slow first step, faster after; GPU mostly).
-        max_new_tokens: `lm predict`: tokens to generate per prompt.
-        temperature: `lm predict`: sampling temperature (0 = greedy).
-        top_k: `lm predict`: sample only among the k most likely tokens.
-        top_p: `lm predict`: nucleus sampling threshold.
-        generation_seed: `lm predict`: seed of the sampler, for reproducible generations (batch i
-            uses generation_seed + i).
-        stop: `lm predict`: strings that end a completion.
-        truncate: `lm predict`: left-truncate prompts too long for the context instead of failing.
+        compile: Compile the transformer with `torch.compile` (slow first step, faster after; GPU mostly).
+        sampling: `lm predict`: how to complete the prompts (`SamplingOptions`; batch i of a run uses
+            seed + i).
     """
 
-    RUN_TIME_ARGS: tuple[str, ...] = ("compile", "fused_adamw", "max_new_tokens", "temperature", "top_k", "top_p",
-                                       "generation_seed", "stop", "truncate")
+    RUN_TIME_ARGS: tuple[str, ...] = ("compile", "fused_adamw", "sampling")
 
     def __init__(
         self,
@@ -70,47 +67,44 @@ class LanguageModel(L.LightningModule):
         max_steps: Optional[int] = None,
         fused_adamw: Optional[bool] = None,
         compile: bool = False,
-        max_new_tokens: int = 100,
-        temperature: float = 0.8,
-        top_k: Optional[int] = 50,
-        top_p: Optional[float] = None,
-        generation_seed: int = 1234,
-        stop: Optional[list[str]] = None,
-        truncate: bool = False,
+        sampling: Optional[SamplingOptions] = None,
     ) -> None:
         super().__init__()
         # A dict when reloaded from a checkpoint's plain hyper-parameters; copied either way so the
         # shared default instance is never mutated.
         self.config = GPTConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
         # Checkpoints are read with torch.load(weights_only=True): keep hyper-parameters plain types.
-        self.save_hyperparameters(ignore=["config"])
+        self.save_hyperparameters(ignore=["config", *self.RUN_TIME_ARGS])
         self.hparams["config"] = self.config.to_dict()
+        self.fused_adamw = fused_adamw
+        self.compile_model = compile
+        self.sampling = SamplingOptions.resolve(sampling)
         self.model = self.build_model(self.config)
-        self.tokenizer = None  # set from the DataModule in setup(), or from a checkpoint
+        self.tokenizer = None  # the DataModule's, given in setup(): see set_tokenizer
         self.register_buffer("token_bytes", torch.zeros(self.config.vocab_size, dtype=torch.long), persistent=False)
         self.val_metrics = LanguageModelingMetrics()
         self.test_metrics = LanguageModelingMetrics()
         self._compiled = False
         self._sharded = False
-        self._rng_states_to_restore: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------------------ subclass hooks
     def build_model(self, config: GPTConfig) -> nn.Module:
         """The network: any module mapping ids (B, T) to logits (B, T, vocab)."""
         return GPT(config)
 
-    def compute_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Summed token negative log-likelihood (nats) and the number of target tokens.
+    def compute_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The training objective: here the mean token cross-entropy over the scored targets.
 
-        Logits are upcast to float32 for the log-softmax: under bf16 autocast a 8k-50k way softmax
-        in bf16 loses the small probabilities the loss is made of."""
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return nll, (targets != IGNORE_INDEX).sum()
+        Override it to train on something else; validation and test metrics are not affected."""
+        nll, num_tokens = token_nll(logits, targets)
+        return nll / num_tokens.clamp(min=1)
 
     # --------------------------------------------------------------------------------- tokenizer
     def set_tokenizer(self, tokenizer) -> None:
+        """Use `tokenizer` (its byte lengths make bits-per-byte). `setup` calls it with the DataModule's,
+        which the CLI loads from the checkpoint when there is one: the one way a tokenizer gets here."""
         if tokenizer.vocab_size > self.config.vocab_size:
-            raise ValueError(
+            raise LMError(
                 f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.config.vocab_size}: set --data.vocab_size (linked to the model) to at least {tokenizer.vocab_size}."
             )
@@ -121,7 +115,7 @@ class LanguageModel(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.tokenizer is None and getattr(datamodule, "tokenizer", None) is not None:
+        if getattr(datamodule, "tokenizer", None) is not None and datamodule.tokenizer is not self.tokenizer:
             self.set_tokenizer(datamodule.tokenizer)
 
     def configure_model(self) -> None:
@@ -142,14 +136,14 @@ class LanguageModel(L.LightningModule):
             from lm.model.layers import Block
 
             if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
-                raise ValueError("LanguageModel shards with FSDP2 only: use ModelParallelStrategy(tensor_parallel_size=1).")
+                raise LMError("LanguageModel shards with FSDP2 only: use ModelParallelStrategy(tensor_parallel_size=1).")
             dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
             for block in [m for m in self.model.modules() if isinstance(m, Block)]:
                 fully_shard(block, mesh=dp_mesh)
             fully_shard(self.model, mesh=dp_mesh)
             self._sharded = True
         predicting = self._trainer is not None and self.trainer.predicting  # generation: varying shapes, KV cache
-        if self.hparams.compile and not self._compiled and not predicting:
+        if self.compile_model and not self._compiled and not predicting:
             self.model.compile()
             self._compiled = True
 
@@ -157,45 +151,30 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_str()
-        # Lightning does not checkpoint random generators; dropout needs them for an exact resume.
-        checkpoint["rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "tokenizer" in checkpoint:
-            from lm.data.tokenizer import Tokenizer
-
-            self.set_tokenizer(Tokenizer.from_str(checkpoint["tokenizer"]))
-        # A checkpoint written from a compiled model has "_orig_mod." in its keys; accept it either way.
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if "._orig_mod." in k]:
-            state[key.replace("._orig_mod.", ".")] = state.pop(key)
-        # Applied when training resumes (on_train_start), after everything that runs between loading
-        # and the first batch (sanity validation, ...), not now.
-        self._rng_states_to_restore = checkpoint.get("rng_states")
-
-    def on_train_start(self) -> None:
-        states, self._rng_states_to_restore = self._rng_states_to_restore, None
-        if states:
-            _set_rng_states(states)
+        saved = checkpoint.get("tokenizer")
+        if saved is not None and self.tokenizer is not None and saved != self.tokenizer.to_str():
+            raise LMError("The checkpoint was trained with another tokenizer than the data module's: its token ids "
+                          "would mean other strings. Let the data module load the checkpoint's tokenizer "
+                          "(`lm` does this for --ckpt_path), or start a new run.")
 
     # ---------------------------------------------------------------------------------- training
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
 
     def on_fit_start(self) -> None:
-        raw = getattr(self.model, "_orig_mod", self.model)
-        if isinstance(raw, GPT):
+        if isinstance(self.model, GPT):
             rank_zero_info(
-                f"GPT: {raw.num_parameters() / 1e6:.2f}M parameters "
-                f"({raw.num_parameters(exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
+                f"GPT: {self.model.num_parameters() / 1e6:.2f}M parameters "
+                f"({self.model.num_parameters(exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
                 f"{self.config.num_hidden_layers} layers, hidden {self.config.hidden_size}, "
                 f"{self.config.num_attention_heads} heads, vocab {self.config.vocab_size}"
             )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         input_ids, targets = batch
-        nll, num_tokens = self.compute_loss(self(input_ids), targets)
-        loss = nll / num_tokens.clamp(min=1)
+        loss = self.compute_loss(self(input_ids), targets)
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()).clamp(max=1e6), on_step=True)
         return loss
@@ -210,7 +189,7 @@ class LanguageModel(L.LightningModule):
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: LanguageModelingMetrics) -> Tensor:
         input_ids, targets = batch
-        nll, num_tokens = self.compute_loss(self(input_ids), targets)
+        nll, num_tokens = token_nll(self(input_ids), targets)  # never the (overridable) objective
         valid = targets != IGNORE_INDEX
         num_bytes = self.token_bytes[targets.clamp(min=0)][valid].sum()
         metrics.update(nll, num_tokens, num_bytes)
@@ -236,28 +215,21 @@ class LanguageModel(L.LightningModule):
 
     # -------------------------------------------------------------------------------- prediction
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, str]]:
-        """Complete a batch of prompt strings with the same sampler as `lm generate`."""
-        from lm.model.generate import SamplingOptions, generate_text
-
+        """Complete a batch of prompt strings with `self.sampling`, the same sampler as `lm generate`."""
         if self.tokenizer is None:
-            raise RuntimeError("No tokenizer: run `lm predict` with --ckpt_path of a checkpoint written by `lm fit`.")
-        hp = self.hparams
-        options = SamplingOptions(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k,
-                                  top_p=hp.top_p, seed=hp.generation_seed, stop=hp.get("stop"),
-                                  truncate=hp.get("truncate", False))
+            raise LMError("No tokenizer: run `lm predict` with --ckpt_path of a checkpoint written by `lm fit`.")
         prompts = list(batch)
-        completions = generate_text(getattr(self.model, "_orig_mod", self.model), self.tokenizer, prompts,
-                                    **options.kwargs(seed_offset=batch_idx))
+        completions = generate_text(self.model, self.tokenizer, prompts, self.sampling.for_batch(batch_idx))
         return [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
 
     # ------------------------------------------------------------------------------- optimization
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
-                                    fused=hp.fused_adamw)
+                                    fused=self.fused_adamw)
         max_steps = hp.max_steps or int(self.trainer.estimated_stepping_batches)
         if not math.isfinite(max_steps) or max_steps <= 0:
-            raise ValueError("Cannot infer the schedule length: set trainer.max_steps or model.max_steps.")
+            raise LMError("Cannot infer the schedule length: set trainer.max_steps or model.max_steps.")
         min_lr = hp.min_learning_rate if hp.min_learning_rate is not None else hp.learning_rate / 10
         warmup = min(hp.warmup_steps, max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -277,42 +249,3 @@ class LanguageModel(L.LightningModule):
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-
-def _rng_states() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU, CUDA) generator states, as types `torch.load(weights_only=True)` reads.
-
-    In a multi-process run the checkpoint holds rank 0's states; every rank restores them, which is exact
-    because Lightning seeds all ranks alike (`seed_everything`), so their generators advance in lock step."""
-    import random
-
-    import numpy as np
-
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    states: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    if "python" in states:
-        version, internal, gauss = states["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in states:
-        n = states["numpy"]
-        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-    if "torch" in states:
-        torch.set_rng_state(states["torch"].cpu())
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,41 @@
+"""Training callbacks for `lm fit`, one file each, each selectable from YAML (overlays in
+experiments/trainer/callbacks/, appended with `callbacks+:` so they combine).
+
+- `LastStepCheckpoint` (checkpoint.py): ModelCheckpoint whose `last.ckpt` holds a finished fit's final step.
+- `RNGStateCheckpoint` (rng_state.py): saves the random generators in checkpoints, restores them on resume.
+- `TokenThroughputMonitor` (throughput.py): tokens/s, FLOP/s and MFU; `measure_matmul_flops` for the peak.
+- `TextSampler` (text_sampler.py): completions of fixed prompts every N steps, logged as text.
+- `NonFiniteGuard` (nonfinite.py): stops at the first NaN/inf loss or gradient, naming the last good checkpoint.
+- `PredictionWriter` (prediction_writer.py): `lm predict`'s JSON-lines output.
+
+    lm fit --config experiments/wikitext2_cpu.yaml --config experiments/trainer/callbacks/throughput.yaml \\
+           --config experiments/trainer/callbacks/text_sampler.yaml
+"""
+
+from lm.callbacks.checkpoint import LastStepCheckpoint, last_good_checkpoint
+from lm.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
+from lm.callbacks.prediction_writer import PredictionWriter
+from lm.callbacks.rng_state import RNGStateCheckpoint
+from lm.callbacks.text_sampler import TextSampler
+from lm.callbacks.throughput import (
+                                     TokenThroughputMonitor,
+                                     batch_size,
+                                     measure_matmul_flops,
+                                     model_flops_per_token,
+                                     num_tokens,
+)
+
+__all__ = [
+    "LastStepCheckpoint",
+    "last_good_checkpoint",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
+    "PredictionWriter",
+    "RNGStateCheckpoint",
+    "TextSampler",
+    "TokenThroughputMonitor",
+    "batch_size",
+    "measure_matmul_flops",
+    "model_flops_per_token",
+    "num_tokens",
+]

@@ -1,0 +1,59 @@
+"""What this machine can do fast, detected rather than assumed: the CPU's name and whether it has
+native bf16 (AVX-512-BF16 or AMX), and the training precision that follows from it.
+
+Used by the CLI (a recipe's `trainer.precision: null` means "pick for this machine") and printed by
+every benchmark, since the machines running `lm` differ from one session to the next.
+"""
+
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of hardware bf16 matmuls
+
+
+@lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, flags) of the first CPU in /proc/cpuinfo; empty where there is none (macOS, Windows)."""
+    name, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return name, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name in ("", platform.machine()):
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = frozenset(value.split())
+    return name, flags
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AVX-512-BF16 or AMX); elsewhere bf16 matmuls are
+    emulated and much slower than fp32."""
+    return any(flag in _cpuinfo()[1] for flag in NATIVE_BF16_CPU_FLAGS)
+
+
+def describe_cpu() -> str:
+    """One line for logs and benchmark output, e.g. 'AMD EPYC (AVX2, no native bf16), 2 threads'."""
+    name, _ = _cpuinfo()
+    capability = torch.backends.cpu.get_cpu_capability()
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"{name} ({capability}, {bf16}), {torch.get_num_threads()} threads"
+
+
+def auto_precision(accelerator: str) -> tuple[str, str]:
+    """(Trainer precision, the reason) for an `accelerator` setting ("cpu", "gpu", "cuda", "auto")."""
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16-mixed", f"{torch.cuda.get_device_name()} supports bf16"
+        return "32-true", "the GPU has no bf16 support"
+    if cpu_has_native_bf16():
+        return "bf16-mixed", f"the CPU has native bf16 ({describe_cpu()})"
+    return "32-true", f"the CPU has no native bf16, where bf16 matmuls are emulated and slow ({describe_cpu()})"

@@ -1,0 +1,77 @@
+"""What the tests share: repository paths, tiny-model and tiny-trainer flags, the `lm` command in a
+subprocess, and one TensorBoard reader."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+WIKITEXT_DIR = SHARED_DATA / "wikitext-2-raw-v1"
+OFFLINE_WIKITEXT_YAML = REPO_ROOT / "experiments" / "data" / "wikitext2_offline.yaml"
+
+
+def tiny_model_flags(context: int = 32, dropout: float | None = None, learning_rate: str = "3e-3",
+                     warmup_steps: int = 2) -> list[str]:
+    """`lm fit` flags of a 2-layer, 32-wide GPT (36k parameters with the 300-token test vocabulary)."""
+    flags = ["--model.config.hidden_size", "32", "--model.config.num_hidden_layers", "2",
+             "--model.config.num_attention_heads", "4", "--model.config.max_position_embeddings", str(context),
+             "--model.warmup_steps", str(warmup_steps), "--model.learning_rate", learning_rate]
+    if dropout is not None:
+        flags += ["--model.config.dropout", str(dropout)]
+    return flags
+
+
+TINY_MODEL = tiny_model_flags()
+TINY_TRAINER = [
+    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "12",
+    "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]
+
+
+def tiny_data(files: dict[str, Path], cache_dir: Path, *, test: bool = True, batch_size: int = 8,
+              samples_per_epoch: int | None = None) -> list[str]:
+    """`--data.*` flags for the corpus files of `conftest.corpus_files`: vocab 300, windows of 16 tokens."""
+    flags = ["--data.train_files", f"[{files['train']}]", "--data.val_files", f"[{files['valid']}]",
+             "--data.vocab_size", "300", "--data.block_size", "16", "--data.batch_size", str(batch_size),
+             "--data.cache_dir", str(cache_dir)]
+    if test:
+        flags += ["--data.test_files", f"[{files['test']}]"]
+    if samples_per_epoch is not None:
+        flags += ["--data.samples_per_epoch", str(samples_per_epoch)]
+    return flags
+
+
+def run_lm(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`lm <args>` in a fresh Python process (what a user's shell runs)."""
+    return subprocess.run([sys.executable, "-m", "lm", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tb_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar under `log_dir` (all versions): tag -> {step: value}, later event files winning."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = sorted(Path(log_dir).rglob("events.out.tfevents.*"))
+    assert event_files, f"no TensorBoard event files under {log_dir}"
+    tags: dict[str, dict[int, float]] = {}
+    for event_file in event_files:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            tags.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return tags
+
+
+def scalar_values(log_dir: Path, tag: str) -> list[float]:
+    """The values of one scalar in step order."""
+    values = tb_scalars(log_dir).get(tag, {})
+    return [values[step] for step in sorted(values)]
+
+
+def scalar_tags(log_dir: Path) -> dict[str, list[float]]:
+    """Every scalar under `log_dir`: tag -> values in step order."""
+    return {tag: [values[step] for step in sorted(values)] for tag, values in tb_scalars(log_dir).items()}
