@@ -22,6 +22,7 @@ LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 # verb -> "module:function"; each function's signature and docstring are its CLI.
 FUNCTION_VERBS = {
     "generate": "lm.commands.generate:generate",
+    "serve": "lm.commands.serve:serve",
 }
 
 USAGE = f"""usage: lm <verb> [--config FILE.yaml ...] [--key value ...]

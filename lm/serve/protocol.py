@@ -1,0 +1,166 @@
+"""The OpenAI-compatible wire format of `lm serve`: request bodies, limits, the chat template, errors.
+
+What this file does:
+- `CompletionRequest` / `ChatRequest` / `FeedbackRequest`: pydantic bodies of the endpoints, with
+  the range checks of the OpenAI API (temperature in [0, 2], top_p in (0, 1], n = 1, <= 4 stops).
+  Unknown fields are ignored, as OpenAI clients send some we don't use (penalties, logprobs, ...).
+- `Limits.sampling_options`: a request's fields on top of the server's `SamplingOptions` (the one
+  place sampling defaults live), checked against the prompt-length and `max_tokens` caps.
+- `render_chat`: the chat template (below), so instruction-tuned checkpoints answer chat requests.
+- `ApiError` / `error_body`: every 4xx/5xx carries OpenAI's `{"error": {message, type, param, code}}`.
+
+Chat template (Alpaca's, the instruction format that `POST /v1/feedback` writes and the
+instruction-tuning DataModule reads). A `system` message replaces the first line; each `user`
+message is an instruction, each `assistant` message a response; the prompt ends with an open
+response, and generation stops at the next `### ` heading:
+
+    Below is an instruction that describes a task. Write a response that appropriately completes the request.
+
+    ### Instruction:
+    {user}
+
+    ### Response:
+    {assistant, for earlier turns}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lm.model.generate import SamplingOptions
+
+CHAT_PREAMBLE = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+CHAT_STOP = "\n### "  # the next heading: the model has finished its response
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-shaped body (`error_body`) and `status`."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 type: str = "invalid_request_error", code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ------------------------------------------------------------------------------------- bodies
+class _SamplingFields(BaseModel):
+    """Fields shared by both generation endpoints. None means "the server's default"."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=1)  # not in OpenAI's API; accepted as an extension
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = Field(None)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)  # one choice per request: send several requests for more
+    user: Optional[str] = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise ApiError(400, f"At most 4 stop sequences are allowed, got {len(stops)}.", "stop")
+        return [s for s in stops if s]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str]]
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise ApiError(400, f"Send one prompt per request (got a list of {len(self.prompt)}); "
+                                    "concurrent requests are batched by the server anyway.", "prompt")
+            return self.prompt[0]
+        return self.prompt
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class FeedbackRequest(BaseModel):
+    """A rating and/or a corrected answer for a response id returned by this server."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=100)
+    rating: Optional[Literal["up", "down"]] = None
+    correction: Optional[str] = Field(None, max_length=20_000)
+
+
+# ------------------------------------------------------------------------------------- limits
+@dataclass
+class Limits:
+    """What a request may ask for. `context` is the model's; the rest are server settings."""
+
+    context: int
+    max_tokens_cap: int = 512
+    max_prompt_tokens: Optional[int] = None  # default: context - 1
+    max_body_bytes: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        self.max_prompt_tokens = min(self.max_prompt_tokens or self.context - 1, self.context - 1)
+        self.max_tokens_cap = min(self.max_tokens_cap, self.context - 1)
+
+    def sampling_options(self, body: _SamplingFields, prompt_tokens: int, defaults: SamplingOptions,
+                         extra_stop: Optional[list[str]] = None) -> SamplingOptions:
+        """The request's `SamplingOptions`: its fields over `defaults`; ApiError(400) if out of limits."""
+        if prompt_tokens == 0:
+            raise ApiError(400, "The prompt is empty: send at least one character.", "prompt")
+        if prompt_tokens > self.max_prompt_tokens:
+            raise ApiError(400, f"The prompt has {prompt_tokens} tokens; this server accepts at most "
+                                f"{self.max_prompt_tokens}. Shorten it.", "prompt", code="context_length_exceeded")
+        room = self.context - prompt_tokens
+        if body.max_tokens is not None and body.max_tokens > self.max_tokens_cap:
+            raise ApiError(400, f"max_tokens={body.max_tokens} is above this server's cap of "
+                                f"{self.max_tokens_cap}.", "max_tokens")
+        if body.max_tokens is not None and body.max_tokens > room:
+            raise ApiError(400, f"The prompt has {prompt_tokens} tokens; with max_tokens={body.max_tokens} that "
+                                f"exceeds the model's context of {self.context} tokens. Ask for at most {room}.",
+                           "max_tokens", code="context_length_exceeded")
+        given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed}
+        values = {k: v for k, v in given.items() if v is not None}
+        values["max_new_tokens"] = body.max_tokens or min(defaults.max_new_tokens, self.max_tokens_cap, room)
+        stops = body.stops() + list(extra_stop or [])
+        values["stop"] = stops or defaults.stop
+        if body.top_p is not None and body.top_k is None:
+            values["top_k"] = None  # an OpenAI client that sets top_p means nucleus sampling alone
+        return dataclasses.replace(defaults, **values)
+
+
+# ---------------------------------------------------------------------------------------- chat
+def render_chat(messages: list[ChatMessage]) -> tuple[str, str]:
+    """(prompt text for the model, the last user message: the feedback record's instruction)."""
+    preamble = CHAT_PREAMBLE
+    parts: list[str] = []
+    for message in messages:
+        if message.role == "system":
+            preamble = message.content
+        elif message.role == "user":
+            parts.append(f"### Instruction:\n{message.content}\n\n")
+        else:
+            parts.append(f"### Response:\n{message.content}\n\n")
+    last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+    return preamble + "\n\n" + "".join(parts) + "### Response:\n", last_user
