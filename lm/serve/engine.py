@@ -131,6 +131,11 @@ class BatchEngine:
         return self._thread is not None and self._thread.is_alive()
 
     def submit(self, request: GenerationRequest) -> None:
+        room = self.context - request.options.max_new_tokens
+        if not 0 < len(request.prompt_ids) <= min(room, self.context - 1):
+            raise ValueError(f"A prompt of {len(request.prompt_ids)} tokens with max_new_tokens="
+                             f"{request.options.max_new_tokens} does not fit the context of {self.context} tokens "
+                             f"(and a prompt needs at least one token).")
         if self._waiting.qsize() >= self.max_waiting:
             raise EngineBusy(f"{self._waiting.qsize()} requests are already waiting for a slot: retry later.")
         self._waiting.put(request)

@@ -1,0 +1,138 @@
+"""The continuous-batching engine of `lm serve`, in process: every request gets what it would get
+alone (greedy: `generate_text`; seeded sampling: `stream_text`), also when requests join and leave
+mid-batch and the shared cache has to shift; cancelling frees the slot; a failing step fails only
+its requests."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.checkpoint import load_model
+from lm.model import generate_text
+from lm.model.generate import SamplingOptions, stream_text
+from lm.serve.engine import BatchEngine, Failed, Finished, GenerationRequest, Piece
+from tests.serve_support import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only waits for the first on a shared machine
+    yield load_model(make_tiny_checkpoint(tmp_path_factory.mktemp("engine") / "tiny.ckpt"))
+    torch.set_num_threads(threads)
+
+
+class Collector:
+    """Gathers each request's pieces and final event."""
+
+    def __init__(self, expected: int):
+        self.text: dict[int, list[str]] = {}
+        self.end: dict[int, object] = {}
+        self.expected, self.done = expected, threading.Event()
+
+    def callback(self, key: int):
+        self.text[key] = []
+
+        def on_event(event):
+            if isinstance(event, Piece):
+                self.text[key].append(event.text)
+            else:
+                self.end[key] = event
+                if len(self.end) == self.expected:
+                    self.done.set()
+        return on_event
+
+    def result(self, key: int) -> str:
+        return "".join(self.text[key])
+
+
+def run_requests(engine: BatchEngine, tokenizer, jobs: list[tuple[str, SamplingOptions]]) -> Collector:
+    collector = Collector(len(jobs))
+    for i, (prompt, options) in enumerate(jobs):
+        engine.submit(GenerationRequest(tokenizer.encode(prompt), options, collector.callback(i)))
+    assert collector.done.wait(60), "the engine did not finish the requests"
+    return collector
+
+
+PROMPTS = ["The river", "A small town was built in", " = = Section 1 = = \n The old castle was", "Her",
+           "The railway became famous in the early spring", " = Article number 3 = ", "This species is found"]
+
+
+def test_greedy_batched_equals_alone_with_joins_leaves_and_shifts(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    engine = BatchEngine(model, tokenizer, max_batch_size=3)
+    shifts = []
+    original_shift = engine._shift
+    monkeypatch.setattr(engine, "_shift", lambda offset: (shifts.append(offset), original_shift(offset)))
+    lengths = [5, 30, 12, 40, 20, 33, 25]
+    jobs = [(p, SamplingOptions(max_new_tokens=n, temperature=0)) for p, n in zip(PROMPTS * 2, lengths * 2)]
+    jobs += [(PROMPTS[1], SamplingOptions(max_new_tokens=20, temperature=0, stop=[" the"]))]
+    engine.start()
+    try:
+        collector = run_requests(engine, tokenizer, jobs)
+    finally:
+        engine.stop()
+    for i, (prompt, options) in enumerate(jobs):
+        alone = generate_text(model, tokenizer, [prompt], max_new_tokens=options.max_new_tokens, temperature=0,
+                              stop=options.stop)[0]
+        assert collector.result(i) == alone, f"request {i} ({prompt!r}) differs from generating it alone"
+        assert isinstance(collector.end[i], Finished)
+    # Requests really shared steps (fewer forwards than tokens) and the cache shifted both ways.
+    assert engine.steps < sum(o.max_new_tokens for _, o in jobs) / 2
+    assert any(s > 0 for s in shifts) and any(s < 0 for s in shifts), shifts
+    assert engine.active_count == 0
+
+
+def test_seeded_sampling_equals_stream_text_per_request(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    jobs = [(p, SamplingOptions(max_new_tokens=15, temperature=0.9, top_k=40, top_p=0.95 if i % 2 else None, seed=i))
+            for i, p in enumerate(PROMPTS)]
+    engine = BatchEngine(model, tokenizer, max_batch_size=4).start()
+    try:
+        collector = run_requests(engine, tokenizer, jobs)
+    finally:
+        engine.stop()
+    for i, (prompt, options) in enumerate(jobs):
+        alone = "".join(stream_text(model, tokenizer, prompt, max_new_tokens=15, temperature=0.9, top_k=40,
+                                    top_p=options.top_p, seed=i))
+        assert collector.result(i) == alone
+
+
+def test_cancel_frees_the_slot_and_a_failed_step_fails_only_its_requests(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    engine = BatchEngine(model, tokenizer, max_batch_size=2).start()
+    try:
+        first_piece = threading.Event()
+        request = GenerationRequest(tokenizer.encode("The river"), SamplingOptions(max_new_tokens=50, temperature=0),
+                                    lambda e: first_piece.set() if isinstance(e, Piece) else None)
+        engine.submit(request)
+        assert first_piece.wait(30)
+        request.cancel()
+        for _ in range(200):
+            if engine.active_count == 0:
+                break
+            threading.Event().wait(0.05)
+        assert engine.active_count == 0
+
+        calls = {"n": 0}
+        original = model.forward
+
+        def fail_once(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the first decode step after a prefill
+                raise RuntimeError("simulated failure")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward", fail_once)
+        failed = run_requests(engine, tokenizer, [("The river", SamplingOptions(max_new_tokens=5, temperature=0))])
+        assert isinstance(failed.end[0], Failed) and "simulated failure" in failed.end[0].message
+        ok = run_requests(engine, tokenizer, [("The river", SamplingOptions(max_new_tokens=5, temperature=0))])
+        assert isinstance(ok.end[0], Finished) and engine.is_alive()
+    finally:
+        engine.stop()
+    with pytest.raises(ValueError, match="does not fit the context"):
+        engine.submit(GenerationRequest([1] * 60, SamplingOptions(max_new_tokens=10), lambda e: None))
