@@ -19,13 +19,13 @@ from tests.conftest import make_corpus
 CONTEXT = 64
 
 
-def make_tiny_checkpoint(path: Path, steps: int = 20) -> Path:
+def make_tiny_checkpoint(path: Path, steps: int = 20, context: int = CONTEXT) -> Path:
     """A 2-layer, 32-wide GPT with a 300-token BPE, saved as `lm fit` would (config, tokenizer, weights)."""
     text = make_corpus(40, seed=0)
     tokenizer = Tokenizer.train([text], vocab_size=300)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          max_position_embeddings=CONTEXT))
+                          max_position_embeddings=context))
     ids = torch.tensor(tokenizer.encode(text))
     for _ in range(steps):
         starts = torch.randint(0, len(ids) - 33, (8,))
