@@ -218,6 +218,7 @@ def test_feedback_appends_alpaca_lines_safely(server, client):
 
 
 def test_metrics_info_models_and_playground(server, client):
+    assert client.post("/v1/completions", json={"prompt": "The", "max_tokens": 3}).status_code == 200
     metrics = client.get("/metrics").text
     for name in ("lm_requests_total", "lm_request_latency_seconds_bucket", "lm_time_to_first_token_seconds_count",
                  "lm_completion_tokens_total", "lm_active_requests", "lm_decode_steps_total"):
@@ -239,3 +240,47 @@ def test_blocklist_filter_masks_words_across_pieces():
     assert out == "This is a ***, and Secretly fine; a *** ends ***"
     with pytest.raises(ValueError, match="empty"):
         Blocklist(["", " "])
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def test_playground_in_headless_chromium(server, tmp_path):
+    """Type a prompt in the page, watch the text stream in, send a thumbs-up; screenshot in tmp_path."""
+    import os
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (`apt-get install chromium`; .ci/run installs it)")
+    proc, workdir = server[0], server[1]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(proc.url + "/")
+            page.fill("#api_key", KEY)
+            page.fill("#prompt", "The river")
+            page.fill("#max_tokens", "60")
+            page.fill("#temperature", "0")
+            # Record the text's length at every change of the output box: streamed text grows in steps.
+            page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
+                const c = document.getElementById('completion'); if (c) window.seen.push(c.textContent.length);
+              }).observe(document.getElementById('output'), {childList: true, subtree: true, characterData: true}); }""")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent.endsWith('(done)')")
+            assert page.text_content("#status") == "60 tokens, length (done)"
+            text = page.text_content("#completion")
+            seen = page.evaluate("window.seen")
+            assert len({n for n in seen if 0 < n < len(text)}) >= 3, seen  # partial text was shown
+            assert text == greedy(server, "The river", 60)
+            assert page.text_content("#model") == "tiny"
+            page.click("#up")
+            page.wait_for_function("document.getElementById('status').textContent.includes('feedback recorded')")
+            page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "playground.png").stat().st_size > 5000
+    records = [json.loads(line) for line in (workdir / "feedback.jsonl").read_text().splitlines()]
+    assert records[-1]["instruction"] == "The river" and records[-1]["output"] == text
