@@ -50,9 +50,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m lm serve ...` on 127.0.0.1 and a free port; waits for /health."""
+    """`python -m lm serve ...` on 127.0.0.1 and a free port; waits for /health. `command` may add
+    arguments that must come first (e.g. `--config FILE`, which later flags override)."""
 
-    def __init__(self, ckpt: Path, workdir: Path, *args: str, env: dict | None = None):
+    def __init__(self, ckpt: Path, workdir: Path, *args: str, env: dict | None = None,
+                 command: tuple[str, ...] = ("lm", "serve")):
         import httpx
 
         self.port = free_port()
@@ -60,8 +62,8 @@ class ServerProcess:
         self.log_path = workdir / f"server-{self.port}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lm", "serve", "--ckpt_path", str(ckpt), "--port", str(self.port),
-             "--threads", "1", *args], cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", *command, "--ckpt_path", str(ckpt), "--port", str(self.port),
+             "--host", "127.0.0.1", "--threads", "1", *args], cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})})
         deadline = time.time() + 60
         while time.time() < deadline:
