@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 CONFIG ?= experiments/wikitext2_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv train test test-fast clean-venv
+.PHONY: venv train test test-fast clean-venv chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ train: venv
 	best=$$(ls -t checkpoints/$(EXPERIMENT)/step*.ckpt 2>/dev/null | head -n 1); \
 	$(BIN)/lm test --config $(CONFIG) $(DATA_CONFIG) --experiment $(EXPERIMENT)-test \
 		--ckpt_path "$${best:-checkpoints/$(EXPERIMENT)/last.ckpt}"
+
+# Debian's chromium for the playground's browser test (tests/test_serve.py), installed only if missing.
+# Playwright drives it; `playwright install` (a browser download) is never used.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
+		|| echo "chromium could not be installed: the browser test will skip" >&2; }
 
 # The whole suite, as CI runs it (`make test-fast` leaves out the few tests marked slow).
 test: venv

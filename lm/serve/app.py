@@ -203,7 +203,18 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="lm serve", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServerMetrics(state.engine)
     app.state.lm = state
+    _add_error_handlers(app)
+    guarded = [Depends(_key_checker(state))]
+    _add_generation_routes(app, state, guarded)
+    _add_info_routes(app, state, metrics, guarded)
+    _add_feedback_route(app, state, metrics, guarded)
+    # Outermost first: the log sees every answer, including the body cap's 413.
+    app.add_middleware(BodySizeLimit, max_bytes=state.limits.max_body_bytes)
+    app.add_middleware(RequestLog, metrics=metrics)
+    return app
 
+
+def _key_checker(state: ServerState):
     async def require_key(request: Request) -> None:
         if state.api_key is None:
             return
@@ -211,7 +222,10 @@ def create_app(state: ServerState) -> FastAPI:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), state.api_key.encode()):
             raise ApiError(401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>'.",
                            type="authentication_error", code="invalid_api_key")
+    return require_key
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status)
@@ -227,8 +241,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"Internal error: {error}", type="server_error"), status_code=500)
 
-    guarded = [Depends(require_key)]
 
+def _add_generation_routes(app: FastAPI, state: ServerState, guarded: list) -> None:
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
@@ -242,6 +256,8 @@ def create_app(state: ServerState) -> FastAPI:
         gen = _Generation(state, request, "chat", prompt, instruction, body, extra_stop=[CHAT_STOP])
         return await _respond(gen, body.stream)
 
+
+def _add_info_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics, guarded: list) -> None:
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": state.model_name, "object": "model",
@@ -249,29 +265,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/info", dependencies=guarded)
     async def info() -> dict[str, Any]:
-        engine = state.engine
+        engine, limits = state.engine, state.limits
         return {**state.info, "model": state.model_name,
                 "engine": {"max_batch_size": engine.max_batch_size, "active_requests": engine.active_count,
                            "waiting_requests": engine.waiting_count, "decode_steps": engine.steps,
                            "tokens_generated": engine.tokens_generated},
-                "limits": {"max_tokens": state.limits.max_tokens_cap, "max_prompt_tokens": state.limits.max_prompt_tokens,
-                           "max_body_bytes": state.limits.max_body_bytes, "context": state.limits.context},
-                "defaults": {k: v for k, v in state.defaults.__dict__.items()}}
-
-    @app.post("/v1/feedback", dependencies=guarded)
-    async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
-        if body.rating is None and body.correction is None:
-            raise ApiError(400, "Send a rating ('up' or 'down') and/or a correction.", "rating")
-        served = state.recent.get(body.id)
-        if served is None:
-            raise ApiError(404, f"No recent response with id {body.id!r} (this server keeps the last "
-                                f"{state.recent.capacity}).", "id", code="response_not_found")
-        metrics.feedback.labels("correction" if body.correction is not None else body.rating).inc()
-        written = False
-        if state.feedback is not None:
-            written = await asyncio.to_thread(state.feedback.append, body.id, served, body.rating, body.correction)
-        request.scope["lm.usage"]["id"] = body.id
-        return {"id": body.id, "recorded": True, "training_example": written}
+                "limits": {"max_tokens": limits.max_tokens_cap, "max_prompt_tokens": limits.max_prompt_tokens,
+                           "max_body_bytes": limits.max_body_bytes, "context": limits.context},
+                "defaults": dict(vars(state.defaults))}
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -289,7 +290,19 @@ def create_app(state: ServerState) -> FastAPI:
     async def playground() -> HTMLResponse:
         return HTMLResponse(page)
 
-    # Outermost first: the log sees every answer, including the body cap's 413.
-    app.add_middleware(BodySizeLimit, max_bytes=state.limits.max_body_bytes)
-    app.add_middleware(RequestLog, metrics=metrics)
-    return app
+
+def _add_feedback_route(app: FastAPI, state: ServerState, metrics: ServerMetrics, guarded: list) -> None:
+    @app.post("/v1/feedback", dependencies=guarded)
+    async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
+        if body.rating is None and body.correction is None:
+            raise ApiError(400, "Send a rating ('up' or 'down') and/or a correction.", "rating")
+        served = state.recent.get(body.id)
+        if served is None:
+            raise ApiError(404, f"No recent response with id {body.id!r} (this server keeps the last "
+                                f"{state.recent.capacity}).", "id", code="response_not_found")
+        metrics.feedback.labels("correction" if body.correction is not None else body.rating).inc()
+        written = False
+        if state.feedback is not None:
+            written = await asyncio.to_thread(state.feedback.append, body.id, served, body.rating, body.correction)
+        request.scope["lm.usage"]["id"] = body.id
+        return {"id": body.id, "recorded": True, "training_example": written}
