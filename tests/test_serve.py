@@ -27,12 +27,12 @@ PROMPTS = ["The river", "A small town was", " = = Section 2 = = ", "Her first al
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("serve")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only waits for the first on a shared machine
     ckpt = make_tiny_checkpoint(workdir / "tiny.ckpt", context=128)
     proc = ServerProcess(ckpt, workdir, "--max_batch_size", "4", "--max_tokens", "100", "--max_body_bytes", "100000",
                          "--feedback_path", str(workdir / "feedback.jsonl"), "--model_name", "tiny",
                          env={"LM_API_KEY": KEY})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model, tokenizer = load_model(ckpt)
     yield proc, workdir, model, tokenizer
     torch.set_num_threads(threads)

@@ -138,8 +138,9 @@ class _Generation:
         return body
 
 
-async def _complete(gen: _Generation) -> dict[str, Any]:
-    """The whole response of a non-streaming request; cancels it if the client leaves meanwhile."""
+async def _complete(gen: _Generation) -> Optional[dict[str, Any]]:
+    """The whole response of a non-streaming request; None (and the request cancelled) if the client
+    left meanwhile."""
     waiter = asyncio.ensure_future(_drain(gen))
     try:
         while True:
@@ -148,7 +149,7 @@ async def _complete(gen: _Generation) -> dict[str, Any]:
                 return waiter.result()
             if await gen.request.is_disconnected():
                 gen.usage["finish_reason"] = "cancelled"
-                raise asyncio.CancelledError
+                return None
     finally:
         waiter.cancel()
         gen.job.cancel()  # no-op if it finished
@@ -184,7 +185,10 @@ async def _respond(gen: _Generation, stream: bool) -> Response:
     if stream:
         return StreamingResponse(_stream(gen), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(await _complete(gen))
+    body = await _complete(gen)
+    if body is None:  # nobody to answer; 499 is the log's "client closed the request"
+        return Response(status_code=499)
+    return JSONResponse(body)
 
 
 # ------------------------------------------------------------------------------------- the app
