@@ -6,7 +6,6 @@ without reading it, a disconnect mid-stream freeing its slot, feedback lines, /m
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

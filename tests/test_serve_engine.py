@@ -6,7 +6,6 @@ its requests."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch

@@ -36,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from lm.model.generate import SamplingOptions
-from lm.serve.engine import BatchEngine, EngineBusy, Event, Failed, Finished, GenerationRequest, Piece
+from lm.serve.engine import BatchEngine, EngineBusy, Event, Finished, GenerationRequest, Piece
 from lm.serve.feedback import FeedbackLog, RecentResponses, ServedResponse
 from lm.serve.filters import NoFilter, OutputFilter
 from lm.serve.metrics import ServerMetrics
