@@ -146,7 +146,7 @@ def main() -> None:
     server = ServerProcess(Path(args.ckpt_path).resolve(), workdir, "--max_batch_size", str(args.clients),
                            "--threads", str(args.threads), "--max_tokens", str(args.max_tokens), "--feedback_path", "null")
     try:
-        run_phase(server.url, 2, 5, 8, seed_base=10**8)  # warm-up (first-call allocations), not reported
+        run_phase(server.url, 2, min(5.0, args.duration), 8, seed_base=10**8)  # warm-up, not reported
         rss_before = rss_mb(server.proc.pid)
         batched = report(f"{args.clients} clients", run_phase(server.url, args.clients, args.duration, args.max_tokens, 0))
         rss_after = rss_mb(server.proc.pid)

@@ -33,3 +33,18 @@ def test_generate_benchmark_prints_cache_and_no_cache_speeds():
     row = next(line for line in out.splitlines() if line.startswith("| 1 | float32 | eager |"))
     cache, no_cache = (float(cell) for cell in row.split("|")[4:6])
     assert cache > 0 and no_cache > 0
+
+
+def test_serve_load_runs_both_phases(tmp_path):
+    import json
+
+    from tests.serve_support import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.ckpt", steps=1)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--ckpt_path", str(ckpt),
+                             "--clients", "2", "--duration", "2", "--max_tokens", "4", "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r.get("phase") for r in rows[:2]] == ["2 clients", "1 client"]
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows[:2]) and rows[2]["rss_mb_before"] > 0
