@@ -261,19 +261,25 @@ def test_playground_in_headless_chromium(server, tmp_path):
             page.goto(proc.url + "/")
             page.fill("#api_key", KEY)
             page.fill("#prompt", "The river")
-            page.fill("#max_tokens", "60")
+            page.fill("#max_tokens", "100")
             page.fill("#temperature", "0")
             # Record the text's length at every change of the output box: streamed text grows in steps.
             page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
                 const c = document.getElementById('completion'); if (c) window.seen.push(c.textContent.length);
               }).observe(document.getElementById('output'), {childList: true, subtree: true, characterData: true}); }""")
+            # A slow network (16 kB/s, ~1 s for this stream), so the browser reads the stream in pieces
+            # however fast the tiny model is; on loopback it may otherwise get it all in one or two reads.
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Network.enable")
+            cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                          "downloadThroughput": 16_000, "uploadThroughput": -1})
             page.click("#generate")
             page.wait_for_function("document.getElementById('status').textContent.endsWith('(done)')")
-            assert page.text_content("#status") == "60 tokens, length (done)"
+            assert page.text_content("#status") == "100 tokens, length (done)"
             text = page.text_content("#completion")
             seen = page.evaluate("window.seen")
-            assert len({n for n in seen if 0 < n < len(text)}) >= 3, seen  # partial text was shown
-            assert text == greedy(server, "The river", 60)
+            assert len({n for n in seen if 0 < n < len(text)}) >= 3, (seen, len(text))  # partial text shown
+            assert text == greedy(server, "The river", 100)
             assert page.text_content("#model") == "tiny"
             page.click("#up")
             page.wait_for_function("document.getElementById('status').textContent.includes('feedback recorded')")

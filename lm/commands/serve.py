@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
+from lm.errors import LMError
 from lm.model.generate import SamplingOptions
 
 log = logging.getLogger("lm.serve")
@@ -68,7 +69,7 @@ def serve(
         log_level: Server log level; the request log is at info.
     """
     if not ckpt_path:
-        raise ValueError("No checkpoint given: pass --ckpt_path, e.g. checkpoints/<experiment>/last.ckpt.")
+        raise LMError("No checkpoint given: pass --ckpt_path, e.g. checkpoints/<experiment>/last.ckpt.")
     api_key = api_key or os.environ.get("LM_API_KEY") or None
     if host not in _LOOPBACK and api_key is None:
         log.warning("Listening on %s without an API key: anyone who can reach it can use it "

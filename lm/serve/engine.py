@@ -31,6 +31,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lm.errors import LMError
 from lm.model.generate import SamplingOptions, _Decoder, _TextAssembler, sample_next_token
 
 log = logging.getLogger("lm.serve")
@@ -104,7 +105,7 @@ class BatchEngine:
 
     def __init__(self, model: nn.Module, tokenizer, max_batch_size: int = 16, max_waiting: int = 256):
         if max_batch_size <= 0:
-            raise ValueError(f"max_batch_size must be positive, got {max_batch_size}.")
+            raise LMError(f"max_batch_size must be positive, got {max_batch_size}.")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -133,7 +134,7 @@ class BatchEngine:
     def submit(self, request: GenerationRequest) -> None:
         room = self.context - request.options.max_new_tokens
         if not 0 < len(request.prompt_ids) <= min(room, self.context - 1):
-            raise ValueError(f"A prompt of {len(request.prompt_ids)} tokens with max_new_tokens="
+            raise LMError(f"A prompt of {len(request.prompt_ids)} tokens with max_new_tokens="
                              f"{request.options.max_new_tokens} does not fit the context of {self.context} tokens "
                              f"(and a prompt needs at least one token).")
         if self._waiting.qsize() >= self.max_waiting:
@@ -240,7 +241,7 @@ class BatchEngine:
     def _take_token(self, row: _Active, logits: Tensor) -> None:
         """Sample a row's next token from its logits (1, V) with its own options and emit its text."""
         options = row.request.options
-        token = int(sample_next_token(logits, options.temperature, options.top_k, options.top_p, row.generator)[0])
+        token = int(sample_next_token(logits, options, row.generator)[0])
         row.generated += 1
         self.tokens_generated += 1
         piece = row.assembler.feed(token)

@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Protocol
 
+from lm.errors import LMError, MissingFileError
+
 
 class FilterStream(Protocol):
     def feed(self, text: str) -> str: ...
@@ -52,7 +54,7 @@ class Blocklist:
     def __init__(self, words: Iterable[str], mask: str = "***"):
         self.words = sorted({w.strip().lower() for w in words if w.strip()})
         if not self.words:
-            raise ValueError("The blocklist is empty: give at least one word (one per line in the file).")
+            raise LMError("The blocklist is empty: give at least one word (one per line in the file).")
         self.mask = mask
         self.pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in self.words) + r")\b", re.IGNORECASE)
 
@@ -60,7 +62,7 @@ class Blocklist:
     def from_file(cls, path: str | Path) -> "Blocklist":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Blocklist file not found: {path} (one word or phrase per line).")
+            raise MissingFileError(f"Blocklist file not found: {path} (one word or phrase per line).")
         return cls(path.read_text(encoding="utf-8").splitlines())
 
     def stream(self) -> FilterStream:
