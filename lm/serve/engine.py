@@ -132,6 +132,8 @@ class BatchEngine:
         return self._thread is not None and self._thread.is_alive()
 
     def submit(self, request: GenerationRequest) -> None:
+        if request.options.max_new_tokens < 1:
+            raise LMError("max_new_tokens must be at least 1 for a served request.")
         room = self.context - request.options.max_new_tokens
         if not 0 < len(request.prompt_ids) <= min(room, self.context - 1):
             raise LMError(f"A prompt of {len(request.prompt_ids)} tokens with max_new_tokens="
