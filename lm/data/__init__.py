@@ -1,4 +1,8 @@
-"""Data layer: tokenizer, text sources, cleaning, token cache, datasets and the Lightning DataModule.
+"""Data layer: sources -> cleaning -> tokenizer -> sharded token cache -> windows -> the Lightning DataModule.
+
+Rooms: plan.py (which split comes from where), sources.py, clean.py + dedup.py, tokenizer.py +
+tokenizer_train.py, staging.py, encode.py, cache.py, prepare.py (all of it, no Lightning),
+tokens.py (windows, samplers, resumable loader), litdata_chunks.py, datamodule.py (TextDataModule).
 
 Exports are resolved lazily (PEP 562) so that ``from lm.data import Tokenizer`` costs only the
 ``tokenizers`` import, not torch + Lightning (~5 s): CLI verbs that only tokenize or print help stay fast.
@@ -10,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lm.data.lm_data import TextDataModule
+    from lm.data.datamodule import TextDataModule
     from lm.data.tokenizer import EOT, Tokenizer
     from lm.data.tokens import IGNORE_INDEX, EpochDistributedSampler, RandomWindowDataset, SequentialWindowDataset
 
@@ -21,7 +25,7 @@ _EXPORTS = {
     "RandomWindowDataset": "lm.data.tokens",
     "SequentialWindowDataset": "lm.data.tokens",
     "EpochDistributedSampler": "lm.data.tokens",
-    "TextDataModule": "lm.data.lm_data",
+    "TextDataModule": "lm.data.datamodule",
 }
 
 __all__ = list(_EXPORTS)

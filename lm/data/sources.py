@@ -1,19 +1,29 @@
-"""Where text comes from: local files, a local WikiText folder, or the Hugging Face Hub.
+"""Where documents come from, streamed one at a time (a corpus larger than RAM is never held whole).
 
-Everything here returns *documents* (a list of strings). Documents matter because the token stream
-puts an ``<|endoftext|>`` token after each one, so the model learns where one article ends and the
-next unrelated one begins, instead of learning to continue article A with article B.
+* :class:`FileSource`: local files and globs. The format follows the suffix: ``.jsonl`` / ``.json``
+  (one JSON object per line, text in ``text_field``), ``.parquet`` (the ``text_field`` column, read
+  in record batches), anything else plain UTF-8 text. A text file in WikiText layout is split into
+  articles at its top-level `` = Title = `` headings; any other text file is one document.
+* :class:`HubSource`: a Hugging Face dataset by name / config / split through ``datasets`` (also
+  ``streaming=True``: rows arrive over the network, nothing is downloaded whole). The WikiText preset
+  (``Salesforce/wikitext``) rebuilds the raw-file layout from its one-row-per-line storage, so the hub
+  and a local ``wiki.*.raw`` give the same documents.
 
-A source also knows its *fingerprint*: the small JSON-able description that goes into the token
-cache key (file paths, sizes and modification times; or the hub name, config and split), so editing
-or replacing a file invalidates the cache without hashing gigabytes of text.
+Document boundaries matter: the token stream puts ``<|endoftext|>`` after each document, so the model
+learns where an article ends instead of continuing article A with article B.
+
+A source also has a *fingerprint*: a small JSON-able description that goes into the cache keys (file
+paths, sizes and modification times; or the dataset name, config, split and field), so editing a
+file invalidates the cache without hashing gigabytes of text.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,206 +31,232 @@ from typing import Any, Protocol
 from lm.errors import LMError, MissingFileError
 
 WIKITEXT_URL = "https://huggingface.co/datasets/Salesforce/wikitext"
-WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
-_SPLIT_ALIASES = {
-    "train": "train", "validation": "validation", "valid": "validation", "val": "validation", "test": "test"
-}  # fmt: skip
+WIKITEXT_HUB_NAME = "Salesforce/wikitext"
+WIKITEXT_FILES = {"train": "wiki.train.raw", "val": "wiki.valid.raw", "test": "wiki.test.raw"}
+"""The one definition of WikiText's raw file names, by split."""
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+_SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB: a binary file, not text
 
 # A WikiText article starts with a top-level heading line " = Title = " (one "=" on each side);
 # " = = Section = = " and deeper headings are subsections and stay inside the article.
-_ARTICLE_HEADING = re.compile(r"^ = (?!=)[^\n]*?(?<!=) = [ \t]*$", re.MULTILINE)
+_ARTICLE_HEADING = re.compile(r"^ = (?!=)[^\n]*?(?<!=) = [ \t]*$")
 
 
-def _how_to_get_data(option: str) -> str:
+def how_to_get_data(option: str) -> str:
     return (
         f"Download WikiText-2 raw from {WIKITEXT_URL} (config wikitext-2-raw-v1; files "
-        f"{', '.join(WIKITEXT_FILES.values())}) and pass --data.data_dir, or pass your own plain "
-        f"text files with {option} [path, ...]."
+        f"{', '.join(WIKITEXT_FILES.values())}) and pass --data.data_dir, or pass your own files "
+        f"(text, .jsonl or .parquet; globs allowed) with {option} [path, ...]."
     )
 
 
-def read_text_files(paths: Sequence[str | os.PathLike[str]], option: str = "--data.train_files") -> str:
-    """Read and concatenate UTF-8 text files (universal newlines, so CRLF files read as LF).
-
-    Args:
-        paths: files to read, in order.
-        option: the command-line option that supplied them, quoted in the error message.
+def expand_paths(patterns: Sequence[str], option: str) -> list[Path]:
+    """Paths and glob patterns (``data/*.jsonl``, ``**`` recursive) to a list of files, in order.
 
     Raises:
-        FileNotFoundError: naming every missing path (all at once, not just the first) and how to
-            get the data.
+        MissingFileError: naming every path or pattern that matched no file (all at once).
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
+    if not patterns:
         raise LMError(f"No files given ({option} is empty).")
-    missing = [str(p) for p in paths if not p.is_file()]
+    files: list[Path] = []
+    missing = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matched = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        else:
+            matched = [Path(pattern)] if Path(pattern).is_file() else []
+        if not matched:
+            missing.append(pattern)
+        files.extend(matched)
     if missing:
         kind = "Not a file" if all(Path(m).exists() for m in missing) else "File not found"
-        raise MissingFileError(f"{kind}: {', '.join(missing)}. {_how_to_get_data(option)}")
-    parts = []
-    for p in paths:
-        try:
-            parts.append(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as err:
-            raise LMError(f"{p} is not valid UTF-8 text ({err}). Convert it to UTF-8 first.") from err
-    return "".join(parts)
+        raise MissingFileError(f"{kind}: {', '.join(missing)}. {how_to_get_data(option)}")
+    return files
 
 
-def load_wikitext_split(
-    split: str,
-    data_dir: str | os.PathLike[str] | None = None,
-    hub_name: str = "Salesforce/wikitext",
-    hub_config: str = "wikitext-2-raw-v1",
-) -> str:
-    """Return one WikiText split as raw text.
+def split_articles(lines: Iterable[str]) -> Iterator[str]:
+    """Group lines (each ending in a newline) into documents at WikiText top-level headings.
 
-    From ``data_dir/wiki.{train,valid,test}.raw`` when ``data_dir`` is given, else through
-    ``datasets.load_dataset``. The Hub stores one row per line with blank lines as ``""``; rows are
-    joined back into the original file layout (blank lines are ``" \\n"`` in the raw files), so the
-    two routes give the same text and therefore the same tokens.
-
-    Args:
-        split: "train", "validation" (or "valid"/"val") or "test".
-        data_dir: local folder holding the ``wiki.*.raw`` files.
-        hub_name: dataset repository on the Hub.
-        hub_config: dataset config, e.g. "wikitext-2-raw-v1" or "wikitext-103-raw-v1".
+    Text before the first heading stays with the first article, so nothing is lost:
+    ``"".join(split_articles(lines)) == "".join(lines)``. Lines without such a heading are one document.
     """
-    if split not in _SPLIT_ALIASES:
-        raise LMError(f"Unknown WikiText split {split!r}; expected one of {sorted(_SPLIT_ALIASES)}.")
-    split = _SPLIT_ALIASES[split]
-    if data_dir is not None:
-        return read_text_files([Path(data_dir) / WIKITEXT_FILES[split]], option=f"--data.{_option_for(split)}")
-    try:
-        from datasets import load_dataset  # heavy import, only on this path
+    current: list[str] = []
+    seen_heading = False
+    for line in lines:
+        if line.startswith(" = ") and _ARTICLE_HEADING.match(line.rstrip("\n")):
+            if seen_heading:
+                yield "".join(current)
+                current = []
+            seen_heading = True
+        current.append(line)
+    if current:
+        yield "".join(current)
 
-        dataset = load_dataset(hub_name, hub_config, split=split)
-    except Exception as err:  # offline: ConnectionError, OfflineModeIsEnabled, LocalEntryNotFound...
+
+def _check_text_file(path: Path) -> None:
+    """Clear errors for an empty or binary file before any line is read."""
+    if path.stat().st_size == 0:
+        raise LMError(f"{path} is empty: remove it from the file list or give it some text.")
+    with path.open("rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if b"\x00" in head:
         raise LMError(
-            f"Could not load {hub_name!r} (config {hub_config!r}, split {split!r}) from the Hugging Face "
-            f"Hub: {type(err).__name__}: {err}\nIf you are offline, use local files instead: "
-            "--data.data_dir FOLDER (holding wiki.train.raw, wiki.valid.raw, wiki.test.raw) or "
-            "--data.train_files / --data.val_files / --data.test_files."
-        ) from err
-    return "".join(row if row else " \n" for row in dataset["text"])
+            f"{path} looks like a binary file (it contains NUL bytes), not UTF-8 text: pass text, "
+            ".jsonl or .parquet files only."
+        )
 
 
-def _option_for(split: str) -> str:
-    return {"train": "train_files", "validation": "val_files", "test": "test_files"}[split]
+def read_text_documents(path: Path) -> Iterator[str]:
+    """Documents of one UTF-8 text file (universal newlines: CRLF reads as LF), streamed by line."""
+    _check_text_file(path)
+    try:
+        with path.open(encoding="utf-8") as f:
+            yield from split_articles(f)
+    except UnicodeDecodeError as err:
+        raise LMError(f"{path} is not valid UTF-8 text ({err}). Convert it to UTF-8 first.") from err
 
 
-def split_documents(text: str) -> list[str]:
-    """Split text into documents.
-
-    WikiText: every top-level heading line `` = Title = `` starts a new article (any text before the
-    first heading is kept with the first article, so nothing is lost: ``"".join(docs) == text``).
-    Any other text (no such heading) is one document: a novel, a code file, a chat log.
-    """
-    starts = [m.start() for m in _ARTICLE_HEADING.finditer(text)]
-    if not starts:
-        return [text] if text else []
-    starts[0] = 0
-    ends = starts[1:] + [len(text)]
-    return [text[a:b] for a, b in zip(starts, ends)]
-
-
-def carve_tail(documents: Sequence[str], fraction: float) -> tuple[list[str], list[str], bool]:
-    """Split documents into (head, tail) where the tail holds about ``fraction`` of the characters.
-
-    The cut is placed at the start of the line holding the target position, so validation text
-    starts on a line boundary (and the tail is never empty for ``fraction > 0``). Carving *text*
-    rather than tokens lets the tokenizer be trained on the head only: the validation text never
-    influences the vocabulary.
-
-    Returns:
-        ``(head, tail, cut_inside_document)``. When the cut falls inside a document, that document's
-        first part ends ``head`` and its rest starts ``tail``; the caller must not put an
-        end-of-text token after a half document.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise LMError(f"fraction must be in (0, 1), got {fraction}.")
-    total = sum(len(d) for d in documents)
-    target = total - int(round(total * fraction))
-    seen = 0
-    for k, doc in enumerate(documents):
-        if seen + len(doc) <= target:
-            seen += len(doc)
-            continue
-        local = target - seen
-        if local == 0:  # the target is exactly a document boundary
-            return list(documents[:k]), list(documents[k:]), False
-        line_start = doc.rfind("\n", 0, local) + 1
-        if line_start == 0:
-            if k > 0:  # the target is on the document's first line: cut before the document
-                return list(documents[:k]), list(documents[k:]), False
-            line_start = local  # a single line of text: no line break to align to
-        return [*documents[:k], doc[:line_start]], [doc[line_start:], *documents[k + 1 :]], True
-    return list(documents), [], False
+def read_jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    """The ``text_field`` string of every JSON object in a JSON-lines file (blank lines skipped)."""
+    _check_text_file(path)
+    with path.open(encoding="utf-8", errors="strict") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LMError(f"{path}:{number} is not a JSON object ({err}); one object per line is expected.") from err
+            yield _text_of(row, text_field, f"{path}:{number}")
 
 
-# ---------------------------------------------------------------------- sources
+def _text_of(row: Any, text_field: str, where: str) -> str:
+    if not isinstance(row, dict) or text_field not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise LMError(
+            f"{where} has no {text_field!r} field (it has: {keys}). Set --data.text_field to the field "
+            "holding the document text."
+        )
+    text = row[text_field]
+    if not isinstance(text, str):
+        raise LMError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string.")
+    return text
+
+
+def read_parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    """The ``text_field`` column of a Parquet file, read one record batch at a time."""
+    import pyarrow.parquet as pq  # installed with `datasets`
+
+    if path.stat().st_size == 0:
+        raise LMError(f"{path} is empty: remove it from the file list.")
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid for a non-Parquet file
+        raise LMError(f"{path} is not a readable Parquet file ({err}).") from err
+    if text_field not in parquet.schema_arrow.names:
+        raise LMError(
+            f"{path} has no {text_field!r} column (it has: {parquet.schema_arrow.names}). Set "
+            "--data.text_field to the column holding the document text."
+        )
+    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield text
 
 
 class TextSource(Protocol):
-    """Something that yields documents and can say, cheaply, whether its content changed."""
+    """Something that streams documents and can say, cheaply, whether its content changed."""
 
     def fingerprint(self) -> dict[str, Any]: ...
     def describe(self) -> str: ...
-    def check(self) -> None: ...
-    def documents(self) -> list[str]: ...
+    def documents(self) -> Iterator[str]: ...
 
 
 @dataclass(frozen=True)
 class FileSource:
-    """Plain text files; WikiText-formatted files are split into articles, any other file is one document.
+    """Local files and globs: plain text, JSON lines or Parquet, chosen by suffix.
 
     Args:
-        paths: the files, in order.
+        patterns: paths or glob patterns, in order.
         option: the CLI option that named them (for error messages).
+        text_field: JSON field / Parquet column holding the text.
     """
 
-    paths: tuple[str, ...]
+    patterns: tuple[str, ...]
     option: str = "--data.train_files"
+    text_field: str = "text"
 
-    def check(self) -> None:
-        """Fail early, naming every missing file, before any expensive work starts."""
-        missing = [p for p in self.paths if not Path(p).is_file()]
-        if missing:
-            raise MissingFileError(f"File not found: {', '.join(missing)}. {_how_to_get_data(self.option)}")
+    def files(self) -> list[Path]:
+        return expand_paths(self.patterns, self.option)
 
     def fingerprint(self) -> dict[str, Any]:
-        self.check()
         files = []
-        for p in self.paths:
-            stat = Path(p).stat()
-            files.append({"path": str(Path(p).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-        return {"kind": "files", "files": files}
+        for path in self.files():
+            stat = path.stat()
+            files.append({"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        return {"kind": "files", "files": files, "text_field": self.text_field}
 
     def describe(self) -> str:
-        return ", ".join(self.paths)
+        return ", ".join(self.patterns)
 
-    def documents(self) -> list[str]:
-        docs: list[str] = []
-        for p in self.paths:
-            docs.extend(split_documents(read_text_files([p], option=self.option)))
-        return docs
+    def documents(self) -> Iterator[str]:
+        for path in self.files():
+            suffix = path.suffix.lower()
+            if suffix in JSONL_SUFFIXES:
+                yield from read_jsonl_documents(path, self.text_field)
+            elif suffix in PARQUET_SUFFIXES:
+                yield from read_parquet_documents(path, self.text_field)
+            else:
+                yield from read_text_documents(path)
 
 
 @dataclass(frozen=True)
 class HubSource:
-    """A WikiText split on the Hugging Face Hub (read through ``datasets``, which keeps its own cache)."""
+    """A split of a Hugging Face dataset, read through ``datasets`` (which keeps its own download cache).
+
+    Args:
+        name: dataset path on the hub, e.g. ``Salesforce/wikitext``.
+        config: dataset config (None: the default one).
+        split: split name in the dataset (``train``, ``validation``, ...).
+        text_field: the column holding the text.
+        streaming: iterate rows over the network instead of downloading the split first.
+    """
 
     name: str
-    config: str
+    config: str | None
     split: str
-
-    def check(self) -> None:
-        pass  # only known when downloading
+    text_field: str = "text"
+    streaming: bool = False
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"kind": "hub", "name": self.name, "config": self.config, "split": self.split}
+        return {"kind": "hub", "name": self.name, "config": self.config, "split": self.split,
+                "text_field": self.text_field}  # fmt: skip
 
     def describe(self) -> str:
-        return f"hf://{self.name}/{self.config}[{self.split}]"
+        return f"hf://{self.name}/{self.config or 'default'}[{self.split}]"
 
-    def documents(self) -> list[str]:
-        return split_documents(load_wikitext_split(self.split, hub_name=self.name, hub_config=self.config))
+    def documents(self) -> Iterator[str]:
+        rows = (_text_of(row, self.text_field, f"{self.describe()} row {i}") for i, row in enumerate(self._rows()))
+        if self.name == WIKITEXT_HUB_NAME:
+            # One row per line, blank lines stored as "": rebuild the raw files' layout (" \n").
+            yield from split_articles(row if row else " \n" for row in rows)
+        else:
+            yield from rows
+
+    def _rows(self) -> Iterable[dict[str, Any]]:
+        try:
+            from datasets import load_dataset  # heavy import, only on this path
+
+            return load_dataset(self.name, self.config, split=self.split, streaming=self.streaming)
+        except Exception as err:  # offline: ConnectionError, OfflineModeIsEnabled, LocalEntryNotFound...
+            raise LMError(
+                f"Could not load {self.describe()} from the Hugging Face Hub: {type(err).__name__}: {err}\n"
+                "If you are offline, use local files instead: --data.data_dir FOLDER (holding "
+                f"{', '.join(WIKITEXT_FILES.values())}) or --data.train_files / --data.val_files / --data.test_files."
+            ) from err
+
+
+def wikitext_file(data_dir: str | os.PathLike[str], split: str) -> Path:
+    return Path(data_dir) / WIKITEXT_FILES[split]

@@ -1,10 +1,12 @@
-"""Byte-level BPE tokenizer.
+"""The tokenizer: byte-level BPE (default), character-level, word-level or Unigram, all HF ``tokenizers``.
 
 This is the only module in ``lm`` that imports Hugging Face ``tokenizers``: everything else talks to
 :class:`Tokenizer`, so swapping the backend later touches one file.
 
-Why byte-level BPE: every string is a sequence of bytes, and the 256 byte tokens are always in the
-vocabulary, so *any* text encodes without an ``<unk>`` and decodes back to exactly the same string.
+Every kind works on the byte-level alphabet (GPT-2's 256 printable stand-ins for the bytes), and the
+256 byte tokens are always in the vocabulary, so *any* text encodes without an ``<unk>`` and decodes
+back to exactly the same string; the kinds differ only in which longer tokens they add (merges, whole
+characters, whole words, Unigram pieces: see lm/data/tokenizer_train.py).
 That lossless round trip is what makes two things in this framework exact rather than approximate:
 
 * bits-per-byte: :meth:`Tokenizer.token_byte_lengths` tells how many UTF-8 bytes each token stands
@@ -17,21 +19,26 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders
-from tokenizers.implementations import ByteLevelBPETokenizer
 
 from lm.errors import LMError, MissingFileError
+from lm.files import atomic_write_text
 
 EOT = "<|endoftext|>"
 """Document separator: appended after every document in the token stream (GPT-2 convention)."""
 
 NUM_BYTE_TOKENS = 256
+TOKENIZER_KINDS = ("bpe", "char", "word", "unigram")
+
+
+def minimum_vocab_size(special_tokens: Sequence[str]) -> int:
+    """The one vocabulary minimum: the 256 byte tokens plus the special tokens."""
+    return NUM_BYTE_TOKENS + len(list(special_tokens))
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -60,10 +67,10 @@ _BYTE_DECODER: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 class Tokenizer:
-    """Byte-level BPE tokenizer (HF ``tokenizers`` ``ByteLevelBPETokenizer`` underneath).
+    """A ``tokenizers.Tokenizer`` over the byte-level alphabet, with exact byte accounting.
 
     Construct it with :meth:`train`, :meth:`from_file` or :meth:`from_str`; the constructor wraps an
-    already built ``tokenizers.Tokenizer`` and checks that it really is byte-level BPE (the byte
+    already built ``tokenizers.Tokenizer`` and checks that its tokens are byte-level strings (the byte
     accounting below relies on that).
     """
 
@@ -80,40 +87,19 @@ class Tokenizer:
         vocab_size: int = 8192,
         min_frequency: int = 2,
         special_tokens: Sequence[str] = (EOT,),
+        kind: str = "bpe",
     ) -> Tokenizer:
-        """Learn a BPE vocabulary of at most ``vocab_size`` tokens (byte tokens and specials included).
+        """Learn a vocabulary of at most ``vocab_size`` tokens (byte tokens and specials included).
 
-        The result may be smaller than ``vocab_size`` when the corpus has too few pairs occurring at
-        least ``min_frequency`` times; callers should size model embeddings from the *requested*
-        vocabulary size, not from this one.
+        ``kind``: ``bpe`` (byte-level BPE merges), ``char`` (whole characters), ``word`` (whole
+        words, with their leading space) or ``unigram`` (SentencePiece-style pieces). Characters,
+        words or pieces outside the vocabulary fall back to byte tokens, so nothing is ever unknown.
+        The result may be smaller than ``vocab_size`` on a small corpus; size model embeddings from
+        the *requested* vocabulary size.
         """
-        special_tokens = list(special_tokens)
-        minimum = NUM_BYTE_TOKENS + len(special_tokens)
-        if vocab_size < minimum:
-            raise LMError(
-                f"vocab_size={vocab_size} is too small: a byte-level BPE needs {NUM_BYTE_TOKENS} byte "
-                f"tokens plus {len(special_tokens)} special tokens, so at least {minimum}."
-            )
-        if min_frequency < 1:
-            raise LMError(f"min_frequency must be >= 1, got {min_frequency}.")
-        if len(set(special_tokens)) != len(special_tokens):
-            raise LMError(f"special_tokens contains duplicates: {special_tokens}")
+        from lm.data.tokenizer_train import train_backend
 
-        counter = _CharCounter(texts)
-        # add_prefix_space=False: a leading space must not be invented, or decode(encode(t)) != t.
-        bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-        bpe.train_from_iterator(
-            counter,
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=special_tokens,
-            show_progress=False,
-        )
-        if counter.num_chars == 0:
-            raise LMError("Cannot train a tokenizer on an empty corpus (no text was given).")
-        backend = bpe._tokenizer  # the plain tokenizers.Tokenizer that the wrapper configures
-        backend.decoder = decoders.ByteLevel()
-        return cls(backend)
+        return cls(train_backend(texts, kind, vocab_size, min_frequency, list(special_tokens)))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -216,20 +202,6 @@ class Tokenizer:
 # ---------------------------------------------------------------------- helpers
 
 
-class _CharCounter:
-    """Pass texts through to the trainer while counting characters (to detect an empty corpus)."""
-
-    def __init__(self, texts: Iterable[str]) -> None:
-        self._texts = texts
-        self.num_chars = 0
-
-    def __iter__(self) -> Iterator[str]:
-        for text in self._texts:
-            self.num_chars += len(text)
-            if text:
-                yield text
-
-
 def _check_byte_level(backend: _HFTokenizer) -> None:
     """Refuse tokenizers whose tokens aren't strings over the byte-level alphabet.
 
@@ -240,35 +212,15 @@ def _check_byte_level(backend: _HFTokenizer) -> None:
     model_type = (spec.get("model") or {}).get("type")
     pre = spec.get("pre_tokenizer") or {}
     pre_types = {pre.get("type")} | {p.get("type") for p in pre.get("pretokenizers", [])}
-    if model_type != "BPE" or "ByteLevel" not in pre_types:
+    if model_type not in ("BPE", "Unigram") or "ByteLevel" not in pre_types:
         raise LMError(
-            "Only byte-level BPE tokenizers are supported (model BPE with a ByteLevel pre-tokenizer); "
-            f"got model={model_type!r}, pre_tokenizer={pre.get('type')!r}."
+            "Only byte-level tokenizers are supported (a BPE or Unigram model behind a ByteLevel "
+            f"pre-tokenizer, as lm trains them); got model={model_type!r}, pre_tokenizer={pre.get('type')!r}."
         )
     if spec.get("normalizer") is not None:
         raise LMError(
             "The tokenizer has a normalizer, so decode(encode(text)) would not reproduce the text; "
-            "byte-level BPE without a normalizer is required."
+            "a byte-level tokenizer without a normalizer is required."
         )
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         backend.decoder = decoders.ByteLevel()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``.
-
-    ``os.replace`` is atomic on POSIX and Windows, so a killed process leaves either the old file or
-    the new one, never a truncated one (the stray temporary file is ignored by all readers).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache files and tokenizers are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,216 +1,28 @@
-"""Token cache (tokenize once, memory-map forever) and the datasets that cut it into training windows.
+"""Training and evaluation windows over a token stream, the samplers that split them across ranks, and
+the training loader whose position inside an epoch goes into checkpoints.
 
-Cache layout, under ``cache_dir``::
-
-    tokens/<split>-<key>.bin    flat array of token ids (uint16 if the vocabulary fits, else uint32)
-    tokens/<split>-<key>.json   metadata: num_tokens, dtype, num_bytes of text, source, ...
-
-``key`` hashes everything that determines the ids (see ``TextDataModule``), so a stale cache is never
-read. Both files are written to a temporary name and ``os.replace``-d into place, the ``.bin`` first
-and the ``.json`` last: the metadata file is the commit marker, and a ``.bin`` is only used when its
-metadata exists and its size agrees with it. A run killed mid-write leaves at most a stray
-``.*.tmp`` file that nothing reads.
-
-Why memmaps: the OS pages token ids in on demand and shares them between DataLoader workers and DDP
-processes, so a dataset larger than RAM costs nothing to "load".
+The token stream is anything 1-D and sliceable: a ``numpy`` array, a memmap, or the shards of a
+prepared split (:class:`lm.data.cache.TokenShards`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lm.data.tokenizer import Tokenizer, atomic_write_text
 from lm.errors import LMError
 
 logger = logging.getLogger("lm.data")
 
-CACHE_VERSION = 1
-"""Bump when the on-disk format or the tokenization pipeline changes: invalidates every cache."""
-
 IGNORE_INDEX = -100
 """Target value that ``torch.nn.functional.cross_entropy`` skips (its default ``ignore_index``)."""
-
-_ENCODE_BATCH_CHARS = 4 << 20  # text per encode_batch call: bounds memory, keeps both cores busy
-_MAX_PIECE_CHARS = 1 << 20  # longer documents are encoded in line-aligned pieces of about this size
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """Smallest unsigned dtype holding every id: uint16 halves disk and page-cache use for vocab <= 65536."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def cache_key(payload: dict[str, Any]) -> str:
-    """Stable short hash of a JSON-able description of everything that determines a cached artifact."""
-    blob = json.dumps({"cache_version": CACHE_VERSION, **payload}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-# ---------------------------------------------------------------------- cache files
-
-
-def load_cached_tokens(bin_path: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
-    """Memory-map a cached token file, or return None if it is missing or inconsistent with its metadata."""
-    meta_path = bin_path.with_suffix(".json")
-    if not (bin_path.is_file() and meta_path.is_file()):
-        return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        dtype = np.dtype(meta["dtype"])
-        num_tokens = int(meta["num_tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
-        logger.warning("Ignoring unreadable token cache metadata %s", meta_path)
-        return None
-    if bin_path.stat().st_size != num_tokens * dtype.itemsize:
-        logger.warning("Ignoring token cache %s: size does not match its metadata", bin_path)
-        return None
-    if num_tokens == 0:
-        return np.zeros(0, dtype=dtype), meta
-    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(num_tokens,)), meta
-
-
-def _pieces(documents: Sequence[str], eot_after_last: bool) -> Iterator[tuple[str, bool]]:
-    """Yield (text, end_of_document) pieces; long documents are split at line breaks.
-
-    Encoding a multi-megabyte string in one call runs on one core and holds all its ids at once;
-    line-aligned pieces bound memory and let ``encode_batch`` use every core. Decoding is unaffected
-    (byte-level BPE is lossless either way); only the merges across a piece boundary may differ.
-    """
-    for d, doc in enumerate(documents):
-        is_last = d == len(documents) - 1
-        start = 0
-        while len(doc) - start > _MAX_PIECE_CHARS:
-            cut = doc.rfind("\n", start, start + _MAX_PIECE_CHARS)
-            cut = start + _MAX_PIECE_CHARS if cut <= start else cut + 1
-            yield doc[start:cut], False
-            start = cut
-        yield doc[start:], (eot_after_last or not is_last)
-
-
-def write_token_cache(
-    bin_path: Path,
-    documents: Sequence[str],
-    tokenizer: Tokenizer,
-    *,
-    eot_after_last: bool = True,
-    meta: dict[str, Any] | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Tokenize ``documents`` (each followed by ``<|endoftext|>``) into ``bin_path`` atomically.
-
-    Args:
-        bin_path: destination ``.bin``; its metadata goes next to it as ``.json``.
-        documents: cleaned documents, in order.
-        tokenizer: the tokenizer.
-        eot_after_last: put an end-of-text token after the last document too. False when the last
-            "document" is the first half of an article whose second half is in another split.
-        meta: extra metadata to record (source description, cache key, ...).
-
-    Returns:
-        The memory-mapped tokens and their metadata.
-    """
-    dtype = token_dtype(tokenizer.vocab_size)
-    eot = tokenizer.eot_id
-    if eot is None:
-        logger.warning("Tokenizer has no %r token: documents are concatenated without a separator.", "<|endoftext|>")
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{bin_path.name}.", suffix=".tmp", dir=bin_path.parent)
-    num_tokens = num_bytes = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            batch: list[tuple[str, bool]] = []
-            batch_chars = 0
-
-            def flush() -> None:
-                nonlocal num_tokens, num_bytes, batch, batch_chars
-                if not batch:
-                    return
-                encoded = tokenizer.encode_batch([text for text, _ in batch])
-                for (text, ends_doc), ids in zip(batch, encoded):
-                    if ends_doc and eot is not None:
-                        ids.append(eot)
-                    np.asarray(ids, dtype=dtype).tofile(f)
-                    num_tokens += len(ids)
-                    num_bytes += len(text.encode("utf-8"))
-                batch, batch_chars = [], 0
-
-            for piece in _pieces(documents, eot_after_last):
-                batch.append(piece)
-                batch_chars += len(piece[0])
-                if batch_chars >= _ENCODE_BATCH_CHARS:
-                    flush()
-            flush()
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, bin_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    meta = {
-        **(meta or {}),
-        "num_tokens": num_tokens,
-        "dtype": dtype.name,
-        "num_bytes": num_bytes,
-        "num_documents": len(documents),
-        "eot_id": eot,
-        "vocab_size": tokenizer.vocab_size,
-        "cache_version": CACHE_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write_text(bin_path.with_suffix(".json"), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    loaded = load_cached_tokens(bin_path)
-    assert loaded is not None, f"token cache {bin_path} vanished right after writing it"
-    return loaded
-
-
-def get_or_build_tokens(
-    bin_path: Path,
-    split: str,
-    tokenizer: Tokenizer,
-    documents: Callable[[], tuple[list[str], bool]],
-    meta: dict[str, Any] | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Return cached tokens for ``split``, tokenizing (and caching) them first on a miss.
-
-    Args:
-        bin_path: cache file named by the cache key.
-        split: split name, for log messages.
-        tokenizer: the tokenizer.
-        documents: called only on a miss; returns ``(documents, eot_after_last)``.
-        meta: extra metadata to record on a miss.
-    """
-    cached = load_cached_tokens(bin_path)
-    if cached is not None:
-        logger.info("Token cache hit: %s (%d tokens)", bin_path, cached[1]["num_tokens"])
-        return cached
-    source = (meta or {}).get("source", "")
-    logger.info("Tokenizing %s (%s) ...", split, source)
-    start = time.perf_counter()
-    docs, eot_after_last = documents()
-    tokens, info = write_token_cache(bin_path, docs, tokenizer, eot_after_last=eot_after_last, meta=meta)
-    seconds = time.perf_counter() - start
-    logger.info(
-        "Tokenized %s: %d documents, %.2f MB -> %d tokens (%.2f bytes/token) in %.2f s -> %s",
-        split, info["num_documents"], info["num_bytes"] / 1e6, info["num_tokens"],
-        info["num_bytes"] / max(info["num_tokens"], 1), seconds, bin_path,
-    )  # fmt: skip
-    return tokens, info
 
 
 # ---------------------------------------------------------------------- datasets
@@ -231,7 +43,8 @@ class _TokenArrayState:
     """Pickling support shared by the datasets: a memmap travels to workers as its file name.
 
     Pickling an ``np.memmap`` copies the whole array into the pickle; re-opening the file in the
-    worker keeps one copy in the page cache however many workers and processes read it.
+    worker keeps one copy in the page cache however many workers and processes read it. (The shards
+    of a prepared split, ``TokenShards``, pickle as their file names by themselves.)
     """
 
     tokens: np.ndarray
@@ -252,16 +65,23 @@ class _TokenArrayState:
         self.__dict__.update(state)
 
 
-def _check_tokens(tokens: np.ndarray, block_size: int, minimum: int, what: str) -> None:
-    if tokens.ndim != 1:
-        raise LMError(f"tokens must be a 1-D array, got shape {tokens.shape}")
+def check_token_count(num_tokens: int, block_size: int, split: str, source: str = "") -> None:
+    """The one "too few tokens" check: a training split needs one window plus a target, others 2 tokens."""
     if block_size < 1:
         raise LMError(f"block_size must be >= 1, got {block_size}")
-    if len(tokens) < minimum:
+    minimum = block_size + 1 if split in ("train", "training") else 2
+    if num_tokens < minimum:
+        where = f"; source: {source}" if source else ""
         raise LMError(
-            f"The {what} split has {len(tokens)} tokens, too few for block_size={block_size} "
-            f"(need at least {minimum}). Use more text or a smaller --data.block_size."
+            f"The {split} split has {num_tokens} tokens, too few for block_size={block_size} "
+            f"(need at least {minimum}{where}). Use more text or a smaller --data.block_size."
         )
+
+
+def _check_tokens(tokens: Any, block_size: int, split: str) -> None:
+    if getattr(tokens, "ndim", 1) != 1:
+        raise LMError(f"tokens must be a 1-D array, got shape {tokens.shape}")
+    check_token_count(len(tokens), block_size, split)
 
 
 class RandomWindowDataset(_TokenArrayState, Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -288,7 +108,7 @@ class RandomWindowDataset(_TokenArrayState, Dataset[tuple[torch.Tensor, torch.Te
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, num_samples: int, seed: int = 0) -> None:
-        _check_tokens(tokens, block_size, block_size + 1, "training")
+        _check_tokens(tokens, block_size, "training")
         if num_samples < 1:
             raise LMError(f"num_samples must be >= 1, got {num_samples}")
         self.tokens = tokens
@@ -338,7 +158,7 @@ class SequentialWindowDataset(_TokenArrayState, Dataset[tuple[torch.Tensor, torc
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, pad_id: int = 0) -> None:
-        _check_tokens(tokens, block_size, 2, "evaluation")
+        _check_tokens(tokens, block_size, "evaluation")
         self.tokens = tokens
         self.block_size = block_size
         self.pad_id = pad_id

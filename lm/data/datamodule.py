@@ -1,0 +1,265 @@
+"""``TextDataModule``: a thin Lightning layer from a prepared token cache to loaders.
+
+All the work happens in :func:`lm.data.prepare.prepare` (Lightning-free): ``prepare_data`` (one
+process per node) runs it; ``setup`` (every rank) only opens what it wrote, so DDP ranks never race
+or disagree. Training reads random windows from memory-mapped shards, or, with ``loader: litdata``,
+streams LitData chunks (lm/data/litdata_chunks.py); validation and test read every token once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lm.data.clean import CleaningOptions
+from lm.data.plan import DataPlan, file_list, make_plan
+from lm.data.prepare import PrepareOptions, TokenizerOptions, known_tokenizer, prepare
+from lm.data.tokenizer import EOT, Tokenizer, minimum_vocab_size
+from lm.data.tokens import (EpochDistributedSampler, EvalDistributedSampler, RandomWindowDataset, ResumableDataLoader,
+                            SequentialWindowDataset, check_token_count)  # fmt: skip
+from lm.errors import LMError, MissingFileError
+
+logger = logging.getLogger("lm.data")
+
+
+class TextDataModule(L.LightningDataModule):
+    """Language-modeling data from files, a WikiText folder or a Hugging Face dataset.
+
+    Args:
+        data_dir: Folder with WikiText ``wiki.{train,valid,test}.raw`` files.
+        train_files: Training files or globs (text, ``.jsonl``, ``.parquet``); one path or a list.
+        val_files: Validation files (cannot be combined with ``val_fraction``).
+        test_files: Test files.
+        text_field: JSONL field / Parquet or hub column holding the text.
+        hub_name: Hugging Face dataset used when no local path is given (``Salesforce/wikitext``: the
+            WikiText preset, articles rebuilt from lines).
+        hub_config: Config of ``hub_name``, e.g. ``wikitext-2-raw-v1``.
+        hub_streaming: Stream the hub dataset instead of downloading it first.
+        val_fraction: Fraction in [0, 1) of the cleaned training text, counted in characters and cut
+            at a line start, held out from its end for validation. It is cut before the tokenizer is
+            trained, so validation text never shapes the vocabulary. 0: ``val_files`` or the source's
+            own validation split, if any.
+        clean: Apply ``cleaning``; False keeps the text byte for byte.
+        cleaning: Cleaning steps: normalization, filters, exact/near dedup, PII (see CleaningOptions).
+        tokenizer_kind: ``bpe`` (byte-level BPE), ``char``, ``word`` or ``unigram``.
+        tokenizer_path: A ``tokenizer.json`` to use instead of training one on the training split.
+        vocab_size: Vocabulary size of the model; the tokenizer is trained up to it. Link the model's to it.
+        min_frequency: Minimum count of a merge (bpe) or of a character/word (char/word) to enter the vocabulary.
+        special_tokens: Special tokens; ``<|endoftext|>`` ends every document.
+        cache_dir: Where tokenizers, token shards and reports are cached.
+        num_proc: Tokenization processes (None: one, or one per CPU above ~32 MB of text).
+        shard_tokens: Maximum token ids per shard file.
+        loader: ``memmap`` (random windows from the shards) or ``litdata`` (LitData chunks, streamed).
+        litdata_dir: Where LitData chunks are written and streamed from (a folder or an ``s3://`` URL);
+            default: next to the training shards.
+        block_size: Tokens per training/evaluation window (the context length).
+        batch_size: Training batch size (per device).
+        eval_batch_size: Validation/test batch size (per device); defaults to ``batch_size``.
+        samples_per_epoch: Random windows per training epoch (over all devices); default about one pass.
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin host memory for faster host-to-GPU copies.
+        persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
+        seed: Seed of the random training windows.
+        prompts: Prompts for ``predict``.
+        prompts_file: File with one prompt per line for ``predict`` (added after ``prompts``).
+        predict_batch_size: Prompts per ``predict`` batch.
+    """
+
+    def __init__(
+        self, data_dir: str | None = None, train_files: list[str] | str | None = None,
+        val_files: list[str] | str | None = None, test_files: list[str] | str | None = None, text_field: str = "text",
+        hub_name: str = "Salesforce/wikitext", hub_config: str | None = "wikitext-2-raw-v1", hub_streaming: bool = False,
+        val_fraction: float = 0.0, clean: bool = True, cleaning: CleaningOptions | None = None,
+        tokenizer_kind: Literal["bpe", "char", "word", "unigram"] = "bpe", tokenizer_path: str | None = None,
+        vocab_size: int = 8192, min_frequency: int = 2, special_tokens: list[str] | tuple[str, ...] = (EOT,),
+        cache_dir: str = ".cache/lm", num_proc: int | None = None, shard_tokens: int = 1 << 27,
+        loader: Literal["memmap", "litdata"] = "memmap", litdata_dir: str | None = None, block_size: int = 256,
+        batch_size: int = 16, eval_batch_size: int | None = None, samples_per_epoch: int | None = None,
+        num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False, seed: int = 1234,
+        prompts: list[str] | None = None, prompts_file: str | None = None, predict_batch_size: int = 1,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters()
+        _check_sizes(locals())
+        self.files = {"train": file_list(train_files), "val": file_list(val_files), "test": file_list(test_files)}
+        self.train_files, self.val_files, self.test_files = self.files["train"], self.files["val"], self.files["test"]
+        self.data_dir, self.val_fraction, self.vocab_size = data_dir, val_fraction, vocab_size
+        self.block_size, self.batch_size, self.eval_batch_size = block_size, batch_size, eval_batch_size or batch_size
+        self.options = PrepareOptions(
+            cache_dir=Path(cache_dir).expanduser().resolve(),  # fixed now: prepare and setup agree
+            cleaning=(cleaning or CleaningOptions()) if clean else None, num_proc=num_proc, shard_tokens=shard_tokens,
+            tokenizer=TokenizerOptions(tokenizer_kind, vocab_size, min_frequency, list(special_tokens), tokenizer_path),
+        )  # fmt: skip
+        self.plan_args = dict(data_dir=data_dir, files=self.files, hub_name=hub_name, hub_config=hub_config,
+                              hub_streaming=hub_streaming, text_field=text_field, val_fraction=val_fraction)  # fmt: skip
+        if not 0.0 <= val_fraction < 1.0 or (val_fraction > 0 and self.files["val"]):
+            make_plan(**{**self.plan_args, "data_dir": None})  # raises the clear error now, not at prepare time
+        self.tokenizer: Tokenizer | None = None
+        self.tokenizer_file: Path | None = None
+        self._given_tokenizer: Tokenizer | None = None
+        self.num_tokens: dict[str, int] = {}  # per split, after prepare_data/setup
+        self.num_bytes: dict[str, int] = {}  # UTF-8 bytes of text per split (for bits-per-byte)
+        self.report: dict[str, Any] | None = None
+        self.train_dataset: Any = None
+        self.val_dataset: SequentialWindowDataset | None = None
+        self.test_dataset: SequentialWindowDataset | None = None
+
+    @property
+    def plan(self) -> DataPlan:
+        return make_plan(**self.plan_args)
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether ``fit`` will validate; known from the arguments alone, before any data is read."""
+        try:
+            return self.plan.has_split("val")
+        except MissingFileError:  # a missing data_dir is reported by prepare_data
+            return False
+
+    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Use this tokenizer (e.g. a checkpoint's) instead of training one; call before prepare_data/setup."""
+        _check_vocab(tokenizer, self.vocab_size, "The given tokenizer")
+        self._given_tokenizer = self.tokenizer = tokenizer
+
+    def prepare_data(self) -> None:
+        """Clean, train or load the tokenizer, and tokenize what the current entry point needs (cached)."""
+        stage = _trainer_stage(self)
+        if stage != "predict":
+            self._prepare(stage, build=True)
+
+    def setup(self, stage: str) -> None:
+        """Open the prepared cache (every rank; never trains or tokenizes) and build the datasets."""
+        if stage == "predict":
+            return self._setup_predict()
+        prepared = self._prepare(stage, build=False)
+        pad_id = self.tokenizer.eot_id if self.tokenizer.eot_id is not None else 0
+        if stage == "fit" and "val" not in prepared.splits:
+            logger.info("No validation data (no val_files, no validation split in the source, val_fraction=0): "
+                        "training runs without validation. Set --data.val_fraction or --data.val_files to add it.")
+        for split, ready in prepared.splits.items():
+            if split == "test" and stage == "fit":
+                continue  # prepared by prepare_data for convenience; opened when testing
+            tokens = ready.tokens()
+            check_token_count(len(tokens), self.block_size, split, ready.manifest["source"])
+            if split == "train":
+                samples = self.hparams.samples_per_epoch or max(1, len(tokens) // self.block_size)
+                self.train_dataset = RandomWindowDataset(tokens, self.block_size, samples, seed=self.hparams.seed)
+            elif split == "val" or stage == "test":
+                setattr(self, f"{split}_dataset", SequentialWindowDataset(tokens, self.block_size, pad_id=pad_id))
+        if stage == "fit" and self.hparams.loader == "litdata":
+            from lm.data.litdata_chunks import streaming_dataset
+
+            self.train_dataset = streaming_dataset(self._litdata_dir(prepared), self.block_size, self.hparams.seed)
+
+    def _prepare(self, stage: str | None, *, build: bool) -> Any:
+        plan = self.plan
+        prepared = prepare(plan, plan.splits_for(stage), self.options, self._given_tokenizer, build=build)
+        _check_vocab(prepared.tokenizer, self.vocab_size, f"The tokenizer {prepared.tokenizer_file}")
+        self.tokenizer, self.tokenizer_file, self.report = prepared.tokenizer, prepared.tokenizer_file, prepared.report
+        for split, ready in prepared.splits.items():
+            self.num_tokens[split], self.num_bytes[split] = ready.manifest["num_tokens"], ready.manifest["num_bytes"]
+        if build and self.hparams.loader == "litdata" and "train" in prepared.splits:
+            from lm.data.litdata_chunks import write_chunks
+
+            write_chunks(prepared.splits["train"], self._litdata_dir(prepared), self.block_size)
+        return prepared
+
+    def _litdata_dir(self, prepared: Any) -> str:
+        return self.hparams.litdata_dir or str(prepared.splits["train"].folder / "litdata")
+
+    def _setup_predict(self) -> None:
+        if self.tokenizer is None and (self.options.tokenizer.path or self.plan.has_split("train")):
+            self.tokenizer, self.tokenizer_file = known_tokenizer(self.plan, self.options)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise LMError("train_dataloader() called before setup('fit').")
+        if self.hparams.loader == "litdata":
+            from lm.data.litdata_chunks import streaming_loader
+
+            return streaming_loader(self.train_dataset, self.batch_size, self.hparams.num_workers)
+        # Our own DistributedSampler: Lightning keeps it instead of injecting one, and set_epoch reaches the dataset.
+        num_replicas, rank = self._rank_split()
+        sampler = EpochDistributedSampler(self.train_dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        loader = ResumableDataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler,
+                                     drop_last=len(sampler) >= self.batch_size, **self._loader_kwargs())  # fmt: skip
+        loader.progress_fn = self._train_batches_consumed  # checkpoints record the position inside the epoch
+        return loader
+
+    def _train_batches_consumed(self) -> int:
+        """Training batches the trainer has run this epoch (what a checkpoint must not replay)."""
+        return 0 if self.trainer is None else self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return [] if self.val_dataset is None else self._eval_loader(self.val_dataset)  # []: Lightning skips validation
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            raise LMError("No test data: pass --data.test_files, or --data.data_dir with a wiki.test.raw, "
+                          "(or no local paths at all to use the Hub).")  # fmt: skip
+        return self._eval_loader(self.test_dataset)
+
+    def _eval_loader(self, dataset: SequentialWindowDataset) -> DataLoader:
+        """Every window once over all ranks, none repeated (see EvalDistributedSampler)."""
+        num_replicas, rank = self._rank_split()
+        sampler = EvalDistributedSampler(dataset, num_replicas=num_replicas, rank=rank)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
+
+    def _rank_split(self) -> tuple[int, int]:
+        """(number of data-parallel processes, this one's rank): (1, 0) outside a distributed Trainer."""
+        kwargs = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of raw prompt strings (``list[str]``); the model tokenizes them."""
+        return DataLoader(self.read_prompts(), batch_size=self.hparams.predict_batch_size, shuffle=False, collate_fn=list)
+
+    def read_prompts(self) -> list[str]:
+        """``prompts`` followed by the non-empty lines of ``prompts_file``."""
+        prompts, path = list(self.hparams.prompts or []), self.hparams.prompts_file
+        if path:
+            if not Path(path).is_file():
+                raise MissingFileError(f"prompts_file not found: {path}")
+            prompts += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise LMError("Nothing to predict: pass --data.prompts [...] or --data.prompts_file FILE.")
+        return prompts
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        workers = self.hparams.num_workers
+        return {"num_workers": workers, "pin_memory": self.hparams.pin_memory,
+                "persistent_workers": self.hparams.persistent_workers and workers > 0,
+                # A private generator leaves torch's global RNG (dropout) alone: a resumed run draws the same masks.
+                "generator": torch.Generator().manual_seed(self.hparams.seed)}  # fmt: skip
+
+
+def _check_sizes(args: dict[str, Any]) -> None:
+    """Clear errors for sizes out of range, at construction (before any data is read)."""
+    minimum = minimum_vocab_size(args["special_tokens"])
+    if args["vocab_size"] < minimum:
+        raise LMError(f"vocab_size={args['vocab_size']} is too small: a byte-level tokenizer needs 256 byte tokens "
+                      f"plus {len(list(args['special_tokens']))} special tokens, so at least {minimum}.")  # fmt: skip
+    for name in ("block_size", "batch_size", "min_frequency", "predict_batch_size", "shard_tokens"):
+        if args[name] < 1:
+            raise LMError(f"{name} must be >= 1, got {args[name]}.")
+    for name in ("eval_batch_size", "samples_per_epoch", "num_proc"):
+        if args[name] is not None and args[name] < 1:
+            raise LMError(f"{name} must be >= 1, got {args[name]}.")
+    if args["num_workers"] < 0:
+        raise LMError(f"num_workers must be >= 0, got {args['num_workers']}.")
+
+
+def _check_vocab(tokenizer: Tokenizer, vocab_size: int, what: str) -> None:
+    if tokenizer.vocab_size > vocab_size:
+        raise LMError(f"{what} has {tokenizer.vocab_size} tokens but vocab_size is {vocab_size}: the model's "
+                      f"embedding would be too small. Set --data.vocab_size >= {tokenizer.vocab_size}.")  # fmt: skip
+
+
+def _trainer_stage(module: L.LightningDataModule) -> str | None:
+    fn = getattr(getattr(getattr(module, "trainer", None), "state", None), "fn", None)
+    return None if fn is None else str(getattr(fn, "value", fn))

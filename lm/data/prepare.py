@@ -1,0 +1,337 @@
+"""Prepare data without Lightning: sources -> cleaning -> tokenizer -> sharded token cache + report.
+
+:func:`prepare` is what ``TextDataModule.prepare_data`` and ``lm prepare`` run; it works on a
+:class:`~lm.data.plan.DataPlan` and :class:`PrepareOptions` alone, so it is usable (and tested)
+without a Trainer. Each split is cached under a key of everything that determines its ids::
+
+    cache_dir/tokenizers/<key>/tokenizer.json    trained on the training split only
+    cache_dir/tokens/<split>-<key>/              shards + manifest.json (the commit point)
+    cache_dir/reports/<key>.json                 the data report of the last prepare of these splits
+
+A warm run reads manifests and opens memory maps, nothing else. A cold run streams each needed
+source once through cleaning into a staging file (lm/data/staging.py), trains the tokenizer from it
+if needed, and encodes each split into bounded shards: memory holds batches, never the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lm.data.cache import (
+    DEFAULT_SHARD_TOKENS,
+    ShardWriter,
+    TokenShards,
+    cache_key,
+    commit,
+    read_manifest,
+    sha256_text,
+    start_build,
+    token_dtype,
+)
+from lm.data.clean import CleaningOptions, CleaningReport, clean_documents
+from lm.data.encode import encode_to_shards
+from lm.data.plan import DataPlan
+from lm.data.staging import Span, StagedDocuments, carve_tail
+from lm.data.tokenizer import EOT, Tokenizer
+from lm.errors import LMError
+from lm.files import atomic_write_text
+
+logger = logging.getLogger("lm.data")
+
+_AUTO_PROC_CHARS = 32 << 20  # below ~32 MB of text, worker start-up costs more than it saves
+
+
+@dataclass
+class TokenizerOptions:
+    """How the tokenizer is obtained: ``path`` to a ``tokenizer.json``, else trained with these settings."""
+
+    kind: str = "bpe"
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    special_tokens: list[str] = field(default_factory=lambda: [EOT])
+    path: str | None = None
+
+
+@dataclass
+class PrepareOptions:
+    """Everything besides the plan that decides (or speeds up) preparation."""
+
+    cache_dir: Path
+    cleaning: CleaningOptions | None = field(default_factory=CleaningOptions)  # None: keep text as is
+    tokenizer: TokenizerOptions = field(default_factory=TokenizerOptions)
+    num_proc: int | None = None  # encoding processes; None: 1, or one per CPU for large corpora
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+
+
+@dataclass
+class PreparedSplit:
+    folder: Path
+    manifest: dict[str, Any]
+
+    def tokens(self) -> TokenShards:
+        return TokenShards.open(self.folder, self.manifest)
+
+
+@dataclass
+class Prepared:
+    """The result: the tokenizer, each split's cache folder and manifest, and the data report."""
+
+    tokenizer: Tokenizer
+    tokenizer_file: Path | None
+    splits: dict[str, PreparedSplit]
+    report: dict[str, Any]
+    report_file: Path | None = None
+
+
+def prepare(
+    plan: DataPlan, splits: list[str], options: PrepareOptions, tokenizer: Tokenizer | None = None, *,
+    build: bool = True,
+) -> Prepared:  # fmt: skip
+    """Prepare ``splits`` (or, with ``build=False``, only open what a previous prepare left)."""
+    start = time.perf_counter()
+    tokenizer_file = None
+    if tokenizer is None:
+        tokenizer, tokenizer_file = known_tokenizer(plan, options)
+    ready = _ready_splits(plan, splits, options, tokenizer) if tokenizer is not None else {}
+    seconds: dict[str, float] = {}
+    if len(ready) < len(splits):
+        if not build:
+            missing = ", ".join(s for s in splits if s not in ready) if tokenizer is not None else "tokenizer"
+            raise LMError(
+                f"Data not prepared ({missing}) in {options.cache_dir}: prepare_data() must run before setup() "
+                "(Lightning's Trainer does this; call dm.prepare_data() when using the DataModule directly, "
+                "or run `lm prepare` first)."
+            )
+        options.cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=".staging-") as staging:
+            tokenizer, tokenizer_file, ready = _build(plan, splits, options, tokenizer, ready, Path(staging), seconds)
+    else:
+        for split, prepared in ready.items():
+            logger.info("Token cache hit: %s (%d tokens)", prepared.folder, prepared.manifest["num_tokens"])
+    seconds["total"] = time.perf_counter() - start
+    report = make_report(tokenizer, tokenizer_file, ready, seconds)
+    report_file = _save_report(options.cache_dir, ready, report) if build else None
+    return Prepared(tokenizer, tokenizer_file, ready, report, report_file)
+
+
+def _build(
+    plan: DataPlan, splits: list[str], options: PrepareOptions, tokenizer: Tokenizer | None,
+    ready: dict[str, PreparedSplit], staging: Path, seconds: dict[str, float],
+) -> tuple[Tokenizer, Path | None, dict[str, PreparedSplit]]:  # fmt: skip
+    """Stage what is missing, train the tokenizer if needed, then encode and commit each missing split."""
+    needed = [s for s in splits if s not in ready] if tokenizer is not None else list(splits)
+    if tokenizer is None and "train" not in needed:
+        needed = ["train", *needed]  # the tokenizer is trained on the training split
+    spans, reports = _stage(plan, needed, options, staging, seconds)
+    tokenizer_file = None
+    if tokenizer is None:
+        tokenizer, tokenizer_file = _train_tokenizer(plan, options, spans["train"], seconds)
+        ready = _ready_splits(plan, splits, options, tokenizer)  # the same tokenizer may exist already
+    for split in splits:
+        if split not in ready:
+            ready[split] = _build_split(plan, split, options, tokenizer, spans[split], reports[split], seconds)
+    return tokenizer, tokenizer_file, {s: ready[s] for s in splits}
+
+
+def _stage(
+    plan: DataPlan, splits: list[str], options: PrepareOptions, staging: Path, seconds: dict[str, float]
+) -> tuple[dict[str, Span], dict[str, CleaningReport]]:
+    """Clean each needed source once into a staging file; carve validation off the training text."""
+    spans: dict[str, Span] = {}
+    reports: dict[str, CleaningReport] = {}
+    for split in splits:
+        name = "train" if split == "val" and plan.carved else split
+        if name in reports:
+            reports[split] = reports[name]
+            continue
+        source = plan.source(split)
+        report = CleaningReport()
+        start = time.perf_counter()
+        staged = StagedDocuments(staging / f"{name}.txt", clean_documents(source.documents(), options.cleaning, report))
+        report.seconds["read_and_clean"] = time.perf_counter() - start
+        seconds[f"clean_{name}"] = report.seconds["read_and_clean"]
+        if len(staged) == 0:
+            raise LMError(f"The {name} split is empty after cleaning (source: {source.describe()}).")
+        if report.documents_out < report.documents_in:
+            logger.info("%s: kept %d of %d documents (removed: %s)", name, report.documents_out, report.documents_in,
+                        dict(report.removed))  # fmt: skip
+        reports[name] = reports[split] = report
+        if name == "train" and plan.carved:
+            spans["train"], spans["val"] = _carve(staged, plan.val_fraction)
+        else:
+            spans[name] = staged.whole()
+    return spans, reports
+
+
+def _carve(staged: StagedDocuments, fraction: float) -> tuple[Span, Span]:
+    head, tail = carve_tail(staged, fraction)
+    if not head.num_documents or not tail.num_documents:
+        raise LMError(
+            f"val_fraction={fraction} leaves an empty {'validation' if not tail.num_documents else 'training'} "
+            f"split ({staged.num_chars} characters of training text in {len(staged)} documents)."
+        )
+    return head, tail
+
+
+def known_tokenizer(plan: DataPlan, options: PrepareOptions) -> tuple[Tokenizer | None, Path | None]:
+    """The tokenizer from ``options.tokenizer.path`` or the cache; (None, None) when it must be trained."""
+    if options.tokenizer.path:
+        return Tokenizer.from_file(options.tokenizer.path), Path(options.tokenizer.path)
+    if not plan.has_split("train"):
+        raise LMError(
+            "No tokenizer: pass --data.tokenizer_path (the tokenizer.json of the training run; its path is "
+            "logged when it is trained) or the training data (--data.train_files / --data.data_dir) so the "
+            "cached tokenizer can be found."
+        )
+    path = tokenizer_cache_path(plan, options)
+    if path.is_file():
+        tokenizer = Tokenizer.from_file(path)
+        logger.info("Tokenizer cache hit: %s (%d tokens)", path, tokenizer.vocab_size)
+        return tokenizer, path
+    return None, None
+
+
+def tokenizer_cache_path(plan: DataPlan, options: PrepareOptions) -> Path:
+    settings = options.tokenizer
+    key = cache_key({
+        "kind": "tokenizer", "train": plan.source("train").fingerprint(), "tokenizer_kind": settings.kind,
+        "vocab_size": settings.vocab_size, "min_frequency": settings.min_frequency,
+        "special_tokens": settings.special_tokens, "cleaning": _cleaning_dict(options),
+        "val_fraction": plan.val_fraction,  # the tokenizer sees only the part left for training
+    })  # fmt: skip
+    return options.cache_dir / "tokenizers" / key / "tokenizer.json"
+
+
+def _train_tokenizer(
+    plan: DataPlan, options: PrepareOptions, span: Span, seconds: dict[str, float]
+) -> tuple[Tokenizer, Path]:
+    settings = options.tokenizer
+    logger.info("Training tokenizer (%s, vocab_size=%d) on %d training documents ...", settings.kind,
+                settings.vocab_size, span.num_documents)  # fmt: skip
+    start = time.perf_counter()
+    tokenizer = Tokenizer.train(span.texts(), settings.vocab_size, settings.min_frequency, settings.special_tokens,
+                                kind=settings.kind)  # fmt: skip
+    path = tokenizer_cache_path(plan, options)
+    tokenizer.save(path)
+    seconds["tokenizer"] = time.perf_counter() - start
+    logger.info("Trained tokenizer: %d tokens in %.2f s -> %s", tokenizer.vocab_size, seconds["tokenizer"], path)
+    if tokenizer.vocab_size < settings.vocab_size:
+        logger.info("The corpus supports only %d of the requested %d tokens; the model keeps vocab_size=%d "
+                    "(unused embedding rows are harmless).", tokenizer.vocab_size, settings.vocab_size,
+                    settings.vocab_size)  # fmt: skip
+    return tokenizer, path
+
+
+def _cleaning_dict(options: PrepareOptions) -> dict[str, Any] | None:
+    return options.cleaning.to_dict() if options.cleaning is not None else None
+
+
+def split_folder(plan: DataPlan, split: str, options: PrepareOptions, tokenizer: Tokenizer) -> Path:
+    """The cache folder of ``split``: keyed by source, carve, cleaning and the tokenizer's hash."""
+    key = cache_key({
+        "kind": "tokens", "split": split, "source": plan.source(split).fingerprint(),
+        "val_fraction": plan.val_fraction if plan.carved and split in ("train", "val") else None,
+        "cleaning": _cleaning_dict(options), "tokenizer": sha256_text(tokenizer.to_str()),
+    })  # fmt: skip
+    return options.cache_dir / "tokens" / f"{split}-{key}"
+
+
+def _ready_splits(
+    plan: DataPlan, splits: list[str], options: PrepareOptions, tokenizer: Tokenizer
+) -> dict[str, PreparedSplit]:
+    ready = {}
+    for split in splits:
+        folder = split_folder(plan, split, options, tokenizer)
+        manifest = read_manifest(folder)
+        if manifest is not None:
+            ready[split] = PreparedSplit(folder, manifest)
+    return ready
+
+
+def _build_split(
+    plan: DataPlan, split: str, options: PrepareOptions, tokenizer: Tokenizer, span: Span,
+    cleaning: CleaningReport, seconds: dict[str, float],
+) -> PreparedSplit:  # fmt: skip
+    """Encode one split into fresh shards and commit its manifest (last)."""
+    folder = split_folder(plan, split, options, tokenizer)
+    source = plan.source(split)
+    description = source.describe() + (f" [{'last' if split == 'val' else 'first'} "
+                                       f"{plan.val_fraction if split == 'val' else 1 - plan.val_fraction:.0%}]"
+                                       if plan.carved and split in ("train", "val") else "")  # fmt: skip
+    logger.info("Tokenizing %s (%s) ...", split, description)
+    start = time.perf_counter()
+    start_build(folder)
+    dtype = token_dtype(tokenizer.vocab_size)
+    writer = ShardWriter(folder, dtype, options.shard_tokens)
+    total_chars = int(span.staged.chars[span.start : span.stop].sum()) + len(span.lead) + len(span.trail)
+    try:
+        counts = encode_to_shards(span, tokenizer, writer, num_proc=_num_proc(options, total_chars),
+                                  total_chars=total_chars, description=f"tokenize {split}")  # fmt: skip
+    except BaseException:
+        writer.abort()  # no manifest: the next prepare rebuilds this folder
+        raise
+    shards = writer.close()
+    seconds[f"encode_{split}"] = time.perf_counter() - start
+    manifest = {
+        "split": split, "source": description, "fingerprint": source.fingerprint(),
+        "cleaning_options": _cleaning_dict(options), "cleaning": cleaning.to_dict(),
+        "tokenizer_sha256": sha256_text(tokenizer.to_str()), "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id, "dtype": dtype.name, "shards": shards, "num_tokens": counts.num_tokens,
+        "num_bytes": counts.num_bytes, "num_documents": span.num_documents,
+        "seconds_encode": seconds[f"encode_{split}"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }  # fmt: skip
+    commit(folder, manifest)
+    logger.info("Tokenized %s: %d documents, %.2f MB -> %d tokens (%.2f bytes/token) in %.2f s -> %s", split,
+                span.num_documents, counts.num_bytes / 1e6, counts.num_tokens,
+                counts.num_bytes / max(counts.num_tokens, 1), seconds[f"encode_{split}"], folder)  # fmt: skip
+    return PreparedSplit(folder, manifest)
+
+
+def _num_proc(options: PrepareOptions, total_chars: int) -> int:
+    if options.num_proc is not None:
+        return max(1, options.num_proc)
+    return (os.cpu_count() or 1) if total_chars >= _AUTO_PROC_CHARS else 1
+
+
+def make_report(
+    tokenizer: Tokenizer, tokenizer_file: Path | None, splits: dict[str, PreparedSplit], seconds: dict[str, float]
+) -> dict[str, Any]:
+    """The data report: per split documents in/out, removals per step, PII, tokens, bytes/token, times."""
+    report: dict[str, Any] = {"tokenizer": {"vocab_size": tokenizer.vocab_size, "file": str(tokenizer_file or "")},
+                              "splits": {}, "seconds": {k: round(v, 3) for k, v in seconds.items()}}  # fmt: skip
+    for split, prepared in splits.items():
+        m = prepared.manifest
+        report["splits"][split] = {
+            "source": m["source"], **m["cleaning"], "tokens": m["num_tokens"], "bytes": m["num_bytes"],
+            "documents": m["num_documents"], "bytes_per_token": round(m["num_bytes"] / max(m["num_tokens"], 1), 4),
+            "shards": len(m["shards"]), "cache": str(prepared.folder),
+        }  # fmt: skip
+    return report
+
+
+def _save_report(cache_dir: Path, splits: dict[str, PreparedSplit], report: dict[str, Any]) -> Path:
+    path = cache_dir / "reports" / f"{cache_key({'folders': sorted(p.folder.name for p in splits.values())})}.json"
+    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a few readable lines (what ``lm prepare`` prints)."""
+    lines = [f"tokenizer: {report['tokenizer']['vocab_size']} tokens ({report['tokenizer']['file']})"]
+    for split, r in report["splits"].items():
+        removed = ", ".join(f"{k} {v}" for k, v in r["removed"].items()) or "none"
+        pii = ", ".join(f"{k} {v}" for k, v in r["pii_replaced"].items()) or "none"
+        lines.append(
+            f"{split:>5}: documents {r['documents_in']} in, {r['documents_out']} out (removed: {removed}; "
+            f"PII replaced: {pii}); {r['tokens']:,} tokens, {r['bytes']:,} bytes, {r['bytes_per_token']:.2f} "
+            f"bytes/token, {r['shards']} shard(s) -> {r['cache']}"
+        )
+    lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
