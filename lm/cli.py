@@ -23,6 +23,7 @@ LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 FUNCTION_VERBS = {
     "generate": "lm.commands.generate:generate",
     "serve": "lm.commands.serve:serve",
+    "prepare": "lm.commands.prepare:main",  # a `main(args, prog)` builds its own parser
 }
 
 USAGE = f"""usage: lm <verb> [--config FILE.yaml ...] [--key value ...]
@@ -58,7 +59,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             args = argv[1:]
             if hasattr(module, "prepare_args"):  # optional: the verb normalizes its raw arguments
                 args = module.prepare_args(args)
-            CLI(getattr(module, function_name), args=args, prog=f"lm {verb}")
+            if function_name == "main":
+                module.main(args, prog=f"lm {verb}")
+            else:
+                CLI(getattr(module, function_name), args=args, prog=f"lm {verb}")
         else:
             print(f"lm: unknown verb {verb!r}.\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)

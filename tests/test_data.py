@@ -1,10 +1,10 @@
-"""Tests for lm.data: tokenizer, sources, cleaning, token cache, window datasets and TextDataModule."""
+"""Tests for lm.data: sources, cleaning (dedup, PII), tokenizers, staging, the sharded cache, prepare,
+window datasets, the LitData path and TextDataModule. Everything runs on small text the tests write."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import random
 import time
@@ -16,9 +16,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lm.data import EOT, IGNORE_INDEX, RandomWindowDataset, SequentialWindowDataset, TextDataModule, Tokenizer
-from lm.data.clean import clean_document, clean_documents
-from lm.data.sources import carve_tail, load_wikitext_split, read_text_files, split_documents
-from lm.data.tokens import EpochDistributedSampler, load_cached_tokens, token_dtype
+from lm.data.cache import TokenShards, read_manifest, token_dtype
+from lm.data.clean import CleaningOptions, CleaningReport, clean_documents, normalize, redact_pii
+from lm.data.plan import make_plan
+from lm.data.prepare import PrepareOptions, TokenizerOptions, format_report, prepare
+from lm.data.sources import FileSource, HubSource, split_articles
+from lm.data.staging import StagedDocuments, carve_tail
+from lm.data.tokens import EpochDistributedSampler
 
 from tests.helpers import SHARED_DATA, WIKITEXT_DIR
 UNICODE_TEXT = "naïve café — 日本 🤖 Ωmega\n\n  indented\tand tabbed  \r\n<|endoftext|> after eot"
@@ -41,14 +45,17 @@ def wikitext_corpus(num_articles: int = 24, seed: int = 0) -> str:
     return "".join(lines)
 
 
+def articles(text: str) -> list[str]:
+    return list(split_articles(text.splitlines(keepends=True)))
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> dict[str, Path]:
     """WikiText-style train/valid/test files written into tmp_path (never the shared data)."""
     folder = tmp_path / "wikitext"
     folder.mkdir()
     files = {}
-    splits = [("train", "wiki.train.raw", 0), ("val", "wiki.valid.raw", 1), ("test", "wiki.test.raw", 2)]
-    for split, name, seed in splits:
+    for split, name, seed in [("train", "wiki.train.raw", 0), ("val", "wiki.valid.raw", 1), ("test", "wiki.test.raw", 2)]:
         (folder / name).write_text(wikitext_corpus(seed=seed), encoding="utf-8")
         files[split] = folder / name
     return files
@@ -59,7 +66,11 @@ def make_dm(tmp_path: Path, **kwargs) -> TextDataModule:
     return TextDataModule(**{**defaults, **kwargs})
 
 
-# ---------------------------------------------------------------------- tokenizer
+def stream_text(dm: TextDataModule, dataset) -> str:
+    return dm.tokenizer.decode(np.asarray(dataset.tokens).tolist())
+
+
+# ---------------------------------------------------------------------- tokenizers
 
 
 @pytest.fixture(scope="module")
@@ -67,152 +78,217 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.train([wikitext_corpus(), UNICODE_TEXT * 3], vocab_size=400)
 
 
+@pytest.mark.parametrize("kind", ["bpe", "char", "word", "unigram"])
+def test_every_tokenizer_kind_round_trips_with_exact_bytes(kind: str, tmp_path: Path) -> None:
+    train = [wikitext_corpus(6), UNICODE_TEXT * 3]
+    tok = Tokenizer.train(train, vocab_size=320, min_frequency=2, kind=kind)
+    assert 257 <= tok.vocab_size <= 320 and tok.eot_id is not None
+    tok.save(tmp_path / "tokenizer.json")
+    loaded = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    lengths = loaded.token_byte_lengths()
+    for text in [UNICODE_TEXT, wikitext_corpus(2, seed=7), " leading space", "", "\x00\x01 bytes \u2028 ☃ unseen"]:
+        ids = loaded.encode(text)
+        assert ids == tok.encode(text) and loaded.decode(ids) == text
+        assert loaded.decode_bytes(ids) == text.encode("utf-8")
+        # Exact bits-per-byte: token byte lengths sum to the text's UTF-8 length (special tokens: 0).
+        assert sum(lengths[i] for i in ids if i != loaded.eot_id) == len(text.replace(EOT, "").encode("utf-8"))
+    assert lengths[loaded.eot_id] == 0
+    # Each kind makes its own kind of long token.
+    ids = tok.encode(" the river")
+    assert len(ids) < len(" the river") or kind == "char"
+    if kind == "char":
+        assert len(tok.encode("café")) == 4  # "é" is one character token (seen in training)
+
+
 def test_tokenizer_save_load_roundtrip(tokenizer: Tokenizer, tmp_path: Path) -> None:
-    assert 256 < tokenizer.vocab_size <= 400
-    assert tokenizer.eot_id is not None
     path = tmp_path / "sub" / "tokenizer.json"
     tokenizer.save(path)
     assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]  # no leftover tmp file
-    loaded = Tokenizer.from_file(path)
     restored = Tokenizer.from_str(tokenizer.to_str())
-    for text in [UNICODE_TEXT, wikitext_corpus(2, seed=7), " leading space", "", "\x00\x01 bytes \u2028"]:
-        ids = tokenizer.encode(text)
-        assert loaded.encode(text) == ids == restored.encode(text)
-        assert tokenizer.decode(ids) == text
-        assert loaded.decode(ids) == text
-    assert loaded.to_str() == tokenizer.to_str()
+    assert restored.encode(UNICODE_TEXT) == tokenizer.encode(UNICODE_TEXT)
     assert tokenizer.encode_batch(["a b", "日本"]) == [tokenizer.encode("a b"), tokenizer.encode("日本")]
-    # The special token in raw text is one id, and decodes back to its text.
     assert tokenizer.eot_id in tokenizer.encode(f"x{EOT}y")
-    assert tokenizer.decode(tokenizer.encode(f"x{EOT}y")) == f"x{EOT}y"
-
-
-def test_token_byte_lengths_and_decode_bytes(tokenizer: Tokenizer) -> None:
-    lengths = tokenizer.token_byte_lengths()
-    assert len(lengths) == tokenizer.vocab_size
-    assert lengths[tokenizer.eot_id] == 0
-    assert all(n >= 1 for i, n in enumerate(lengths) if i != tokenizer.eot_id)
-    text = UNICODE_TEXT.replace(EOT, "")
-    ids = tokenizer.encode(text)
-    assert sum(lengths[i] for i in ids) == len(text.encode("utf-8"))
-    assert tokenizer.decode_bytes(ids) == text.encode("utf-8")
-    assert tokenizer.decode_bytes([tokenizer.eot_id]) == EOT.encode()
     # Streaming: every prefix of the ids is a prefix of the bytes (possibly ending mid-character).
-    full = text.encode("utf-8")
-    for k in range(len(ids)):
-        assert full.startswith(tokenizer.decode_bytes(ids[:k]))
-    # A lone 3-byte character split into byte tokens: partial bytes are not valid UTF-8 on their own.
-    tiny = Tokenizer.train(["ab"], vocab_size=300, min_frequency=100)  # no merges: pure byte tokens
-    ids = tiny.encode("日")
-    assert len(ids) == 3 and tiny.decode_bytes(ids[:2]) == "日".encode()[:2]
+    ids = tokenizer.encode("日本 🤖")
+    assert all("日本 🤖".encode().startswith(tokenizer.decode_bytes(ids[:k])) for k in range(len(ids)))
 
 
 def test_tokenizer_errors(tmp_path: Path) -> None:
-    message = r"vocab_size=100 is too small: .*256 byte tokens plus 1 special tokens, so at least 257"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=r"vocab_size=100 is too small: .*so at least 257"):
         Tokenizer.train(["hello"], vocab_size=100)
     with pytest.raises(ValueError, match="empty corpus"):
         Tokenizer.train(["", ""], vocab_size=300)
-    missing = tmp_path / "nope" / "tokenizer.json"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
-        Tokenizer.from_file(missing)
+    with pytest.raises(ValueError, match="Unknown tokenizer kind 'sentencepiece'"):
+        Tokenizer.train(["hello"], vocab_size=300, kind="sentencepiece")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        Tokenizer.from_file(tmp_path / "nope" / "tokenizer.json")
     with pytest.raises(ValueError, match="Not a valid tokenizer JSON"):
         Tokenizer.from_str("{not json")
 
 
-# ---------------------------------------------------------------------- sources and cleaning
+# ---------------------------------------------------------------------- sources
 
 
-def test_split_documents_wikitext_and_plain() -> None:
+def test_split_articles_wikitext_and_plain() -> None:
     text = wikitext_corpus(3)
-    docs = split_documents(text)
+    docs = articles(text)
     assert len(docs) == 3 and "".join(docs) == text
-    assert all(" = = Section 0 = = " in d for d in docs)  # subsections stay inside their article
-    assert docs[1].startswith(" = Article 1 ")
-    plain = "To be, or not to be:\n = that = is not a heading here, no leading newline... \n"
-    assert split_documents("ACT I\n\nSCENE I.\n") == ["ACT I\n\nSCENE I.\n"]
-    assert split_documents(plain) == [plain]  # " = that = is ..." is not a heading line
-    assert split_documents("") == []
+    assert all(" = = Section 0 = = " in d for d in docs) and docs[1].startswith(" = Article 1 ")
+    plain = "To be, or not to be:\n = that = is not a heading here... \n"
+    assert articles(plain) == [plain] and articles("") == []
 
 
-def test_clean_documents() -> None:
-    raw = " \n = T = \n \n cafe\u0301  \n\n\n\n\n\nend\t \n \n"
-    assert clean_document(raw) == " = T =\n\n café\n\n\nend\n"
-    assert clean_document(" \n \t\n") == ""
-    docs = clean_documents(["a \n", " \n", "a\n", "b"])
-    assert docs == ["a\n", "b\n"]  # cleaned, empty dropped, duplicate ("a \n" == "a\n" cleaned) dropped
-    assert clean_documents(["a \n", "a \n", ""], clean=False, dedupe=False) == ["a \n", "a \n"]
+def test_file_formats_and_globs(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("hi\r\nthere\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n', encoding="utf-8")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["p1", None, "p2"], "n": [1, 2, 3]}), tmp_path / "c.parquet")
+    assert list(FileSource((str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl"))).documents()) == ["hi\nthere\n", "one", "two"]
+    assert list(FileSource((str(tmp_path / "c.parquet"),), text_field="body").documents()) == ["p1", "p2"]
+    fingerprint = FileSource((str(tmp_path / "*.jsonl"),)).fingerprint()
+    assert [Path(f["path"]).name for f in fingerprint["files"]] == ["b.jsonl"]
 
 
-def test_carve_tail() -> None:
-    docs = ["aaaa\nbbbb\n", "cccc\ndddd\n"]
-    head, tail, inside = carve_tail(docs, 0.5)
-    assert (head, tail, inside) == (["aaaa\nbbbb\n"], ["cccc\ndddd\n"], False)
-    head, tail, inside = carve_tail(docs, 0.2)
-    assert "".join(head + tail) == "".join(docs) and inside and tail == ["dddd\n"]
-    with pytest.raises(ValueError):
-        carve_tail(docs, 1.0)
+def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "rows.jsonl").write_text('{"text": "ok"}\n{"content": "no text field"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"rows.jsonl:2 has no 'text' field \(it has: \['content'\]\).*--data.text_field"):
+        list(FileSource((str(tmp_path / "rows.jsonl"),)).documents())
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.txt is empty"):
+        list(FileSource((str(tmp_path / "empty.txt"),)).documents())
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"blob.bin looks like a binary file"):
+        list(FileSource((str(tmp_path / "blob.bin"),)).documents())
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not valid UTF-8"):
+        list(FileSource((str(tmp_path / "latin1.txt"),)).documents())
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-
-def test_read_text_files_missing_names_every_path(tmp_path: Path) -> None:
-    ok = tmp_path / "ok.txt"
-    ok.write_text("hi\r\nthere\n", encoding="utf-8")
-    assert read_text_files([ok]) == "hi\nthere\n"  # universal newlines
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"no 'text' column \(it has: \['body'\]\)"):
+        list(FileSource((str(tmp_path / "t.parquet"),)).documents())
     with pytest.raises(FileNotFoundError) as err:
-        read_text_files([ok, tmp_path / "a.txt", tmp_path / "b.txt"], option="--data.test_files")
-    message = str(err.value)
-    assert str(tmp_path / "a.txt") in message and str(tmp_path / "b.txt") in message
-    assert "--data.test_files" in message and "WikiText-2" in message
+        FileSource((str(tmp_path / "a.txt"), str(tmp_path / "none*.txt")), option="--data.test_files").files()
+    assert "none*.txt" in str(err.value) and "--data.test_files" in str(err.value)
 
 
-def test_wikitext_hub_route_matches_raw_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Hub route rebuilds the raw file layout (checked against the stored HF Arrow files)."""
-    arrow = SHARED_DATA / "wikitext-2-raw-v1-hf-arrow" / "wikitext-validation.arrow"
-    if not arrow.is_file() or not (WIKITEXT_DIR / "wiki.valid.raw").is_file():
-        pytest.skip(f"shared WikiText files not found under {SHARED_DATA}")
+def test_hub_sources_wikitext_preset_and_streaming(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
     calls = []
 
-    def fake_load_dataset(name, config, split):
-        calls.append((name, config, split))
-        return datasets.Dataset.from_file(str(arrow))
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        if name == "Salesforce/wikitext":  # one row per line, blank lines as ""
+            return datasets.Dataset.from_dict({"text": [" = A = \n", "", " body \n", " = B = \n", " more \n"]})
+        rows = [{"content": "doc one"}, {"content": "doc two"}]
+        return datasets.IterableDataset.from_generator(lambda: iter(rows))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    text = load_wikitext_split("valid")
-    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "validation")]
-    assert text == (WIKITEXT_DIR / "wiki.valid.raw").read_text(encoding="utf-8")
+    assert list(HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "validation").documents()) == [
+        " = A = \n \n body \n", " = B = \n more \n"]  # fmt: skip
+    source = HubSource("me/corpus", None, "train", text_field="content", streaming=True)
+    assert list(source.documents()) == ["doc one", "doc two"] and calls[-1] == ("me/corpus", None, "train", True)
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match=r"(?s)Couldn't reach the Hub.*--data.data_dir"):
-        load_wikitext_split("test")
+    with pytest.raises(ValueError, match=r"(?s)Couldn't reach the Hub.*--data.data_dir"):
+        list(HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "test").documents())
 
 
-# ---------------------------------------------------------------------- datasets
+# ---------------------------------------------------------------------- cleaning
+
+
+def test_normalize_defaults_and_options() -> None:
+    raw = " \n = T = \n \n cafe\u0301  \n\n\n\n\n\nend\t \n \n"
+    assert normalize(raw, CleaningOptions()) == " = T =\n\n café\n\n\nend\n"
+    assert normalize(" \n \t\n", CleaningOptions()) == ""
+    assert normalize("ﬁne  x\x07y", CleaningOptions(unicode="NFKC", whitespace="collapse")) == "fine xy\n"
+    assert normalize("cafÃ© Über", CleaningOptions(fix_encoding=True, lowercase=True)) == "café über\n"
+
+
+def near_copy(text: str, rng: random.Random) -> str:
+    words = text.split()
+    for i in rng.sample(range(len(words)), 2):  # 2 words changed in 200: Jaccard(5-grams) ~ 0.9
+        words[i] = "changed"
+    return " ".join(words)
+
+
+def test_cleaning_removes_duplicates_filters_and_redacts_pii_with_a_report() -> None:
+    rng = random.Random(0)
+    distinct = [" ".join(rng.choice(WORDS) + str(rng.randrange(50)) for _ in range(200)) for _ in range(6)]
+    docs = [
+        distinct[0], distinct[1], distinct[0],            # exact duplicate of 0
+        near_copy(distinct[1], rng),                      # near duplicate of 1
+        distinct[2], "   \n", "tiny",                     # empty, too short
+        "spam spam spam\n" * 20,                          # repeated lines
+        distinct[3] + " mail jane.doe@example.com or +44 20 7946 0958 from 10.0.0.1, card 4111 1111 1111 1111",
+        distinct[4], near_copy(distinct[4], rng), distinct[5] + " order 1234 5678 9012 3456 stays",
+    ]  # fmt: skip
+    options = CleaningOptions(near_dedup=True, min_chars=10, max_duplicate_line_fraction=0.5, redact_pii=True)
+    report = CleaningReport()
+    kept = list(clean_documents(docs, options, report))
+    assert report.documents_in == 12 and report.documents_out == len(kept) == 6
+    assert dict(report.removed) == {"exact_duplicate": 1, "near_duplicate": 2, "empty": 1, "too_short": 1,
+                                    "repeated_lines": 1}  # fmt: skip
+    assert dict(report.pii) == {"email": 1, "phone": 1, "ip_address": 1, "credit_card": 1}
+    pii_doc = next(d for d in kept if "<EMAIL>" in d)
+    assert "<PHONE>" in pii_doc and "<IP_ADDRESS>" in pii_doc and "<CREDIT_CARD>" in pii_doc and "@" not in pii_doc
+    assert "1234 5678 9012 3456 stays" in kept[-1]  # fails the Luhn check: not a card number
+    assert [d.split()[:3] for d in kept[:3]] == [distinct[0].split()[:3], distinct[1].split()[:3], distinct[2].split()[:3]]
+    # Without near dedup the near copies stay; clean=False (options None) keeps bytes as they are.
+    assert len(list(clean_documents(docs, CleaningOptions(near_dedup=False)))) == 10
+    assert list(clean_documents(["a \n", "a \n", ""], None)) == ["a \n", "a \n"]
+    assert redact_pii("call (555) 123-4567 in 1998-2001, 12 345 people") == "call <PHONE> in 1998-2001, 12 345 people"
+
+
+# ---------------------------------------------------------------------- staging, carving, shards
+
+
+def test_carve_tail_on_staged_documents(tmp_path: Path) -> None:
+    staged = StagedDocuments(tmp_path / "s.txt", ["aaaa\nbbbb\n", "cccc\ndddd\n"])
+    head, tail = carve_tail(staged, 0.5)
+    assert list(head) == [("aaaa\nbbbb\n", True)] and list(tail) == [("cccc\ndddd\n", True)]
+    head, tail = carve_tail(staged, 0.2)  # the cut falls inside document 2: its first half gets no EOT
+    assert list(head) == [("aaaa\nbbbb\n", True), ("cccc\n", False)] and list(tail) == [("dddd\n", True)]
+    with pytest.raises(ValueError):
+        carve_tail(staged, 1.0)
+
+
+def test_token_shards_read_across_boundaries_and_pickle(tmp_path: Path) -> None:
+    from lm.data.cache import ShardWriter
+
+    writer = ShardWriter(tmp_path, np.dtype(np.uint16), shard_tokens=7)
+    writer.write(np.arange(10))
+    writer.write(np.arange(10, 20))
+    shards = writer.close()
+    assert [s["num_tokens"] for s in shards] == [7, 7, 6]
+    tokens = TokenShards([tmp_path / s["file"] for s in shards], [7, 7, 6], np.uint16)
+    assert len(tokens) == 20 and tokens[5:16].tolist() == list(range(5, 16)) and tokens[13] == 13
+    clone = pickle.loads(pickle.dumps(tokens))
+    assert len(pickle.dumps(tokens)) < 1000 and np.array_equal(np.asarray(clone), np.arange(20))
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+# ---------------------------------------------------------------------- window datasets
 
 
 def test_random_windows_shifted_deterministic_and_epoch_dependent() -> None:
     tokens = np.arange(1000, dtype=np.uint16)  # token value == position: easy contiguity checks
     ds = RandomWindowDataset(tokens, block_size=8, num_samples=50, seed=3)
-    x, y = ds[0]
-    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (8,)
     for i in range(len(ds)):
         x, y = ds[i]
-        assert torch.equal(y, x + 1)  # targets are inputs shifted by one, window is contiguous
-        assert 0 <= int(x[0]) and int(y[-1]) < len(tokens)
+        assert x.dtype == torch.int64 and torch.equal(y, x + 1)
     epoch0 = [int(ds[i][0][0]) for i in range(len(ds))]
     assert epoch0 == [int(RandomWindowDataset(tokens, 8, 50, seed=3)[i][0][0]) for i in range(50)]
     assert epoch0 != [int(RandomWindowDataset(tokens, 8, 50, seed=4)[i][0][0]) for i in range(50)]
     ds.set_epoch(1)
-    epoch1 = [int(ds[i][0][0]) for i in range(len(ds))]
-    assert epoch1 != epoch0 and len(set(epoch0) & set(epoch1)) < 10
-    ds.set_epoch(0)
-    assert [int(ds[i][0][0]) for i in range(len(ds))] == epoch0
-    assert len(set(epoch0)) > 40  # spread over the stream, not a handful of positions
-    # The last window (start = N - block - 1) is reachable and in range for every start.
+    assert len(set(epoch0) & {int(ds[i][0][0]) for i in range(len(ds))}) < 10
     small = RandomWindowDataset(np.arange(10, dtype=np.uint16), block_size=9, num_samples=5)
     assert all(int(small[i][0][0]) == 0 for i in range(5))
     with pytest.raises(ValueError, match=r"has 10 tokens, too few for block_size=10"):
@@ -221,33 +297,17 @@ def test_random_windows_shifted_deterministic_and_epoch_dependent() -> None:
 
 def test_ddp_rank_split_is_disjoint_and_matches_single_process() -> None:
     ds = RandomWindowDataset(np.arange(5000, dtype=np.uint16), block_size=16, num_samples=64, seed=0)
-    b = 4
-    single = [x for x, _ in DataLoader(ds, batch_size=2 * b)]
-    per_rank = []
-    for rank in range(2):
-        sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=False)
-        per_rank.append([x for x, _ in DataLoader(ds, batch_size=b, sampler=sampler)])
-    assert len(per_rank[0]) == len(per_rank[1]) == len(single)
+    single = [x for x, _ in DataLoader(ds, batch_size=8)]
+    per_rank = [[x for x, _ in DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, 2, rank, shuffle=False))]
+                for rank in range(2)]  # fmt: skip
+    rows = lambda t: {tuple(r.tolist()) for r in t}  # noqa: E731
     for step, full in enumerate(single):
-        r0, r1 = per_rank[0][step], per_rank[1][step]
-        rows = lambda t: {tuple(r.tolist()) for r in t}  # noqa: E731
-        assert not rows(r0) & rows(r1)  # disjoint across ranks
-        assert rows(r0) | rows(r1) == rows(full)  # union == one process with twice the batch
-    # Our sampler assigns the same indices and forwards set_epoch to the dataset.
+        assert not rows(per_rank[0][step]) & rows(per_rank[1][step])
+        assert rows(per_rank[0][step]) | rows(per_rank[1][step]) == rows(full)
     ours = EpochDistributedSampler(ds, num_replicas=2, rank=1, shuffle=False)
     assert list(ours) == list(DistributedSampler(ds, num_replicas=2, rank=1, shuffle=False))
     ours.set_epoch(5)
     assert ds.epoch == 5
-
-
-def test_epoch_reaches_dataloader_workers() -> None:
-    ds = RandomWindowDataset(np.arange(5000, dtype=np.uint16), block_size=16, num_samples=8, seed=0)
-    loader = DataLoader(ds, batch_size=8, num_workers=1, persistent_workers=True)
-    first = next(iter(loader))[0]
-    ds.set_epoch(1)
-    second = next(iter(loader))[0]  # same persistent worker process, new epoch
-    assert not torch.equal(first, second)
-    assert torch.equal(second, torch.stack([ds[i][0] for i in range(8)]))
 
 
 def test_sequential_windows_cover_every_target_once() -> None:
@@ -255,19 +315,57 @@ def test_sequential_windows_cover_every_target_once() -> None:
     tokens = np.arange(1, n + 1, dtype=np.uint16)
     ds = SequentialWindowDataset(tokens, block_size=block, pad_id=0)
     assert len(ds) == 11 and ds.num_targets == n - 1
-    xs, ys = zip(*(ds[i] for i in range(len(ds))))
-    x, y = torch.cat(xs), torch.cat(ys)
+    x, y = (torch.cat(t) for t in zip(*(ds[i] for i in range(len(ds)))))
     kept = y != IGNORE_INDEX
-    assert int(kept.sum()) == n - 1
     assert torch.equal(y[kept], torch.from_numpy(tokens[1:].astype(np.int64)))
-    assert torch.equal(x[kept], torch.from_numpy(tokens[:-1].astype(np.int64)))  # input predicts next
-    assert torch.all(x[~kept] == 0)
-    exact = SequentialWindowDataset(np.arange(21, dtype=np.uint16), block_size=10)
-    assert len(exact) == 2 and bool((exact[1][1] != IGNORE_INDEX).all())
+    assert torch.equal(x[kept], torch.from_numpy(tokens[:-1].astype(np.int64))) and torch.all(x[~kept] == 0)
 
 
-def test_token_dtype() -> None:
-    assert token_dtype(8192) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+# ---------------------------------------------------------------------- prepare (no Lightning)
+
+
+def test_prepare_without_lightning_report_and_interrupted_build_is_redone(corpus, tmp_path, monkeypatch) -> None:
+    plan = make_plan(data_dir=None, files={"train": [str(corpus["train"])], "val": None, "test": None},
+                     hub_name="x", hub_config=None, val_fraction=0.25)  # fmt: skip
+    options = PrepareOptions(tmp_path / "cache", tokenizer=TokenizerOptions(vocab_size=300), shard_tokens=500)
+    import lm.data.prepare as prepare_module
+
+    real_commit = prepare_module.commit
+
+    def killed(folder, manifest):
+        raise KeyboardInterrupt  # the process dies after the shards, before the manifest
+
+    monkeypatch.setattr(prepare_module, "commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(plan, ["train", "val"], options)
+    (folder,) = (tmp_path / "cache" / "tokens").glob("train-*")
+    assert list(folder.glob("shard-*.bin")) and read_manifest(folder) is None  # shards without a manifest: untrusted
+    with pytest.raises(ValueError, match=r"prepare_data\(\) must run before setup\(\)"):
+        prepare(plan, ["train", "val"], options, build=False)
+    monkeypatch.setattr(prepare_module, "commit", real_commit)
+    prepared = prepare(plan, ["train", "val"], options)
+    train = prepared.splits["train"]
+    assert len(train.manifest["shards"]) > 1 and all(s["num_tokens"] <= 500 for s in train.manifest["shards"])
+    text = prepared.tokenizer.decode(train.tokens().tolist()) + prepared.tokenizer.decode(prepared.splits["val"].tokens().tolist())
+    assert text == "".join(d + EOT for d in clean_documents(articles(corpus["train"].read_text()), CleaningOptions()))
+    report = json.loads(prepared.report_file.read_text())
+    assert report["splits"]["train"]["documents_in"] == 24 and report["splits"]["train"]["tokens"] == len(train.tokens())
+    assert "bytes/token" in format_report(report)
+    # A shard truncated after the commit is caught by the size check and rebuilt.
+    first = folder / train.manifest["shards"][0]["file"]
+    first.write_bytes(first.read_bytes()[:-2])
+    assert read_manifest(folder) is None
+    again = prepare(plan, ["train", "val"], options)
+    assert np.array_equal(np.asarray(again.splits["train"].tokens()), np.asarray(train.tokens()))
+
+
+def test_two_processes_encode_the_same_ids(corpus, tmp_path) -> None:
+    plan = make_plan(data_dir=None, files={"train": [str(corpus["train"])], "val": None, "test": None},
+                     hub_name="x", hub_config=None)  # fmt: skip
+    one = prepare(plan, ["train"], PrepareOptions(tmp_path / "a", tokenizer=TokenizerOptions(vocab_size=300), num_proc=1))
+    tok = TokenizerOptions(path=str(one.tokenizer_file))
+    two = prepare(plan, ["train"], PrepareOptions(tmp_path / "b", tokenizer=tok, num_proc=2))
+    assert np.array_equal(np.asarray(one.splits["train"].tokens()), np.asarray(two.splits["train"].tokens()))
 
 
 # ---------------------------------------------------------------------- TextDataModule
@@ -275,252 +373,150 @@ def test_token_dtype() -> None:
 
 def test_prepare_twice_is_cache_hit_and_faster(corpus, tmp_path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="lm.data")
-    kwargs = dict(data_dir=str(corpus["train"].parent))
     start = time.perf_counter()
-    make_dm(tmp_path, **kwargs).prepare_data()
+    make_dm(tmp_path, data_dir=str(corpus["train"].parent)).prepare_data()
     cold = time.perf_counter() - start
     assert "Tokenizing train" in caplog.text and "Training tokenizer" in caplog.text
     caplog.clear()
-    dm = make_dm(tmp_path, **kwargs)
+    dm = make_dm(tmp_path, data_dir=str(corpus["train"].parent))
     start = time.perf_counter()
     dm.prepare_data()
-    warm = time.perf_counter() - start
-    hits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Token cache hit: ")]
-    assert len(hits) == 3 and "Tokenizing" not in caplog.text and "Training tokenizer" not in caplog.text
-    assert warm < cold
+    assert time.perf_counter() - start < cold
+    assert caplog.text.count("Token cache hit: ") == 3 and "Tokenizing" not in caplog.text
     dm.setup("fit")
-    train_bin = dm._tokens("train", dm.tokenizer, {}, build=False).filename
-    assert hits[0] == f"Token cache hit: {train_bin} ({dm.num_tokens['train']} tokens)"
     assert set(dm.num_tokens) == {"train", "val", "test"} and dm.num_bytes["train"] > dm.num_tokens["train"]
-    meta_files = sorted((tmp_path / "cache" / "tokens").glob("*.json"))
-    assert len(meta_files) == 3
-    meta = json.loads(meta_files[0].read_text())
-    assert {"num_tokens", "dtype", "num_bytes", "source"} <= set(meta) and meta["dtype"] == "uint16"
 
 
 def test_fit_batches_and_token_stream(corpus, tmp_path) -> None:
     dm = make_dm(tmp_path, train_files=[str(corpus["train"])], val_files=[str(corpus["val"])], samples_per_epoch=10)
     dm.prepare_data()
     dm.setup("fit")
-    assert dm.tokenizer is not None and dm.tokenizer.vocab_size <= dm.vocab_size == 400
     x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
     assert len(dm.train_dataloader()) == 2  # 10 samples, batch 4, drop_last for fixed shapes
-    # The cached stream is the cleaned documents, each followed by <|endoftext|>.
-    train_tokens = dm.train_dataset.tokens
-    text = dm.tokenizer.decode(train_tokens.tolist())
-    docs = clean_documents(split_documents(corpus["train"].read_text()))
-    assert text == "".join(d + EOT for d in docs)
+    docs = list(clean_documents(articles(corpus["train"].read_text()), CleaningOptions()))
+    assert stream_text(dm, dm.train_dataset) == "".join(d + EOT for d in docs)
     assert dm.num_bytes["train"] == sum(len(d.encode()) for d in docs)
-    assert dm.tokenizer_file is not None and Tokenizer.from_file(dm.tokenizer_file).to_str() == dm.tokenizer.to_str()
-    # Workers receive the memmap as a file reference, not a copy of the tokens.
-    blob = pickle.dumps(dm.train_dataset)
-    assert len(blob) < 2000 < train_tokens.nbytes
-    clone = pickle.loads(blob)
-    assert isinstance(clone.tokens, np.memmap) and torch.equal(clone[3][0], dm.train_dataset[3][0])
     lengths = np.asarray(dm.tokenizer.token_byte_lengths())
-    assert int(lengths[train_tokens].sum()) == dm.num_bytes["train"]  # exact bits-per-byte denominator
-    vx, vy = next(iter(dm.val_dataloader()))
-    assert vx.shape == (4, 16)
+    assert int(lengths[np.asarray(dm.train_dataset.tokens)].sum()) == dm.num_bytes["train"]  # exact bpb denominator
+    blob = pickle.dumps(dm.train_dataset)  # workers get file names, not a copy of the tokens
+    assert len(blob) < 3000 and torch.equal(pickle.loads(blob)[3][0], dm.train_dataset[3][0])
     assert sum(int((b[1] != IGNORE_INDEX).sum()) for b in dm.val_dataloader()) == dm.num_tokens["val"] - 1
 
 
-def test_val_fraction_carves_the_tail(corpus, tmp_path) -> None:
+def test_val_fraction_carves_the_tail_in_characters(corpus, tmp_path) -> None:
     dm = make_dm(tmp_path, train_files=[str(corpus["train"])], val_fraction=0.25, test_files=[str(corpus["test"])])
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
-    docs = clean_documents(split_documents(corpus["train"].read_text()))
-    full = "".join(d + EOT for d in docs)
-    train_text = dm.tokenizer.decode(dm.train_dataset.tokens.tolist())
-    val_text = dm.tokenizer.decode(dm.val_dataset.tokens.tolist())
-    assert train_text + val_text == full  # nothing lost or duplicated, val is the tail
-    assert val_text.endswith(docs[-1] + EOT) and train_text.endswith(("\n", EOT))  # cut at a line break
-    total = dm.num_bytes["train"] + dm.num_bytes["val"]
-    assert 0.2 < dm.num_bytes["val"] / total < 0.3
-    assert dm.num_tokens["test"] > 0 and dm.test_dataset is not None
-
-    # A plain text file is one document: the cut falls inside it, and the training half gets no
-    # end-of-text token (the document goes on in the validation split).
+    docs = list(clean_documents(articles(corpus["train"].read_text()), CleaningOptions()))
+    train_text, val_text = stream_text(dm, dm.train_dataset), stream_text(dm, dm.val_dataset)
+    assert train_text + val_text == "".join(d + EOT for d in docs)
+    assert 0.22 < len(val_text.replace(EOT, "")) / len("".join(docs)) < 0.28  # 25% of the characters
     plain = tmp_path / "plain.txt"
     plain.write_text("".join(f"line {i} of a long play\n" for i in range(300)), encoding="utf-8")
     dm = make_dm(tmp_path, train_files=str(plain), val_fraction=0.1)  # one path, not a list: also accepted
-    assert dm.train_files == [str(plain)]
     dm.prepare_data()
     dm.setup("fit")
-    train_text = dm.tokenizer.decode(dm.train_dataset.tokens.tolist())
-    val_text = dm.tokenizer.decode(dm.val_dataset.tokens.tolist())
+    train_text, val_text = stream_text(dm, dm.train_dataset), stream_text(dm, dm.val_dataset)
     assert EOT not in train_text and train_text.endswith("line 269 of a long play\n")
     assert val_text == "".join(f"line {i} of a long play\n" for i in range(270, 300)) + EOT
 
 
-def test_cache_key_changes_when_file_changes(corpus, tmp_path, caplog) -> None:
+def test_cache_key_follows_files_cleaning_and_tokenizer_kind(corpus, tmp_path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="lm.data")
-    kwargs = dict(train_files=[str(corpus["train"])])
-    make_dm(tmp_path, **kwargs).prepare_data()
-    before = set((tmp_path / "cache" / "tokens").glob("*.bin"))
+    make_dm(tmp_path, train_files=[str(corpus["train"])]).prepare_data()
     corpus["train"].write_text(wikitext_corpus(seed=5), encoding="utf-8")
     caplog.clear()
-    dm = make_dm(tmp_path, **kwargs)
-    dm.prepare_data()
+    make_dm(tmp_path, train_files=[str(corpus["train"])]).prepare_data()
     assert "Tokenizing train" in caplog.text and "Training tokenizer" in caplog.text
-    after = set((tmp_path / "cache" / "tokens").glob("*.bin"))
-    assert len(after - before) == 1
-    # Settings that change the ids change the key too; block_size/batch_size do not.
     caplog.clear()
-    make_dm(tmp_path, **kwargs, block_size=8, batch_size=2).prepare_data()
+    make_dm(tmp_path, train_files=[str(corpus["train"])], block_size=8, batch_size=2).prepare_data()
     assert "Tokenizing" not in caplog.text
-    make_dm(tmp_path, **kwargs, clean=False).prepare_data()
-    assert "Tokenizing train" in caplog.text
+    for changed in [dict(clean=False), dict(cleaning=CleaningOptions(lowercase=True)), dict(tokenizer_kind="word")]:
+        caplog.clear()
+        make_dm(tmp_path, train_files=[str(corpus["train"])], **changed).prepare_data()
+        assert "Tokenizing train" in caplog.text, changed
 
 
-def test_interrupted_or_corrupt_cache_is_never_used(corpus, tmp_path, monkeypatch, caplog) -> None:
+def test_no_validation_missing_data_and_tokenizer_handoff(corpus, tmp_path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="lm.data")
-    kwargs = dict(train_files=[str(corpus["train"])])
-    tokens_dir = tmp_path / "cache" / "tokens"
-    import lm.data.tokens as tokens_module
-
-    real_replace = os.replace
-
-    def killed(src, dst):
-        if str(dst).endswith(".bin"):
-            raise KeyboardInterrupt  # the process dies after writing the tmp file, before the rename
-        real_replace(src, dst)
-
-    monkeypatch.setattr(tokens_module.os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        make_dm(tmp_path, **kwargs).prepare_data()
-    monkeypatch.setattr(tokens_module.os, "replace", real_replace)
-    assert list(tokens_dir.glob("*.bin")) == [] and list(tokens_dir.glob("*.tmp")) == []
-
-    # A stray tmp file from a hard kill (SIGKILL: no cleanup) is ignored.
-    (tokens_dir / ".train-deadbeef.bin.abc.tmp").write_bytes(b"\xff" * 1001)
-    dm = make_dm(tmp_path, **kwargs)
-    dm.prepare_data()
-    dm.setup("fit")
-    good = np.array(dm.train_dataset.tokens)
-    assert "Tokenizing train" in caplog.text and good.max() < dm.tokenizer.vocab_size
-
-    # A .bin whose size disagrees with its metadata (truncated) is rebuilt, not read.
-    (bin_path,) = tokens_dir.glob("train-*.bin")
-    bin_path.write_bytes(bin_path.read_bytes()[:-3])
-    assert load_cached_tokens(bin_path) is None
-    caplog.clear()
-    dm = make_dm(tmp_path, **kwargs)
-    dm.prepare_data()
-    dm.setup("fit")
-    assert "Tokenizing train" in caplog.text
-    assert np.array_equal(np.array(dm.train_dataset.tokens), good)
-    # A .bin without its metadata file (killed between the two renames) is a miss as well.
-    bin_path.with_suffix(".json").unlink()
-    assert load_cached_tokens(bin_path) is None
-
-
-def test_setup_without_prepare_raises(corpus, tmp_path) -> None:
     dm = make_dm(tmp_path, train_files=[str(corpus["train"])])
-    with pytest.raises(RuntimeError, match=r"prepare_data\(\) must run before setup\(\)"):
+    with pytest.raises(ValueError, match=r"prepare_data\(\) must run before setup\(\)"):
         dm.setup("fit")
-
-
-def test_no_validation_is_explicit(corpus, tmp_path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="lm.data")
-    dm = make_dm(tmp_path, train_files=[str(corpus["train"])])
     dm.prepare_data()
     dm.setup("fit")
     assert dm.val_dataloader() == [] and "training runs without validation" in caplog.text
     with pytest.raises(ValueError, match="No test data for `test`"):
         dm.setup("test")
-    # Testing from files alone needs the training run's tokenizer.
     with pytest.raises(ValueError, match="--data.tokenizer_path"):
         make_dm(tmp_path, test_files=[str(corpus["test"])]).prepare_data()
-    dm = make_dm(tmp_path, test_files=[str(corpus["test"])], tokenizer_path=str(dm.tokenizer_file))
-    dm.prepare_data()
-    dm.setup("test")
-    assert dm.num_tokens["test"] > 0 and set(dm.num_tokens) == {"test"}
+    test_dm = make_dm(tmp_path, test_files=[str(corpus["test"])], tokenizer_path=str(dm.tokenizer_file))
+    test_dm.prepare_data()
+    test_dm.setup("test")
+    assert set(test_dm.num_tokens) == {"test"}
+    # A checkpoint's tokenizer replaces training one; has_validation is known before any data is read.
+    assert make_dm(tmp_path, train_files=[str(corpus["train"])], val_fraction=0.1).has_validation
+    assert make_dm(tmp_path, data_dir=str(corpus["train"].parent)).has_validation
+    assert not make_dm(tmp_path, data_dir=str(tmp_path / "nowhere")).has_validation
+    ckpt_tokenizer = Tokenizer.train([UNICODE_TEXT * 20], vocab_size=300)
+    given = make_dm(tmp_path / "given", train_files=[str(corpus["train"])], test_files=[str(corpus["test"])])
+    given.set_tokenizer(ckpt_tokenizer)
+    given.prepare_data()
+    given.setup("test")
+    assert given.tokenizer is ckpt_tokenizer and not (tmp_path / "given" / "cache" / "tokenizers").exists()
+    big = Tokenizer.train([wikitext_corpus()], 450, min_frequency=1)
+    with pytest.raises(ValueError, match=rf"The given tokenizer has {big.vocab_size} tokens.*--data.vocab_size"):
+        make_dm(tmp_path, vocab_size=300).set_tokenizer(big)
 
 
 def test_clear_errors(corpus, tmp_path) -> None:
-    missing = tmp_path / "missing.raw"
-    with pytest.raises(FileNotFoundError, match=rf"(?s){missing}.*--data.train_files"):
-        make_dm(tmp_path, train_files=[str(missing)]).prepare_data()
+    with pytest.raises(FileNotFoundError, match=r"(?s)missing.raw.*--data.train_files"):
+        make_dm(tmp_path, train_files=[str(tmp_path / "missing.raw")]).prepare_data()
     with pytest.raises(FileNotFoundError, match=r"data_dir not found: .*nowhere"):
         make_dm(tmp_path, data_dir=str(tmp_path / "nowhere")).prepare_data()
-    only_valid = tmp_path / "only_valid"
-    only_valid.mkdir()
-    (only_valid / "wiki.valid.raw").write_text(wikitext_corpus(), encoding="utf-8")
-    with pytest.raises(FileNotFoundError, match=r"wiki.train.raw"):
-        make_dm(tmp_path, data_dir=str(only_valid)).prepare_data()
-
     blank = tmp_path / "blank.txt"
     blank.write_text(" \n\n \t \n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"train split is empty after cleaning \(source: .*blank.txt"):
         make_dm(tmp_path, train_files=[str(blank)]).prepare_data()
-
     with pytest.raises(ValueError, match=r"vocab_size=200 is too small.*at least 257"):
-        make_dm(tmp_path, train_files=[str(corpus["train"])], vocab_size=200)
+        make_dm(tmp_path, vocab_size=200)
     with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
         make_dm(tmp_path, val_fraction=1.0)
     with pytest.raises(ValueError, match="either val_files or val_fraction"):
         make_dm(tmp_path, val_files=["x"], val_fraction=0.1)
-
+    with pytest.raises(ValueError, match=r"near_dedup_threshold must be in \(0, 1\]"):
+        CleaningOptions(near_dedup_threshold=1.5)
     short = tmp_path / "short.txt"
     short.write_text("just a few words here\n", encoding="utf-8")
+    dm = make_dm(tmp_path, train_files=[str(short)], block_size=64)
+    dm.prepare_data()
     with pytest.raises(ValueError, match=r"train split has \d+ tokens, too few for block_size=64"):
-        make_dm(tmp_path, train_files=[str(short)], block_size=64).prepare_data()
-
-
-def test_tokenizer_path_larger_than_vocab_size(corpus, tmp_path) -> None:
-    big = Tokenizer.train([wikitext_corpus(), UNICODE_TEXT], vocab_size=450, min_frequency=1)
-    assert big.vocab_size > 400
-    path = tmp_path / "tok.json"
-    big.save(path)
-    with pytest.raises(ValueError, match=rf"has {big.vocab_size} tokens.*--data.vocab_size >= {big.vocab_size}"):
-        make_dm(tmp_path, train_files=[str(corpus["train"])], tokenizer_path=str(path)).prepare_data()
-    # With a large enough vocab_size the given tokenizer is used as is (no training).
-    dm = make_dm(tmp_path, train_files=[str(corpus["train"])], tokenizer_path=str(path), vocab_size=512)
-    dm.prepare_data()
-    dm.setup("fit")
-    assert dm.tokenizer.to_str() == big.to_str()
-    assert not (tmp_path / "cache" / "tokenizers").exists()
-
-
-def test_set_tokenizer_and_has_validation(corpus, tmp_path) -> None:
-    """A checkpoint's tokenizer replaces training one; has_validation is known before any data is read."""
-    assert make_dm(tmp_path, train_files=[str(corpus["train"])], val_files=[str(corpus["val"])]).has_validation
-    assert make_dm(tmp_path, train_files=[str(corpus["train"])], val_fraction=0.1).has_validation
-    assert make_dm(tmp_path, data_dir=str(corpus["train"].parent)).has_validation
-    assert not make_dm(tmp_path, train_files=[str(corpus["train"])]).has_validation
-    assert not make_dm(tmp_path, data_dir=str(tmp_path / "nowhere")).has_validation
-
-    ckpt_tokenizer = Tokenizer.train([UNICODE_TEXT * 20], vocab_size=300)
-    dm = make_dm(tmp_path, train_files=[str(corpus["train"])], test_files=[str(corpus["test"])])
-    dm.set_tokenizer(ckpt_tokenizer)
-    dm.prepare_data()
-    dm.setup("fit")
-    dm.setup("test")
-    assert dm.tokenizer is ckpt_tokenizer and not (tmp_path / "cache" / "tokenizers").exists()
-    assert dm.tokenizer.decode(dm.test_dataset.tokens.tolist()).startswith(" = Article 0 ")
-    big = Tokenizer.train([wikitext_corpus()], 450, min_frequency=1)
-    message = rf"The given tokenizer has {big.vocab_size} tokens.*--data.vocab_size >= {big.vocab_size}"
-    with pytest.raises(ValueError, match=message):
-        make_dm(tmp_path, vocab_size=300).set_tokenizer(big)
+        dm.setup("fit")
 
 
 def test_predict_dataloader_yields_prompt_strings(tmp_path) -> None:
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("Once upon a time\n\nThe meaning of life is\n", encoding="utf-8")
-    # No data source given (so the default would be the Hub): predict must not touch the network.
     dm = make_dm(tmp_path, prompts=["Hello"], prompts_file=str(prompts_file), predict_batch_size=2)
-    dm.setup("predict")
-    batches = list(dm.predict_dataloader())
-    assert batches == [["Hello", "Once upon a time"], ["The meaning of life is"]]
+    dm.setup("predict")  # no data source given (default: the Hub): predict must not touch the network
+    assert list(dm.predict_dataloader()) == [["Hello", "Once upon a time"], ["The meaning of life is"]]
     with pytest.raises(ValueError, match="--data.prompts"):
         make_dm(tmp_path).predict_dataloader()
 
 
+class _Bigram(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(400, 8)
+        self.head = torch.nn.Linear(8, 400)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.head(self.emb(x)).flatten(0, 1), y.flatten(), reduction="sum")
+
+
 def test_lightning_fit_uses_epoch_sampler(corpus, tmp_path) -> None:
-    """In a real Trainer, our sampler survives and each epoch draws new windows."""
     import lightning as L
 
     seen: list[torch.Tensor] = []
@@ -528,32 +524,53 @@ def test_lightning_fit_uses_epoch_sampler(corpus, tmp_path) -> None:
     class Tiny(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.emb = torch.nn.Embedding(400, 8)
-            self.head = torch.nn.Linear(8, 400)
+            self.net = _Bigram()
 
         def training_step(self, batch, batch_idx):
-            x, y = batch
             if batch_idx == 0:
-                seen.append(x.clone())
-            return torch.nn.functional.cross_entropy(self.head(self.emb(x)).flatten(0, 1), y.flatten())
+                seen.append(batch[0].clone())
+            return self.net.loss(*batch)
 
         def validation_step(self, batch, batch_idx):
-            x, y = batch
-            loss = torch.nn.functional.cross_entropy(self.head(self.emb(x)).flatten(0, 1), y.flatten())
-            self.log("val_loss", loss)
+            self.log("val_loss", self.net.loss(*batch))
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+            return torch.optim.SGD(self.parameters(), lr=0.01)
 
     dm = make_dm(tmp_path, train_files=[str(corpus["train"])], val_fraction=0.1, samples_per_epoch=8)
-    trainer = L.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
-    )  # fmt: skip
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)  # fmt: skip
     trainer.fit(Tiny(), datamodule=dm)
     assert isinstance(trainer.train_dataloader.sampler, EpochDistributedSampler)
     assert dm.train_dataset.epoch == 1 and len(seen) == 2 and not torch.equal(seen[0], seen[1])
-    assert dm.hparams.vocab_size == 400 and dm.hparams.val_fraction == 0.1
+
+
+def test_litdata_chunks_same_windows_and_loss_and_resume(corpus, tmp_path) -> None:
+    pytest.importorskip("litdata", reason="litdata not installed (make venv installs it)")
+    from lm.data.litdata_chunks import streaming_dataset, streaming_loader
+
+    dm = make_dm(tmp_path, train_files=[str(corpus["train"])], loader="litdata", batch_size=4)
+    dm.prepare_data()
+    dm.setup("fit")
+    base = dm._litdata_dir(dm._prepare("fit", build=False))
+    ordered = streaming_dataset(base, 16, seed=0, shuffle=False)
+    memmap = dm._prepare("fit", build=False).splits["train"].tokens()
+    assert len(ordered) == len(memmap) // 17
+    windows = torch.stack([torch.from_numpy(memmap[k * 17 : (k + 1) * 17].astype(np.int64)) for k in range(len(ordered))])
+    streamed = torch.stack([ordered[k].long() for k in range(len(ordered))])
+    assert torch.equal(streamed, windows)
+    net = _Bigram()
+    assert torch.equal(net.loss(streamed[:, :-1], streamed[:, 1:]), net.loss(windows[:, :-1], windows[:, 1:]))
+    # The training loader (shuffled) resumes mid-epoch from its state_dict, as Lightning does.
+    loader = dm.train_dataloader()
+    iterator = iter(loader)
+    for _ in range(3):
+        next(iterator)
+    state = loader.state_dict()
+    expected = next(iterator)[0]
+    resumed = streaming_loader(streaming_dataset(base, 16, seed=dm.hparams.seed), 4)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(iter(resumed))[0], expected)
 
 
 # ---------------------------------------------------------------------- real data
@@ -564,11 +581,8 @@ def test_wikitext2_offline_protocol(tmp_path, caplog) -> None:
     if not (WIKITEXT_DIR / "wiki.valid.raw").is_file() or not (WIKITEXT_DIR / "wiki.test.raw").is_file():
         pytest.skip(f"WikiText-2 raw files not found in {WIKITEXT_DIR}")
     caplog.set_level(logging.INFO, logger="lm.data")
-    kwargs = dict(
-        train_files=[str(WIKITEXT_DIR / "wiki.valid.raw")], val_fraction=0.1,
-        test_files=[str(WIKITEXT_DIR / "wiki.test.raw")], vocab_size=8192, block_size=256,
-        cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+    kwargs = dict(train_files=[str(WIKITEXT_DIR / "wiki.valid.raw")], val_fraction=0.1, block_size=256,
+                  test_files=[str(WIKITEXT_DIR / "wiki.test.raw")], vocab_size=8192, cache_dir=str(tmp_path / "c"))  # fmt: skip
     TextDataModule(**kwargs).prepare_data()
     caplog.clear()
     dm = TextDataModule(**kwargs)
@@ -577,9 +591,7 @@ def test_wikitext2_offline_protocol(tmp_path, caplog) -> None:
     dm.setup("fit")
     dm.setup("test")
     n = dm.num_tokens
-    assert dm.tokenizer.vocab_size == 8192
     assert 200_000 < n["train"] < 300_000 and 20_000 < n["val"] < 45_000 and 280_000 < n["test"] < 400_000
-    assert 0.08 < n["val"] / (n["train"] + n["val"]) < 0.15
     for split in n:  # bytes per token of a BPE-8k on English text
         assert 3.0 < dm.num_bytes[split] / n[split] < 5.0
     eot_count = int((np.asarray(dm.train_dataset.tokens) == dm.tokenizer.eot_id).sum())

@@ -44,7 +44,9 @@ PII_PATTERNS: dict[str, re.Pattern[str]] = {
         r"|\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b"
     ),
     "credit_card": re.compile(r"\b\d(?:[ -]?\d){12,18}\b"),
-    "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{2,4}[ .-]\d{3,4}\b"),
+    # Not inside a longer run of digit groups (an order number, a card that failed the Luhn check).
+    "phone": re.compile(r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{2,4}[ .-]\d{3,4}"
+                        r"\b(?![ .-]?\d)"),
 }
 PII_PLACEHOLDERS = {"email": "<EMAIL>", "ip_address": "<IP_ADDRESS>", "credit_card": "<CREDIT_CARD>",
                     "phone": "<PHONE>"}  # fmt: skip

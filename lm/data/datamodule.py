@@ -105,6 +105,7 @@ class TextDataModule(L.LightningDataModule):
         self.num_tokens: dict[str, int] = {}  # per split, after prepare_data/setup
         self.num_bytes: dict[str, int] = {}  # UTF-8 bytes of text per split (for bits-per-byte)
         self.report: dict[str, Any] | None = None
+        self.report_file: Path | None = None
         self.train_dataset: Any = None
         self.val_dataset: SequentialWindowDataset | None = None
         self.test_dataset: SequentialWindowDataset | None = None
@@ -161,6 +162,7 @@ class TextDataModule(L.LightningDataModule):
         prepared = prepare(plan, plan.splits_for(stage), self.options, self._given_tokenizer, build=build)
         _check_vocab(prepared.tokenizer, self.vocab_size, f"The tokenizer {prepared.tokenizer_file}")
         self.tokenizer, self.tokenizer_file, self.report = prepared.tokenizer, prepared.tokenizer_file, prepared.report
+        self.report_file = prepared.report_file or self.report_file
         for split, ready in prepared.splits.items():
             self.num_tokens[split], self.num_bytes[split] = ready.manifest["num_tokens"], ready.manifest["num_bytes"]
         if build and self.hparams.loader == "litdata" and "train" in prepared.splits:

@@ -329,7 +329,7 @@ def format_report(report: dict[str, Any]) -> str:
         removed = ", ".join(f"{k} {v}" for k, v in r["removed"].items()) or "none"
         pii = ", ".join(f"{k} {v}" for k, v in r["pii_replaced"].items()) or "none"
         lines.append(
-            f"{split:>5}: documents {r['documents_in']} in, {r['documents_out']} out (removed: {removed}; "
+            f"{split:>5}: {r['documents']} documents; cleaning {r['documents_in']} in, {r['documents_out']} out (removed: {removed}; "
             f"PII replaced: {pii}); {r['tokens']:,} tokens, {r['bytes']:,} bytes, {r['bytes_per_token']:.2f} "
             f"bytes/token, {r['shards']} shard(s) -> {r['cache']}"
         )
