@@ -596,3 +596,39 @@ def test_wikitext2_offline_protocol(tmp_path, caplog) -> None:
         assert 3.0 < dm.num_bytes[split] / n[split] < 5.0
     eot_count = int((np.asarray(dm.train_dataset.tokens) == dm.tokenizer.eot_id).sum())
     assert 50 <= eot_count <= 60  # one per article (WikiText-2 validation has 60 articles)
+
+
+# ---------------------------------------------------------------------- lm prepare and the YAMLs
+
+
+def test_lm_prepare_prints_the_report_and_fit_reuses_the_cache(tmp_path, capsys) -> None:
+    from lm.cli import main
+
+    rows = [{"text": f"Document {i}: " + " ".join(random.Random(i).choice(WORDS) for _ in range(80))} for i in range(30)]
+    rows += [rows[0], {"text": "write to someone@example.org please " * 3}]  # an exact duplicate, an e-mail
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    args = ["--data.train_files", str(tmp_path / "*.jsonl"), "--data.val_fraction", "0.1", "--data.vocab_size", "300",
+            "--data.cache_dir", str(tmp_path / "cache"), "--data.cleaning.redact_pii", "true"]  # fmt: skip
+    main(["prepare", "--config", "experiments/wikitext2_cpu.yaml", *args])
+    out = capsys.readouterr().out
+    assert "removed: exact_duplicate 1" in out and "PII replaced: email 3" in out and "bytes/token" in out
+    (report_file,) = (tmp_path / "cache" / "reports").glob("*.json")
+    assert json.loads(report_file.read_text())["splits"]["train"]["documents_out"] == 31
+    from lm.commands.prepare import build_parser
+
+    parser = build_parser()
+    dm = parser.instantiate_classes(parser.parse_args(["--config", "experiments/wikitext2_cpu.yaml", *args])).data
+    dm.prepare_data()  # what `lm fit` runs: the logs (on stderr, as lm prints them) say the cache was reused
+    err = capsys.readouterr().err
+    assert err.count("Token cache hit") == 2 and "Tokenizing" not in err
+
+
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "experiments" / "data").glob("*.yaml")))
+def test_data_overlays_parse(overlay: str) -> None:
+    from lm.commands.prepare import build_parser
+
+    parser = build_parser()
+    config = parser.parse_args(["--config", "experiments/wikitext2_cpu.yaml", "--config", f"experiments/data/{overlay}"])
+    dm = parser.instantiate_classes(config).data
+    assert dm.vocab_size >= 256

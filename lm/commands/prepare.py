@@ -20,19 +20,25 @@ from typing import Any, Optional
 _IGNORED_SECTIONS = ("experiment", "seed_everything", "trainer", "model", "ckpt_path", "optimizer", "lr_scheduler")
 
 
-def main(args: list[str], prog: str = "lm prepare") -> None:
+def build_parser(prog: str = "lm prepare") -> Any:
+    """`--config` + every `--data.*` option of TextDataModule; a recipe's other sections are ignored."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from lm.data import TextDataModule
-    from lm.data.prepare import format_report
 
     parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0], default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help="experiment YAML (repeatable; later files win)")
     parser.add_class_arguments(TextDataModule, "data")
     for section in _IGNORED_SECTIONS:  # the rest of a training recipe: accepted, not used here
         parser.add_argument(f"--{section}", type=Optional[Any], default=None, help="(ignored by lm prepare)")
-    config = parser.parse_args(args)
-    datamodule = parser.instantiate_classes(config).data
+    return parser
+
+
+def main(args: list[str], prog: str = "lm prepare") -> None:
+    from lm.data.prepare import format_report
+
+    parser = build_parser(prog)
+    datamodule = parser.instantiate_classes(parser.parse_args(args)).data
     _show_data_logs()
     datamodule.prepare_data()
     print(format_report(datamodule.report))
