@@ -92,10 +92,25 @@ def generate_corpus(folder: Path, target_mb: float, seed: int = 0) -> tuple[Path
     return path, count
 
 
+CPU_SECONDS: list[float] = []  # CPU time (this process + finished children) of each timed call
+
+
 def timed(fn):
-    start = time.perf_counter()
+    """(result, wall seconds); also records the CPU seconds, a figure less bent by other load on the machine."""
+    import resource
+
+    def cpu() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    start, start_cpu = time.perf_counter(), cpu()
     result = fn()
+    CPU_SECONDS.append(cpu() - start_cpu)
     return result, time.perf_counter() - start
+
+
+def cpu_note() -> str:
+    return f"[cpu {CPU_SECONDS[-1]:.2f} s]"
 
 
 def bench_stages(corpus: Path, train_mb: float, vocab_size: int) -> None:
@@ -109,15 +124,15 @@ def bench_stages(corpus: Path, train_mb: float, vocab_size: int) -> None:
     source = FileSource((str(corpus),))
     docs, seconds = timed(lambda: list(source.documents()))
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    print(f"read JSONL             {mb:7.1f} MB  {seconds:6.2f} s  {mb / seconds:7.1f} MB/s  ({len(docs)} documents)")
+    print(f"read JSONL             {mb:7.1f} MB  {seconds:6.2f} s  {mb / seconds:7.1f} MB/s  ({len(docs)} documents) {cpu_note()}")
     report = CleaningReport()
     cleaned, seconds = timed(lambda: list(clean_documents(docs, CleaningOptions(), report)))
-    print(f"clean (NFC, trim, exact dedup) {seconds:6.2f} s  {mb / seconds:7.1f} MB/s  removed {dict(report.removed)}")
+    print(f"clean (NFC, trim, exact dedup) {seconds:6.2f} s  {mb / seconds:7.1f} MB/s  removed {dict(report.removed)} {cpu_note()}")
     near = NearDeduplicator(CleaningOptions(near_dedup=True))
     flags, seconds = timed(lambda: [near.seen(d) for d in cleaned])
     near_mb = sum(len(d.encode("utf-8")) for d in cleaned) / 1e6
     print(f"near dedup (MinHash-LSH, 128 perm, 5-grams, J>=0.8) on {near_mb:.1f} MB: {seconds:6.2f} s  "
-          f"{near_mb / seconds:7.1f} MB/s  removed {sum(flags)}")  # fmt: skip
+          f"{near_mb / seconds:7.1f} MB/s  removed {sum(flags)} {cpu_note()}")  # fmt: skip
     subset, size = [], 0
     for d in cleaned:
         if size >= train_mb * 1e6:
@@ -125,14 +140,14 @@ def bench_stages(corpus: Path, train_mb: float, vocab_size: int) -> None:
         subset.append(d)
         size += len(d.encode("utf-8"))
     tokenizer, seconds = timed(lambda: Tokenizer.train(subset, vocab_size=vocab_size))
-    print(f"tokenizer training (bpe {vocab_size}) on {size / 1e6:.1f} MB: {seconds:6.2f} s  {size / 1e6 / seconds:7.1f} MB/s")
+    print(f"tokenizer training (bpe {vocab_size}) on {size / 1e6:.1f} MB: {seconds:6.2f} s  {size / 1e6 / seconds:7.1f} MB/s {cpu_note()}")
     with tempfile.TemporaryDirectory() as out:
         for num_proc in (1, 2):
             writer = ShardWriter(Path(out), token_dtype(tokenizer.vocab_size))
             counts, seconds = timed(lambda: encode_to_shards(((d, True) for d in cleaned), tokenizer, writer, num_proc=num_proc))
             writer.close()
             print(f"encode, {num_proc} process(es)    {counts.num_bytes / 1e6:6.1f} MB  {seconds:6.2f} s  "
-                  f"{counts.num_bytes / 1e6 / seconds:7.1f} MB/s  ({counts.num_tokens:,} tokens)")  # fmt: skip
+                  f"{counts.num_bytes / 1e6 / seconds:7.1f} MB/s  ({counts.num_tokens:,} tokens) {cpu_note()}")  # fmt: skip
 
 
 def bench_wikitext(repeats: int) -> None:
@@ -143,16 +158,19 @@ def bench_wikitext(repeats: int) -> None:
     if not (folder / "wiki.valid.raw").is_file():
         print(f"WikiText-2 not found in {folder}: skipped")
         return
-    cold, warm = [], []
+    cold, warm, cold_cpu, warm_cpu = [], [], [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as cache:
             kwargs = dict(train_files=[str(folder / "wiki.valid.raw")], val_fraction=0.1,
                           test_files=[str(folder / "wiki.test.raw")], vocab_size=8192, cache_dir=cache)  # fmt: skip
             cold.append(timed(lambda: TextDataModule(**kwargs).prepare_data())[1])
+            cold_cpu.append(CPU_SECONDS[-1])
             warm.append(timed(lambda: TextDataModule(**kwargs).prepare_data())[1])
+            warm_cpu.append(CPU_SECONDS[-1])
     print(f"WikiText-2 offline prepare (train BPE 8192, tokenize 3 splits): cold {statistics.median(cold):.2f} s "
           f"(runs {', '.join(f'{c:.2f}' for c in cold)}), warm {statistics.median(warm):.3f} s "
-          f"(runs {', '.join(f'{w:.3f}' for w in warm)})")  # fmt: skip
+          f"(runs {', '.join(f'{w:.3f}' for w in warm)}); CPU seconds cold {statistics.median(cold_cpu):.2f}, "
+          f"warm {statistics.median(warm_cpu):.3f}")  # fmt: skip
 
 
 def main() -> None:

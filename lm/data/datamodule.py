@@ -223,14 +223,7 @@ class TextDataModule(L.LightningDataModule):
 
     def read_prompts(self) -> list[str]:
         """``prompts`` followed by the non-empty lines of ``prompts_file``."""
-        prompts, path = list(self.hparams.prompts or []), self.hparams.prompts_file
-        if path:
-            if not Path(path).is_file():
-                raise MissingFileError(f"prompts_file not found: {path}")
-            prompts += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise LMError("Nothing to predict: pass --data.prompts [...] or --data.prompts_file FILE.")
-        return prompts
+        return read_prompts(self.hparams.prompts, self.hparams.prompts_file)
 
     def _loader_kwargs(self) -> dict[str, Any]:
         workers = self.hparams.num_workers
@@ -238,6 +231,18 @@ class TextDataModule(L.LightningDataModule):
                 "persistent_workers": self.hparams.persistent_workers and workers > 0,
                 # A private generator leaves torch's global RNG (dropout) alone: a resumed run draws the same masks.
                 "generator": torch.Generator().manual_seed(self.hparams.seed)}  # fmt: skip
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """``prompts`` followed by the non-empty lines of ``prompts_file``; an error when there are none."""
+    prompts = list(prompts or [])
+    if prompts_file:
+        if not Path(prompts_file).is_file():
+            raise MissingFileError(f"prompts_file not found: {prompts_file}")
+        prompts += [line for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise LMError("Nothing to predict: pass --data.prompts [...] or --data.prompts_file FILE.")
+    return prompts
 
 
 def _check_sizes(args: dict[str, Any]) -> None:
