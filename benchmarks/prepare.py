@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import sys
@@ -25,16 +24,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def seed_documents() -> list[str]:
@@ -181,7 +170,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="WikiText-2 cold/warm runs")
     parser.add_argument("--skip-wikitext", action="store_true")
     args = parser.parse_args()
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.1f}")
+    from lm.hardware import describe_cpu
+
+    print(f"CPU: {describe_cpu()}, {os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.1f}")
     if not args.skip_wikitext:
         bench_wikitext(args.repeats)
     with tempfile.TemporaryDirectory() as folder:

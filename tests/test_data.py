@@ -632,3 +632,18 @@ def test_data_overlays_parse(overlay: str) -> None:
     config = parser.parse_args(["--config", "experiments/wikitext2_cpu.yaml", "--config", f"experiments/data/{overlay}"])
     dm = parser.instantiate_classes(config).data
     assert dm.vocab_size >= 256
+
+
+def test_prepare_benchmark_runs_and_prints_every_stage() -> None:
+    """benchmarks/prepare.py end to end on a tiny corpus (its figures are measurements, not assertions)."""
+    import subprocess
+    import sys
+
+    if not WIKITEXT_DIR.is_dir():
+        pytest.skip(f"shared corpora not found under {SHARED_DATA}")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "prepare.py"), "--mb", "0.3", "--train-mb", "0.2",
+                             "--vocab-size", "300", "--skip-wikitext"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("read JSONL", "clean (NFC", "near dedup", "tokenizer training", "encode, 1 process", "encode, 2 process"):
+        assert stage in result.stdout, stage
