@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	# LitData (data.loader: litdata) without its torchvision requirement, which would replace the CPU torch.
 	$(BIN)/pip install --quiet --no-deps "litdata>=0.2.50"
-	$(BIN)/pip install --quiet boto3 filelock obstore requests tifffile lightning-utilities
+	$(BIN)/pip install --quiet boto3 obstore filelock requests lightning-utilities
 	touch $@
 
 venv: $(VENV)/.installed

@@ -31,7 +31,7 @@ from lm.errors import LMError
 logger = logging.getLogger("lm.data")
 
 CHUNK_WINDOWS = 2048  # windows per chunk: (B+1) * 2048 ids, e.g. 1 MB of int32 ids at B=128
-_INSTALL = "pip install --no-deps litdata && pip install boto3 filelock obstore requests tifffile"
+_INSTALL = "pip install --no-deps litdata && pip install boto3 obstore filelock requests lightning-utilities"
 
 
 def _litdata() -> Any:
