@@ -2,5 +2,7 @@
 
 jsonargparse builds each verb's command line from its function's signature and docstring, so a
 verb gets `--help`, `--config file.yaml` and type checking for free. A module may also define
-`prepare_args(args) -> args` to normalize its raw arguments first (e.g. repeated flags).
+`prepare_args(args) -> args` to normalize its raw arguments first (e.g. repeated flags), or be
+registered as `module:main` with a `main(args, prog)` that builds its own parser (`lm prepare`, which
+reads the `data:` section of a training recipe).
 """
