@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import add_model_arguments, model_config  # noqa: E402
+from lm.hardware import describe_cpu  # noqa: E402
 from lm.model import GPT, GPTConfig, generate, stream_generate  # noqa: E402
 
 PATHS = {
@@ -73,7 +74,8 @@ def main() -> None:
     print(f"model: {args.layers} layers, {args.heads} heads, hidden {args.hidden}, vocab {args.vocab}, "
           f"context {args.context}; batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
           f"greedy; median of {args.runs} runs after a warm-up; load average at start "
-          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"CPU: {describe_cpu()}\n")
     for name in args.paths:
         print(f"- {name}: {PATHS[name]}")
     print("\n| threads | dtype | path | KV cache (tok/s) | no cache (tok/s) | speed-up vs no cache | setup (s) |")
