@@ -1,5 +1,6 @@
 """Decode speed of `lm.model.generate`: KV cache vs re-running the sequence, fp32 vs bf16, and the
-inference paths of `GPT.prepare_for_inference` (bf16 prepacked weights, a compiled decode step).
+inference paths of `GPT.prepare_for_inference` (lm/model/inference.py: decode routes for the linear
+layers, bf16 prepacked weights, a compiled decode step).
 
     python benchmarks/generate.py                          # the 6x6x384 / vocab 8192 model, 1 and 2 threads
     python benchmarks/generate.py --runs 5 --threads 1 --dtypes float32 --paths eager compiled
@@ -26,12 +27,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import add_model_arguments, model_config  # noqa: E402
+from lm.hardware import describe_cpu  # noqa: E402
 from lm.model import GPT, GPTConfig, generate, stream_generate  # noqa: E402
 
 PATHS = {
-    "eager": "plain eager model",
-    "prepared": "prepare_for_inference(): bf16 weights prepacked for oneDNN (no-op in fp32)",
-    "compiled": "prepare_for_inference(compile=True): torch.compile'd decode step",
+    "eager": "plain eager model (nn.Linear everywhere)",
+    "prepared": "prepare_for_inference(): decode routes for the linear layers (fp32: padded matmul; "
+                "bf16: oneDNN-prepacked weights where oneDNN has bf16), what `lm generate` runs",
+    "compiled": "prepare_for_inference(compile=True): the same plus a torch.compile'd decode step",
 }
 
 
@@ -71,7 +74,8 @@ def main() -> None:
     print(f"model: {args.layers} layers, {args.heads} heads, hidden {args.hidden}, vocab {args.vocab}, "
           f"context {args.context}; batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
           f"greedy; median of {args.runs} runs after a warm-up; load average at start "
-          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"CPU: {describe_cpu()}\n")
     for name in args.paths:
         print(f"- {name}: {PATHS[name]}")
     print("\n| threads | dtype | path | KV cache (tok/s) | no cache (tok/s) | speed-up vs no cache | setup (s) |")
@@ -82,8 +86,6 @@ def main() -> None:
             dtype = getattr(torch, dtype_name)
             reference, uncached = None, None
             for path in args.paths:
-                if path == "prepared" and dtype == torch.float32:
-                    continue  # nothing to prepack in fp32: same as eager
                 model, setup = prepare(config, dtype, path)
                 start = time.perf_counter()
                 decode_tokens_per_second(model, prompt, args.new_tokens, True)  # warm-up (and compile)

@@ -7,14 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lm.data.tokenizer import EOT, Tokenizer
 from lm.model import (GPT, GPTConfig, SamplingOptions, generate, generate_text, sample_next_token, stream_generate,
                       stream_text)
 from lm.model.generate import filter_logits
-from lm.model.layers import Linear, bf16_packing_supported
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=48)
 LLAMA = dict(position="rope", norm="rmsnorm", activation="swiglu", num_key_value_heads=2, tie_embeddings=False,
@@ -290,63 +288,3 @@ def test_generate_text_with_a_real_model(byte_tokenizer):
     with pytest.raises(ValueError, match="truncate"):
         generate_text(model, tok, ["hello " * 40], max_new_tokens=10)
     assert isinstance(generate_text(model, tok, ["hello " * 40], max_new_tokens=10, truncate=True)[0], str)
-
-
-# ----------------------------------------------------------------------- prepare_for_inference
-@pytest.mark.parametrize("overrides", [{}, LLAMA], ids=["gpt2", "llama"])
-def test_prepared_bf16_linears_match_unprepared(overrides):
-    model = make_model(**overrides).to(torch.bfloat16)
-    ids = torch.tensor([[5, 17, 33, 2, 9]])
-    with torch.inference_mode():
-        cache = model.new_kv_cache(1)
-        model(ids[:, :4], kv_cache=cache)
-        plain = model(ids[:, 4:], kv_cache=cache)
-        model.prepare_for_inference()
-        packed = [m._packed is not None for m in model.modules() if isinstance(m, Linear)]
-        assert all(packed) if bf16_packing_supported() else not any(packed)  # AVX2-only CPUs: no oneDNN bf16
-        cache = model.new_kv_cache(1)
-        model(ids[:, :4], kv_cache=cache)
-        prepared = model(ids[:, 4:], kv_cache=cache)
-    torch.testing.assert_close(prepared.float(), plain.float(), atol=2e-2, rtol=0)  # bf16 rounding
-    assert generate(model, [[5, 17, 33]], max_new_tokens=10, temperature=0) == generate(make_model(**overrides).to(torch.bfloat16),
-                                                                          [[5, 17, 33]], max_new_tokens=10, temperature=0)
-
-
-@pytest.mark.skipif(not bf16_packing_supported(), reason="this CPU has no oneDNN bf16 (needs AVX-512 bw/vl/dq)")
-def test_packed_weights_are_dropped_when_the_weight_changes():
-    model = make_model().to(torch.bfloat16).prepare_for_inference()
-    layer = model.layers[0].mlp.up_proj
-    assert layer._current_packed() is not None
-    with torch.no_grad():
-        layer.weight.add_(1.0)  # what an optimizer step does
-    assert layer._current_packed() is None
-    x = torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
-    assert "_packed" not in "".join(model.state_dict())
-
-
-@pytest.mark.parametrize("overrides,dtype", [(LLAMA, torch.float32), ({}, torch.float32), ({}, torch.bfloat16)],
-                         ids=["llama", "gpt2", "gpt2-bf16"])
-def test_compiled_decode_equals_eager(overrides, dtype):
-    """prepare_for_inference(compile=True): same logits (1e-4 in fp32) and tokens, batched and padded too.
-
-    bf16: the compiled kernels keep fp32 intermediates that eager rounds to bf16, so only the logits
-    are compared, to bf16 rounding (tokens of a random tiny model may flip on near-ties)."""
-    model = make_model(1, **overrides).to(dtype)
-    eager = make_model(1, **overrides).to(dtype)
-    model.prepare_for_inference(compile=True)
-    ids = torch.tensor([[5, 17, 33, 2, 9, 11]])
-    with torch.inference_mode():
-        logits = {}
-        for name, m in (("eager", eager), ("compiled", model)):
-            cache = m.new_kv_cache(1)
-            m(ids[:, :3], kv_cache=cache)
-            logits[name] = torch.cat([m.decode(ids[:, i:i + 1], kv_cache=cache) for i in range(3, 6)], dim=1)
-    if dtype == torch.bfloat16:
-        torch.testing.assert_close(logits["compiled"].float(), logits["eager"].float(), atol=3e-2, rtol=0)
-        return
-    torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-4, rtol=0)
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11]]
-    assert generate(model, prompts, max_new_tokens=12, temperature=0) == generate(eager, prompts, max_new_tokens=12, temperature=0)
-    assert generate(model, [[4, 5]], max_new_tokens=12, temperature=0)[0] == greedy_by_hand(eager, [4, 5], 12)

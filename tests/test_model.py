@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from lm.model import GPT, GPTConfig
-from lm.model.layers import Linear
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
 
@@ -143,19 +142,6 @@ def test_dropout_active_in_training_and_off_in_eval():
     torch.testing.assert_close(model(ids), model(ids))
     model.train()
     assert not torch.allclose(model(ids), model(ids))
-
-
-@pytest.mark.parametrize("rows", [1, 2, 5, 17, 40])
-def test_linear_fast_path_equals_f_linear(rows):
-    torch.manual_seed(0)
-    layer = Linear(24, 40)
-    x = torch.randn(rows, 24)
-    with torch.inference_mode():  # the fast path is taken only without autograd
-        fast = layer(x.view(1, rows, 24))
-    torch.testing.assert_close(fast, F.linear(x, layer.weight, layer.bias).view(1, rows, 40), atol=1e-5, rtol=0)
-    layer_nobias = Linear(24, 40, bias=False)
-    with torch.no_grad():
-        torch.testing.assert_close(layer_nobias(x), F.linear(x, layer_nobias.weight), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------------------- init

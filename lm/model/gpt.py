@@ -7,7 +7,9 @@ Notable features (each a `GPTConfig` value, see config.py):
 - GELU MLP or SwiGLU; tied or untied embeddings; bias on/off; dropout;
 - GPT-2 initialization: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers) so the
   residual stream's variance does not grow with depth;
-- a preallocated KV cache for generation (prefill once, then one token per step).
+- a preallocated KV cache for generation (prefill once, then one token per step);
+- `prepare_for_inference()`: CPU decode speed-ups (faster linear routes, a compiled decode step),
+  kept out of the model in inference.py.
 
 `GPT(config)(input_ids)` returns logits of shape (batch, time, vocab). No Lightning here.
 """
@@ -21,42 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from lm.errors import LMError
+from lm.model import inference
 from lm.model.config import GPTConfig
-from lm.model.layers import (
-    Block,
-    CausalSelfAttention,
-    KVCache,
-    LearnedPositions,
-    Linear,
-    RotaryPositions,
-    SinusoidalPositions,
-    make_norm,
-)
-
-
-def decode_compile_options(device: torch.device) -> dict:
-    """Inductor options for the compiled decode step (scoped to that one compile; training is unaffected).
-
-    - cpp_wrapper: the kernels are called from C++, not Python; at ~3-4 ms per token the Python
-      launch overhead was a fifth of the step.
-    - on CPU, realize_acc_reads_threshold=1: store every pointwise result that reads more than one
-      buffer instead of inlining it into its consumer. Without it inductor recomputes a linear layer's
-      input (residual adds, LayerNorm) inside the matrix-vector loop of `Linear`, once per output
-      row: 8192 times for the LM head. In bf16 on a CPU without native bf16 each recomputed input is
-      six bf16->fp32 conversions per weight vector. In interleaved A/B runs on a 2-core Zen 3 it took
-      bf16 from 237 to 407 tokens/s, fp32 from 287 to 350. (GPUs use `F.linear` there: not needed.)
-    """
-    options = {"cpp_wrapper": True}
-    if device.type == "cpu":
-        options["realize_acc_reads_threshold"] = 1
-    return options
+from lm.model.layers import (Block, CausalSelfAttention, KVCache, LearnedPositions, RotaryPositions,
+                             SinusoidalPositions, make_norm)
 
 
 class GPT(nn.Module):
     """The transformer. `block_class` / `attention_class` swap in subclasses of `Block` /
     `CausalSelfAttention` (same constructor arguments) without copying this class."""
 
-    _compiled_decode = None  # set by prepare_for_inference(compile=True)
+    decode_step = None  # the compiled forward, set by prepare_for_inference(compile=True)
 
     def __init__(self, config: GPTConfig, block_class: type[Block] = Block,
                  attention_class: type[CausalSelfAttention] = CausalSelfAttention):
@@ -71,7 +48,7 @@ class GPT(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(block_class(config, i, attention_class) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
@@ -122,29 +99,14 @@ class GPT(nn.Module):
         return self.lm_head(self.norm(x))
 
     def prepare_for_inference(self, compile: bool = False) -> "GPT":
-        """Optional speed-ups for generation on CPU; returns the model. Logits stay equal (to float
-        rounding) and training is unaffected.
-
-        - bf16 weights are prepacked for oneDNN (`Linear.prepack`; one extra copy of the weights).
-        - `compile=True`: `decode` (the one-token step of generation) becomes a `torch.compile`d
-          forward, in which each linear layer is one fused pass over its weight (see `Linear`), with
-          the inductor options of `decode_compile_options`. About 1.7-2x faster decoding in fp32 on
-          a 2-core CPU, and the fastest path in bf16, for a one-time compile of ~2-22 s on the first
-          step (and again for a new case: another batch size's padding mask, another dtype). Weights
-          are not frozen into the compiled code, so it stays correct if they change.
-        Call it again after loading new weights or changing dtype or device.
-        """
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.prepack()
-        options = decode_compile_options(self.embed_tokens.weight.device)
-        self._compiled_decode = torch.compile(self.forward, dynamic=True, options=options) if compile else None
-        return self
+        """Faster CPU decoding, logits unchanged to float rounding (see lm/model/inference.py); returns
+        the model. `compile=True` also compiles the step `decode` runs. Training it stays correct."""
+        return inference.prepare_for_inference(self, compile=compile)
 
     def decode(self, input_ids: Tensor, kv_cache: KVCache, position_ids: Optional[Tensor] = None,
                attention_mask: Optional[Tensor] = None) -> Tensor:
         """`forward` for generation's one-token steps: compiled after `prepare_for_inference(compile=True)`."""
-        step = self._compiled_decode or self.forward
+        step = self.decode_step or self.forward
         return step(input_ids, kv_cache=kv_cache, position_ids=position_ids, attention_mask=attention_mask)
 
     def new_kv_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:

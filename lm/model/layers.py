@@ -17,71 +17,6 @@ from lm.errors import LMError
 from lm.model.config import GPTConfig
 
 
-# -------------------------------------------------------------------------------------- linear
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, init and state-dict keys) with faster routes for decoding.
-
-    A decode step multiplies every weight by one row per sequence, so it is bound by streaming the
-    weights from memory, and the kernel decides how close to the memory bandwidth it gets. Measured
-    on a 2-core Zen 4, for the weights of a 6-layer/384-wide GPT (55 MB in fp32), one thread:
-    `F.linear` on one row ~7 ms per token (MKL's matrix-vector kernel), `(weight @ x.T).T` with the
-    row padded to two ~5 ms, a compiled multiply-and-sum ~4 ms. So without autograd, on CPU, for
-    <= 16 rows:
-    - inside `torch.compile` (`GPT.prepare_for_inference(compile=True)`), one row is written as
-      `(x * weight).sum(-1)`, which inductor turns into one vectorized pass over the weight;
-    - in bf16, after `prepack()`, a copy of the weight in oneDNN's blocked layout is used (bf16
-      without it is slower than fp32 in this build);
-    - otherwise fp32 takes `(weight @ x.T).T`, padding one row to two.
-    Training and large batches use `F.linear`. The packed copy is a cache: it is not in the state
-    dict, and it is dropped as soon as the weight changes (an optimizer step, a load, `.to()`), so
-    a prepared model can still be trained.
-    """
-
-    SMALL_ROWS = 16
-    _packed: Optional[tuple[Tensor, tuple]] = None  # (packed weight, the _weight_key() it was made from)
-
-    def prepack(self) -> None:
-        """bf16 on CPU: keep a copy of the weight in oneDNN's blocked layout for decoding. (In fp32 a
-        prepacked MKL or oneDNN weight measured no faster than the padded product: nothing to do.)"""
-        weight = self.weight.detach()
-        self._packed = None
-        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and bf16_packing_supported():
-            self._packed = (torch.ops.mkldnn._reorder_linear_weight(weight, 1), self._weight_key())
-
-    def _weight_key(self) -> tuple:
-        """Changes whenever the weight is modified in place, replaced or moved."""
-        return self.weight.data_ptr(), self.weight._version, self.weight.dtype
-
-    def _current_packed(self) -> Optional[Tensor]:
-        if self._packed is not None and self._packed[1] != self._weight_key():
-            self._packed = None  # stale: the weight was trained, loaded or moved since
-        return None if self._packed is None else self._packed[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if not (0 < rows <= self.SMALL_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()):
-            return F.linear(x, self.weight, self.bias)
-        if rows == 1 and torch.compiler.is_compiling():
-            y = (x.unsqueeze(-2) * self.weight).sum(-1)  # fused by inductor, never materialized
-            return y + self.bias if self.bias is not None else y
-        if x.dtype == torch.bfloat16 and self._current_packed() is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed[0], self.bias, "none", [], "")
-        if x.dtype == torch.float32:
-            x2 = x.reshape(rows, x.shape[-1])
-            if rows == 1:  # one column would make MKL fall back to its slow gemv again
-                x2 = x2.expand(2, -1).contiguous()
-            y = (self.weight @ x2.T).T[:rows]
-            y = y + self.bias if self.bias is not None else y.contiguous()
-            return y.view(*x.shape[:-1], y.shape[-1])
-        return F.linear(x, self.weight, self.bias)
-
-
-def bf16_packing_supported() -> bool:
-    """oneDNN's bf16 linear needs AVX-512 (bw/vl/dq) or AVX-NE-CONVERT; on an AVX2-only CPU (e.g. AMD
-    Zen 3) it raises, so there the packed path is simply not used."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 # --------------------------------------------------------------------------------------- norms
 def make_norm(config: GPTConfig, size: Optional[int] = None) -> nn.Module:
     size = size or config.hidden_size
@@ -154,8 +89,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
         self.down_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -169,8 +104,8 @@ class SwiGLU(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
         self.down_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -214,11 +149,6 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep only the batch rows in `index` (e.g. to drop finished sequences)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
-
 
 # ------------------------------------------------------------------------------------ attention
 class CausalSelfAttention(nn.Module):
@@ -237,8 +167,8 @@ class CausalSelfAttention(nn.Module):
         self.impl = config.attention
         self.dropout_p = config.dropout
         qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, qkv_size, bias=config.bias)
-        self.o_proj = Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=config.bias)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
         self.o_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
         if config.qk_norm:

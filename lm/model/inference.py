@@ -1,0 +1,173 @@
+"""CPU decode speed-ups for a trained `GPT`, applied by `GPT.prepare_for_inference`.
+
+The model itself (config.py, layers.py, gpt.py) uses plain `nn.Linear` and knows nothing of this
+file. A decode step multiplies every weight matrix by one row per sequence, so it is bound by
+streaming the weights from memory, and the kernel decides how close it gets to the memory bandwidth.
+`prepare_for_inference(model, compile)`:
+
+- swaps every plain `nn.Linear` for a `DecodeLinear` that holds the *same* Parameter objects (the
+  state dict, tied embeddings and an optimizer built earlier are untouched). Without autograd, on
+  CPU, for a few rows it takes a faster route than `F.linear`:
+  - one row inside `torch.compile`: `(x * weight).sum(-1)`, which inductor fuses into one
+    vectorized pass over the weight;
+  - bf16 on a CPU with oneDNN bf16 kernels: a copy of the weight prepacked in oneDNN's blocked
+    layout (a cache, dropped as soon as the weight changes);
+  - fp32: `(weight @ x.T).T` with one row padded to two, which MKL runs with its matrix-matrix
+    kernel instead of its slower matrix-vector one.
+  With autograd on (training) or many rows it is `F.linear`, so a prepared model still trains
+  correctly;
+- `compile=True`: `GPT.decode` (the one-token step of generation) becomes a `torch.compile`d forward
+  with the inductor options of `decode_compile_options`. Weights are not frozen into the compiled
+  code, so it stays correct when they change; a new case (another dtype, a padding mask) recompiles.
+
+Every private torch call of `lm` lives here, each in one small function that says which call and why.
+Benchmark: `benchmarks/generate.py` (figures in the README).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+# ------------------------------------------------------------------------ private torch calls
+def onednn_bf16_supported() -> bool:
+    """Private `torch.ops.mkldnn._is_mkldnn_bf16_supported`: whether oneDNN has bf16 kernels on this
+    CPU (AVX-512 bw/vl/dq or AVX-NE-CONVERT). No public API tells, and on an AVX2-only CPU oneDNN's
+    bf16 linear raises instead of falling back, so the packed route is used only where this is True."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def onednn_pack_weight(weight: Tensor) -> Tensor:
+    """Private `torch.ops.mkldnn._reorder_linear_weight`: a copy of a bf16 weight in oneDNN's blocked
+    layout (what inductor's weight-freezing pass makes). Without it oneDNN reorders the weight on every
+    call, and eager bf16 decoding is slower than fp32."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # 1: batch size hint (decoding)
+
+
+def onednn_linear(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Private `torch.ops.mkldnn._linear_pointwise`: x @ W.T + b with a weight from `onednn_pack_weight`
+    (the only op that takes it; "none" = no fused activation)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+# ------------------------------------------------------------------------------- linear layer
+class DecodeLinear(nn.Linear):
+    """`nn.Linear` with faster CPU routes for decoding a few rows without autograd (see the module
+    docstring). Built from an `nn.Linear`, it shares that layer's Parameters: same values, same
+    state-dict keys, same ties."""
+
+    SMALL_ROWS = 16  # up to this many rows a decode route beats F.linear
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameter objects, no copy
+        for name, value in vars(linear).items():  # e.g. is_residual_projection, training
+            if not name.startswith("_"):
+                setattr(self, name, value)
+        self._packed: Optional[tuple[Tensor, Tensor, int]] = None  # (packed weight, its source, source version)
+
+    def prepack(self) -> None:
+        """bf16 on a CPU with oneDNN bf16: keep a packed copy of the weight for decoding (a cache, not in
+        the state dict). fp32 has nothing to pack: a packed fp32 weight was no faster than the padded
+        product."""
+        weight = self.weight.detach()
+        self._packed = None
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and onednn_bf16_supported():
+            self._packed = (onednn_pack_weight(weight), weight, weight._version)
+
+    def current_packed_weight(self) -> Optional[Tensor]:
+        """The packed weight, or None if there is none or it is stale (then it is dropped).
+
+        Stale means the weight was modified in place (an optimizer step, `load_state_dict`: the version
+        counter moved) or replaced (`.to()`, a new Parameter: another memory address; the cache holds
+        the old source, so its address cannot have been reused)."""
+        if self._packed is not None:
+            _, source, version = self._packed
+            if self.weight.data_ptr() != source.data_ptr() or self.weight._version != version:
+                self._packed = None
+        return None if self._packed is None else self._packed[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if not (0 < rows <= self.SMALL_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()):
+            return F.linear(x, self.weight, self.bias)
+        if rows == 1 and torch.compiler.is_compiling():
+            return one_row_multiply_sum(x, self.weight, self.bias)
+        if x.dtype == torch.bfloat16 and self.current_packed_weight() is not None:
+            return onednn_linear(x, self._packed[0], self.bias)
+        if x.dtype == torch.float32:
+            return small_rows_matmul(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def one_row_multiply_sum(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear for one row, written so that inductor fuses it into one pass over the weight (the
+    product is never materialized)."""
+    y = (x.unsqueeze(-2) * weight).sum(-1)
+    return y + bias if bias is not None else y
+
+
+def small_rows_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear for a few fp32 rows as `(weight @ x.T).T`; one row is padded to two, since a single
+    column sends MKL back to its slow matrix-vector kernel."""
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows == 1:
+        x2 = x2.expand(2, -1).contiguous()
+    y = (weight @ x2.T).T[:rows]
+    y = y + bias if bias is not None else y.contiguous()
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def use_decode_linears(model: nn.Module) -> None:
+    """Replace every plain `nn.Linear` of `model` by a `DecodeLinear` sharing its Parameters.
+
+    Subclasses of `nn.Linear` (e.g. a researcher's LoRA layer) keep their own forward, and layers
+    already swapped are left alone, so calling this twice changes nothing. Forward hooks registered
+    on a swapped layer are not carried over."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, DecodeLinear(child))
+
+
+# -------------------------------------------------------------------------- compiled decoding
+def decode_compile_options(device: torch.device) -> dict:
+    """Inductor options for the compiled decode step (scoped to that one compile; training is unaffected).
+
+    - cpp_wrapper: the kernels are called from C++, not Python: a decode step is a few milliseconds,
+      of which Python's launch overhead would be a noticeable part.
+    - on CPU, realize_acc_reads_threshold=1: store every pointwise result that reads more than one
+      buffer instead of inlining it into its consumer. Without it inductor recomputes a linear layer's
+      input (residual adds, LayerNorm) inside the multiply-sum loop of `one_row_multiply_sum`, once per
+      output row (vocabulary-many times for the LM head), and in bf16 on a CPU without native bf16
+      each recomputation also converts bf16 to fp32 again. (GPUs use `F.linear` there: not needed.)
+    """
+    options: dict = {"cpp_wrapper": True}
+    if device.type == "cpu":
+        options["realize_acc_reads_threshold"] = 1
+    return options
+
+
+def compile_decode_step(model: nn.Module) -> Callable[..., Tensor]:
+    """`model.forward` compiled for decoding; dynamic shapes, so a growing KV cache does not recompile."""
+    device = next(model.parameters()).device
+    return torch.compile(model.forward, dynamic=True, options=decode_compile_options(device))
+
+
+def prepare_for_inference(model: nn.Module, compile: bool = False) -> nn.Module:
+    """Swap in `DecodeLinear`s, prepack bf16 weights where oneDNN can use them and, with `compile`,
+    set `model.decode_step` to the compiled forward (None otherwise). Returns `model`.
+
+    Idempotent; call it again after changing dtype or device (a stale packed weight is dropped, not
+    used, but then it is not re-made either). Logits equal the plain model's to float rounding."""
+    use_decode_linears(model)
+    for module in model.modules():
+        if isinstance(module, DecodeLinear):
+            module.prepack()
+    model.decode_step = compile_decode_step(model) if compile else None
+    return model
