@@ -97,8 +97,7 @@ def run_plain(args, precision: str, compile_model: bool, batches, fused: bool, p
         input_ids, targets = batches[step % len(batches)]
         with autocast():
             logits = net(input_ids)
-            nll, count = compute_loss(None, logits, targets)
-            loss = nll / count.clamp(min=1)
+            loss = compute_loss(None, logits, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()

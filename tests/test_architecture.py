@@ -53,6 +53,7 @@ def test_metrics_are_plain_nll_whatever_the_objective(tmp_path, corpus_files):
         assert shifted_metrics[name] == pytest.approx(base_metrics[name], rel=1e-6), name
     assert base_metrics["val/ppl"] == pytest.approx(math.exp(base_metrics["val/loss"]), rel=1e-5)
     # ...while training does minimize the subclass's objective.
+    datamodule.prepare_data()
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     logits = shifted(batch[0])
@@ -158,7 +159,7 @@ def test_cli_picks_precision_visibly_and_an_explicit_value_wins(tmp_path, corpus
     assert cli.trainer.precision == expected
     assert [r.getMessage() for r in records if r.getMessage().startswith(f"precision {expected} ")]
     other = "bf16-mixed" if expected == "32-true" else "32-true"
-    cli = run_lightning_cli([*args, "--experiment", "p2", "--trainer.precision", other, "--trainer.max_steps", "0"])
+    cli = run_lightning_cli([*args, "--experiment", "p2", "--trainer.precision", other])
     assert cli.trainer.precision == other
 
 
