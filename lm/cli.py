@@ -24,6 +24,7 @@ FUNCTION_VERBS = {
     "generate": "lm.commands.generate:generate",
     "serve": "lm.commands.serve:serve",
     "prepare": "lm.commands.prepare:main",  # a `main(args, prog)` builds its own parser
+    "plan": "lm.commands.plan:plan",
 }
 
 USAGE = f"""usage: lm <verb> [--config FILE.yaml ...] [--key value ...]
@@ -35,6 +36,7 @@ Lightning verbs (train / evaluate / sample with a Trainer):
   predict    write completions of prompts  lm predict --config ... --ckpt_path ... --data.prompts '[Hello]'
 Other verbs:
   {'  '.join(sorted(FUNCTION_VERBS))}
+  (plan: memory, speed and time of a recipe on a cluster: lm plan --config ... --devices 8 --device_kind h100)
 
 `lm <verb> --help` lists every option of a verb."""
 

@@ -159,14 +159,41 @@ def run_lightning_cli(argv: Optional[list[str]] = None) -> LMCLI:
     from lm.allocator import keep_large_allocations_in_heap
 
     keep_large_allocations_in_heap()  # faster CPU steps (see lm/allocator.py); LM_DEFAULT_MALLOC=1: off
-    return LMCLI(
-        LanguageModel,
-        TextDataModule,
+    return LMCLI(LanguageModel, TextDataModule, args=argv, **_cli_options())
+
+
+def _cli_options() -> dict[str, Any]:
+    """How every `lm` verb builds its LightningCLI (fresh callback instances for each run)."""
+    return dict(
         subclass_mode_model=True,
         seed_everything_default=1234,
         trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step"), RNGStateCheckpoint()]},
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "lm", "default_env": False},
-        args=argv,
         auto_configure_optimizers=False,
     )
+
+
+class _RecipeParser(LMCLI):
+    """Parses like `lm fit` and stops: the caller (`lm plan`) only reads the config."""
+
+    def before_instantiate_classes(self) -> None:
+        """Keep `trainer.precision: null` as it is: the planned cluster's hardware picks it, not this machine's."""
+
+    def instantiate_classes(self) -> None:
+        """Nothing is built."""
+
+
+def parse_recipe(argv: list[str]):
+    """The config `lm fit <argv>` would train with (`--config a.yaml --config b.yaml --key value`, merged,
+    linked and defaulted by the same parser), without building the model, the data or the Trainer."""
+    saved_argv = sys.argv
+    sys.argv = [sys.argv[0]]  # LightningCLI warns when it gets args and sys.argv has some too
+    seed_logger = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to ...": nothing is run
+    saved_level = seed_logger.level
+    seed_logger.setLevel(logging.WARNING)
+    try:
+        return _RecipeParser(LanguageModel, TextDataModule, args=list(argv), run=False, **_cli_options()).config
+    finally:
+        sys.argv = saved_argv
+        seed_logger.setLevel(saved_level)

@@ -1,0 +1,85 @@
+"""`lm plan`: will a recipe fit, how fast will it train and how long will it take, on a given cluster.
+
+    lm plan --config experiments/gpt2_small_8gpu.yaml --devices 8 --device_kind h100
+    lm plan --config experiments/gpt2_small_8gpu.yaml --config experiments/trainer/fsdp.yaml --devices 8
+    lm plan --config experiments/wikitext2_cpu.yaml --device_kind cpu
+    lm plan --config ... --nodes 2 --devices 8 --mfu 0.35 --tokens 10e9 --data.batch_size 8
+
+Every argument that is not one of this verb's own (`--config`, `--trainer.*`, `--model.*`, `--data.*`)
+is the recipe, read exactly as `lm fit` reads it. Nothing is trained or downloaded: the model is built
+on the meta device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Optional
+
+
+def plan(
+    recipe: Optional[list[str]] = None,
+    device_kind: str = "h100",
+    devices: Optional[int] = None,
+    nodes: Optional[int] = None,
+    mfu: Optional[float] = None,
+    tokens: Optional[float] = None,
+    peak_flops: Optional[float] = None,
+    memory_gib: Optional[float] = None,
+    headroom: float = 0.1,
+    intra_node_bandwidth: Optional[float] = None,
+    inter_node_bandwidth: Optional[float] = None,
+) -> None:
+    """Print the plan of a recipe: parameters, FLOPs per token, memory per device (itemized), whether it
+    fits (and the smallest change that makes it fit), throughput, communication and wall time.
+
+    Args:
+        recipe: The recipe's `lm fit` arguments. Collected from the command line: every `--config FILE`
+            (repeatable, later files override earlier ones) and `--section.key value` override.
+        device_kind: Device to plan for: h100, a100, l4 or cpu (lm/plan/devices.yaml). cpu is this
+            machine: one device is one process, its peak FLOP/s is measured now.
+        devices: Devices per node (default: the recipe's trainer.devices).
+        nodes: Nodes (default: the recipe's trainer.num_nodes).
+        mfu: Model FLOPs utilization to assume, a fraction of the peak (default: the device kind's in
+            devices.yaml). Take it from a real run's `train/device/mfu` (experiments/trainer/callbacks/
+            throughput.yaml) when you have one.
+        tokens: Token budget of the run (default: the recipe's trainer.max_steps).
+        peak_flops: Peak FLOP/s of one device in the training dtype, instead of the table's (or the
+            measured one on cpu).
+        memory_gib: Memory of one device in GiB, instead of the table's.
+        headroom: Share of device memory kept free for the CUDA context, NCCL buffers and allocator
+            fragmentation.
+        intra_node_bandwidth: Bytes/s in one direction between devices of a node, instead of the table's.
+        inter_node_bandwidth: Bytes/s in one direction per device across nodes, instead of the table's.
+    """
+    from lm.plan import format_plan, make_plan
+
+    if not recipe:
+        raise ValueError("No recipe given: pass it as to lm fit, e.g. lm plan --config experiments/wikitext2_cpu.yaml "
+                         "--device_kind cpu.")
+    result = make_plan(recipe, device_kind=device_kind, devices=devices, nodes=nodes, mfu=mfu, tokens=tokens,
+                       peak_flops=peak_flops, memory_gib=memory_gib, headroom=headroom,
+                       intra_node_bandwidth=intra_node_bandwidth, inter_node_bandwidth=inter_node_bandwidth)
+    print(format_plan(result), end="")
+
+
+_OWN_FLAGS = {f"--{name}" for name in inspect.signature(plan).parameters if name != "recipe"}
+
+
+def prepare_args(args: list[str]) -> list[str]:
+    """Keep this verb's own flags (`--device-kind` is accepted for `--device_kind`); pass everything
+    else (`--config`, `--trainer.devices 2`, ...) to the recipe, verbatim, as one JSON list."""
+    own: list[str] = []
+    recipe: list[str] = []
+    target = recipe
+    for arg in args:
+        if arg.startswith("-"):
+            flag, eq, value = arg.partition("=")
+            if flag.startswith("--") and "." not in flag:  # --device-kind -> --device_kind
+                flag = "--" + flag[2:].replace("-", "_")
+            target = own if flag in _OWN_FLAGS or flag in ("-h", "--help") else recipe
+            arg = flag + eq + value
+        target.append(arg)
+    if recipe:
+        own += ["--recipe", json.dumps(recipe)]
+    return own

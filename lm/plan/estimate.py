@@ -1,0 +1,174 @@
+"""Memory per device, communication per step and speed of a `Setup` of a `ModelShape`: plain arithmetic.
+
+Memory (bytes per device), each item of `memory_per_device`:
+- weights, gradients, optimizer state (AdamW: 2 values per parameter), in the precision's dtypes
+  (`PRECISIONS`), divided by the world size where the strategy shards them: fsdp (FULL_SHARD) and
+  fsdp2 shard all three, fsdp SHARD_GRAD_OP (ZeRO-2) gradients and optimizer state, ddp nothing;
+- ddp gradient buckets: DDP all-reduces flat copies of the gradients (one more gradient's worth);
+- fsdp gathered units: the all-gathered parameters of the unit being run and the one prefetched,
+  and one unit's unsharded gradients before the reduce-scatter;
+- bf16 weight copies: autocast's cast of every weight, alive from forward to backward (mixed
+  precision without FSDP1, whose MixedPrecision gathers bf16 weights instead);
+- activations of one micro-batch (`activation_bytes_per_token`), with or without activation
+  checkpointing (then only each block's input is kept, and one block is recomputed at a time);
+- temporary logits: (micro-batch x T x vocab) logits, their fp32 log-softmax and its gradient.
+Their sum is a conservative peak: gradients are counted as alive during the forward (they are once
+accumulation is on or the optimizer keeps them).
+
+Speed: model FLOPs per token (`GPT.flops_per_token`: 6 x matmul parameters + attention) x tokens /
+(MFU x peak FLOP/s); activation checkpointing adds one forward (x 4/3). Communication per device and
+optimizer step (ring collectives move (N-1)/N of the data per device): DDP all-reduce 2 x gradient bytes;
+FSDP all-gather of the weights in forward and again in backward plus a reduce-scatter of the
+gradients, per micro-batch (ZeRO-2 gathers once). Compute and communication are assumed to overlap
+(DDP's bucketed all-reduce during backward, FSDP's prefetch): a step takes the longer of the two.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from lm.plan.devices import DeviceSpec
+from lm.plan.recipe import ModelShape, Setup
+
+RECOMPUTE_FACTOR = 4.0 / 3.0  # activation checkpointing: forward (2N) is run twice per 6N
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per value of each kind of tensor, and the dtype whose peak FLOP/s applies."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    compute: int        # matmul inputs/outputs (activations)
+    residual: int       # the residual stream (autocast keeps it in fp32)
+    compute_dtype: str
+    cast_copy: int      # autocast's low-precision copy of each weight (mixed precision)
+
+
+PRECISIONS = {
+    "32-true": Precision(4, 4, 4, 4, 4, "float32", 0),
+    "bf16-mixed": Precision(4, 4, 4, 2, 4, "bfloat16", 2),
+    "16-mixed": Precision(4, 4, 4, 2, 4, "float16", 2),
+    "bf16-true": Precision(2, 2, 2, 2, 2, "bfloat16", 0),
+    "16-true": Precision(2, 2, 2, 2, 2, "float16", 0),
+}
+
+
+def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool = False) -> float:
+    """Bytes autograd keeps per token of a micro-batch until the backward pass, for this model's layers.
+
+    Per block: the two norms' inputs (residual stream), the inputs of the four linear layers, q/k/v
+    and the output of attention (plus fp32 log-sum-exp per head), the MLP's activation input(s), rotary
+    and QK-norm inputs, and 1-byte dropout masks. `sdpa` is counted as a fused kernel that keeps no
+    T x T scores; `math` keeps the scores (fp32 softmax, its cast, a dropout mask). With checkpointing
+    a block keeps only its input, and one block's activations exist at a time during recomputation.
+    """
+    h, kv, i, c = m.hidden_size, m.kv_size, m.intermediate_size, p.compute
+    block = 2 * h * p.residual                                   # attn_norm, mlp_norm inputs
+    block += (3 * h + i) * c                                     # qkv, o_proj, up, down inputs
+    block += (2 * h + 2 * kv) * c + 4 * m.num_heads              # q, k, v, attention output, log-sum-exp
+    block += (3 * i if m.activation == "swiglu" else i) * c      # GELU input / SiLU input, SiLU output, up
+    if m.position == "rope":
+        block += 2 * (h + kv) * c
+    if m.qk_norm:
+        block += (h + kv) * c
+    if m.dropout > 0:
+        block += 2 * h                                           # residual dropout masks
+    if m.attention == "math":
+        scores = m.num_heads * m.sequence_length
+        block += scores * (4 + c + (1 if m.dropout > 0 else 0))
+    outside = h * p.residual + h * c + (h if m.dropout > 0 else 0)  # final norm, head input, embedding dropout
+    if checkpointing:
+        return m.num_layers * h * p.residual + block + outside
+    return m.num_layers * block + outside
+
+
+def memory_per_device(m: ModelShape, s: Setup) -> dict[str, float]:
+    """Itemized bytes per device (see the module docstring); zero items are left out."""
+    p, P, W = PRECISIONS[s.precision], m.parameters, s.world_size
+    shard_all = s.strategy == "fsdp2" or (s.strategy == "fsdp" and s.sharding == "FULL_SHARD")
+    shard_states = s.strategy in ("fsdp", "fsdp2")
+    tokens = s.micro_batch * m.sequence_length
+    items = {
+        "weights": P * p.weights / (W if shard_all else 1),
+        "gradients": P * p.grads / (W if shard_states else 1),
+        "optimizer state": P * m.optimizer_states * p.optimizer / (W if shard_states else 1),
+        "ddp gradient buckets": P * p.grads if s.strategy == "ddp" and W > 1 else 0.0,
+        "fsdp gathered units": _gathered_unit_bytes(m, s, p) if shard_states and W > 1 else 0.0,
+        "bf16 weight copies": P * p.cast_copy if s.strategy != "fsdp" else 0.0,
+        "activations": tokens * activation_bytes_per_token(m, p, s.activation_checkpointing),
+        "temporary logits": tokens * m.vocab_size * (p.compute + 8 if p.compute != 4 else 12),
+    }
+    return {name: value for name, value in items.items() if value}
+
+
+def _gathered_unit_bytes(m: ModelShape, s: Setup, p: Precision) -> float:
+    """Unsharded parameters (the running unit + the prefetched one) and one unit's full gradients."""
+    gather, reduce = _collective_dtypes(s, p)
+    unit = m.largest_unit_parameters
+    params = 2 * unit * gather if s.sharding == "FULL_SHARD" or s.strategy == "fsdp2" else 0
+    return params + unit * reduce
+
+
+def _collective_dtypes(s: Setup, p: Precision) -> tuple[int, int]:
+    """Bytes per value all-gathered (weights) and reduced (gradients). FSDP1's MixedPrecision moves
+    bf16; FSDP2 as `LanguageModel.configure_model` applies it (no mp_policy) and DDP move the stored dtype."""
+    if s.strategy == "fsdp":
+        return p.compute, p.compute
+    return p.weights, p.grads
+
+
+def communication_bytes(m: ModelShape, s: Setup) -> float:
+    """Bytes each device sends (and receives) per optimizer step."""
+    W = s.world_size
+    if W == 1 or s.strategy == "single":
+        return 0.0
+    ring = (W - 1) / W
+    p = PRECISIONS[s.precision]
+    gather, reduce = _collective_dtypes(s, p)
+    if s.strategy == "ddp":  # once per optimizer step: accumulation steps skip the sync
+        return 2 * m.parameters * reduce * ring
+    gathers = 2 if (s.strategy == "fsdp2" or s.sharding == "FULL_SHARD") else 1
+    return (gathers * gather + reduce) * m.parameters * ring * s.accumulation
+
+
+@dataclass(frozen=True)
+class Speed:
+    peak_flops: float
+    mfu: float
+    tokens_per_step: int
+    compute_seconds: float
+    communication_bytes: float
+    communication_seconds: Optional[float]   # None: no bandwidth known for this link
+    step_seconds: float
+    tokens_per_second: float
+
+    @property
+    def communication_bound(self) -> bool:
+        return self.communication_seconds is not None and self.communication_seconds > self.compute_seconds
+
+
+def speed(m: ModelShape, s: Setup, device: DeviceSpec, mfu: float) -> Speed:
+    """Step time and throughput of the whole job at `mfu` of the device's peak in the compute dtype."""
+    peak = device.peak(PRECISIONS[s.precision].compute_dtype)
+    tokens_per_device = s.micro_batch * m.sequence_length * s.accumulation
+    flops = tokens_per_device * m.flops_per_token * (RECOMPUTE_FACTOR if s.activation_checkpointing else 1.0)
+    compute = flops / (mfu * peak)
+    volume = communication_bytes(m, s)
+    bandwidth = device.intra_node_bandwidth if s.nodes == 1 else device.inter_node_bandwidth
+    comm = None if not volume else (volume / bandwidth if bandwidth else None)
+    step = max(compute, comm or 0.0)
+    tokens_per_step = tokens_per_device * s.world_size
+    return Speed(peak_flops=peak, mfu=mfu, tokens_per_step=tokens_per_step, compute_seconds=compute,
+                 communication_bytes=volume, communication_seconds=comm, step_seconds=step,
+                 tokens_per_second=tokens_per_step / step)
+
+
+def steps_for(tokens: Optional[float], max_steps: Optional[int], tokens_per_step: int) -> Optional[int]:
+    """Optimizer steps of the run: enough for a token budget, else the recipe's max_steps."""
+    if tokens:
+        return math.ceil(tokens / tokens_per_step)
+    return max_steps

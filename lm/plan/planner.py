@@ -1,0 +1,68 @@
+"""`make_plan`: a recipe + a cluster -> a `Plan` (counts, memory per device, fit, speed, wall time).
+
+The Python entry point of `lm plan` (lm/commands/plan.py prints `format_plan(make_plan(...))`);
+benchmarks/plan_check.py calls it to compare plans with measured runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from lm.plan.advice import Change, needed_bytes, smallest_fitting_change, usable_bytes
+from lm.plan.devices import DeviceSpec, device_spec
+from lm.plan.estimate import PRECISIONS, Speed, memory_per_device, speed, steps_for
+from lm.plan.recipe import Recipe, read_recipe
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    device: DeviceSpec
+    headroom: float
+    memory: dict[str, float]           # itemized bytes per device
+    other_activations: float           # activation bytes with the other checkpointing setting
+    speed: Speed
+    steps: Optional[int]               # optimizer steps of the run (token budget or max_steps)
+    fits: bool
+    change: Optional[Change]           # the smallest change that fits, when it does not
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def usable_bytes(self) -> float:
+        return usable_bytes(self.device, self.headroom)
+
+    @property
+    def wall_seconds(self) -> Optional[float]:
+        return None if self.steps is None else self.steps * self.speed.step_seconds
+
+
+def make_plan(recipe_args: list[str], device_kind: str = "h100", devices: Optional[int] = None,
+              nodes: Optional[int] = None, mfu: Optional[float] = None, tokens: Optional[float] = None,
+              peak_flops: Optional[float] = None, memory_gib: Optional[float] = None, headroom: float = 0.1,
+              intra_node_bandwidth: Optional[float] = None, inter_node_bandwidth: Optional[float] = None) -> Plan:
+    """Plan `lm fit <recipe_args>` on `nodes` x `devices` devices of `device_kind` (see `lm plan --help`)."""
+    if not 0.0 <= headroom < 1.0:
+        raise ValueError(f"headroom is the share of device memory kept free, in [0, 1); got {headroom}.")
+    if mfu is not None and not 0.0 < mfu <= 1.0:
+        raise ValueError(f"mfu is a fraction of the peak FLOP/s in (0, 1], e.g. 0.4; got {mfu}.")
+    kind = device_kind.lower()
+    recipe = read_recipe(recipe_args, devices=devices, nodes=nodes,
+                         default_precision="32-true" if kind == "cpu" else "bf16-mixed")
+    setup, model = recipe.setup, recipe.model
+    device = device_spec(kind, devices_per_node=setup.devices, compute_dtype=PRECISIONS[setup.precision].compute_dtype,
+                         peak_flops=peak_flops, memory_gib=memory_gib)
+    if intra_node_bandwidth is not None or inter_node_bandwidth is not None:
+        device = replace(device, intra_node_bandwidth=intra_node_bandwidth or device.intra_node_bandwidth,
+                         inter_node_bandwidth=inter_node_bandwidth or device.inter_node_bandwidth)
+    memory = memory_per_device(model, setup)
+    other = memory_per_device(model, replace(setup, activation_checkpointing=not setup.activation_checkpointing))
+    fits = needed_bytes(model, setup) <= usable_bytes(device, headroom)
+    run_speed = speed(model, setup, device, mfu if mfu is not None else device.default_mfu)
+    return Plan(recipe=recipe, device=device, headroom=headroom, memory=memory,
+                other_activations=other.get("activations", 0.0), speed=run_speed,
+                steps=steps_for(tokens, recipe.max_steps, run_speed.tokens_per_step), fits=fits,
+                change=None if fits else smallest_fitting_change(model, setup, device, headroom))

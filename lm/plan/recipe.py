@@ -1,0 +1,171 @@
+"""A recipe as `lm plan` sees it: the model's shape (built on the meta device) and the training setup.
+
+- `read_recipe(args)`: parse `--config a.yaml --config b.yaml --trainer.x y ...` with `lm fit`'s own
+  LightningCLI parser (`lm.lightning_cli.parse_recipe`: same merging, links and defaults, nothing
+  instantiated), then build the LightningModule on the meta device (no memory, no weights) and read
+  the network's own counts: `num_parameters`, `flops_per_token` (the formula the throughput callback
+  uses), and the size of the largest FSDP unit (a transformer `Block`, or the root: embeddings,
+  final norm, head).
+- `Setup`: what the Trainer would do with it: precision, strategy (single, ddp, fsdp = Lightning's
+  FSDPStrategy, fsdp2 = ModelParallelStrategy + `fully_shard`), world size, micro-batch,
+  accumulation, activation checkpointing. Frozen, so a suggestion is `dataclasses.replace(setup, ...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+STRATEGIES = ("single", "ddp", "fsdp", "fsdp2")
+SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP")  # FSDP1's ZeRO-3 and ZeRO-2; fsdp2 is always FULL_SHARD
+PRECISION_ALIASES = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
+                     "bf16-true": "bf16-true", "16": "16-mixed", "16-mixed": "16-mixed", "16-true": "16-true"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory and FLOPs depend on, read from the network built on the meta device."""
+
+    parameters: int                 # unique (a tied head counted once)
+    non_embedding_parameters: int
+    flops_per_token: int            # training (forward + backward) at `sequence_length`
+    sequence_length: int
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    kv_size: int                    # key/value heads x head size (= hidden for multi-head attention)
+    intermediate_size: int
+    activation: str                 # gelu | swiglu
+    attention: str                  # sdpa (fused: no T x T scores kept) | math
+    position: str
+    qk_norm: bool
+    dropout: float
+    largest_unit_parameters: int    # the biggest FSDP unit: a Block or the root (embeddings, norm, head)
+    optimizer_states: int = 2       # AdamW keeps exp_avg and exp_avg_sq per parameter
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the recipe trains: the knobs a plan varies."""
+
+    precision: str
+    strategy: str
+    devices: int                    # per node
+    nodes: int
+    micro_batch: int                # data.batch_size: sequences per device per forward
+    accumulation: int
+    activation_checkpointing: bool = False
+    sharding: str = "FULL_SHARD"
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.nodes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelShape
+    setup: Setup
+    max_steps: Optional[int]
+    experiment: str
+
+
+def read_recipe(args: list[str], devices: Optional[int] = None, nodes: Optional[int] = None,
+                default_precision: str = "bf16-mixed") -> Recipe:
+    """The recipe given by `lm fit`-style arguments; `devices`/`nodes` override the Trainer's."""
+    from lm.lightning_cli import parse_recipe
+
+    config = parse_recipe(args)
+    trainer, data = config.trainer, config.get("data")
+    block_size = _get(data, "block_size") or config.model.init_args.config.max_position_embeddings
+    model = model_shape(config.model, int(block_size))
+    devices = devices if devices is not None else _device_count(trainer.devices)
+    nodes = nodes if nodes is not None else int(trainer.num_nodes or 1)
+    if devices < 1 or nodes < 1:
+        raise ValueError(f"devices and nodes must be at least 1, got devices={devices}, nodes={nodes}.")
+    strategy, sharding, checkpointing = _strategy(trainer.strategy, devices * nodes)
+    precision = _precision(trainer.precision, default_precision)
+    micro_batch = _get(data, "batch_size")
+    if not micro_batch:
+        raise ValueError("The recipe has no data.batch_size: lm plan needs the micro-batch (sequences per device).")
+    setup = Setup(precision=precision, strategy=strategy, devices=devices, nodes=nodes, micro_batch=int(micro_batch),
+                  accumulation=int(trainer.accumulate_grad_batches or 1), activation_checkpointing=checkpointing,
+                  sharding=sharding)
+    max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+    return Recipe(model=model, setup=setup, max_steps=max_steps, experiment=str(config.get("experiment") or ""))
+
+
+def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
+    """Build the LightningModule of `model_config` (class_path + init_args) on the meta device and measure it."""
+    import torch
+
+    from lm.checkpoint import import_class
+    from lm.model.layers import Block
+
+    init_args = model_config.init_args.as_dict()
+    with torch.device("meta"):  # shapes only: no memory is allocated, no weights initialized
+        module = import_class(model_config.class_path)(**init_args)
+    net = getattr(module, "model", module)
+    if not (hasattr(net, "num_parameters") and hasattr(net, "flops_per_token")):
+        raise ValueError(f"{model_config.class_path} builds a {type(net).__name__}: lm plan needs a network with "
+                         f"num_parameters() and flops_per_token() (as lm.model.GPT has).")
+    c = net.config
+    block_sizes = [sum(p.numel() for p in m.parameters()) for m in net.modules() if isinstance(m, Block)]
+    in_blocks = {id(p) for m in net.modules() if isinstance(m, Block) for p in m.parameters()}
+    root = sum(p.numel() for p in net.parameters() if id(p) not in in_blocks)
+    return ModelShape(
+        parameters=net.num_parameters(), non_embedding_parameters=net.num_parameters(exclude_embeddings=True),
+        flops_per_token=int(net.flops_per_token(sequence_length)), sequence_length=sequence_length,
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads, kv_size=c.num_key_value_heads * c.head_dim,
+        intermediate_size=c.intermediate_size, activation=c.activation, attention=c.attention, position=c.position,
+        qk_norm=c.qk_norm, dropout=c.dropout, largest_unit_parameters=max(block_sizes + [root]),
+    )
+
+
+def _get(namespace: Any, key: str) -> Any:
+    return None if namespace is None else namespace.get(key)
+
+
+def _device_count(devices: Any) -> int:
+    if isinstance(devices, int):
+        return devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        return int(devices)
+    raise ValueError(f"The recipe has trainer.devices={devices!r}: pass --devices N (devices per node) to plan it.")
+
+
+def _precision(precision: Any, default: str) -> str:
+    if precision is None:
+        return default
+    name = PRECISION_ALIASES.get(str(precision))
+    if name is None:
+        raise ValueError(f"lm plan does not model precision {precision!r}; it knows {sorted(set(PRECISION_ALIASES.values()))}.")
+    return name
+
+
+def _strategy(strategy: Any, world_size: int) -> tuple[str, str, bool]:
+    """(strategy, FSDP sharding, activation checkpointing) of a Trainer's `strategy` value."""
+    class_path = strategy if isinstance(strategy, str) else _get(strategy, "class_path") or ""
+    init_args = _get(strategy, "init_args") if not isinstance(strategy, str) else None
+    name = class_path.rsplit(".", 1)[-1].lower()
+    if name in ("auto", "", "none"):
+        return ("ddp" if world_size > 1 else "single"), "FULL_SHARD", False
+    if name in ("single_device", "singledevicestrategy"):
+        return "single", "FULL_SHARD", False
+    if name.startswith("ddp"):
+        return "ddp", "FULL_SHARD", False
+    if name in ("fsdp", "fsdpstrategy"):
+        sharding = str(getattr(_get(init_args, "sharding_strategy"), "name", None)
+                       or _get(init_args, "sharding_strategy") or "FULL_SHARD").upper()
+        if sharding not in SHARDINGS:
+            raise ValueError(f"lm plan models FSDP sharding_strategy {' or '.join(SHARDINGS)}, not {sharding}.")
+        checkpointing = bool(_get(init_args, "activation_checkpointing_policy") or _get(init_args, "activation_checkpointing"))
+        return "fsdp", sharding, checkpointing
+    if name == "modelparallelstrategy":
+        return "fsdp2", "FULL_SHARD", False
+    raise ValueError(f"lm plan does not model strategy {class_path!r}: use auto, ddp, fsdp (FSDPStrategy) or "
+                     f"ModelParallelStrategy (FSDP2, experiments/trainer/fsdp2_cpu.yaml).")
