@@ -1,0 +1,101 @@
+"""Measure a real `lm fit` run, to check a plan against it (tests/test_plan.py, benchmarks/plan_check.py).
+
+- `MemoryProbe`: a callback that records, on every rank, the resident memory (VmRSS) after each optimizer
+  step, the peak (VmHWM) and the time between consecutive steps, and writes them to
+  `<output>.rank<R>.json` when training ends.
+- `measure_fit(args, workdir)`: runs `lm fit <args>` in a fresh process with the probe and returns what
+  every rank recorded.
+
+Why resident memory after a step isolates the model/optimizer part: at that point the activations,
+logits and gathered FSDP units of the step are freed, and what is alive is the weights, gradients,
+optimizer state (and DDP's gradient buckets), plus the run's fixed costs (Python, torch, Lightning,
+data). `measure_fit` sets glibc's mmap threshold to 64 KiB (`MALLOC_MMAP_THRESHOLD_`, which also stops
+glibc from raising it as it goes) and turns off lm's keep-in-heap allocator setting, so every large
+tensor is its own mapping and freeing it gives the memory back at once: RSS follows the live tensors.
+It also sets MKL_DISABLE_FAST_MM, so MKL does not keep its matmul scratch buffers (sized by the
+model's matrices: without it, repeated runs of one recipe differed by ~30 MiB; with it by < 1 MiB).
+The fixed costs cancel in the difference of two runs that differ only in model size, which is what
+the plan check compares with the planned difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+MEASURE_ENV = {"LM_DEFAULT_MALLOC": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
+
+
+def process_memory() -> dict[str, int]:
+    """Resident (VmRSS) and peak resident (VmHWM) bytes of this process, from /proc/self/status."""
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+class MemoryProbe(Callback):
+    """Records resident memory after every optimizer step, the peak, and step times, per rank.
+
+    Args:
+        output: Path prefix of the JSON files (`<output>.rank<R>.json`).
+    """
+
+    def __init__(self, output: str = "memory_probe") -> None:
+        self.output = output
+        self.rss_after_step: list[int] = []
+        self.step_ends: list[float] = []
+        self.tokens_per_step = 0
+        self.rss_at_train_start = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.rss_at_train_start = process_memory()["VmRSS"]
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # not an optimizer step
+        self.step_ends.append(time.perf_counter())
+        self.rss_after_step.append(process_memory()["VmRSS"])
+        self.tokens_per_step = batch[0].numel() * trainer.accumulate_grad_batches * trainer.world_size
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        result = {"rank": trainer.global_rank, "world_size": trainer.world_size, "tokens_per_step": self.tokens_per_step,
+                  "rss_after_step": self.rss_after_step,
+                  "rss_at_train_start": self.rss_at_train_start, "peak_rss": process_memory()["VmHWM"],
+                  "step_seconds": [b - a for a, b in zip(self.step_ends, self.step_ends[1:])]}
+        path = Path(f"{self.output}.rank{trainer.global_rank}.json")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, path)
+
+
+def measure_fit(args: list[str], workdir: Path, timeout: float = 900) -> list[dict[str, Any]]:
+    """Run `lm fit <args>` in `workdir` with a `MemoryProbe` (and the memory settings above); return the
+    ranks' records, with `tokens_per_second` (steps after the first two: warm-up) and `model_rss` (the
+    median resident memory after those steps) added."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    overlay = workdir / "probe.yaml"
+    overlay.write_text(json.dumps({"trainer": {"callbacks+": [
+        {"class_path": "lm.plan.probe.MemoryProbe", "init_args": {"output": str(workdir / "probe")}}]}}))
+    env = {**os.environ, **MEASURE_ENV}
+    command = [sys.executable, "-m", "lm", "fit", *args, "--config", str(overlay)]
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"lm fit failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
+    records = [json.loads(p.read_text()) for p in sorted(workdir.glob("probe.rank*.json"))]
+    for record in records:
+        steady = record["step_seconds"][2:] or record["step_seconds"]
+        record["tokens_per_second"] = record["tokens_per_step"] / statistics.median(steady)
+        record["model_rss"] = statistics.median(record["rss_after_step"][2:] or record["rss_after_step"])
+    return records
