@@ -35,8 +35,8 @@ from lm.plan.devices import GIB, cpu_threads_per_process, measure_cpu_peak  # no
 from lm.plan.probe import measure_fit  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
-STRATEGY_OVERLAYS = {"single": [], "ddp": ["--config", "experiments/trainer/ddp.yaml"],
-                     "fsdp2": ["--config", "experiments/trainer/fsdp2_cpu.yaml"]}
+STRATEGY_OVERLAYS = {"single": [], "ddp": ["--config", str(ROOT / "experiments/trainer/ddp.yaml")],
+                     "fsdp2": ["--config", str(ROOT / "experiments/trainer/fsdp2_cpu.yaml")]}
 SIZES = {"big": [], "small": ["--model.config.hidden_size", "64", "--model.config.num_hidden_layers", "1"]}
 MODEL_PART = ("weights", "gradients", "optimizer state", "ddp gradient buckets")
 
@@ -75,7 +75,6 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.train_file).is_file():
         sys.exit(f"Training text not found: {args.train_file} (pass --train-file).")
-    os.chdir(ROOT)  # the recipes' overlay paths are relative to the project root
     print(describe_cpu())
     peaks = {n: measure_cpu_peak("float32", processes=n) for n in (1, 2)}
     for n, peak in peaks.items():
@@ -99,6 +98,7 @@ def main() -> None:
                 big_plan = make_plan(recipe_args(args, strategy, "big", Path(tmp) / "cache"), device_kind="cpu",
                                      peak_flops=peaks[1], mfu=mfu)
             rows.append(compare(strategy, result, big_plan, measured_tps, calibration=strategy == "single"))
+            print(f"{strategy}: done ({len(result['big'][1])} process(es))", flush=True)
     print_table(rows)
     print(f"load average after: {os.getloadavg()[0]:.2f} (2 cores shared with other agents: timings are noisy)")
 

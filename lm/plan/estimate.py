@@ -57,16 +57,20 @@ PRECISIONS = {
 }
 
 
-def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool = False) -> float:
+def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool = False, cpu: bool = False) -> float:
     """Bytes autograd keeps per token of a micro-batch until the backward pass, for this model's layers.
 
     Per block: the two norms' inputs (residual stream), the inputs of the four linear layers, q/k/v
     and the output of attention (plus fp32 log-sum-exp per head), the MLP's activation input(s), rotary
     and QK-norm inputs, and 1-byte dropout masks. `sdpa` is counted as a fused kernel that keeps no
-    T x T scores; `math` keeps the scores (fp32 softmax, its cast, a dropout mask). With checkpointing
+    T x T scores; `math` keeps the scores (fp32 softmax, its cast, a dropout mask). On CPU (`cpu`), sdpa
+    with dropout runs the math kernel, and dropout keeps its mask in the activations' dtype, not as bytes.
+    With checkpointing
     a block keeps only its input, and one block's activations exist at a time during recomputation.
     """
     h, kv, i, c = m.hidden_size, m.kv_size, m.intermediate_size, p.compute
+    mask = (c if cpu else 1) if m.dropout > 0 else 0             # bytes per dropped value
+    math_attention = m.attention == "math" or (cpu and m.dropout > 0)
     block = 2 * h * p.residual                                   # attn_norm, mlp_norm inputs
     block += (3 * h + i) * c                                     # qkv, o_proj, up, down inputs
     block += (2 * h + 2 * kv) * c + 4 * m.num_heads              # q, k, v, attention output, log-sum-exp
@@ -75,12 +79,11 @@ def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool 
         block += 2 * (h + kv) * c
     if m.qk_norm:
         block += (h + kv) * c
-    if m.dropout > 0:
-        block += 2 * h                                           # residual dropout masks
-    if m.attention == "math":
+    block += 2 * h * mask                                        # residual dropout masks
+    if math_attention:  # per score: fp32 softmax, its cast to the compute dtype, dropout mask + output
         scores = m.num_heads * m.sequence_length
-        block += scores * (4 + c + (1 if m.dropout > 0 else 0))
-    outside = h * p.residual + h * c + (h if m.dropout > 0 else 0)  # final norm, head input, embedding dropout
+        block += scores * (4 + (c if c != 4 else 0) + (mask + c if m.dropout > 0 else 0))
+    outside = h * p.residual + h * c + h * mask                  # final norm, head input, embedding dropout
     if checkpointing:
         return m.num_layers * h * p.residual + block + outside
     return m.num_layers * block + outside
@@ -99,7 +102,7 @@ def memory_per_device(m: ModelShape, s: Setup) -> dict[str, float]:
         "ddp gradient buckets": P * p.grads if s.strategy == "ddp" and W > 1 else 0.0,
         "fsdp gathered units": _gathered_unit_bytes(m, s, p) if shard_states and W > 1 else 0.0,
         "bf16 weight copies": P * p.cast_copy if s.strategy != "fsdp" else 0.0,
-        "activations": tokens * activation_bytes_per_token(m, p, s.activation_checkpointing),
+        "activations": tokens * activation_bytes_per_token(m, p, s.activation_checkpointing, s.accelerator == "cpu"),
         "temporary logits": tokens * m.vocab_size * (p.compute + 8 if p.compute != 4 else 12),
     }
     return {name: value for name, value in items.items() if value}

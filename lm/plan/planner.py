@@ -53,6 +53,9 @@ def make_plan(recipe_args: list[str], device_kind: str = "h100", devices: Option
     recipe = read_recipe(recipe_args, devices=devices, nodes=nodes,
                          default_precision="32-true" if kind == "cpu" else "bf16-mixed")
     setup, model = recipe.setup, recipe.model
+    if kind == "cpu":
+        setup = replace(setup, accelerator="cpu")
+        recipe = replace(recipe, setup=setup)
     device = device_spec(kind, devices_per_node=setup.devices, compute_dtype=PRECISIONS[setup.precision].compute_dtype,
                          peak_flops=peak_flops, memory_gib=memory_gib)
     if intra_node_bandwidth is not None or inter_node_bandwidth is not None:

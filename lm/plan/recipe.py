@@ -57,6 +57,7 @@ class Setup:
     accumulation: int
     activation_checkpointing: bool = False
     sharding: str = "FULL_SHARD"
+    accelerator: str = "gpu"        # cpu: its attention and dropout kernels keep more (see estimate.py)
 
     @property
     def world_size(self) -> int:

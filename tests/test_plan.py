@@ -1,0 +1,203 @@
+"""`lm plan`: counts come from the model itself, sharding divides the sharded parts, the fit advice,
+device kinds, the CLI end to end, and the plan against a real `lm fit` run's memory."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from lm.cli import main
+from lm.commands.plan import prepare_args
+from lm.plan import make_plan
+from lm.plan.advice import needed_bytes
+from lm.plan.devices import GIB, device_spec, known_device_kinds
+from lm.plan.estimate import memory_per_device
+from lm.plan.recipe import read_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_RECIPE = str(ROOT / "experiments" / "wikitext2_cpu.yaml")
+GPT2_SMALL = str(ROOT / "experiments" / "wikitext2_gpt2_small.yaml")
+TINY = ["--model.config.hidden_size", "64", "--model.config.num_hidden_layers", "2",
+        "--model.config.num_attention_heads", "4", "--data.vocab_size", "512"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_small():
+    return read_recipe(["--config", GPT2_SMALL], devices=8)
+
+
+@pytest.mark.parametrize("overlay", [[], ["--config", str(ROOT / "experiments" / "variants" / "llama.yaml")]])
+def test_param_and_flop_counts_equal_the_models_own(overlay):
+    from lm.model import GPT, GPTConfig
+
+    recipe = read_recipe(["--config", CPU_RECIPE, *overlay, *TINY])
+    config = GPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=128, dropout=0.1,
+                       **({"position": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False,
+                           "tie_embeddings": False, "num_key_value_heads": 2} if overlay else {}))
+    model = GPT(config)
+    assert recipe.model.parameters == model.num_parameters()
+    assert recipe.model.non_embedding_parameters == model.num_parameters(exclude_embeddings=True)
+    assert recipe.model.flops_per_token == model.flops_per_token(128)  # data.block_size of the recipe
+    assert recipe.model.kv_size == (32 if overlay else 64)
+    assert recipe.setup.micro_batch == 32 and recipe.setup.strategy == "single"
+
+
+def test_overlays_and_overrides_merge_as_in_lm_fit():
+    recipe = read_recipe(["--config", GPT2_SMALL, "--config", str(ROOT / "experiments/trainer/fsdp.yaml"),
+                          "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "2"], devices=8, nodes=2)
+    s = recipe.setup
+    assert (s.strategy, s.sharding, s.activation_checkpointing) == ("fsdp", "FULL_SHARD", True)
+    assert (s.micro_batch, s.accumulation, s.world_size, s.precision) == (4, 2, 16, "bf16-mixed")
+    assert recipe.model.vocab_size == 32768  # data.vocab_size linked to the model, as in lm fit
+
+
+def test_sharded_memory_scales_as_one_over_world_size(gpt2_small):
+    model, base = gpt2_small.model, gpt2_small.setup
+    sharded = ("weights", "gradients", "optimizer state")
+    for strategy in ("fsdp", "fsdp2"):
+        one = memory_per_device(model, replace(base, strategy=strategy, devices=1))
+        for world in (2, 4, 8, 64):
+            many = memory_per_device(model, replace(base, strategy=strategy, devices=world))
+            for item in sharded:
+                assert many[item] == pytest.approx(one[item] / world)
+            assert many["activations"] == one["activations"]  # per micro-batch: not sharded
+            assert many["temporary logits"] == one["temporary logits"]
+    ddp1 = memory_per_device(model, replace(base, strategy="ddp", devices=1))
+    ddp8 = memory_per_device(model, replace(base, strategy="ddp", devices=8))
+    assert all(ddp8[item] == ddp1[item] for item in sharded)  # replicated
+    zero2 = memory_per_device(model, replace(base, strategy="fsdp", sharding="SHARD_GRAD_OP", devices=8))
+    assert zero2["weights"] == ddp8["weights"] and zero2["optimizer state"] == pytest.approx(ddp8["optimizer state"] / 8)
+
+
+def test_precision_and_checkpointing_change_the_items_they_should(gpt2_small):
+    model, base = gpt2_small.model, gpt2_small.setup
+    mixed = memory_per_device(model, base)
+    true16 = memory_per_device(model, replace(base, precision="bf16-true"))
+    full = memory_per_device(model, replace(base, precision="32-true"))
+    assert mixed["weights"] == full["weights"] == 2 * true16["weights"] == 4 * model.parameters
+    assert mixed["optimizer state"] == 8 * model.parameters  # AdamW: two fp32 values per parameter
+    assert full["activations"] > mixed["activations"] > true16["activations"]
+    checkpointed = memory_per_device(model, replace(base, activation_checkpointing=True))
+    assert checkpointed["activations"] < mixed["activations"] / 3
+
+
+def _saved_activation_bytes(model, input_ids) -> int:
+    """Bytes of the tensors autograd saves for backward in a forward pass (parameters excluded)."""
+    import torch
+
+    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("variant", [{}, {"dropout": 0.1}, {"attention": "math"},
+                                     {"activation": "swiglu", "position": "rope", "norm": "rmsnorm",
+                                      "num_key_value_heads": 2, "qk_norm": True}])
+def test_activation_formula_matches_what_autograd_saves_on_cpu(variant):
+    import torch
+
+    from lm.model import GPT, GPTConfig
+    from lm.plan.estimate import PRECISIONS, activation_bytes_per_token
+    from lm.plan.recipe import ModelShape
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=32, **variant)).train()
+    c = model.config
+    shape = ModelShape(parameters=0, non_embedding_parameters=0, flops_per_token=0, sequence_length=32,
+                       vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                       kv_size=c.num_key_value_heads * c.head_dim, intermediate_size=c.intermediate_size,
+                       activation=c.activation, attention=c.attention, position=c.position, qk_norm=c.qk_norm,
+                       dropout=c.dropout, largest_unit_parameters=0)
+    measured = _saved_activation_bytes(model, torch.randint(0, 256, (4, 32)))
+    planned = 4 * 32 * activation_bytes_per_token(shape, PRECISIONS["32-true"], cpu=True)
+    assert planned == pytest.approx(measured, rel=0.1)
+
+
+def test_recipe_that_cannot_fit_gets_the_message_and_the_smallest_change(capsys):
+    main(["plan", "--config", GPT2_SMALL, "--devices", "1", "--device-kind", "l4", "--data.batch_size", "64"])
+    out = capsys.readouterr().out
+    assert "does not fit: needs " in out and " GiB per device, has 21.6 GiB" in out
+    assert "smallest change that fits" in out and "--data.batch_size 16 --trainer.accumulate_grad_batches 16" in out
+    # The suggested change really fits, and the one before it (micro-batch 32) does not.
+    recipe = read_recipe(["--config", GPT2_SMALL, "--data.batch_size", "64"], devices=1)
+    usable = device_spec("l4").memory_bytes * 0.9
+    assert needed_bytes(recipe.model, replace(recipe.setup, micro_batch=16, accumulation=16)) <= usable
+    assert needed_bytes(recipe.model, replace(recipe.setup, micro_batch=32, accumulation=8)) > usable
+
+
+def test_a_model_too_big_for_the_node_is_sent_to_fsdp_over_more_nodes():
+    plan = make_plan(["--config", GPT2_SMALL, "--model.config.hidden_size", "8192", "--model.config.num_hidden_layers",
+                      "48", "--model.config.num_attention_heads", "64", "--data.batch_size", "1"],
+                     device_kind="h100", devices=8, nodes=1)
+    assert not plan.fits and plan.change is not None
+    assert plan.change.setup.strategy == "fsdp" and plan.change.setup.nodes > 1
+    assert "--trainer.num_nodes" in plan.change.description
+
+
+def test_unknown_device_kind_lists_the_known_ones(capsys):
+    assert {"h100", "a100", "l4", "cpu"} <= set(known_device_kinds())
+    with pytest.raises(ValueError, match="Unknown device kind 'tpu'.*a100, cpu, h100, l4"):
+        device_spec("tpu")
+    with pytest.raises(SystemExit):
+        main(["plan", "--config", CPU_RECIPE, "--device_kind", "tpu"])
+    assert "known kinds are a100, cpu, h100, l4" in capsys.readouterr().err
+
+
+def test_cli_plans_a_recipe_end_to_end(capsys):
+    main(["plan", "--config", GPT2_SMALL, "--devices", "8", "--device-kind", "h100", "--tokens", "1e9"])
+    out = capsys.readouterr().out
+    assert "16 x 1024 x 4 accumulation x 8 devices = 524,288" in out
+    assert "DDP (replicated), bf16-mixed" in out and "fits" in out
+    assert "gradient all-reduce" in out and "wall time" in out and "1,908 steps" in out  # ceil(1e9 / 524288)
+    assert "https://www.nvidia.com/en-us/data-center/h100/" in out
+
+
+def test_prepare_args_splits_the_verbs_flags_from_the_recipe():
+    own = prepare_args(["--config", "a.yaml", "--device-kind", "a100", "--trainer.devices", "2", "--devices=4",
+                        "--config", "b.yaml", "--model.config.hidden_size=128"])
+    assert own[:3] == ["--device_kind", "a100", "--devices=4"]
+    assert own[3] == "--recipe" and own[4] == ('["--config", "a.yaml", "--trainer.devices", "2", "--config", '
+                                               '"b.yaml", "--model.config.hidden_size=128"]')
+
+
+def test_cpu_device_memory_is_the_hosts_split_among_processes():
+    one, two = device_spec("cpu", 1, peak_flops=1e9), device_spec("cpu", 2, peak_flops=1e9)
+    assert one.memory_bytes == pytest.approx(2 * two.memory_bytes) and one.memory_bytes > GIB
+    assert one.peak("float32") == 1e9 and one.measured == ("memory",)
+
+
+def test_plan_matches_the_measured_model_and_optimizer_memory_of_a_real_run(tmp_path, corpus_files):
+    """Two real `lm fit` runs (1 process) that differ only in model size: the growth of the resident
+    memory after an optimizer step matches the plan's weights + gradients + AdamW state within 15%."""
+    from lm.plan.probe import measure_fit
+
+    def args(hidden: str, layers: str) -> list[str]:
+        return ["--config", CPU_RECIPE, "--model.config.hidden_size", hidden, "--model.config.num_hidden_layers", layers,
+                "--model.config.max_position_embeddings", "32", "--model.config.dropout", "0.0",
+                "--data.train_files", f"[{corpus_files['train']}]", "--data.vocab_size", "4096",
+                "--data.block_size", "32", "--data.batch_size", "2", "--data.cache_dir", str(tmp_path / "cache"),
+                "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
+                "false", "--trainer.enable_model_summary", "false", "--trainer.devices", "1"]
+
+    part = ("weights", "gradients", "optimizer state")
+    planned, measured = [], []
+    for name, size in {"big": ("256", "2"), "small": ("32", "1")}.items():
+        plan = make_plan(args(*size), device_kind="cpu", peak_flops=1e10)
+        planned.append(sum(plan.memory[item] for item in part))
+        measured.append(measure_fit(args(*size), tmp_path / name)[0]["model_rss"])
+    growth_planned, growth_measured = planned[0] - planned[1], measured[0] - measured[1]
+    assert growth_planned > 30 * 2**20  # the difference is large next to page-size noise
+    assert growth_measured == pytest.approx(growth_planned, rel=0.15)
