@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from lm.plan import make_plan  # noqa: E402
 from lm.plan.devices import GIB, cpu_threads_per_process, measure_cpu_peak  # noqa: E402
-from lm.plan.probe import measure_fit  # noqa: E402
+from lm.plan.probe import measure_fit, prepare_data  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
 STRATEGY_OVERLAYS = {"single": [], "ddp": ["--config", str(ROOT / "experiments/trainer/ddp.yaml")],
@@ -82,6 +82,7 @@ def main() -> None:
               f"{peak / 1e9:.1f} GFLOP/s")
     rows, mfu = [], None
     with tempfile.TemporaryDirectory() as tmp:
+        prepare_data(recipe_args(args, "single", "big", Path(tmp) / "cache"))
         for strategy in args.strategies:
             result = {}
             for size in SIZES:

@@ -182,7 +182,7 @@ def test_cpu_device_memory_is_the_hosts_split_among_processes():
 def test_plan_matches_the_measured_model_and_optimizer_memory_of_a_real_run(tmp_path, corpus_files):
     """Two real `lm fit` runs (1 process) that differ only in model size: the growth of the resident
     memory after an optimizer step matches the plan's weights + gradients + AdamW state within 15%."""
-    from lm.plan.probe import measure_fit
+    from lm.plan.probe import measure_fit, prepare_data
 
     def args(hidden: str, layers: str) -> list[str]:
         return ["--config", CPU_RECIPE, "--model.config.hidden_size", hidden, "--model.config.num_hidden_layers", layers,
@@ -194,6 +194,7 @@ def test_plan_matches_the_measured_model_and_optimizer_memory_of_a_real_run(tmp_
 
     part = ("weights", "gradients", "optimizer state")
     planned, measured = [], []
+    prepare_data(args("256", "2"))
     for name, size in {"big": ("256", "2"), "small": ("32", "1")}.items():
         plan = make_plan(args(*size), device_kind="cpu", peak_flops=1e10)
         planned.append(sum(plan.memory[item] for item in part))
