@@ -30,8 +30,11 @@ def plan(
     intra_node_bandwidth: Optional[float] = None,
     inter_node_bandwidth: Optional[float] = None,
 ) -> None:
-    """Print the plan of a recipe: parameters, FLOPs per token, memory per device (itemized), whether it
-    fits (and the smallest change that makes it fit), throughput, communication and wall time.
+    """Plan a recipe on a cluster: memory per device, whether it fits, tokens/s and wall time.
+
+    Prints parameters, FLOPs per token, tokens per step, memory per device (itemized), whether it fits
+    (and the smallest change that makes it fit), throughput, communication per step and wall time.
+    `--config FILE` is the recipe's (as in `lm fit`), not a file of this verb's options.
 
     Args:
         recipe: The recipe's `lm fit` arguments. Collected from the command line: every `--config FILE`
