@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lm.hardware import describe_cpu  # noqa: E402
 from lm.plan import make_plan  # noqa: E402
 from lm.plan.devices import GIB, cpu_threads_per_process, measure_cpu_peak  # noqa: E402
 from lm.plan.probe import measure_fit, prepare_data  # noqa: E402
@@ -52,16 +53,6 @@ def recipe_args(args, strategy: str, size: str, cache: Path) -> list[str]:
     ]
 
 
-def describe_cpu() -> str:
-    import torch
-
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    bf16 = "native bf16" if "avx512_bf16" in info or "amx_bf16" in info else "no native bf16"
-    return (f"CPU: {name} ({torch.backends.cpu.get_cpu_capability()}, {bf16}), {os.cpu_count()} cores; "
-            f"load average before: {os.getloadavg()[0]:.2f}")
-
-
 def model_part(plan) -> float:
     return sum(v for k, v in plan.memory.items() if k in MODEL_PART)
 
@@ -75,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.train_file).is_file():
         sys.exit(f"Training text not found: {args.train_file} (pass --train-file).")
-    print(describe_cpu())
+    print(f"CPU: {describe_cpu()}; load average before: {os.getloadavg()[0]:.2f}")
     peaks = {n: measure_cpu_peak("float32", processes=n) for n in (1, 2)}
     for n, peak in peaks.items():
         print(f"fp32 matmul peak, {cpu_threads_per_process(n)} thread(s) per process ({n} process(es)): "

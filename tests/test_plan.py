@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lm.cli import main
+from lm.errors import LMError
 from lm.commands.plan import prepare_args
 from lm.plan import make_plan
 from lm.plan.advice import needed_bytes
@@ -149,7 +150,7 @@ def test_a_model_too_big_for_the_node_is_sent_to_fsdp_over_more_nodes():
 
 def test_unknown_device_kind_lists_the_known_ones(capsys):
     assert {"h100", "a100", "l4", "cpu"} <= set(known_device_kinds())
-    with pytest.raises(ValueError, match="Unknown device kind 'tpu'.*a100, cpu, h100, l4"):
+    with pytest.raises(LMError, match="Unknown device kind 'tpu'.*a100, cpu, h100, l4"):
         device_spec("tpu")
     with pytest.raises(SystemExit):
         main(["plan", "--config", CPU_RECIPE, "--device_kind", "tpu"])

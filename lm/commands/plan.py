@@ -16,6 +16,8 @@ import inspect
 import json
 from typing import Optional
 
+from lm.errors import LMError
+
 
 def plan(
     recipe: Optional[list[str]] = None,
@@ -58,7 +60,7 @@ def plan(
     from lm.plan import format_plan, make_plan
 
     if not recipe:
-        raise ValueError("No recipe given: pass it as to lm fit, e.g. lm plan --config experiments/wikitext2_cpu.yaml "
+        raise LMError("No recipe given: pass it as to lm fit, e.g. lm plan --config experiments/wikitext2_cpu.yaml "
                          "--device_kind cpu.")
     result = make_plan(recipe, device_kind=device_kind, devices=devices, nodes=nodes, mfu=mfu, tokens=tokens,
                        peak_flops=peak_flops, memory_gib=memory_gib, headroom=headroom,

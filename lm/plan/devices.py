@@ -17,6 +17,8 @@ from typing import Optional
 
 import yaml
 
+from lm.errors import LMError
+
 DEVICES_FILE = Path(__file__).with_name("devices.yaml")
 GIB = 2 ** 30
 
@@ -37,7 +39,7 @@ class DeviceSpec:
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
-            raise ValueError(f"No {dtype} peak for {self.kind} in {DEVICES_FILE.name}; it has {sorted(self.peak_flops)}.")
+            raise LMError(f"No {dtype} peak for {self.kind} in {DEVICES_FILE.name}; it has {sorted(self.peak_flops)}.")
         return self.peak_flops[dtype]
 
 
@@ -60,7 +62,7 @@ def device_spec(kind: str, devices_per_node: int = 1, compute_dtype: str = "floa
     table = _table()
     entry = table.get(kind.lower())
     if entry is None:
-        raise ValueError(f"Unknown device kind {kind!r}: known kinds are {', '.join(known_device_kinds())} "
+        raise LMError(f"Unknown device kind {kind!r}: known kinds are {', '.join(known_device_kinds())} "
                       f"(add one to {DEVICES_FILE}).")
     peaks = entry["peak_flops"]
     measured = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from lm.errors import LMError
 from lm.plan.advice import Change, needed_bytes, smallest_fitting_change, usable_bytes
 from lm.plan.devices import DeviceSpec, device_spec
 from lm.plan.estimate import PRECISIONS, Speed, memory_per_device, speed, steps_for
@@ -46,9 +47,9 @@ def make_plan(recipe_args: list[str], device_kind: str = "h100", devices: Option
               intra_node_bandwidth: Optional[float] = None, inter_node_bandwidth: Optional[float] = None) -> Plan:
     """Plan `lm fit <recipe_args>` on `nodes` x `devices` devices of `device_kind` (see `lm plan --help`)."""
     if not 0.0 <= headroom < 1.0:
-        raise ValueError(f"headroom is the share of device memory kept free, in [0, 1); got {headroom}.")
+        raise LMError(f"headroom is the share of device memory kept free, in [0, 1); got {headroom}.")
     if mfu is not None and not 0.0 < mfu <= 1.0:
-        raise ValueError(f"mfu is a fraction of the peak FLOP/s in (0, 1], e.g. 0.4; got {mfu}.")
+        raise LMError(f"mfu is a fraction of the peak FLOP/s in (0, 1], e.g. 0.4; got {mfu}.")
     kind = device_kind.lower()
     recipe = read_recipe(recipe_args, devices=devices, nodes=nodes,
                          default_precision="32-true" if kind == "cpu" else "bf16-mixed")

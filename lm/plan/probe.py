@@ -31,6 +31,8 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lm.files import atomic_write_text
+
 MEASURE_ENV = {"LM_DEFAULT_MALLOC": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
 
 
@@ -74,10 +76,7 @@ class MemoryProbe(Callback):
                   "rss_after_step": self.rss_after_step,
                   "rss_at_train_start": self.rss_at_train_start, "peak_rss": process_memory()["VmHWM"],
                   "step_seconds": [b - a for a, b in zip(self.step_ends, self.step_ends[1:])]}
-        path = Path(f"{self.output}.rank{trainer.global_rank}.json")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, path)
+        atomic_write_text(f"{self.output}.rank{trainer.global_rank}.json", json.dumps(result))
 
 
 def prepare_data(args: list[str]) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from lm.errors import LMError
+
 STRATEGIES = ("single", "ddp", "fsdp", "fsdp2")
 SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP")  # FSDP1's ZeRO-3 and ZeRO-2; fsdp2 is always FULL_SHARD
 PRECISION_ALIASES = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
@@ -84,12 +86,12 @@ def read_recipe(args: list[str], devices: Optional[int] = None, nodes: Optional[
     devices = devices if devices is not None else _device_count(trainer.devices)
     nodes = nodes if nodes is not None else int(trainer.num_nodes or 1)
     if devices < 1 or nodes < 1:
-        raise ValueError(f"devices and nodes must be at least 1, got devices={devices}, nodes={nodes}.")
+        raise LMError(f"devices and nodes must be at least 1, got devices={devices}, nodes={nodes}.")
     strategy, sharding, checkpointing = _strategy(trainer.strategy, devices * nodes)
     precision = _precision(trainer.precision, default_precision)
     micro_batch = _get(data, "batch_size")
     if not micro_batch:
-        raise ValueError("The recipe has no data.batch_size: lm plan needs the micro-batch (sequences per device).")
+        raise LMError("The recipe has no data.batch_size: lm plan needs the micro-batch (sequences per device).")
     setup = Setup(precision=precision, strategy=strategy, devices=devices, nodes=nodes, micro_batch=int(micro_batch),
                   accumulation=int(trainer.accumulate_grad_batches or 1), activation_checkpointing=checkpointing,
                   sharding=sharding)
@@ -109,7 +111,7 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
         module = import_class(model_config.class_path)(**init_args)
     net = getattr(module, "model", module)
     if not (hasattr(net, "num_parameters") and hasattr(net, "flops_per_token")):
-        raise ValueError(f"{model_config.class_path} builds a {type(net).__name__}: lm plan needs a network with "
+        raise LMError(f"{model_config.class_path} builds a {type(net).__name__}: lm plan needs a network with "
                          f"num_parameters() and flops_per_token() (as lm.model.GPT has).")
     c = net.config
     block_sizes = [sum(p.numel() for p in m.parameters()) for m in net.modules() if isinstance(m, Block)]
@@ -136,7 +138,7 @@ def _device_count(devices: Any) -> int:
         return len(devices)
     if isinstance(devices, str) and devices.strip().isdigit():
         return int(devices)
-    raise ValueError(f"The recipe has trainer.devices={devices!r}: pass --devices N (devices per node) to plan it.")
+    raise LMError(f"The recipe has trainer.devices={devices!r}: pass --devices N (devices per node) to plan it.")
 
 
 def _precision(precision: Any, default: str) -> str:
@@ -144,7 +146,7 @@ def _precision(precision: Any, default: str) -> str:
         return default
     name = PRECISION_ALIASES.get(str(precision))
     if name is None:
-        raise ValueError(f"lm plan does not model precision {precision!r}; it knows {sorted(set(PRECISION_ALIASES.values()))}.")
+        raise LMError(f"lm plan does not model precision {precision!r}; it knows {sorted(set(PRECISION_ALIASES.values()))}.")
     return name
 
 
@@ -163,10 +165,10 @@ def _strategy(strategy: Any, world_size: int) -> tuple[str, str, bool]:
         sharding = str(getattr(_get(init_args, "sharding_strategy"), "name", None)
                        or _get(init_args, "sharding_strategy") or "FULL_SHARD").upper()
         if sharding not in SHARDINGS:
-            raise ValueError(f"lm plan models FSDP sharding_strategy {' or '.join(SHARDINGS)}, not {sharding}.")
+            raise LMError(f"lm plan models FSDP sharding_strategy {' or '.join(SHARDINGS)}, not {sharding}.")
         checkpointing = bool(_get(init_args, "activation_checkpointing_policy") or _get(init_args, "activation_checkpointing"))
         return "fsdp", sharding, checkpointing
     if name == "modelparallelstrategy":
         return "fsdp2", "FULL_SHARD", False
-    raise ValueError(f"lm plan does not model strategy {class_path!r}: use auto, ddp, fsdp (FSDPStrategy) or "
+    raise LMError(f"lm plan does not model strategy {class_path!r}: use auto, ddp, fsdp (FSDPStrategy) or "
                      f"ModelParallelStrategy (FSDP2, experiments/trainer/fsdp2_cpu.yaml).")
