@@ -3,6 +3,7 @@ device kinds, the CLI end to end, and the plan against a real `lm fit` run's mem
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -168,10 +169,12 @@ def test_cli_plans_a_recipe_end_to_end(capsys):
 
 def test_prepare_args_splits_the_verbs_flags_from_the_recipe():
     own = prepare_args(["--config", "a.yaml", "--device-kind", "a100", "--trainer.devices", "2", "--devices=4",
-                        "--config", "b.yaml", "--model.config.hidden_size=128"])
-    assert own[:3] == ["--device_kind", "a100", "--devices=4"]
-    assert own[3] == "--recipe" and own[4] == ('["--config", "a.yaml", "--trainer.devices", "2", "--config", '
-                                               '"b.yaml", "--model.config.hidden_size=128"]')
+                        "--config", "b.yaml", "--model.config.hidden_size=128", "--model.config.rope_base", "-1",
+                        "--headroom", "0.2"])
+    assert own[:5] == ["--device_kind", "a100", "--devices=4", "--headroom", "0.2"]
+    assert own[5] == "--recipe" and json.loads(own[6]) == [
+        "--config", "a.yaml", "--trainer.devices", "2", "--config", "b.yaml", "--model.config.hidden_size=128",
+        "--model.config.rope_base", "-1"]
 
 
 def test_cpu_device_memory_is_the_hosts_split_among_processes():

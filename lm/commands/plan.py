@@ -78,7 +78,7 @@ def prepare_args(args: list[str]) -> list[str]:
     recipe: list[str] = []
     target = recipe
     for arg in args:
-        if arg.startswith("-"):
+        if arg.startswith("-") and not arg[1:2].isdigit() and not arg.startswith("-."):  # a flag, not -0.5
             flag, eq, value = arg.partition("=")
             if flag.startswith("--") and "." not in flag:  # --device-kind -> --device_kind
                 flag = "--" + flag[2:].replace("-", "_")
