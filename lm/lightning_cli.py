@@ -13,6 +13,8 @@ What it adds to Lightning's CLI:
   the command line's), and its tokenizer goes to the DataModule, so evaluation tokenizes exactly as
   training did.
 - `predict` writes `{prompt, completion}` lines to logs/NAME/predictions.jsonl and prints them.
+- `parse_recipe(argv)`: the config `lm fit argv` would run, parsed by the same parser and nothing built
+  (`lm plan` reads recipes with it).
 """
 
 from __future__ import annotations
