@@ -63,7 +63,7 @@ def _speed(plan: Plan) -> list[str]:
     dtype = "bf16" if "bf16" in s.precision else ("fp16" if "16" in s.precision else "fp32")
     measured = " (measured)" if "peak_flops" in d.measured else ""
     lines = ["Speed",
-             f"  assumed MFU       {sp.mfu:.0%} of {sp.peak_flops / 1e12:,.3g} TFLOP/s {dtype} peak{measured}",
+             f"  assumed MFU       {sp.mfu:.0%} of {_rate(sp.peak_flops, 'FLOP/s')} {dtype} peak{measured}",
              f"  compute per step  {_duration(sp.compute_seconds)}"]
     if sp.communication_bytes:
         link = "intra-node" if s.nodes == 1 else "inter-node"
@@ -73,13 +73,14 @@ def _speed(plan: Plan) -> list[str]:
                      f"({COLLECTIVES[s.strategy]}); {time}")
         if sp.communication_bound:
             lines.append("  communication-bound: it takes longer than the compute it should hide behind")
-    lines += [f"  step              {_duration(sp.step_seconds)} (compute and communication overlapped)",
+    overlap = " (compute and communication overlapped)" if sp.communication_bytes else ""
+    lines += [f"  step              {_duration(sp.step_seconds)}{overlap}",
               f"  throughput        {sp.tokens_per_second:,.0f} tokens/s ({sp.tokens_per_second / s.world_size:,.0f} "
               f"per device)"]
     if plan.steps is not None:
         tokens = plan.steps * sp.tokens_per_step
         lines.append(f"  wall time         {_duration(plan.wall_seconds)} for {plan.steps:,} steps "
-                     f"({tokens / 1e9:,.3f} B tokens), {_duration(plan.wall_seconds * s.world_size)} device-time")
+                     f"({_count(tokens)} tokens), {_duration(plan.wall_seconds * s.world_size)} device-time")
     else:
         lines.append("  wall time         no trainer.max_steps in the recipe: pass --tokens N for a token budget")
     return lines + [""]
@@ -91,6 +92,18 @@ def _sources(plan: Plan) -> list[str]:
 
 def _bandwidth(device, nodes: int) -> float:
     return device.intra_node_bandwidth if nodes == 1 else device.inter_node_bandwidth
+
+
+def _rate(value: float, unit: str) -> str:
+    """1.2e12 -> '1.2 TFLOP/s'; 9.4e9 -> '9.4 GFLOP/s'."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if value >= scale:
+            return f"{value / scale:,.3g} {prefix}{unit}"
+    return f"{value:,.3g} {unit}"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:,.3g}B" if n >= 1e9 else f"{n / 1e6:,.3g}M"
 
 
 def _duration(seconds: float) -> str:
