@@ -41,9 +41,12 @@ def evaluate(model: LanguageModel, datamodule: TextDataModule, tmp_path: Path) -
 def test_metrics_are_plain_nll_whatever_the_objective(tmp_path, corpus_files):
     from lm.model import GPTConfig
 
-    datamodule = TextDataModule(train_files=str(corpus_files["train"]), val_files=str(corpus_files["valid"]),
-                                test_files=str(corpus_files["test"]), vocab_size=300, block_size=16,
-                                batch_size=8, cache_dir=str(tmp_path / "cache"))
+    def make_datamodule() -> TextDataModule:
+        return TextDataModule(train_files=str(corpus_files["train"]), val_files=str(corpus_files["valid"]),
+                              test_files=str(corpus_files["test"]), vocab_size=300, block_size=16, batch_size=8,
+                              cache_dir=str(tmp_path / "cache"))
+
+    datamodule = make_datamodule()
     torch.manual_seed(0)
     base = LanguageModel(GPTConfig(**TINY))
     shifted = ShiftedObjective(GPTConfig(**TINY))
@@ -53,6 +56,7 @@ def test_metrics_are_plain_nll_whatever_the_objective(tmp_path, corpus_files):
         assert shifted_metrics[name] == pytest.approx(base_metrics[name], rel=1e-6), name
     assert base_metrics["val/ppl"] == pytest.approx(math.exp(base_metrics["val/loss"]), rel=1e-5)
     # ...while training does minimize the subclass's objective.
+    datamodule = make_datamodule()  # a fresh one, as a training script would have (same cache)
     datamodule.prepare_data()
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
