@@ -24,6 +24,9 @@ FUNCTION_VERBS = {
     "generate": "lm.commands.generate:generate",
     "serve": "lm.commands.serve:serve",
     "prepare": "lm.commands.prepare:main",  # a `main(args, prog)` builds its own parser
+    "eval": "lm.commands.eval:evaluate",
+    "report": "lm.commands.report:report",
+    "merge": "lm.commands.merge:merge",
 }
 
 USAGE = f"""usage: lm <verb> [--config FILE.yaml ...] [--key value ...]
@@ -33,6 +36,7 @@ Lightning verbs (train / evaluate / sample with a Trainer):
   validate   loss, perplexity, bits/byte    lm validate --config ... --ckpt_path checkpoints/<exp>/last.ckpt
   test       same, on the test split        lm test --config ... --ckpt_path ...
   predict    write completions of prompts  lm predict --config ... --ckpt_path ... --data.prompts '[Hello]'
+  finetune   fit/validate/test a task      lm finetune fit --config experiments/finetune/sst2.yaml
 Other verbs:
   {'  '.join(sorted(FUNCTION_VERBS))}
 
@@ -51,6 +55,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             from lm.lightning_cli import run_lightning_cli
 
             run_lightning_cli(None if from_shell else argv)
+        elif verb == "finetune":
+            from lm.finetune_cli import run_finetune_cli
+
+            run_finetune_cli(argv[1:])
         elif verb in FUNCTION_VERBS:
             from jsonargparse import CLI
 
