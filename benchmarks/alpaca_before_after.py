@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lm.cli import main
-from lm.data.instruct import InstructionDataModule
+from benchmarks.common import fine_tuning_run  # noqa: E402
+from lm.cli import main  # noqa: E402
+from lm.data.instruct import InstructionDataModule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca-en-demo" / "alpaca_en_demo.json"
@@ -34,22 +34,13 @@ def scores(ckpt: str, pairs: str, max_new_tokens: int, out: str) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backbone", required=True)
     parser.add_argument("--lora_rank", type=int, default=0)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--max_steps", type=int, default=60)
     parser.add_argument("--max_new_tokens", type=int, default=48)
-    parser.add_argument("--workdir", default="bench_alpaca")
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip_before", action="store_true")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    backbone = str(Path(args.backbone).resolve())
-    workdir = Path(args.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.chdir(workdir)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()} (shared machine)")
+    args, _ = fine_tuning_run(parser, "bench_alpaca")
+    backbone, workdir = args.backbone, args.workdir
     held_out = InstructionDataModule(str(ALPACA)).held_out_pairs()
     pairs = workdir / "held_out.jsonl"
     pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held_out), encoding="utf-8")

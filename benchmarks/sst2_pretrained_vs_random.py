@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from lm.cli import main
-from lm.data.tasks import read_labelled_file
-from lm.modules.classifier import classification_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from benchmarks.common import fine_tuning_run  # noqa: E402
+from lm.cli import main  # noqa: E402
+from lm.data.tasks import read_labelled_file  # noqa: E402
+from lm.modules.classifier import classification_metrics  # noqa: E402
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2-stsa-binary"
 
@@ -53,21 +56,10 @@ def run(backbone: str, pretrained: bool, seed: int, max_steps: int, workdir: Pat
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backbone", required=True)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max_steps", type=int, default=150)
-    parser.add_argument("--workdir", default="bench_sst2")
-    parser.add_argument("--threads", type=int, default=None)
-    args, extra = parser.parse_known_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    backbone = str(Path(args.backbone).resolve())
-    workdir = Path(args.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    import os
-
-    os.chdir(workdir)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()} (shared machine)")
+    parser.add_argument("--variants", default="pretrained,random", help="which runs: pretrained, random or both")
+    args, extra = fine_tuning_run(parser, "bench_sst2")
     print(json.dumps(majority_class(SST2)), flush=True)
-    for pretrained in (True, False):
-        print(json.dumps(run(backbone, pretrained, args.seed, args.max_steps, workdir, extra)), flush=True)
+    for pretrained in [v == "pretrained" for v in args.variants.split(",")]:
+        print(json.dumps(run(args.backbone, pretrained, args.seed, args.max_steps, args.workdir, extra)), flush=True)

@@ -20,10 +20,10 @@ import random
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lm.data.tasks import TaskDataModule
 from lm.data.templates import alpaca_prompt
 from lm.errors import LMError, MissingFileError
 
@@ -73,7 +73,7 @@ def pad_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[to
     return inputs, labels
 
 
-class InstructionDataModule(L.LightningDataModule):
+class InstructionDataModule(TaskDataModule):
     """Alpaca JSON -> (input_ids, labels) batches with the prompt masked.
 
     Args:
@@ -86,22 +86,13 @@ class InstructionDataModule(L.LightningDataModule):
 
     def __init__(self, data_file: str, val_fraction: float = 0.1, split_seed: int = 1234, batch_size: int = 8,
                  max_length: Optional[int] = None) -> None:
-        super().__init__()
+        super().__init__(max_length)
         self.save_hyperparameters()
-        self.tokenizer = None
-        self.max_length = max_length
-        self.splits: dict[str, list[dict]] = {}
-
-    @property
-    def has_validation(self) -> bool:
-        return True
 
     def set_tokenizer(self, tokenizer, max_length: Optional[int] = None) -> None:
         if tokenizer.eot_id is None:
             raise LMError("Instruction tuning needs a tokenizer with <|endoftext|> (to end answers).")
-        self.tokenizer = tokenizer
-        if max_length is not None:
-            self.max_length = min(self.hparams.max_length or max_length, max_length)
+        super().set_tokenizer(tokenizer, max_length)
 
     def setup(self, stage: str) -> None:
         if not self.splits:

@@ -69,7 +69,27 @@ def seeded_split(examples: list[Example], fractions: list[float], seed: int) -> 
     return parts
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class TaskDataModule(L.LightningDataModule):
+    """What the task DataModules share: the backbone's tokenizer and context arrive through
+    `set_tokenizer` (from the model's `setup`, or the CLI from a `--ckpt_path` checkpoint)."""
+
+    def __init__(self, max_length: Optional[int] = None) -> None:
+        super().__init__()
+        self.tokenizer = None
+        self.max_length = max_length
+        self.splits: dict[str, list] = {}
+
+    @property
+    def has_validation(self) -> bool:
+        return True
+
+    def set_tokenizer(self, tokenizer, max_length: Optional[int] = None) -> None:
+        self.tokenizer = tokenizer
+        if max_length is not None:  # the model's context bounds what the data may ask for
+            self.max_length = min(self.hparams.max_length or max_length, max_length)
+
+
+class ClassificationDataModule(TaskDataModule):
     """Labelled sentences as right-padded token batches: (input_ids, lengths, labels).
 
     Args:
@@ -93,22 +113,10 @@ class ClassificationDataModule(L.LightningDataModule):
                  encoding: str = "utf-8", val_fraction: float = 0.1, test_fraction: float = 0.1,
                  split_seed: int = 1234, batch_size: int = 32, max_length: Optional[int] = None,
                  max_train_examples: Optional[int] = None) -> None:
-        super().__init__()
+        super().__init__(max_length)
         if not (train_file or class_files):
             raise LMError("No data: pass --data.init_args.train_file (<label> <sentence> lines) or class_files.")
         self.save_hyperparameters()
-        self.tokenizer = None
-        self.max_length = max_length
-        self.splits: dict[str, list[Example]] = {}
-
-    @property
-    def has_validation(self) -> bool:
-        return True
-
-    def set_tokenizer(self, tokenizer, max_length: Optional[int] = None) -> None:
-        self.tokenizer = tokenizer
-        if max_length is not None:  # the model's context bounds what the data may ask for
-            self.max_length = min(self.hparams.max_length or max_length, max_length)
 
     def setup(self, stage: str) -> None:
         if self.splits:
