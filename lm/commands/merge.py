@@ -11,17 +11,20 @@ checkpoint exports the same way (there is nothing to merge).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from lm.errors import LMError
 
 
-def merge(ckpt_path: str, output: str) -> None:
+def merge(ckpt_path: Optional[str] = None, output: Optional[str] = None) -> None:
     """Write the checkpoint's network, with any LoRA adapters merged into its weights, as a plain lm checkpoint.
 
     Args:
         ckpt_path: An `InstructionTuner` checkpoint written by `lm finetune fit`.
         output: Where to write the merged checkpoint (must not be ckpt_path).
     """
+    if not ckpt_path or not output:
+        raise LMError("Pass --ckpt_path (an `lm finetune fit` checkpoint) and --output (the file to write).")
     if Path(output).resolve() == Path(ckpt_path).resolve():
         raise LMError("--output must differ from --ckpt_path: the training checkpoint is kept as it is.")
     from lm.checkpoint import read_checkpoint, save_model
