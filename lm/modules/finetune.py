@@ -57,6 +57,10 @@ class FinetuneModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Hand the backbone's tokenizer and context to the task DataModule (it tokenizes lazily)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.tokenizer is None and getattr(datamodule, "tokenizer", None) is not None:
+            # Reloaded for `lm finetune test --ckpt_path`: Lightning restores the checkpoint (and its
+            # tokenizer) only after setup; the CLI has already handed that tokenizer to the DataModule.
+            self.tokenizer = datamodule.tokenizer
         if self.tokenizer is None:
             raise LMError("The model has no tokenizer: its backbone checkpoint carries none. Use a checkpoint "
                              "written by `lm fit`.")
