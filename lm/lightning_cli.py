@@ -109,7 +109,7 @@ class LMCLI(LightningCLI):
         config = self.run_config
         checkpoint = self._checkpoint
         init_from = self.model.hparams.get("init_from") if self.subcommand == "fit" else None
-        if checkpoint is None and init_from and not getattr(self.datamodule, "tokenizer_path", None):
+        if checkpoint is None and init_from and not self.datamodule.hparams.get("tokenizer_path"):
             checkpoint = read_checkpoint(init_from)  # continued pre-training tokenizes with the initial weights' tokenizer
         if checkpoint is not None and "tokenizer" in checkpoint:
             from lm.data.tokenizer import Tokenizer
