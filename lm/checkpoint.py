@@ -73,3 +73,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype).eval()
     return model, Tokenizer.from_str(checkpoint["tokenizer"])
+
+
+def save_model(path: str | Path, model: GPT, tokenizer) -> Path:
+    """Write `model` (a GPT) and `tokenizer` as a checkpoint `load_model` reads (the layout `lm fit`
+    writes, without training state), e.g. a fine-tuned model with its LoRA adapters merged. Atomic:
+    written to a temporary file, then renamed."""
+    import io
+
+    from lm.files import atomic_write_bytes
+
+    checkpoint = {"hyper_parameters": {"config": model.config.to_dict()},
+                  "state_dict": {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()},
+                  "tokenizer": tokenizer.to_str()}
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)

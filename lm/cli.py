@@ -25,6 +25,9 @@ FUNCTION_VERBS = {
     "serve": "lm.commands.serve:serve",
     "prepare": "lm.commands.prepare:main",  # a `main(args, prog)` builds its own parser
     "plan": "lm.commands.plan:plan",
+    "eval": "lm.commands.eval:evaluate",
+    "report": "lm.commands.report:report",
+    "merge": "lm.commands.merge:merge",
 }
 
 USAGE = f"""usage: lm <verb> [--config FILE.yaml ...] [--key value ...]
@@ -34,6 +37,7 @@ Lightning verbs (train / evaluate / sample with a Trainer):
   validate   loss, perplexity, bits/byte    lm validate --config ... --ckpt_path checkpoints/<exp>/last.ckpt
   test       same, on the test split        lm test --config ... --ckpt_path ...
   predict    write completions of prompts  lm predict --config ... --ckpt_path ... --data.prompts '[Hello]'
+  finetune   fit/validate/test a task      lm finetune fit --config experiments/finetune/sst2.yaml
 Other verbs:
   {'  '.join(sorted(FUNCTION_VERBS))}
   (plan: memory, speed and time of a recipe on a cluster: lm plan --config ... --devices 8 --device_kind h100)
@@ -53,6 +57,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             from lm.lightning_cli import run_lightning_cli
 
             run_lightning_cli(None if from_shell else argv)
+        elif verb == "finetune":
+            from lm.finetune_cli import run_finetune_cli
+
+            run_finetune_cli(argv[1:])
         elif verb in FUNCTION_VERBS:
             from jsonargparse import CLI
 

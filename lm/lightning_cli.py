@@ -40,11 +40,13 @@ log = logging.getLogger("lm")
 
 class LMCLI(LightningCLI):
     _checkpoint: Optional[dict[str, Any]] = None  # the --ckpt_path file, read once
+    LINK_VOCAB = True  # pre-training: the DataModule's vocab_size is the model's (fine-tuning: the backbone's)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="default",
                             help="Run name: logs go to logs/<experiment>, checkpoints to checkpoints/<experiment>.")
-        parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size")
+        if self.LINK_VOCAB:
+            parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size")
         parser.add_lightning_class_args(LastStepCheckpoint, "checkpoint")
         parser.set_defaults({
             "model": {"class_path": "lm.modules.LanguageModel"},  # `--model my_pkg.MyModel` swaps it
@@ -108,12 +110,16 @@ class LMCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         config = self.run_config
-        if self._checkpoint is not None and "tokenizer" in self._checkpoint:
+        checkpoint = self._checkpoint
+        init_from = self.model.hparams.get("init_from") if self.subcommand == "fit" else None
+        if checkpoint is None and init_from and not self.datamodule.hparams.get("tokenizer_path"):
+            checkpoint = read_checkpoint(init_from)  # continued pre-training tokenizes with the initial weights' tokenizer
+        if checkpoint is not None and "tokenizer" in checkpoint:
             from lm.data.tokenizer import Tokenizer
 
             # Continue / evaluate with the tokenizer the checkpoint was trained with. The model takes
             # the DataModule's tokenizer in its setup(): this is the one place a tokenizer is handed over.
-            self.datamodule.set_tokenizer(Tokenizer.from_str(self._checkpoint["tokenizer"]))
+            self.datamodule.set_tokenizer(Tokenizer.from_str(checkpoint["tokenizer"]))
         if self.subcommand == "predict":
             self.trainer.callbacks.append(PredictionWriter(f"logs/{config.experiment}/predictions.jsonl"))
         # No validation data means nothing to monitor: keep last.ckpt, skip the top-k search.
@@ -155,14 +161,16 @@ def _show_lm_logs() -> None:
         log.propagate = False
 
 
-def run_lightning_cli(argv: Optional[list[str]] = None) -> LMCLI:
+def run_lightning_cli(argv: Optional[list[str]] = None, cli_class: type[LMCLI] = LMCLI, model_class: type = LanguageModel,
+                      datamodule_class: type = TextDataModule, subclass_mode_data: bool = False) -> LMCLI:
     """Run `lm <verb> ...`. `argv` None (the `lm` command) lets Lightning read `sys.argv`, which
-    multi-process strategies re-run in their child processes; tests pass `argv` instead."""
+    multi-process strategies re-run in their child processes; tests pass `argv` instead. `lm finetune`
+    passes its own classes (lm/finetune_cli.py)."""
     _show_lm_logs()
     from lm.allocator import keep_large_allocations_in_heap
 
     keep_large_allocations_in_heap()  # faster CPU steps (see lm/allocator.py); LM_DEFAULT_MALLOC=1: off
-    return LMCLI(LanguageModel, TextDataModule, args=argv, **_cli_options())
+    return cli_class(model_class, datamodule_class, args=argv, subclass_mode_data=subclass_mode_data, **_cli_options())
 
 
 def _cli_options() -> dict[str, Any]:

@@ -38,6 +38,7 @@ def generate(
     dtype: Literal["float32", "bfloat16"] = "float32",
     compile: bool = False,
     threads: Optional[int] = None,
+    template: Optional[Literal["alpaca"]] = None,
 ) -> None:
     """Complete text prompts with a checkpoint written by `lm fit`.
 
@@ -61,6 +62,9 @@ def generate(
             after a one-time compile; same results.
         threads: CPU threads for torch (default: torch's choice, one per core). On a busy machine
             1 thread can decode much faster than 2 competing for the same cores.
+        template: Wrap each prompt in this instruction template before generating (`alpaca`: the
+            format of experiments/finetune/alpaca.yaml, lm/data/templates.py); the output shows the
+            prompt as given.
     """
     if not ckpt_path:
         raise LMError("No checkpoint given: pass --ckpt_path, e.g. checkpoints/<experiment>/last.ckpt "
@@ -72,17 +76,20 @@ def generate(
         stream = len(prompts) == 1 and format == "text"
     model, tokenizer = _load(ckpt_path, device, dtype, compile, threads)
     write = _writer(sys.stdout, format, echo_prompt)
+    from lm.data.templates import apply_template
+
     if stream:
         from lm.model.generate import stream_text
 
         for i, text in enumerate(prompts):
-            write(i, text, stream_text(model, tokenizer, text, sampling.for_batch(i)))
+            write(i, text, stream_text(model, tokenizer, apply_template(template, text), sampling.for_batch(i)))
         return
     from lm.model.generate import generate_text
 
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        completions = generate_text(model, tokenizer, batch, sampling.for_batch(start // batch_size))
+        completions = generate_text(model, tokenizer, [apply_template(template, p) for p in batch],
+                                    sampling.for_batch(start // batch_size))
         for i, (text, completion) in enumerate(zip(batch, completions)):
             write(start + i, text, [completion])
 

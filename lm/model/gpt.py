@@ -65,7 +65,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def forward(self, input_ids: Tensor, kv_cache: Optional[KVCache] = None,
-                position_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None) -> Tensor:
+                position_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                return_hidden: bool = False) -> Tensor:
         """Logits (B, T, vocab) for `input_ids` (B, T).
 
         Args:
@@ -74,6 +75,8 @@ class GPT(nn.Module):
                 and attend to everything in it.
             position_ids: (B, T) positions, for left-padded batches; default `past + arange(T)`.
             attention_mask: (B, past + T) with 1 for real tokens, 0 for padding keys to ignore.
+            return_hidden: return the final-norm hidden states (B, T, hidden) instead of logits: the
+                features a task head (e.g. a classifier) reads.
         """
         if input_ids.dim() != 2:
             raise LMError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}.")
@@ -96,7 +99,8 @@ class GPT(nn.Module):
             x = block(x, rotary, kv_cache, attention_mask)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
     def prepare_for_inference(self, compile: bool = False) -> "GPT":
         """Faster CPU decoding, logits unchanged to float rounding (see lm/model/inference.py); returns

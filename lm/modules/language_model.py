@@ -52,6 +52,8 @@ class LanguageModel(L.LightningModule):
         compile: Compile the transformer with `torch.compile` (slow first step, faster after; GPU mostly).
         sampling: `lm predict`: how to complete the prompts (`SamplingOptions`; batch i of a run uses
             seed + i).
+        init_from: `lm fit`: start from this checkpoint's weights (new optimizer and schedule); it must
+            have this run's architecture and tokenizer (lm/modules/init_from.py).
     """
 
     RUN_TIME_ARGS: tuple[str, ...] = ("compile", "fused_adamw", "sampling")
@@ -68,6 +70,7 @@ class LanguageModel(L.LightningModule):
         fused_adamw: Optional[bool] = None,
         compile: bool = False,
         sampling: Optional[SamplingOptions] = None,
+        init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
         # A dict when reloaded from a checkpoint's plain hyper-parameters; copied either way so the
@@ -117,6 +120,10 @@ class LanguageModel(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if getattr(datamodule, "tokenizer", None) is not None and datamodule.tokenizer is not self.tokenizer:
             self.set_tokenizer(datamodule.tokenizer)
+        if stage == "fit" and self.hparams.get("init_from"):
+            from lm.modules.init_from import load_initial_weights
+
+            load_initial_weights(self, self.hparams.init_from)
 
     def configure_model(self) -> None:
         """Shard and/or compile the network. Lightning calls this once the strategy is set up, before

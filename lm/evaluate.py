@@ -1,0 +1,121 @@
+"""Perplexity and bits-per-byte of a language model on raw text: the scoring behind `lm eval`.
+
+What this file does:
+- `text_stream`: a raw file as the token stream the model is scored on (every byte, nothing cleaned);
+- `window_spans`: the windows that cover the stream, non-overlapping (stride = context) or strided
+  (the standard sliding-window perplexity: each token is scored once, with the most context a
+  window of `context` tokens can give it);
+- `score_windows`: the plain token negative log-likelihood (`lm.metrics.token_nll`, nats) of those
+  windows, batched, token-weighted and accumulated in float64, so the result does not depend on batch size;
+- `evaluate_text_file`: one file -> {tokens, bytes, nll, loss, ppl, bpb}.
+
+Bits-per-byte is `total NLL / ln 2 / bytes of the file as given`: the byte count is the file's size,
+not the tokens' bytes, so it is the figure papers report on raw test text. The first token has no
+context in the file; it is scored after `<|endoftext|>` (the document separator the model was
+trained with) when the tokenizer has one, so every byte of the file is predicted. `lm test` and this
+file share `lm.metrics.token_nll`: the same plain NLL, independent of a training objective.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lm.errors import LMError, MissingFileError
+from lm.metrics import IGNORE_INDEX, token_nll
+
+
+@dataclass(frozen=True)
+class WindowSpan:
+    """Inputs are `stream[begin:end]`, targets `stream[begin+1:end+1]`; only targets at positions
+    >= `score_from` (relative to begin) count: the earlier ones were scored by a previous window."""
+
+    begin: int
+    end: int
+    score_from: int
+
+
+def window_spans(num_tokens: int, context: int, stride: Optional[int] = None) -> list[WindowSpan]:
+    """Windows of at most `context` inputs over a stream of `num_tokens` tokens (`num_tokens - 1`
+    targets). `stride=None` or `stride == context` gives non-overlapping windows; a smaller stride
+    slides the window by `stride` tokens and scores only the tokens the previous window did not."""
+    stride = context if stride is None else stride
+    if context <= 0 or not 0 < stride <= context:
+        raise LMError(f"Need 0 < stride <= context, got stride={stride}, context={context}: "
+                         f"choose a stride between 1 and the model's context ({context}).")
+    num_targets = num_tokens - 1
+    spans, scored_until = [], 0  # targets [0, scored_until) are done
+    begin = 0
+    while scored_until < num_targets:
+        end = min(begin + context, num_targets)
+        spans.append(WindowSpan(begin, end, scored_until - begin))
+        scored_until = end
+        begin += stride
+    return spans
+
+
+@torch.no_grad()
+def score_windows(model: nn.Module, stream: Tensor, spans: list[WindowSpan], batch_size: int = 8) -> tuple[float, int]:
+    """Summed NLL (float64 nats) and number of scored tokens of `spans` over the 1-D `stream`.
+
+    Windows shorter than the longest in a batch are right-padded: padding comes after the real
+    tokens, so under causal attention it changes nothing they see, and its targets are ignored."""
+    if batch_size <= 0:
+        raise LMError(f"batch_size must be positive, got {batch_size}.")
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(spans), batch_size):
+        batch = spans[start:start + batch_size]
+        width = max(s.end - s.begin for s in batch)
+        inputs = torch.zeros(len(batch), width, dtype=torch.long)
+        targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        for row, s in enumerate(batch):
+            n = s.end - s.begin
+            inputs[row, :n] = stream[s.begin:s.end]
+            targets[row, s.score_from:n] = stream[s.begin + 1 + s.score_from:s.end + 1]
+        nll, count = token_nll(model(inputs.to(device)), targets.to(device))
+        total_nll += float(nll.double())
+        total_tokens += int(count)
+    return total_nll, total_tokens
+
+
+def text_stream(path: str | Path, tokenizer) -> tuple[Tensor, int]:
+    """(token stream, byte count) of a raw UTF-8 file: `<|endoftext|>` (if any) + every token of it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"Text file not found: {path}.")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise LMError(f"{path} is not UTF-8 ({error}); bits-per-byte is defined on UTF-8 bytes: "
+                         f"convert it first, e.g. `iconv -f latin1 -t utf-8 {path.name}`.") from error
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise LMError(f"{path} is empty: nothing to score.")
+    prefix = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
+    return torch.tensor(prefix + ids, dtype=torch.long), len(raw)
+
+
+def summarize(nll: float, tokens: int, num_bytes: int) -> dict[str, float]:
+    """loss (nats/token), perplexity and bits-per-byte from the three sums."""
+    loss = nll / max(tokens, 1)
+    return {"tokens": tokens, "bytes": num_bytes, "nll": nll, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
+            "bpb": nll / (math.log(2) * num_bytes) if num_bytes else float("nan")}
+
+
+def evaluate_text_file(model: nn.Module, tokenizer, path: str | Path, context: Optional[int] = None,
+                       stride: Optional[int] = None, batch_size: int = 8) -> dict[str, float]:
+    """Score one raw text file; `context` defaults to the model's (`max_position_embeddings`)."""
+    max_context = model.config.max_position_embeddings
+    context = context or max_context
+    if context > max_context:
+        raise LMError(f"context={context} is longer than the model's {max_context} positions: use at most {max_context}.")
+    stream, num_bytes = text_stream(path, tokenizer)
+    nll, tokens = score_windows(model, stream, window_spans(len(stream), context, stride), batch_size)
+    return summarize(nll, tokens, num_bytes)

@@ -1,0 +1,29 @@
+"""`lm finetune fit|validate|test`: the Lightning CLI for task fine-tuning.
+
+The same CLI as `lm fit` (experiment names, logs/, checkpoints/, TensorBoard, `--ckpt_path` reloads,
+YAML configs) with two differences: the model *and* the DataModule are chosen by `class_path` (e.g.
+`lm.modules.classifier.SequenceClassifier` + `lm.data.tasks.ClassificationDataModule`), and there is
+no `data.vocab_size` link: the vocabulary is the backbone checkpoint's.
+
+    lm finetune fit  --config experiments/finetune/sst2.yaml --model.init_args.backbone pretrain.ckpt
+    lm finetune test --config experiments/finetune/sst2.yaml --ckpt_path checkpoints/sst2/last.ckpt
+"""
+
+from __future__ import annotations
+
+import lightning as L
+
+from lm.errors import LMError
+from lm.lightning_cli import LMCLI, run_lightning_cli
+
+VERBS = ("fit", "validate", "test")
+
+
+class FinetuneCLI(LMCLI):
+    LINK_VOCAB = False
+
+
+def run_finetune_cli(argv: list[str]) -> FinetuneCLI:
+    if not argv or argv[0] not in VERBS + ("-h", "--help"):
+        raise LMError(f"usage: lm finetune {{{','.join(VERBS)}}} --config experiments/finetune/<task>.yaml ...")
+    return run_lightning_cli(argv, FinetuneCLI, L.LightningModule, L.LightningDataModule, subclass_mode_data=True)

@@ -1,0 +1,95 @@
+"""`lm eval` perplexity / bits-per-byte (lm/evaluate.py): window arithmetic, stride = context equals
+non-overlapping windows, independence of batch size, bits-per-byte over the raw file's bytes, and
+the command's JSON and table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm.commands.eval import evaluate
+from lm.evaluate import evaluate_text_file, score_windows, text_stream, window_spans
+from tests.conftest import make_corpus
+from tests.tiny_checkpoint import tiny_gpt, tiny_tokenizer, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaluate")
+    tokenizer = tiny_tokenizer()
+    model = tiny_gpt(tokenizer.vocab_size)
+    text = tmp / "test.txt"
+    text.write_text(make_corpus(2, 5) + "Ünïcödé ✓ — 日本\r\n", encoding="utf-8")
+    return tmp, model, tokenizer, text
+
+
+@pytest.mark.parametrize("num_tokens,context,stride", [(100, 32, 32), (100, 32, 7), (33, 32, 16), (5, 32, 4)])
+def test_every_target_is_scored_exactly_once_with_bounded_context(num_tokens, context, stride):
+    spans = window_spans(num_tokens, context, stride)
+    scored = [s.begin + i for s in spans for i in range(s.score_from, s.end - s.begin)]
+    assert scored == list(range(num_tokens - 1))
+    assert all(0 < s.end - s.begin <= context for s in spans)
+    if stride < context:  # after the first window every scored token has at least context - stride tokens before it
+        assert all(s.end - s.begin == context for s in spans[1:-1])
+
+
+def test_stride_equal_to_context_is_non_overlapping(setup):
+    _, model, tokenizer, text = setup
+    plain = evaluate_text_file(model, tokenizer, text)
+    strided = evaluate_text_file(model, tokenizer, text, stride=model.config.max_position_embeddings)
+    assert strided == plain
+    # Non-overlapping by hand: chunks of 32 inputs, 32 next-token targets.
+    stream, _ = text_stream(text, tokenizer)
+    nll = 0.0
+    with torch.no_grad():
+        for b in range(0, len(stream) - 1, 32):
+            x, y = stream[b:b + 32], stream[b + 1:b + 33]
+            x = x[:len(y)]
+            nll += F.cross_entropy(model(x[None])[0], y, reduction="sum").item()
+    assert plain["nll"] == pytest.approx(nll, rel=1e-5)
+    assert plain["tokens"] == len(tokenizer.encode(text.read_bytes().decode("utf-8")))  # \r kept
+
+
+def test_strided_uses_more_context_and_batch_size_does_not_matter(setup):
+    _, model, tokenizer, text = setup
+    stream, _ = text_stream(text, tokenizer)
+    spans = window_spans(len(stream), 32, 8)
+    nll1, n1 = score_windows(model, stream, spans, batch_size=1)
+    nll7, n7 = score_windows(model, stream, spans, batch_size=7)
+    assert n1 == n7 == len(stream) - 1
+    assert nll1 == pytest.approx(nll7, rel=1e-6)
+    plain = evaluate_text_file(model, tokenizer, text)
+    assert plain["tokens"] == n1 and plain["nll"] != pytest.approx(nll1, rel=1e-9)
+
+
+def test_bpb_divides_by_every_byte_of_the_raw_file(setup):
+    _, model, tokenizer, text = setup
+    scores = evaluate_text_file(model, tokenizer, text)
+    raw = text.read_bytes()
+    assert b"\r\n" in raw and scores["bytes"] == len(raw) > len(text.read_text(encoding="utf-8"))
+    assert scores["bpb"] == pytest.approx(scores["nll"] / math.log(2) / len(raw))
+    assert scores["ppl"] == pytest.approx(math.exp(scores["nll"] / scores["tokens"]))
+
+
+def test_lm_eval_writes_json_and_prints_a_table(setup, capsys):
+    tmp, model, tokenizer, text = setup
+    ckpt = write_checkpoint(tmp / "tiny.ckpt", model, tokenizer)
+    out = tmp / "eval.json"
+    evaluate(str(ckpt), text_files=[str(text), str(text)], stride=16, output=str(out))
+    rows = json.loads(out.read_text())["text"]
+    assert [(r["file"] == str(text), r["method"]) for r in rows] == [
+        (True, "non-overlapping"), (True, "non-overlapping"), (False, "non-overlapping"),
+        (True, "stride 16"), (True, "stride 16"), (False, "stride 16")]
+    assert rows[2]["bpb"] == pytest.approx(rows[0]["bpb"]) and rows[2]["tokens"] == 2 * rows[0]["tokens"]
+    printed = capsys.readouterr().out
+    assert "bpb" in printed and "stride 16" in printed
+    with pytest.raises(ValueError, match="stride"):
+        evaluate(str(ckpt), text_files=[str(text)], stride=33)
+    latin = tmp / "latin1.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        evaluate(str(ckpt), text_files=[str(latin)])
