@@ -155,11 +155,15 @@ def test_cli_picks_precision_visibly_and_an_explicit_value_wins(tmp_path, corpus
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("lm").addHandler(handler)
+    lm_logger = logging.getLogger("lm")
+    level = lm_logger.level
+    lm_logger.addHandler(handler)
+    lm_logger.setLevel(logging.INFO)
     try:
         cli = run_lightning_cli([*args, "--trainer.precision", "null"])
     finally:
-        logging.getLogger("lm").removeHandler(handler)
+        lm_logger.removeHandler(handler)
+        lm_logger.setLevel(level)
     assert cli.trainer.precision == expected
     assert [r.getMessage() for r in records if r.getMessage().startswith(f"precision {expected} ")]
     other = "bf16-mixed" if expected == "32-true" else "32-true"
