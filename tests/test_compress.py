@@ -223,3 +223,26 @@ def test_onnx_export_runs_in_onnxruntime(tokenizer, tmp_path):
         (logits,) = session.run(["logits"], {"input_ids": x.numpy()})
         with torch.no_grad():
             assert (torch.from_numpy(logits) - model(x)).abs().max() < 1e-4
+
+
+def test_recovery_start_from_pruned_weights_keeps_zeros(tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from lm.compress.recover import StartFromWeights
+    from lm.modules import LanguageModel
+
+    pruned = prune_unstructured(tiny_gpt(), 0.5)
+    path = save(pruned, tokenizer, tmp_path / "pruned.ckpt")
+    module = LanguageModel(config=GPTConfig(**GPT2_LIKE))
+    module.set_tokenizer(tokenizer)
+    callback = StartFromWeights(path)
+    callback.on_fit_start(SimpleNamespace(ckpt_path=None), module)
+    assert sparsity_of(module.model) == sparsity_of(pruned)
+    with torch.no_grad():  # an optimizer step moves every weight...
+        for p in module.model.parameters():
+            p.add_(0.01)
+    callback.on_train_batch_end(None, module, None, None, 0)  # ...the pruned ones go back to zero
+    assert sparsity_of(module.model) == sparsity_of(pruned)
+    smaller = LanguageModel(config=GPTConfig(**GPT2_LIKE, intermediate_size=64))
+    with pytest.raises(ValueError, match="intermediate_size 256"):
+        callback.on_fit_start(SimpleNamespace(ckpt_path=None), smaller)
