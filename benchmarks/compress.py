@@ -34,13 +34,18 @@ from lm.compress.quantize import linear_weight_bytes  # noqa: E402
 from lm.model.generate import generate  # noqa: E402
 
 
-def build_variants(ckpt: Path, workdir: Path, students: list[str]) -> dict[str, Path]:
+def build_variants(ckpt: Path, workdir: Path, students: list[str], compressed: bool = True) -> dict[str, Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     fp32 = workdir / "fp32.ckpt"
     if not fp32.exists():  # the weights alone: a fair size to compare with
         model, tokenizer = load_model(ckpt)
         save_model_checkpoint(fp32, model, dict(read_checkpoint(ckpt)["hyper_parameters"]), tokenizer.to_str())
-    variants = {"fp32": fp32, "int8": workdir / "int8.ckpt"}
+    variants = {"fp32": fp32}
+    for student in students:
+        variants[f"student {Path(student).parent.name}"] = Path(student)
+    if not compressed:
+        return variants
+    variants["int8"] = workdir / "int8.ckpt"
     if not variants["int8"].exists():
         quantize(ckpt_path=str(fp32), output=str(variants["int8"]))
     for method, label in (("unstructured", "unstructured"), ("mlp_channels", "MLP channels")):
@@ -49,8 +54,6 @@ def build_variants(ckpt: Path, workdir: Path, students: list[str]) -> dict[str, 
             if not path.exists():
                 prune(ckpt_path=str(fp32), output=str(path), method=method, sparsity=sparsity)
             variants[f"pruned {label} {sparsity:.0%}"] = path
-    for student in students:
-        variants[f"student {Path(student).parent.name}"] = Path(student)
     return variants
 
 
@@ -137,6 +140,7 @@ def main() -> None:
     parser.add_argument("--students", nargs="*", default=[], help="student checkpoints (distilled, baseline)")
     parser.add_argument("--test_file", default=str(Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw-v1/wiki.test.raw"))
     parser.add_argument("--workdir", default="/tmp/lm-compress-bench")
+    parser.add_argument("--no_compressed", action="store_true", help="only fp32 and the --students")
     parser.add_argument("--decode_tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a busy machine)")
@@ -147,7 +151,8 @@ def main() -> None:
     print(f"CPU: {cpu_name()}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f} on "
           f"{os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
     rows, models, prompts = [], [], []
-    for name, path in build_variants(Path(args.ckpt), Path(args.workdir), args.students).items():
+    for name, path in build_variants(Path(args.ckpt), Path(args.workdir), args.students,
+                                            not args.no_compressed).items():
         row, model, prompt = measure_quality(name, path, args, text)
         rows.append(row), models.append(model), prompts.append(prompt)
         print(f"scored {name}: ppl {row['ppl']:.2f}, bpb {row['bpb']:.4f}", flush=True)
