@@ -12,6 +12,7 @@ from lm.checkpoint import load_model, save_model_checkpoint
 from lm.compress.prune import prune_mlp_channels, prune_unstructured, sparsity_of
 from lm.compress.quantize import Int8Embedding, Int8Linear, linear_weight_bytes, quantize_model
 from lm.data.tokenizer import Tokenizer
+from lm.errors import LMError
 from lm.model import GPT, GPTConfig
 from lm.model.generate import generate
 from tests.conftest import make_corpus
@@ -75,9 +76,9 @@ def test_quantized_checkpoint_reloads_and_generates(tokenizer, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), quantize_model(copy.deepcopy(model))(x))
     assert generate(loaded, x, max_new_tokens=5, temperature=0).shape == (1, x.shape[1] + 5)
-    with pytest.raises(ValueError, match="already quantized"):
+    with pytest.raises(LMError, match="already quantized"):
         quantize(ckpt_path=str(tmp_path / "int8.ckpt"), output=str(tmp_path / "again.ckpt"))
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(LMError, match="overwrite"):
         quantize(ckpt_path=source, output=str(tmp_path / "int8.ckpt"))
 
 
@@ -137,9 +138,9 @@ def test_head_pruning_and_bad_sparsity_explain_themselves(tokenizer, tmp_path):
     from lm.commands.compress import prune
 
     source = save(tiny_gpt(), tokenizer, tmp_path / "fp32.ckpt")
-    with pytest.raises(ValueError, match="mlp_channels"):
+    with pytest.raises(LMError, match="mlp_channels"):
         prune(ckpt_path=source, output=str(tmp_path / "h.ckpt"), method="heads", sparsity=0.25)
-    with pytest.raises(ValueError, match="sparsity"):
+    with pytest.raises(LMError, match="sparsity"):
         prune(ckpt_path=source, output=str(tmp_path / "u.ckpt"), method="unstructured", sparsity=1.5)
 
 
@@ -164,7 +165,7 @@ def test_distiller_refuses_a_teacher_with_another_tokenizer(tokenizer):
     student = Distiller(config=GPTConfig(**GPT2_LIKE))
     student.set_tokenizer(tokenizer)
     other = Tokenizer.train([make_corpus(20, seed=9) + " zebra quartz"], vocab_size=290)
-    with pytest.raises(ValueError, match="tokenizer_path"):
+    with pytest.raises(LMError, match="tokenizer_path"):
         student.set_teacher(tiny_gpt(), other)
     student.set_teacher(tiny_gpt(), tokenizer)
     assert "teacher" not in dict(student.named_children()) and not any("teacher" in k for k in student.state_dict())
@@ -204,9 +205,9 @@ def test_hf_export_matches_logits(tokenizer, tmp_path, variant, architecture):
 def test_hf_export_names_the_unsupported_feature(tokenizer, tmp_path):
     from lm.export.hf import export_hf
 
-    with pytest.raises(ValueError, match="position='sinusoidal'"):
+    with pytest.raises(LMError, match="position='sinusoidal'"):
         export_hf(tiny_gpt(position="sinusoidal"), tokenizer, tmp_path / "hf")
-    with pytest.raises(ValueError, match="qk_norm"):
+    with pytest.raises(LMError, match="qk_norm"):
         export_hf(tiny_gpt(**{**LLAMA_LIKE, "qk_norm": True}), tokenizer, tmp_path / "hf2")
     assert not (tmp_path / "hf").exists()
 
@@ -244,5 +245,5 @@ def test_recovery_start_from_pruned_weights_keeps_zeros(tokenizer, tmp_path):
     callback.on_train_batch_end(None, module, None, None, 0)  # ...the pruned ones go back to zero
     assert sparsity_of(module.model) == sparsity_of(pruned)
     smaller = LanguageModel(config=GPTConfig(**GPT2_LIKE, intermediate_size=64))
-    with pytest.raises(ValueError, match="intermediate_size 256"):
+    with pytest.raises(LMError, match="intermediate_size 256"):
         callback.on_fit_start(SimpleNamespace(ckpt_path=None), smaller)

@@ -12,18 +12,20 @@ import copy
 from pathlib import Path
 from typing import Literal, Optional
 
+from lm.errors import LMError
+
 
 def _load(ckpt_path: Optional[str], output: Optional[str]):
     from lm.checkpoint import load_model, read_checkpoint
 
     if not ckpt_path or not output:
-        raise ValueError("Pass both --ckpt_path (a checkpoint written by `lm fit`) and --output (the new file to write).")
+        raise LMError("Pass both --ckpt_path (a checkpoint written by `lm fit`) and --output (the new file to write).")
     if Path(output).resolve() == Path(ckpt_path).resolve():
-        raise ValueError(f"--output {output} is the input checkpoint: write the result to a new file.")
+        raise LMError(f"--output {output} is the input checkpoint: write the result to a new file.")
     checkpoint = read_checkpoint(ckpt_path)
     hparams = copy.deepcopy(dict(checkpoint.get("hyper_parameters", {})))
     if hparams.get("quantization"):
-        raise ValueError(f"{ckpt_path} is already quantized ({hparams['quantization']}): start from the float checkpoint.")
+        raise LMError(f"{ckpt_path} is already quantized ({hparams['quantization']}): start from the float checkpoint.")
     model, tokenizer = load_model(ckpt_path)
     return model, tokenizer, hparams
 
@@ -76,7 +78,7 @@ def prune(ckpt_path: Optional[str] = None, output: Optional[str] = None, method:
 
     model, tokenizer, hparams = _load(ckpt_path, output)
     if not isinstance(model, GPT):
-        raise ValueError(f"{ckpt_path} holds a {type(model).__name__}, not a GPT: pruning knows the GPT's layers only.")
+        raise LMError(f"{ckpt_path} holds a {type(model).__name__}, not a GPT: pruning knows the GPT's layers only.")
     before = model.num_parameters()
     model = {"unstructured": prune_unstructured, "mlp_channels": prune_mlp_channels, "heads": prune_heads}[method](
         model, sparsity)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+from lm.errors import LMError
+
 
 def export(ckpt_path: Optional[str] = None, output: Optional[str] = None,
            format: Literal["safetensors", "hf", "onnx"] = "safetensors", overwrite: bool = False) -> None:
@@ -27,12 +29,12 @@ def export(ckpt_path: Optional[str] = None, output: Optional[str] = None,
     from lm.model import GPT
 
     if not ckpt_path or not output:
-        raise ValueError("Pass both --ckpt_path (a checkpoint written by `lm fit`) and --output (the folder to write).")
+        raise LMError("Pass both --ckpt_path (a checkpoint written by `lm fit`) and --output (the folder to write).")
     if read_checkpoint(ckpt_path).get("hyper_parameters", {}).get("quantization"):
-        raise ValueError(f"{ckpt_path} is an int8 checkpoint from `lm quantize`: export the float checkpoint it was made from.")
+        raise LMError(f"{ckpt_path} is an int8 checkpoint from `lm quantize`: export the float checkpoint it was made from.")
     model, tokenizer = load_model(ckpt_path)
     if not isinstance(model, GPT):
-        raise ValueError(f"{ckpt_path} holds a {type(model).__name__}, not a GPT: only the GPT's layout can be exported.")
+        raise LMError(f"{ckpt_path} holds a {type(model).__name__}, not a GPT: only the GPT's layout can be exported.")
     if format == "safetensors":
         from lm.export.safetensors import export_safetensors as write
     elif format == "hf":

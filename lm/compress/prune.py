@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from lm.errors import LMError
 from lm.model import GPT
 
 
@@ -89,7 +90,7 @@ def prune_mlp_channels(model: GPT, sparsity: float) -> GPT:
 
 
 def prune_heads(model: GPT, sparsity: float) -> GPT:
-    raise ValueError(
+    raise LMError(
         "Structured pruning of attention heads is not supported: GPTConfig fixes head_dim = hidden_size / "
         "num_attention_heads and an attention output of hidden_size, so a model with fewer heads is not a GPTConfig. "
         "Use --method mlp_channels (structured, shrinks intermediate_size) or --method unstructured."
@@ -98,4 +99,4 @@ def prune_heads(model: GPT, sparsity: float) -> GPT:
 
 def _check_sparsity(sparsity: float) -> None:
     if not 0.0 < sparsity < 1.0:
-        raise ValueError(f"sparsity must be a fraction in (0, 1), e.g. 0.3 for 30%, got {sparsity}.")
+        raise LMError(f"sparsity must be a fraction in (0, 1), e.g. 0.3 for 30%, got {sparsity}.")

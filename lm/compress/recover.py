@@ -14,6 +14,8 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import Callback
 
+from lm.errors import LMError
+
 
 class StartFromWeights(Callback):
     """Load a checkpoint's weights into the model when fitting starts (unless resuming with --ckpt_path).
@@ -39,11 +41,11 @@ class StartFromWeights(Callback):
         try:
             pl_module.model.load_state_dict(source.state_dict())
         except RuntimeError as error:
-            raise ValueError(f"{self.ckpt_path} does not fit this run's model (config {config}): set the run's "
+            raise LMError(f"{self.ckpt_path} does not fit this run's model (config {config}): set the run's "
                              f"--model.config.* to the checkpoint's, e.g. --model.config.intermediate_size "
                              f"{getattr(config, 'intermediate_size', '?')}.") from error
         if pl_module.tokenizer is not None and pl_module.tokenizer.to_str() != tokenizer.to_str():
-            raise ValueError(f"{self.ckpt_path} was trained with another tokenizer than this run's data: pass "
+            raise LMError(f"{self.ckpt_path} was trained with another tokenizer than this run's data: pass "
                              f"--data.tokenizer_path with its tokenizer.json (`lm export --format safetensors` writes it).")
         if self.keep_zeros:
             self.masks = {name: p.detach() != 0 for name, p in pl_module.model.named_parameters()

@@ -10,13 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lm.errors import LMError
+
 
 def write_folder(target: str | Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call `fill(tmp_dir)` to write the files, then move them to `target` (a new folder, or an existing
     one when `overwrite`)."""
     target = Path(target)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists: choose another --output, or pass --overwrite true.")
+        raise LMError(f"{target} already exists: choose another --output, or pass --overwrite true.")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lm.errors import LMError
 from lm.export.folder import write_json, write_folder
 from lm.model import GPT, GPTConfig
 
@@ -43,7 +44,7 @@ def hf_architecture(config: GPTConfig) -> str:
         if not problems:
             return arch
     closest = min(mismatches, key=lambda a: len(mismatches[a]))
-    raise ValueError(f"This model has no Hugging Face counterpart: the closest, {closest}, differs in "
+    raise LMError(f"This model has no Hugging Face counterpart: the closest, {closest}, differs in "
                      f"{', '.join(mismatches[closest])}. Export it with --format safetensors or onnx instead.")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lm.errors import LMError
 from lm.export.folder import write_json, write_folder
 from lm.model import GPT
 from lm.model.layers import CausalSelfAttention
@@ -36,7 +37,7 @@ def export_onnx(model: GPT, tokenizer, output: str | Path, overwrite: bool = Fal
     try:
         import onnxscript  # noqa: F401  (torch's exporter needs it; fail here with the fix, not deep inside)
     except ImportError as error:
-        raise ImportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript "
+        raise LMError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript "
                           "(or pip install -e '.[test]').") from error
     model = copy.deepcopy(model).float().eval()
     for module in model.modules():

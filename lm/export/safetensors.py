@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from lm.errors import MissingFileError
 from lm.export.folder import write_json, write_folder
 from lm.model import GPT, GPTConfig
 
@@ -38,7 +39,7 @@ def load_folder(folder: str | Path) -> tuple[nn.Module, object]:
     folder = Path(folder)
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: is {folder} a folder written by `lm export --format safetensors`?")
+            raise MissingFileError(f"{folder / name} not found: is {folder} a folder written by `lm export --format safetensors`?")
     model = GPT(GPTConfig.from_dict(json.loads((folder / "config.json").read_text(encoding="utf-8"))))
     load_model(model, str(folder / "model.safetensors"))
     return model.eval(), Tokenizer.from_file(folder / "tokenizer.json")

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lm.modules.language_model import IGNORE_INDEX, LanguageModel
+from lm.errors import LMError
+from lm.metrics import IGNORE_INDEX
+from lm.modules.language_model import LanguageModel
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float,
@@ -49,15 +51,14 @@ class Distiller(LanguageModel):
         **kwargs: The student's `LanguageModel` arguments (`config`, `learning_rate`, ...).
     """
 
-    RUN_TIME_ARGS = LanguageModel.RUN_TIME_ARGS + ("teacher_ckpt",)
-
     def __init__(self, teacher_ckpt: Optional[str] = None, alpha: float = 0.5, temperature: float = 2.0,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1] (the weight of the KL term), got {alpha}.")
+            raise LMError(f"alpha must be in [0, 1] (the weight of the KL term), got {alpha}.")
         if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}.")
+            raise LMError(f"temperature must be positive, got {temperature}.")
+        self.teacher_ckpt, self.alpha, self.temperature = teacher_ckpt, alpha, temperature
         self.teacher: Optional[torch.nn.Module] = None
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -74,20 +75,20 @@ class Distiller(LanguageModel):
     def _load_teacher(self):
         from lm.checkpoint import load_model
 
-        if not self.hparams.teacher_ckpt:
-            raise ValueError("Distiller needs a teacher: pass --model.init_args.teacher_ckpt PATH (a checkpoint written by `lm fit`).")
-        return load_model(self.hparams.teacher_ckpt)
+        if not self.teacher_ckpt:
+            raise LMError("Distiller needs a teacher: pass --model.init_args.teacher_ckpt PATH (a checkpoint written by `lm fit`).")
+        return load_model(self.teacher_ckpt)
 
     def set_teacher(self, teacher: torch.nn.Module, tokenizer) -> None:
         """Use `teacher` (frozen here); `tokenizer` is the one it was trained with, checked against the student's."""
         if self.tokenizer is not None and tokenizer.to_str() != self.tokenizer.to_str():
-            raise ValueError(
+            raise LMError(
                 f"The teacher's tokenizer ({tokenizer.vocab_size} tokens) differs from the data's "
                 f"({self.tokenizer.vocab_size} tokens): teacher and student must share one. Pass "
                 f"--data.tokenizer_path with the teacher's tokenizer.json (`lm export --format safetensors` writes it).")
         teacher_vocab = getattr(getattr(teacher, "config", None), "vocab_size", self.config.vocab_size)
         if teacher_vocab != self.config.vocab_size:
-            raise ValueError(f"The teacher's vocab_size is {teacher_vocab} but the student's is {self.config.vocab_size}: "
+            raise LMError(f"The teacher's vocab_size is {teacher_vocab} but the student's is {self.config.vocab_size}: "
                              f"set --data.vocab_size {teacher_vocab}.")
         teacher.eval().requires_grad_(False)
         self.teacher = teacher.to(self.device)
@@ -96,8 +97,8 @@ class Distiller(LanguageModel):
         input_ids, targets = batch
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids)
-        loss, kl, ce = distillation_loss(self(input_ids), teacher_logits, targets, self.hparams.alpha,
-                                         self.hparams.temperature)
+        loss, kl, ce = distillation_loss(self(input_ids), teacher_logits, targets, self.alpha,
+                                         self.temperature)
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/kl", kl, on_step=True)
         self.log("train/ce", ce, on_step=True)
