@@ -42,7 +42,8 @@ def build_variants(ckpt: Path, workdir: Path, students: list[str], compressed: b
         save_model_checkpoint(fp32, model, dict(read_checkpoint(ckpt)["hyper_parameters"]), tokenizer.to_str())
     variants = {"fp32": fp32}
     for student in students:
-        variants[f"student {Path(student).parent.name}"] = Path(student)
+        path = Path(student)  # named by its run folder (checkpoints/<experiment>/last.ckpt) or file name
+        variants[path.parent.name if path.stem == "last" else path.stem] = path
     if not compressed:
         return variants
     variants["int8"] = workdir / "int8.ckpt"
@@ -137,7 +138,7 @@ def measure_speed(rows: list[dict], models: list, prompts: list, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", default="/work/artifacts/run/checkpoints/pretrain/last.ckpt")
-    parser.add_argument("--students", nargs="*", default=[], help="student checkpoints (distilled, baseline)")
+    parser.add_argument("--students", nargs="*", default=[], help="more checkpoints to measure, e.g. the distilled student and its baseline")
     parser.add_argument("--test_file", default=str(Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw-v1/wiki.test.raw"))
     parser.add_argument("--workdir", default="/tmp/lm-compress-bench")
     parser.add_argument("--no_compressed", action="store_true", help="only fp32 and the --students")
