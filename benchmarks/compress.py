@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lm.checkpoint import load_model, read_checkpoint, save_model_checkpoint  # noqa: E402
+from lm.checkpoint import load_model, read_checkpoint, save_model  # noqa: E402
 from lm.commands.compress import prune, quantize  # noqa: E402
 from lm.compress.quantize import linear_weight_bytes  # noqa: E402
 from lm.model.generate import generate  # noqa: E402
@@ -39,7 +39,7 @@ def build_variants(ckpt: Path, workdir: Path, students: list[str], compressed: b
     fp32 = workdir / "fp32.ckpt"
     if not fp32.exists():  # the weights alone: a fair size to compare with
         model, tokenizer = load_model(ckpt)
-        save_model_checkpoint(fp32, model, dict(read_checkpoint(ckpt)["hyper_parameters"]), tokenizer.to_str())
+        save_model(fp32, model, tokenizer, dict(read_checkpoint(ckpt)["hyper_parameters"]))
     variants = {"fp32": fp32}
     for student in students:
         path = Path(student)  # named by its run folder (checkpoints/<experiment>/last.ckpt) or file name

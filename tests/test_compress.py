@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lm.checkpoint import load_model, save_model_checkpoint
+from lm.checkpoint import load_model, save_model
 from lm.compress.prune import prune_mlp_channels, prune_unstructured, sparsity_of
 from lm.compress.quantize import Int8Embedding, Int8Linear, linear_weight_bytes, quantize_model
 from lm.data.tokenizer import Tokenizer
@@ -37,7 +37,7 @@ def tiny_gpt(seed: int = 0, **overrides) -> GPT:
 
 
 def save(model: GPT, tokenizer: Tokenizer, path) -> str:
-    save_model_checkpoint(path, model, {"config": model.config.to_dict()}, tokenizer.to_str())
+    save_model(path, model, tokenizer)
     return str(path)
 
 
