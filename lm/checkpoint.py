@@ -7,7 +7,7 @@ plain dict, `tokenizer` is the tokenizer's JSON, and `state_dict` holds the weig
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -67,6 +67,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if "config" not in hparams or "tokenizer" not in checkpoint:
         raise LMError(f"{path} is not an `lm` language-model checkpoint (no model config or tokenizer in it).")
     model = _build_network(hparams)
+    if hparams.get("quantization"):  # written by `lm quantize`: int8 modules before the int8 weights
+        from lm.compress.quantize import quantize_model
+
+        quantize_model(model, skeleton=True)
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
              if k.startswith(prefix)}
@@ -75,18 +79,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model, Tokenizer.from_str(checkpoint["tokenizer"])
 
 
-def save_model(path: str | Path, model: GPT, tokenizer) -> Path:
-    """Write `model` (a GPT) and `tokenizer` as a checkpoint `load_model` reads (the layout `lm fit`
-    writes, without training state), e.g. a fine-tuned model with its LoRA adapters merged. Atomic:
-    written to a temporary file, then renamed."""
+def save_model(path: str | Path, model: torch.nn.Module, tokenizer, hparams: Optional[dict[str, Any]] = None,
+               overwrite: bool = True) -> Path:
+    """Write `model` and `tokenizer` as a checkpoint `load_model` reads (the layout `lm fit` writes,
+    without training state): e.g. a fine-tuned model with its LoRA adapters merged, or the output of
+    `lm quantize` / `lm prune`. `hparams` default to `{"config": model.config}`; a quantized or pruned
+    model passes the source's, with its markers. Atomic: written to a temporary file, then renamed;
+    with `overwrite=False` an existing file is an error instead."""
     import io
 
     from lm.files import atomic_write_bytes
 
-    checkpoint = {"hyper_parameters": {"config": model.config.to_dict()},
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise LMError(f"{path} already exists: choose another --output, or pass --overwrite true to replace it.")
+    checkpoint = {"hyper_parameters": hparams if hparams is not None else {"config": model.config.to_dict()},
                   "state_dict": {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()},
                   "tokenizer": tokenizer.to_str()}
     buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
+    torch.save(checkpoint, buffer)  # shared (tied) tensors are stored once
     atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return path

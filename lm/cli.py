@@ -28,6 +28,9 @@ FUNCTION_VERBS = {
     "eval": "lm.commands.eval:evaluate",
     "report": "lm.commands.report:report",
     "merge": "lm.commands.merge:merge",
+    "quantize": "lm.commands.compress:quantize",
+    "prune": "lm.commands.compress:prune",
+    "export": "lm.commands.export:export",
 }
 
 USAGE = f"""usage: lm <verb> [--config FILE.yaml ...] [--key value ...]

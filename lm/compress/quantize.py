@@ -1,0 +1,152 @@
+"""Post-training int8 quantization of a GPT's linear layers (`lm quantize`).
+
+- `Int8Linear`: int8 weights with one fp32 scale per output row (symmetric), fp32 bias. On CPU the
+  product runs in fbgemm's dynamic-int8 kernel (activations quantized per call, int8 x int8 -> int32,
+  rescaled); elsewhere the weight is dequantized for `F.linear`.
+- `Int8Embedding`: the token lookup of a *tied* model reads the LM head's int8 rows (row i of the
+  head is the embedding of token i, and the scales are per row), so tying survives quantization and
+  the matrix is stored once, in int8.
+- `quantize_model(model)` swaps them in; `QUANTIZATION_KEY` in a checkpoint's hyper-parameters tells
+  `lm.checkpoint.load_model` to do the same swap before loading the int8 state dict.
+- `quantize(...)`: the `lm quantize` verb: checkpoint in, quantized checkpoint out.
+
+Norms, position tables and biases stay fp32 (a few KB; quantizing them saves nothing and costs accuracy).
+
+Why fbgemm through `torch.ops.quantized` (the kernels behind the deprecated
+`torch.ao.quantization.quantize_dynamic`) and not torchao: measured on a 2-core AVX2 Zen 3 with torch
+2.13 / torchao 0.18, 1 thread, one-row products (decode), the fbgemm dynamic-int8 linear was the only
+int8 path faster than fp32 (8192x256 LM head: ~1.0 ms vs 6.8 ms fp32 `F.linear`); torchao's int8
+configs (`Int8WeightOnlyConfig`, `Int8DynamicActivationInt8WeightConfig`) run `_weight_int8pack_mm` /
+`_int_mm`, which were 1.5-6x *slower* than fp32 here, eager or compiled. If a future torch drops
+the quantized ops, `Int8Linear` falls back to dequantize + `F.linear` (same results, no speed-up).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+QUANTIZATION_KEY = "quantization"  # hyper_parameters[QUANTIZATION_KEY] = {"method": "int8", ...}
+METHOD = "int8-dynamic"
+
+
+# fbgemm's int8 kernels (x86) with the ops that use them; absent on other builds / future torch versions.
+_FBGEMM = ("fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+           and hasattr(torch, "_make_per_channel_quantized_tensor"))
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights (per-output-row scales). Inference only.
+
+    Buffers `weight_int8` (out, in) and `weight_scale` (out,) are what the state dict holds; the
+    fbgemm-packed copy used on CPU is a cache rebuilt after a load or a move."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._packed: Optional[tuple[object, tuple]] = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        q, scale = quantize_rows(linear.weight.detach().float())
+        module.weight_int8.copy_(q)
+        module.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach().float())
+        return module
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return (self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None])
+
+    def _packed_weight(self):
+        key = (self.weight_int8.data_ptr(), self.weight_int8._version, self.weight_scale._version)
+        if self._packed is None or self._packed[1] != key:
+            zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+            with warnings.catch_warnings():
+                # torch announces the removal of quantized tensor types; fbgemm's prepack still takes one,
+                # and it remains the fastest int8 CPU kernel here (see the module docstring).
+                warnings.simplefilter("ignore", UserWarning)
+                qweight = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scale.double(),
+                                                                   zero_points, 0)
+            bias = None if self.bias is None else self.bias.detach().float()
+            self._packed = (torch.ops.quantized.linear_prepack(qweight, bias), key)
+        return self._packed[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and _FBGEMM:
+            # reduce_range: 7-bit activations, so AVX2's int8 multiply-add (no VNNI) cannot saturate.
+            return torch.ops.quantized.linear_dynamic(x, self._packed_weight(), True)
+        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
+
+
+class Int8Embedding(nn.Module):
+    """Token lookup from a tied `Int8Linear` head: row i dequantized = embedding of token i.
+
+    The head is held outside the module tree (not a submodule) so its buffers appear once in the
+    state dict, under `lm_head.`."""
+
+    def __init__(self, head: Int8Linear):
+        super().__init__()
+        object.__setattr__(self, "_head", head)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective (dequantized) float embedding matrix, for code that reads `embed_tokens.weight`
+        for its device, dtype or size (e.g. `GPT.new_kv_cache`). Computed on each access."""
+        return self._head.dequantized_weight()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        head = self._head
+        return head.weight_int8[ids].float() * head.weight_scale[ids].unsqueeze(-1)
+
+
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row: q = round(w / s), s = max|row| / 127 (an all-zero row gets s = 1)."""
+    scale = weight.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(weight / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_model(model: nn.Module, skeleton: bool = False) -> nn.Module:
+    """Replace every `nn.Linear` of `model` by an `Int8Linear` (in place; returns the model).
+
+    A tied LM head (`model.lm_head.weight is model.embed_tokens.weight`) is quantized once and the
+    embedding lookup reads it (`Int8Embedding`). `skeleton=True` builds the int8 modules without
+    quantizing (the weights are about to be loaded from a quantized checkpoint).
+    """
+    head, embed = getattr(model, "lm_head", None), getattr(model, "embed_tokens", None)
+    tied = isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding) and head.weight is embed.weight
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                new = (Int8Linear(child.in_features, child.out_features, child.bias is not None) if skeleton
+                       else Int8Linear.from_linear(child))
+                setattr(parent, name, new)
+    if tied:
+        model.embed_tokens = Int8Embedding(model.lm_head)
+    return model.eval()
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the linear layers' weights (int8 values + scales, or float weights), each tensor once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        tensors = ([module.weight_int8, module.weight_scale] if isinstance(module, Int8Linear)
+                   else [module.weight] if isinstance(module, nn.Linear) else [])
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total

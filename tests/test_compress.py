@@ -1,0 +1,249 @@
+"""int8 quantization, pruning, distillation loss and exports (safetensors, Hugging Face, ONNX) on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lm.checkpoint import load_model, save_model
+from lm.compress.prune import prune_mlp_channels, prune_unstructured, sparsity_of
+from lm.compress.quantize import Int8Embedding, Int8Linear, linear_weight_bytes, quantize_model
+from lm.data.tokenizer import Tokenizer
+from lm.errors import LMError
+from lm.model import GPT, GPTConfig
+from lm.model.generate import generate
+from tests.conftest import make_corpus
+
+GPT2_LIKE = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
+LLAMA_LIKE = dict(GPT2_LIKE, num_key_value_heads=2, norm="rmsnorm", position="rope", activation="swiglu", bias=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.train([make_corpus(20)], vocab_size=300)
+
+
+def tiny_gpt(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**GPT2_LIKE, **overrides})).eval()
+    with torch.no_grad():  # trained-looking weights: biases and norm gains away from their init
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save(model: GPT, tokenizer: Tokenizer, path) -> str:
+    save_model(path, model, tokenizer)
+    return str(path)
+
+
+def ids(tokenizer: Tokenizer, n: int = 20) -> torch.Tensor:
+    return torch.tensor([tokenizer.encode(make_corpus(1, seed=5))[:n]])
+
+
+# ----------------------------------------------------------------------------------- quantization
+def test_int8_logits_close_to_fp32_and_tied_matrix_stored_once(tokenizer):
+    model = tiny_gpt()
+    x = ids(tokenizer)
+    with torch.no_grad():
+        reference = model(x)
+        quantized = quantize_model(copy.deepcopy(model))
+        logits = quantized(x)
+    assert isinstance(quantized.lm_head, Int8Linear) and isinstance(quantized.embed_tokens, Int8Embedding)
+    error = (logits - reference).abs().max().item()
+    assert error < 0.02 * reference.abs().max().item(), error
+    # The embedding reads the head's int8 rows: one matrix, close to the fp32 one.
+    assert not any(k.startswith("embed_tokens.") for k in quantized.state_dict())
+    embedded = quantized.embed_tokens(x)
+    assert (embedded - model.embed_tokens(x)).abs().max() <= model.embed_tokens.weight.abs().max() / 127
+    assert linear_weight_bytes(model) / linear_weight_bytes(quantized) > 3.5
+
+
+def test_quantized_checkpoint_reloads_and_generates(tokenizer, tmp_path):
+    from lm.commands.compress import quantize
+
+    model = tiny_gpt()
+    source = save(model, tokenizer, tmp_path / "fp32.ckpt")
+    quantize(ckpt_path=source, output=str(tmp_path / "int8.ckpt"))
+    loaded, loaded_tokenizer = load_model(tmp_path / "int8.ckpt")
+    assert loaded_tokenizer.to_str() == tokenizer.to_str()
+    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == 1 + 4 * 2  # head + 4 per block
+    x = ids(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), quantize_model(copy.deepcopy(model))(x))
+    assert generate(loaded, x, max_new_tokens=5, temperature=0).shape == (1, x.shape[1] + 5)
+    with pytest.raises(LMError, match="already quantized"):
+        quantize(ckpt_path=str(tmp_path / "int8.ckpt"), output=str(tmp_path / "again.ckpt"))
+    with pytest.raises(LMError, match="overwrite"):
+        quantize(ckpt_path=source, output=str(tmp_path / "int8.ckpt"))
+
+
+# ---------------------------------------------------------------------------------------- pruning
+def test_unstructured_sparsity_exact_and_kept_after_save_load(tokenizer, tmp_path):
+    from lm.commands.compress import prune
+
+    model = tiny_gpt()
+    source = save(model, tokenizer, tmp_path / "fp32.ckpt")
+    n = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, nn.Linear))
+    pruned = prune_unstructured(copy.deepcopy(model), 0.3)
+    assert sparsity_of(pruned) == round(0.3 * n) / n
+    assert not any("weight_orig" in k or "mask" in k for k in pruned.state_dict())  # permanent
+    # the smallest weights went: every surviving |w| >= every removed one's
+    kept = torch.cat([m.weight.flatten() for m in pruned.layers.modules() if isinstance(m, nn.Linear)])
+    original = torch.cat([m.weight.flatten() for m in model.layers.modules() if isinstance(m, nn.Linear)])
+    assert original[kept == 0].abs().max() <= original[kept != 0].abs().min()
+    assert torch.equal(pruned.embed_tokens.weight, model.embed_tokens.weight)  # tied matrix left dense
+    prune(ckpt_path=source, output=str(tmp_path / "p50.ckpt"), method="unstructured", sparsity=0.5)
+    loaded, _ = load_model(tmp_path / "p50.ckpt")
+    assert sparsity_of(loaded) == round(0.5 * n) / n
+
+
+@pytest.mark.parametrize("variant", [GPT2_LIKE, LLAMA_LIKE], ids=["gelu", "swiglu"])
+def test_mlp_channel_pruning_shrinks_tensors_and_still_generates(tokenizer, tmp_path, variant):
+    from lm.commands.compress import prune
+
+    model = tiny_gpt(**variant)
+    size = model.config.intermediate_size
+    smaller = prune_mlp_channels(model, 0.5)
+    assert smaller.config.intermediate_size == size // 2
+    assert smaller.num_parameters() < model.num_parameters()
+    down = smaller.layers[0].mlp.down_proj.weight
+    assert down.shape == (model.config.hidden_size, size // 2)
+    source = save(model, tokenizer, tmp_path / "fp32.ckpt")
+    prune(ckpt_path=source, output=str(tmp_path / "mlp.ckpt"), method="mlp_channels", sparsity=0.5)
+    loaded, _ = load_model(tmp_path / "mlp.ckpt")
+    assert loaded.config.intermediate_size == size // 2
+    x = ids(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), smaller(x))
+    assert generate(loaded, x, max_new_tokens=5, temperature=0).shape == (1, x.shape[1] + 5)
+
+
+def test_mlp_channel_pruning_keeps_the_strongest_channels():
+    model = tiny_gpt()
+    with torch.no_grad():  # channel 7 of layer 0 dominates; channel 3 is dead
+        model.layers[0].mlp.up_proj.weight[7] *= 100
+        model.layers[0].mlp.up_proj.weight[3] = 0
+    smaller = prune_mlp_channels(model, 0.5)
+    kept_rows = smaller.layers[0].mlp.up_proj.weight
+    assert any(torch.equal(row, model.layers[0].mlp.up_proj.weight[7]) for row in kept_rows)
+    assert not any(torch.equal(row, model.layers[0].mlp.up_proj.weight[3]) for row in kept_rows)
+
+
+def test_head_pruning_and_bad_sparsity_explain_themselves(tokenizer, tmp_path):
+    from lm.commands.compress import prune
+
+    source = save(tiny_gpt(), tokenizer, tmp_path / "fp32.ckpt")
+    with pytest.raises(LMError, match="mlp_channels"):
+        prune(ckpt_path=source, output=str(tmp_path / "h.ckpt"), method="heads", sparsity=0.25)
+    with pytest.raises(LMError, match="sparsity"):
+        prune(ckpt_path=source, output=str(tmp_path / "u.ckpt"), method="unstructured", sparsity=1.5)
+
+
+# ----------------------------------------------------------------------------------- distillation
+def test_kl_term_is_zero_when_student_equals_teacher():
+    from lm.modules.distill import distillation_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 300)
+    targets = torch.randint(0, 300, (2, 5))
+    targets[0, 0] = -100  # ignored position
+    loss, kl, ce = distillation_loss(logits, logits.clone(), targets, alpha=0.5, temperature=2.0)
+    assert abs(kl.item()) < 1e-6
+    assert torch.allclose(loss, 0.5 * ce)
+    _, kl_other, _ = distillation_loss(logits, torch.randn(2, 5, 300), targets, alpha=0.5, temperature=2.0)
+    assert kl_other > 0.1
+
+
+def test_distiller_refuses_a_teacher_with_another_tokenizer(tokenizer):
+    from lm.modules.distill import Distiller
+
+    student = Distiller(config=GPTConfig(**GPT2_LIKE))
+    student.set_tokenizer(tokenizer)
+    other = Tokenizer.train([make_corpus(20, seed=9) + " zebra quartz"], vocab_size=290)
+    with pytest.raises(LMError, match="tokenizer_path"):
+        student.set_teacher(tiny_gpt(), other)
+    student.set_teacher(tiny_gpt(), tokenizer)
+    assert "teacher" not in dict(student.named_children()) and not any("teacher" in k for k in student.state_dict())
+
+
+# ---------------------------------------------------------------------------------------- exports
+def test_safetensors_export_round_trips(tokenizer, tmp_path):
+    from lm.export.safetensors import export_safetensors, load_folder
+
+    model = tiny_gpt()
+    export_safetensors(model, tokenizer, tmp_path / "st")
+    loaded, loaded_tokenizer = load_folder(tmp_path / "st")
+    x = ids(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight and loaded_tokenizer.to_str() == tokenizer.to_str()
+
+
+@pytest.mark.parametrize("variant,architecture", [(GPT2_LIKE, "GPT2LMHeadModel"), (LLAMA_LIKE, "LlamaForCausalLM")],
+                         ids=["gpt2", "llama"])
+def test_hf_export_matches_logits(tokenizer, tmp_path, variant, architecture):
+    transformers = pytest.importorskip("transformers")
+    from lm.export.hf import export_hf
+
+    model = tiny_gpt(**variant)
+    export_hf(model, tokenizer, tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(hf_model).__name__ == architecture
+    text = make_corpus(1, seed=5)[:40]
+    x = torch.tensor([tokenizer.encode(text)])
+    assert hf_tokenizer(text)["input_ids"] == x[0].tolist()
+    with torch.no_grad():
+        assert (hf_model(x).logits - model(x)).abs().max() < 1e-4
+
+
+def test_hf_export_names_the_unsupported_feature(tokenizer, tmp_path):
+    from lm.export.hf import export_hf
+
+    with pytest.raises(LMError, match="position='sinusoidal'"):
+        export_hf(tiny_gpt(position="sinusoidal"), tokenizer, tmp_path / "hf")
+    with pytest.raises(LMError, match="qk_norm"):
+        export_hf(tiny_gpt(**{**LLAMA_LIKE, "qk_norm": True}), tokenizer, tmp_path / "hf2")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_onnx_export_runs_in_onnxruntime(tokenizer, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from lm.export.onnx import export_onnx
+
+    model = tiny_gpt()
+    export_onnx(model, tokenizer, tmp_path / "onnx")
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for x in (ids(tokenizer, 20), ids(tokenizer, 1), torch.cat([ids(tokenizer, 7)] * 3)):  # dynamic batch / length
+        (logits,) = session.run(["logits"], {"input_ids": x.numpy()})
+        with torch.no_grad():
+            assert (torch.from_numpy(logits) - model(x)).abs().max() < 1e-4
+
+
+def test_recovery_start_from_pruned_weights_keeps_zeros(tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from lm.compress.recover import StartFromWeights
+    from lm.modules import LanguageModel
+
+    pruned = prune_unstructured(tiny_gpt(), 0.5)
+    path = save(pruned, tokenizer, tmp_path / "pruned.ckpt")
+    module = LanguageModel(config=GPTConfig(**GPT2_LIKE))
+    module.set_tokenizer(tokenizer)
+    callback = StartFromWeights(path)
+    callback.on_fit_start(SimpleNamespace(ckpt_path=None), module)
+    assert sparsity_of(module.model) == sparsity_of(pruned)
+    with torch.no_grad():  # an optimizer step moves every weight...
+        for p in module.model.parameters():
+            p.add_(0.01)
+    callback.on_train_batch_end(None, module, None, None, 0)  # ...the pruned ones go back to zero
+    assert sparsity_of(module.model) == sparsity_of(pruned)
+    smaller = LanguageModel(config=GPTConfig(**GPT2_LIKE, intermediate_size=64))
+    with pytest.raises(LMError, match="intermediate_size 256"):
+        callback.on_fit_start(SimpleNamespace(ckpt_path=None), smaller)
