@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lm.callbacks import LastStepCheckpoint, PredictionWriter, RNGStateCheckpoint
 from lm.checkpoint import import_class, read_checkpoint
 from lm.data import TextDataModule
-from lm.errors import MissingFileError
+from lm.errors import LMError, MissingFileError
 from lm.hardware import auto_precision
 from lm.modules import LanguageModel
 
@@ -108,7 +108,12 @@ class LMCLI(LightningCLI):
             log.info(f"precision {precision} (trainer.precision was left null: {reason}; set it to override)")
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except ValueError as error:  # jsonargparse: a class of the config refused its arguments (e.g. GPTConfig)
+            if isinstance(error, LMError) or "Does not validate" not in str(error):
+                raise
+            raise LMError(f"The config does not build: {error}") from error
         config = self.run_config
         checkpoint = self._checkpoint
         init_from = self.model.hparams.get("init_from") if self.subcommand == "fit" else None

@@ -19,6 +19,7 @@ import torch
 
 from lm.errors import LMError
 from lm.model import GPT, GPTConfig
+from lm.modules.language_model import attached_trainer
 from lm.optim import build_optimizer, warmup_cosine
 
 
@@ -56,7 +57,7 @@ class FinetuneModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Hand the backbone's tokenizer and context to the task DataModule (it tokenizes lazily)."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         if self.tokenizer is None and getattr(datamodule, "tokenizer", None) is not None:
             # Reloaded for `lm finetune test --ckpt_path`: Lightning restores the checkpoint (and its
             # tokenizer) only after setup; the CLI has already handed that tokenizer to the DataModule.

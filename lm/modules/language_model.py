@@ -117,7 +117,7 @@ class LanguageModel(L.LightningModule):
         self.token_bytes = lengths.to(self.token_bytes.device)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         if getattr(datamodule, "tokenizer", None) is not None and datamodule.tokenizer is not self.tokenizer:
             self.set_tokenizer(datamodule.tokenizer)
         if stage == "fit" and self.hparams.get("init_from"):
@@ -149,7 +149,7 @@ class LanguageModel(L.LightningModule):
                 fully_shard(block, mesh=dp_mesh)
             fully_shard(self.model, mesh=dp_mesh)
             self._sharded = True
-        predicting = self._trainer is not None and self.trainer.predicting  # generation: varying shapes, KV cache
+        predicting = getattr(attached_trainer(self), "predicting", False)  # generation: varying shapes, KV cache
         if self.compile_model and not self._compiled and not predicting:
             self.model.compile()
             self._compiled = True
@@ -256,3 +256,11 @@ class LanguageModel(L.LightningModule):
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def attached_trainer(module: L.LightningModule) -> Optional[L.Trainer]:
+    """The module's Trainer, or None when it runs without one (Lightning's `module.trainer` raises then)."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
