@@ -107,3 +107,20 @@ def test_bleu_rouge_of_identical_and_disjoint_strings():
     assert text_scores(same, same) == pytest.approx({"bleu": 1.0, "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0})
     disjoint = ["alpha beta gamma delta epsilon", "zeta eta theta iota kappa"]
     assert text_scores(disjoint, same) == pytest.approx({"bleu": 0.0, "rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0})
+
+
+def test_serve_feedback_lines_are_instruction_data(tmp_path):
+    """`lm serve`'s feedback file (JSON lines with extra keys) is read as Alpaca examples."""
+    from lm.data.instruct import read_alpaca
+    from lm.errors import LMError
+
+    feedback = tmp_path / "feedback.jsonl"
+    rows = [{"instruction": "Name a river.", "input": "", "output": "The Thames.", "rating": 1, "corrected": True,
+             "response_id": "cmpl-1", "model": "m", "time": 0.0},
+            {"instruction": "Say hi.", "input": "", "output": "Hi.", "rating": 1, "corrected": False}]
+    feedback.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert read_alpaca(feedback) == [{"instruction": "Name a river.", "input": "", "output": "The Thames."},
+                                     {"instruction": "Say hi.", "input": "", "output": "Hi."}]
+    feedback.write_text('{"instruction": "x", "output": "y"}\n{broken\n', encoding="utf-8")
+    with pytest.raises(LMError, match="not valid JSON lines"):
+        read_alpaca(feedback)

@@ -1,5 +1,7 @@
 """`InstructionDataModule`: Alpaca-format JSON (instruction / input / output) for instruction tuning.
 
+The file is a JSON list, or JSON lines with a `.jsonl` name (what `lm serve` writes as feedback).
+
 - prompt = the `alpaca` template (lm/data/templates.py), response = output + `<|endoftext|>` (so the
   model learns to stop);
 - labels are -100 on every prompt token: the loss is on the response only;
@@ -26,8 +28,8 @@ from torch.utils.data import DataLoader
 from lm.data.tasks import TaskDataModule
 from lm.data.templates import alpaca_prompt
 from lm.errors import LMError, MissingFileError
+from lm.metrics import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 logger = logging.getLogger(__name__)
 
 
@@ -35,7 +37,12 @@ def read_alpaca(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"Alpaca JSON not found: {path}.")
-    rows = json.loads(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    try:  # a JSON list (Alpaca), or JSON lines (e.g. `lm serve`'s feedback file, one example per line)
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+            else json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LMError(f"{path} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: {error}.") from error
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in rows):
         raise LMError(f"{path}: expected a JSON list of {{instruction, input, output}} objects (Alpaca format).")
     return [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in rows]

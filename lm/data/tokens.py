@@ -18,11 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.errors import LMError
+from lm.metrics import IGNORE_INDEX  # noqa: F401  (targets the loss skips; re-exported for lm.data)
 
 logger = logging.getLogger("lm.data")
-
-IGNORE_INDEX = -100
-"""Target value that ``torch.nn.functional.cross_entropy`` skips (its default ``ignore_index``)."""
 
 
 # ---------------------------------------------------------------------- datasets
