@@ -1,5 +1,6 @@
-"""End to end on the real WikiText-2 files in ../shared/data (the offline protocol): train on
-wiki.valid.raw with its last 10% held out, then test on wiki.test.raw from the checkpoint."""
+"""End to end on the real WikiText-2 files in ../shared/data (the offline protocol of
+experiments/data/wikitext2_offline.yaml): train on wiki.valid.raw with its tail held out, then test on
+wiki.test.raw from the checkpoint."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from lm.cli import main
-from tests.helpers import WIKITEXT_DIR, scalar_tags
+from tests.helpers import OFFLINE_WIKITEXT_YAML, REPO_ROOT, WIKITEXT_DIR, scalar_tags
 
 pytestmark = pytest.mark.skipif(
     not (WIKITEXT_DIR / "wiki.valid.raw").is_file(),
@@ -17,14 +19,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def offline_protocol_flags() -> list[str]:
+    """The protocol as experiments/data/wikitext2_offline.yaml states it, its paths (relative to the
+    project root) made absolute, since this test runs in its own folder."""
+    flags = []
+    for key, value in yaml.safe_load(OFFLINE_WIKITEXT_YAML.read_text())["data"].items():
+        if isinstance(value, list):
+            value = "[" + ", ".join(str(REPO_ROOT / v) for v in value) + "]"
+        flags += [f"--data.{key}", str(value)]
+    return flags
+
+
 def test_offline_protocol_trains_and_tests(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     common = ["--experiment", "wt2"]
-    data = [
-        "--data.train_files", f"[{WIKITEXT_DIR / 'wiki.valid.raw'}]", "--data.val_fraction", "0.1",
-        "--data.test_files", f"[{WIKITEXT_DIR / 'wiki.test.raw'}]", "--data.vocab_size", "2048",
-        "--data.block_size", "64", "--data.batch_size", "16", "--data.cache_dir", str(tmp_path / "cache"),
-    ]
+    data = [*offline_protocol_flags(), "--data.vocab_size", "2048", "--data.block_size", "64",
+            "--data.batch_size", "16", "--data.cache_dir", str(tmp_path / "cache")]
     model = ["--model.config.hidden_size", "64", "--model.config.num_hidden_layers", "2",
              "--model.config.num_attention_heads", "2", "--model.config.max_position_embeddings", "64",
              "--model.learning_rate", "3e-3", "--model.warmup_steps", "5"]
