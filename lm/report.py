@@ -14,12 +14,13 @@ What this file does:
 
 from __future__ import annotations
 
-import os
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from lm.errors import LMError, MissingFileError
+from lm.files import atomic_write_bytes
 
 Series = list[tuple[int, float, float]]  # (step, value, wall time)
 
@@ -132,10 +133,10 @@ def plot_runs(runs: list[Run], out_dir: Path) -> list[Path]:
         axes[1].set_title(f"{title} vs tokens seen")
         fig.tight_layout()
         path = out_dir / f"{stem}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, dpi=100, format="png")
+        png = io.BytesIO()
+        fig.savefig(png, dpi=100, format="png")
         plt.close(fig)
-        os.replace(tmp, path)  # a reader never sees half a picture
+        atomic_write_bytes(path, png.getvalue())  # a reader never sees half a picture
         written.append(path)
     return written
 
