@@ -3,18 +3,22 @@
 Weight decay is a pull towards zero that makes sense for the matrices of linear layers; applied to
 norm gains, biases or embedding tables it only hurts (it shrinks the norm scale and rare tokens'
 vectors), so those go in a group without decay.
+
+`build_optimizer(..., optimizer="muon")` gives the hidden matrices to Muon (torch.optim.Muon) and the
+rest to AdamW, in one optimizer object that Lightning, the LR scheduler and checkpoints treat as one.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decay for nn.Linear weights, none for norms, biases and embeddings.
+    """Two groups: decay for nn.Linear weights, none for norms, biases and embeddings.
 
     A tied LM head shares its weight with the token embedding; it is treated as an embedding (no decay).
     """
@@ -31,24 +35,96 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
+Schedule = Literal["cosine", "wsd"]
+
+
+def lr_multiplier(step: int, progress: float, warmup_steps: int, min_lr_ratio: float,
+                  schedule: Schedule = "cosine", cooldown_fraction: float = 0.2) -> float:
+    """LR multiplier at optimizer `step`, `progress` (0 -> 1) of the way through the run's budget.
+
+    - a linear warm-up over the first `warmup_steps` steps (from ~0 to 1), then
+    - `cosine`: a half cosine from 1 down to `min_lr_ratio` at progress 1;
+    - `wsd` (warmup-stable-decay): 1 until `1 - cooldown_fraction`, then a linear cooldown to
+      `min_lr_ratio`. The cooldown at the end is what anneals the model; a long stable phase lets the
+      run use its whole budget at the peak LR, and a time-bounded run decays exactly when time runs out.
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr_ratio
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "wsd":
+        start = 1.0 - cooldown_fraction
+        if progress <= start:
+            return 1.0
+        return 1.0 - (1.0 - min_lr_ratio) * (progress - start) / max(cooldown_fraction, 1e-9)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def step_progress(step: int, warmup_steps: int, max_steps: int) -> float:
+    """How far the decay phase of a step-bounded run is: 0 at the end of warm-up, 1 at `max_steps`."""
+    return (step - warmup_steps) / max(1, max_steps - warmup_steps)
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
+    return lr_multiplier(step, step_progress(step, warmup_steps, max_steps), warmup_steps, min_lr_ratio)
+
+
+OptimizerName = Literal["adamw", "muon"]
+
+
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over `parameter_groups`. `fused=None` picks the fused kernel where torch has one for
-    the parameters' device (CUDA, and CPU in recent torch), which is faster than the per-tensor loop."""
+                    eps: float = 1e-8, fused: bool | None = None,
+                    optimizer: OptimizerName = "adamw") -> torch.optim.Optimizer:
+    """AdamW over `parameter_groups`, or `MuonWithAdamW` for `optimizer="muon"`. `fused=None` picks the
+    fused AdamW kernel where torch has one for the parameters' device (CUDA, and CPU in recent torch),
+    which is faster than the per-tensor loop."""
     if fused is None:
         fused = _fused_available(model)
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps,
-                             fused=fused or None)
+    decay, no_decay = parameter_groups(model, weight_decay)
+    if optimizer == "muon":
+        head = getattr(model, "lm_head", None)
+        hidden = [p for p in decay["params"] if p.dim() == 2 and (head is None or p is not head.weight)]
+        rest = [p for p in decay["params"] if not any(p is h for h in hidden)]
+        muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        adamw = torch.optim.AdamW([{**decay, "params": rest}, no_decay], lr=learning_rate, betas=betas, eps=eps,
+                                  fused=fused or None)
+        return MuonWithAdamW(muon, adamw)
+    return torch.optim.AdamW([decay, no_decay], lr=learning_rate, betas=betas, eps=eps, fused=fused or None)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for the hidden layers' weight matrices, AdamW for embeddings, the LM head, norms and biases.
+
+    Muon (Jordan et al. 2024) replaces each matrix's momentum update by its nearest orthogonal matrix
+    (Newton-Schulz iterations), which only makes sense for a matrix mapping features to features; with
+    `adjust_lr_fn="match_rms_adamw"` (Moonlight, Liu et al. 2025) its updates have AdamW's size, so one
+    learning rate and weight decay serve both. The two optimizers' param groups *are* this optimizer's
+    groups (the same dicts), so an LR scheduler, gradient clipping and zero_grad reach both; the state
+    dict holds both states.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+        super().__init__([*muon.param_groups, *adamw.param_groups], defaults={})
+        self.param_groups = [*muon.param_groups, *adamw.param_groups]  # the inner dicts themselves
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
 
 
 def _fused_available(model: nn.Module) -> bool:

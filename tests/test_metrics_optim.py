@@ -9,7 +9,7 @@ from torchmetrics.text import Perplexity
 
 from lm.metrics import LanguageModelingMetrics
 from lm.model import GPT, GPTConfig
-from lm.optim import build_optimizer, parameter_groups, warmup_cosine
+from lm.optim import build_optimizer, lr_multiplier, parameter_groups, warmup_cosine
 
 
 def test_perplexity_over_unequal_batches_is_token_weighted():
@@ -74,3 +74,65 @@ def test_warmup_cosine_shape():
     assert all(a >= b for a, b in zip(lrs[warmup:total], lrs[warmup + 1 : total]))  # then decays
     assert lrs[warmup + 50] == pytest.approx(floor + (1 - floor) * 0.5, rel=1e-6)  # halfway
     assert lrs[total] == pytest.approx(floor) and lrs[-1] == pytest.approx(floor)
+
+
+def test_wsd_schedule_is_flat_then_cools_down_linearly():
+    lrs = [lr_multiplier(step, (step - 5) / 95, 5, 0.1, "wsd", cooldown_fraction=0.2) for step in range(101)]
+    assert lrs[0] == pytest.approx(0.2) and lrs[4] == pytest.approx(1.0)
+    stable_end = 5 + int(0.8 * 95)
+    assert all(lr == 1.0 for lr in lrs[5:stable_end])
+    assert lrs[-1] == pytest.approx(0.1)
+    assert lr_multiplier(50, 0.9, 5, 0.1, "wsd", cooldown_fraction=0.2) == pytest.approx(0.55)  # halfway down
+    assert all(a >= b for a, b in zip(lrs[stable_end:], lrs[stable_end + 1:]))
+
+
+def test_time_bounded_run_schedules_by_wall_clock():
+    """With trainer.max_time and no max_steps, progress is elapsed / budget; with both, the further along."""
+    from lightning.pytorch import Trainer
+
+    from lm.modules import LanguageModel
+
+    config = GPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16)
+    for max_steps, expected in [(-1, 0.25), (200, 0.5)]:
+        module = LanguageModel(config, warmup_steps=0, schedule="wsd")
+        trainer = Trainer(max_time="00:00:04:00", max_steps=max_steps, logger=False, enable_checkpointing=False)
+        module.trainer = trainer
+        timer = next(c for c in trainer.callbacks if type(c).__name__ == "Timer")
+        timer.time_elapsed = lambda stage="train": 60.0  # one minute of four
+        warmup, progress = module._schedule_progress()
+        assert progress(100) == pytest.approx(expected)
+    module.trainer = Trainer(max_steps=-1, max_epochs=-1, logger=False)
+    with pytest.raises(ValueError, match="max_time"):
+        module._schedule_progress()
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=16, tie_embeddings=False))
+    optimizer = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95), optimizer="muon")
+    muon_params = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
+    hidden = {id(m.weight) for block in model.layers for m in block.modules() if isinstance(m, torch.nn.Linear)}
+    assert muon_params == hidden  # not the embedding, not the untied head, no biases or gains
+    adamw_params = {id(p) for g in optimizer.adamw.param_groups for p in g["params"]}
+    assert id(model.lm_head.weight) in adamw_params and id(model.embed_tokens.weight) in adamw_params
+    assert len(muon_params) + len(adamw_params) == len(list(model.parameters()))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    assert optimizer.muon.param_groups[0]["lr"] == optimizer.adamw.param_groups[1]["lr"] == pytest.approx(5e-3)
+    ids = torch.randint(0, 64, (4, 16))
+    losses = []
+    for _ in range(20):
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    restored = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95), optimizer="muon")
+    restored.load_state_dict(optimizer.state_dict())
+    for a, b in [(optimizer.muon, restored.muon), (optimizer.adamw, restored.adamw)]:
+        for p in a.state:
+            for key, value in a.state[p].items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(b.state[p][key]))

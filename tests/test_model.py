@@ -22,6 +22,7 @@ VARIANTS = {
     "sinusoidal": dict(position="sinusoidal"),
     "dropout_eval": dict(dropout=0.2),
     "rope_mqa_qknorm": dict(position="rope", num_key_value_heads=1, qk_norm=True, norm="rmsnorm"),
+    "relu2_softcap_zero_init": dict(activation="relu2", logit_softcap=3.0, zero_init_residual=True),
 }
 
 
@@ -156,6 +157,33 @@ def test_init_std_of_residual_projections():
         assert block.attn.qkv_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
         assert block.attn.qkv_proj.bias.abs().max().item() == 0.0
     assert model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+@torch.no_grad()
+def test_zero_init_residual_blocks_start_as_identity():
+    model = make_model("gpt2", zero_init_residual=True)
+    for block in model.layers:
+        assert block.attn.o_proj.weight.abs().max() == 0 and block.mlp.down_proj.weight.abs().max() == 0
+    ids = torch.randint(0, 64, (2, 10))
+    x = model.embed_tokens(ids) + model.embed_positions(torch.arange(10))
+    torch.testing.assert_close(model(ids), model.lm_head(model.norm(x)))  # every block adds nothing yet
+
+
+@torch.no_grad()
+def test_relu2_activation_and_logit_softcap():
+    plain = make_model("gpt2", activation="relu2")
+    h = torch.randn(3, 32)
+    mlp = plain.layers[0].mlp
+    torch.testing.assert_close(mlp(h), mlp.down_proj(F.relu(mlp.up_proj(h)) ** 2))
+    assert not torch.allclose(mlp(h), mlp.down_proj(F.gelu(mlp.up_proj(h), approximate="tanh")))
+    with torch.no_grad():  # large logits, so the cap really bites
+        plain.embed_tokens.weight.mul_(50)
+    capped = twin(plain, logit_softcap=2.0)
+    ids = torch.randint(0, 64, (2, 8))
+    assert plain(ids).abs().max() > 2.0 and capped(ids).abs().max() <= 2.0
+    torch.testing.assert_close(capped(ids), 2.0 * torch.tanh(plain(ids) / 2.0))
+    with pytest.raises(ValueError, match="logit_softcap must be positive"):
+        GPTConfig(**TINY, logit_softcap=0.0)
 
 
 def test_tied_and_untied_embeddings():

@@ -4,9 +4,9 @@ Notable features (each a `GPTConfig` value, see config.py):
 - pre-norm residual blocks with LayerNorm or RMSNorm;
 - learned, sinusoidal or rotary (RoPE) positions;
 - multi-head, grouped-query or multi-query attention, optional QK-norm, fused SDPA or plain math;
-- GELU MLP or SwiGLU; tied or untied embeddings; bias on/off; dropout;
+- GELU, ReLU² or SwiGLU MLP; tied or untied embeddings; bias on/off; dropout; optional logit soft-capping;
 - GPT-2 initialization: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers) so the
-  residual stream's variance does not grow with depth;
+  residual stream's variance does not grow with depth (or zero, so every block starts as the identity);
 - a preallocated KV cache for generation (prefill once, then one token per step);
 - `prepare_for_inference()`: CPU decode speed-ups (faster linear routes, a compiled decode step),
   kept out of the model in inference.py.
@@ -57,7 +57,7 @@ class GPT(nn.Module):
         std = self.config.init_std
         if isinstance(module, nn.Linear):
             if getattr(module, "is_residual_projection", False):
-                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+                std = 0.0 if self.config.zero_init_residual else std / math.sqrt(2 * self.config.num_hidden_layers)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -100,7 +100,12 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)
+        if self.config.logit_softcap is not None:  # smooth bound: cap * tanh(logits / cap)
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        return logits
 
     def prepare_for_inference(self, compile: bool = False) -> "GPT":
         """Faster CPU decoding, logits unchanged to float rounding (see lm/model/inference.py); returns

@@ -85,7 +85,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ MLP
 class MLP(nn.Module):
-    """GPT-2 feed-forward: up-projection, GELU (tanh approximation), down-projection."""
+    """GPT-2 feed-forward: up-projection, GELU (tanh approximation) or relu(x)^2, down-projection."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -93,9 +93,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
         self.down_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.activation == "relu2"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down_proj(F.gelu(self.up_proj(x), approximate="tanh")))
+        h = self.up_proj(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")
+        return self.dropout(self.down_proj(h))
 
 
 class SwiGLU(nn.Module):
@@ -165,7 +168,7 @@ class CausalSelfAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.impl = config.attention
-        self.dropout_p = config.dropout
+        self.dropout_p = config.attention_dropout
         qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=config.bias)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lm.errors import LMError
 from lm.metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
 from lm.model import GPT, GPTConfig, SamplingOptions, generate_text
-from lm.optim import build_optimizer, warmup_cosine
+from lm.optim import OptimizerName, Schedule, build_optimizer, lr_multiplier, step_progress
 
 
 class LanguageModel(L.LightningModule):
@@ -43,11 +43,18 @@ class LanguageModel(L.LightningModule):
         config: The transformer's shape and variants (see `GPTConfig`). Its `vocab_size` is linked to
             `data.vocab_size` by the CLI.
         learning_rate: Peak learning rate reached after warm-up.
-        min_learning_rate: Floor of the cosine decay; default `learning_rate / 10`.
-        weight_decay: AdamW decoupled weight decay for linear weights (norms, biases and embeddings get none).
+        min_learning_rate: Where the decay ends; default `learning_rate / 10`.
+        weight_decay: Decoupled weight decay for linear weights (norms, biases and embeddings get none).
         betas: AdamW betas.
+        optimizer: `adamw`, or `muon`: Muon for the hidden weight matrices and AdamW for the rest, at the
+            same learning rate (`lm.optim.MuonWithAdamW`).
         warmup_steps: Optimizer steps of linear warm-up.
-        max_steps: Steps over which the cosine decays; default: the Trainer's total optimizer steps.
+        max_steps: Steps over which the LR decays; default: the Trainer's total optimizer steps.
+        schedule: After warm-up, `cosine` decay or `wsd` (warmup-stable-decay: constant, then a linear
+            cooldown over the last `cooldown_fraction` of the run). See `lm.optim.lr_multiplier`.
+        cooldown_fraction: `wsd`: the share of the run spent cooling down.
+            A run bounded by `trainer.max_time` decays by wall-clock: the schedule reaches its end when the
+            time runs out (or when max_steps does, whichever comes first).
         fused_adamw: Use the fused AdamW kernel (default: where the device has one).
         compile: Compile the transformer with `torch.compile` (slow first step, faster after; GPU mostly).
         sampling: `lm predict`: how to complete the prompts (`SamplingOptions`; batch i of a run uses
@@ -65,8 +72,11 @@ class LanguageModel(L.LightningModule):
         min_learning_rate: Optional[float] = None,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
+        optimizer: OptimizerName = "adamw",
         warmup_steps: int = 100,
         max_steps: Optional[int] = None,
+        schedule: Schedule = "cosine",
+        cooldown_fraction: float = 0.2,
         fused_adamw: Optional[bool] = None,
         compile: bool = False,
         sampling: Optional[SamplingOptions] = None,
@@ -233,16 +243,34 @@ class LanguageModel(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
-                                    fused=self.fused_adamw)
-        max_steps = hp.max_steps or int(self.trainer.estimated_stepping_batches)
-        if not math.isfinite(max_steps) or max_steps <= 0:
-            raise LMError("Cannot infer the schedule length: set trainer.max_steps or model.max_steps.")
+                                    fused=self.fused_adamw, optimizer=hp.get("optimizer", "adamw"))
         min_lr = hp.min_learning_rate if hp.min_learning_rate is not None else hp.learning_rate / 10
-        warmup = min(hp.warmup_steps, max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, max_steps, min_lr / hp.learning_rate)
-        )
+        warmup, progress = self._schedule_progress()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
+            step, progress(step), warmup, min_lr / hp.learning_rate, hp.schedule, hp.cooldown_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule_progress(self):
+        """(warm-up steps, step -> how far the run is through its budget (0 -> 1): by optimizer steps, by wall-clock when the
+        Trainer has `max_time`, or whichever is further along when it has both."""
+        from lightning.pytorch.callbacks import Timer
+
+        hp, trainer = self.hparams, self.trainer
+        max_steps = hp.max_steps or trainer.estimated_stepping_batches
+        steps_bounded = math.isfinite(max_steps) and max_steps > 0
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None)
+        if not steps_bounded and timer is None:
+            raise LMError("Cannot infer the schedule length: set trainer.max_steps, trainer.max_time or model.max_steps.")
+        warmup = min(hp.warmup_steps, int(max_steps)) if steps_bounded else hp.warmup_steps
+
+        def progress(step: int) -> float:
+            by_steps = step_progress(step, warmup, int(max_steps)) if steps_bounded else 0.0
+            if timer is None:
+                return by_steps
+            elapsed = timer.time_elapsed()
+            return max(by_steps, elapsed / max(elapsed + (timer.time_remaining() or 0.0), 1e-9))
+
+        return warmup, progress
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales gradients

@@ -70,7 +70,8 @@ def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool 
     """
     h, kv, i, c = m.hidden_size, m.kv_size, m.intermediate_size, p.compute
     mask = (c if cpu else 1) if m.dropout > 0 else 0             # bytes per dropped value
-    math_attention = m.attention == "math" or (cpu and m.dropout > 0)
+    attention_dropout = m.dropout if m.attention_dropout is None else m.attention_dropout
+    math_attention = m.attention == "math" or (cpu and attention_dropout > 0)
     block = 2 * h * p.residual                                   # attn_norm, mlp_norm inputs
     block += (3 * h + i) * c                                     # qkv, o_proj, up, down inputs
     block += (2 * h + 2 * kv) * c + 4 * m.num_heads              # q, k, v, attention output, log-sum-exp
@@ -82,7 +83,8 @@ def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool 
     block += 2 * h * mask                                        # residual dropout masks
     if math_attention:  # per score: fp32 softmax, its cast to the compute dtype, dropout mask + output
         scores = m.num_heads * m.sequence_length
-        block += scores * (4 + (c if c != 4 else 0) + (mask + c if m.dropout > 0 else 0))
+        score_mask = (c if cpu else 1) if attention_dropout > 0 else 0
+        block += scores * (4 + (c if c != 4 else 0) + (score_mask + c if attention_dropout > 0 else 0))
     outside = h * p.residual + h * c + h * mask                  # final norm, head input, embedding dropout
     if checkpointing:
         return m.num_layers * h * p.residual + block + outside

@@ -45,6 +45,7 @@ class ModelShape:
     dropout: float
     largest_unit_parameters: int    # the biggest FSDP unit: a Block or the root (embeddings, norm, head)
     optimizer_states: int = 2       # AdamW keeps exp_avg and exp_avg_sq per parameter
+    attention_dropout: Optional[float] = None  # None: `dropout`
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
         num_heads=c.num_attention_heads, kv_size=c.num_key_value_heads * c.head_dim,
         intermediate_size=c.intermediate_size, activation=c.activation, attention=c.attention, position=c.position,
-        qk_norm=c.qk_norm, dropout=c.dropout, largest_unit_parameters=max(block_sizes + [root]),
+        qk_norm=c.qk_norm, dropout=c.dropout, attention_dropout=c.attention_dropout, largest_unit_parameters=max(block_sizes + [root]),
     )
 
 

@@ -1,0 +1,162 @@
+"""Quality per CPU-minute: train a recipe for a fixed wall-clock budget, score its best checkpoint on the
+raw WikiText-2 test file.
+
+    python benchmarks/quality.py                                   # the default recipe, seed 1234, 600 s
+    python benchmarks/quality.py --seeds 1234 1235                 # reproducibility over two seeds
+    python benchmarks/quality.py --name wd0 -- --model.weight_decay 0.0   # an ablation: extra `lm fit` flags
+    python benchmarks/quality.py --precision 32-true               # what a CPU without native bf16 runs
+
+The protocol (issue "Quality per CPU-minute"), fixed so runs compare:
+- train on `wiki.valid.raw` with its last 5% held back for validation (experiments/data/wikitext2_offline.yaml),
+  ByteLevelBPE vocab 8192 trained on the training text only;
+- `lm fit` runs exactly as a user runs it, with `--trainer.max_time` = the budget (validation included;
+  preparing the data and the final test are not counted) and `--trainer.max_steps -1`, so the recipe's
+  LR schedule is stretched over the wall-clock budget (LanguageModel's time-based schedule);
+- the checkpoint with the best validation loss is scored on `wiki.test.raw` as given: encoded whole with
+  the checkpoint's tokenizer, non-overlapping windows of the model's context over the whole stream,
+  bits per byte = total NLL / ln 2 / the file's UTF-8 byte count (`lm eval`, lm/evaluate.py).
+
+Prints per seed and as mean ± spread: test ppl and bpb, steps, tokens seen, epochs, the validation curve,
+the CPU (with or without native bf16), the precision the run used and the best checkpoint's path. Runs
+write into checkpoints/ and logs/ under `--workdir` (default: the project root, like `lm fit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lm.hardware import describe_cpu  # noqa: E402
+
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1"
+ANCHOR_BPB = 2.185  # a well-known minimal GPT, best of three recipes, same protocol and budget (issue 10)
+
+
+def main() -> None:
+    args, fit_flags = parse_args()
+    print(f"CPU: {describe_cpu()}; load average {os.getloadavg()[0]:.2f} (others on the cores slow the run)")
+    results = [run_seed(args, seed, fit_flags) for seed in args.seeds]
+    print_summary(args, results)
+
+
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="experiments/wikitext2_cpu.yaml", help="the recipe")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234])
+    parser.add_argument("--budget", type=int, default=600, help="training wall-clock seconds (max_time)")
+    parser.add_argument("--precision", default=None, help="override the recipe's (auto) precision")
+    parser.add_argument("--name", default="quality", help="experiment name prefix")
+    parser.add_argument("--workdir", default=str(ROOT), help="where checkpoints/ and logs/ go")
+    parser.add_argument("--test-file", default=str(WIKITEXT / "wiki.test.raw"))
+    args, extra = parser.parse_known_args()
+    fit_flags = [f for f in extra if f != "--"]
+    if not Path(args.test_file).is_file():
+        sys.exit(f"{args.test_file} not found: the protocol needs ../shared/data/wikitext-2-raw-v1 (see its SOURCES.md).")
+    return args, fit_flags
+
+
+def run_seed(args: argparse.Namespace, seed: int, fit_flags: list[str]) -> dict:
+    experiment = f"{args.name}_s{seed}"
+    workdir = Path(args.workdir)
+    run_dir = workdir / "checkpoints" / experiment
+    if run_dir.exists():
+        sys.exit(f"{run_dir} exists: pick another --name (runs are never overwritten).")
+    budget = time.strftime("00:%H:%M:%S", time.gmtime(args.budget))
+    command = [sys.executable, "-m", "lm", "fit", "--config", str(ROOT / args.config),
+               "--config", str(ROOT / "experiments" / "data" / "wikitext2_offline.yaml"),
+               "--experiment", experiment, "--seed_everything", str(seed),
+               "--trainer.max_time", budget, "--trainer.max_steps", "-1",
+               "--trainer.enable_progress_bar", "false", *fit_flags]
+    if args.precision:
+        command += ["--trainer.precision", args.precision]
+    print("\n$ " + " ".join(command), flush=True)
+    start = time.time()
+    fit = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if fit.returncode != 0:
+        sys.exit(f"lm fit failed ({fit.returncode}):\n{fit.stderr[-3000:]}")
+    if workdir.resolve() != ROOT:
+        for folder in ("checkpoints", "logs"):
+            (workdir / folder).mkdir(parents=True, exist_ok=True)
+            (ROOT / folder / experiment).rename(workdir / folder / experiment)
+    best = best_checkpoint(run_dir)
+    result = {"seed": seed, "experiment": experiment, "best_checkpoint": str(best),
+              "fit_seconds": round(time.time() - start, 1), "precision": used_precision(fit.stderr + fit.stdout)}
+    result.update(training_record(workdir / "logs" / experiment, best))
+    result.update(test_scores(best, args.test_file))
+    print_run(result)
+    return result
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The top-1 checkpoint by validation loss (the default ModelCheckpoint names it ...-val_loss<value>.ckpt)."""
+    candidates = sorted(run_dir.glob("*val_loss*.ckpt"), key=lambda p: float(p.stem.split("val_loss")[-1]))
+    if not candidates:
+        sys.exit(f"No validated checkpoint in {run_dir}: did the run validate at least once?")
+    return candidates[0]
+
+
+def used_precision(log: str) -> str:
+    for line in log.splitlines():
+        if "precision" in line.lower() and ("bf16" in line or "32" in line):
+            return line.strip()[-160:]
+    return "(not logged)"
+
+
+def training_record(log_dir: Path, best: Path) -> dict:
+    """Steps, tokens seen, epochs and the validation curve, from the run's TensorBoard events and checkpoint."""
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    checkpoint = torch.load(best.parent / "last.ckpt", map_location="cpu", weights_only=True)
+    data = checkpoint.get("datamodule_hyper_parameters", {})
+    steps = int(checkpoint["global_step"])
+    tokens = steps * int(data.get("batch_size", 0)) * int(data.get("block_size", 0))
+    accumulated: dict[str, list] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            accumulated.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    curve = [(step, round(value, 4)) for step, value in sorted(accumulated.get("val/loss", []))]
+    return {"steps": steps, "tokens_seen": tokens, "epochs": round(checkpoint.get("epoch", 0) + 1, 1),
+            "val_curve": curve}
+
+
+def test_scores(best: Path, test_file: str) -> dict:
+    from lm.commands.eval import evaluate
+
+    row = evaluate(ckpt_path=str(best), text_files=[test_file])["text"][0]
+    return {"test_ppl": row["ppl"], "test_bpb": row["bpb"], "test_tokens": row["tokens"], "test_bytes": row["bytes"]}
+
+
+def print_run(r: dict) -> None:
+    print(f"seed {r['seed']}: test ppl {r['test_ppl']:.1f}, bpb {r['test_bpb']:.4f} | {r['steps']} steps, "
+          f"{r['tokens_seen'] / 1e6:.2f}M tokens seen, epoch {r['epochs']}, fit {r['fit_seconds']} s wall "
+          f"(incl. data preparation and start-up)\n  precision: {r['precision']}\n  best checkpoint: {r['best_checkpoint']}")
+    print("  validation loss by step: " + ", ".join(f"{s}: {v}" for s, v in r["val_curve"]))
+
+
+def print_summary(args: argparse.Namespace, results: list[dict]) -> None:
+    bpbs = [r["test_bpb"] for r in results]
+    mean = statistics.mean(bpbs)
+    spread = (max(bpbs) - min(bpbs)) / mean * 100 if len(bpbs) > 1 else 0.0
+    print(f"\n{args.config} {' '.join(sys.argv[1:])}\nCPU: {describe_cpu()}")
+    print(f"test bpb over seeds {args.seeds}: mean {mean:.4f} (spread {spread:.1f}%), "
+          f"ppl mean {statistics.mean(r['test_ppl'] for r in results):.1f}; anchor {ANCHOR_BPB} "
+          f"({(mean / ANCHOR_BPB - 1) * 100:+.1f}%)")
+    out = Path(args.workdir) / "logs" / f"{args.name}_quality.json"
+    out.write_text(json.dumps({"cpu": describe_cpu(), "argv": sys.argv[1:], "runs": results}, indent=2) + "\n")
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
