@@ -242,6 +242,9 @@ class LanguageModel(L.LightningModule):
     # ------------------------------------------------------------------------------- optimization
     def configure_optimizers(self):
         hp = self.hparams
+        if hp.get("optimizer") == "muon" and self._sharded_run():
+            raise LMError("optimizer: muon does not work with sharded training (FSDP/FSDP2) yet: its checkpoints "
+                          "need a single optimizer state. Use --model.optimizer adamw, or DDP.")
         optimizer = build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
                                     fused=self.fused_adamw, optimizer=hp.get("optimizer", "adamw"))
         min_lr = hp.min_learning_rate if hp.min_learning_rate is not None else hp.learning_rate / 10
@@ -249,6 +252,11 @@ class LanguageModel(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
             step, progress(step), warmup, min_lr / hp.learning_rate, hp.schedule, hp.cooldown_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _sharded_run(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._sharded or isinstance(getattr(attached_trainer(self), "strategy", None), FSDPStrategy)
 
     def _schedule_progress(self):
         """(warm-up steps, step -> how far the run is through its budget (0 -> 1): by optimizer steps, by wall-clock when the
