@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO_ROOT as ROOT
 TINY = ["--layers", "1", "--heads", "2", "--hidden", "32", "--vocab", "128"]
 
@@ -48,3 +50,26 @@ def test_serve_load_runs_both_phases(tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [r.get("phase") for r in rows[:2]] == ["2 clients", "1 client"]
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows[:2]) and rows[2]["rss_mb_before"] > 0
+
+
+@pytest.mark.slow
+def test_quality_benchmark_trains_for_its_budget_and_scores_the_raw_test_file(tmp_path):
+    """benchmarks/quality.py on the real protocol files with a tiny model and a 15 s budget."""
+    import json
+
+    from tests.helpers import WIKITEXT_DIR
+
+    if not (WIKITEXT_DIR / "wiki.test.raw").is_file():
+        pytest.skip(f"WikiText-2 raw files not found in {WIKITEXT_DIR}")
+    tiny = ["--model.config.hidden_size", "32", "--model.config.num_hidden_layers", "1",
+            "--model.config.num_attention_heads", "2", "--model.config.max_position_embeddings", "32",
+            "--data.block_size", "32", "--data.vocab_size", "512", "--trainer.val_check_interval", "20",
+            "--data.cache_dir", str(tmp_path / "cache")]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--budget", "15", "--name", "q",
+                             "--workdir", str(tmp_path), "--", *tiny], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "logs" / "q_quality.json").read_text())["runs"][0]
+    assert run["test_bytes"] == (WIKITEXT_DIR / "wiki.test.raw").stat().st_size  # every byte of the raw file
+    assert run["steps"] >= 20 and run["val_curve"] and 1.0 < run["test_bpb"] < 10.0
+    assert "val_loss" in run["best_checkpoint"] and (tmp_path / "checkpoints" / "q_s1234").is_dir()
+    assert not (ROOT / "checkpoints" / "q_s1234").exists()  # moved into --workdir
