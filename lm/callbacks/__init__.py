@@ -6,6 +6,7 @@ experiments/trainer/callbacks/, appended with `callbacks+:` so they combine).
 - `TokenThroughputMonitor` (throughput.py): tokens/s, FLOP/s and MFU; `measure_matmul_flops` for the peak.
 - `TextSampler` (text_sampler.py): completions of fixed prompts every N steps, logged as text.
 - `NonFiniteGuard` (nonfinite.py): stops at the first NaN/inf loss or gradient, naming the last good checkpoint.
+- `ExponentialMovingAverage` (ema.py): validate, save and finish with the weights' moving average.
 - `PredictionWriter` (prediction_writer.py): `lm predict`'s JSON-lines output.
 
     lm fit --config experiments/wikitext2_cpu.yaml --config experiments/trainer/callbacks/throughput.yaml \\
@@ -13,6 +14,7 @@ experiments/trainer/callbacks/, appended with `callbacks+:` so they combine).
 """
 
 from lm.callbacks.checkpoint import LastStepCheckpoint, last_good_checkpoint
+from lm.callbacks.ema import ExponentialMovingAverage
 from lm.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
 from lm.callbacks.prediction_writer import PredictionWriter
 from lm.callbacks.rng_state import RNGStateCheckpoint
@@ -26,6 +28,7 @@ from lm.callbacks.throughput import (
 )
 
 __all__ = [
+    "ExponentialMovingAverage",
     "LastStepCheckpoint",
     "last_good_checkpoint",
     "NonFiniteGuard",

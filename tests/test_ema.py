@@ -1,0 +1,32 @@
+"""`ExponentialMovingAverage`: a short run never saves its initialization; a long one saves the average."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.helpers import TINY_MODEL, TINY_TRAINER, run_lm, tiny_data
+
+EMA = "lm.callbacks.ExponentialMovingAverage"
+
+
+def _fit(tmp_path, corpus_files, name: str, start: int, steps: int) -> dict:
+    trainer = [a for a in TINY_TRAINER]
+    trainer[trainer.index("--trainer.max_steps") + 1] = str(steps)
+    result = run_lm("fit", "--experiment", name, *tiny_data(corpus_files, tmp_path / "cache"), *TINY_MODEL, *trainer,
+                    "--trainer.callbacks+", EMA, "--trainer.callbacks.init_args.decay", "0.9",
+                    "--trainer.callbacks.init_args.update_starting_at_step", str(start), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return torch.load(tmp_path / "checkpoints" / name / "last.ckpt", weights_only=True)
+
+
+def test_before_averaging_starts_the_checkpoint_holds_the_trained_weights(tmp_path, corpus_files):
+    checkpoint = _fit(tmp_path, corpus_files, "short", start=100, steps=12)  # averaging would start after the run ends
+    for name, value in checkpoint["state_dict"].items():
+        assert torch.equal(value, checkpoint["current_model_state"][name]), name
+
+
+def test_after_averaging_starts_the_checkpoint_holds_the_average(tmp_path, corpus_files):
+    checkpoint = _fit(tmp_path, corpus_files, "long", start=2, steps=12)
+    averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]
+    differs = [n for n in averaged if averaged[n].is_floating_point() and not torch.equal(averaged[n], current[n])]
+    assert differs and "model.embed_tokens.weight" in differs
