@@ -103,10 +103,13 @@ def expected_checkpoint_bytes(model: torch.nn.Module) -> int:
 
 def check_run_outputs(trainer: Trainer, model: torch.nn.Module) -> None:
     """Before training: each checkpoint folder is a writable folder with room for the checkpoints it keeps
-    (top-k + last.ckpt + the one being written beside them), and the log folder is a writable folder."""
+    (top-k + last.ckpt + the one being written beside them), and the log folder is a writable folder.
+    Temporary files of a save that a kill interrupted (`.<name>.ckpt.*.tmp`, never read) are removed."""
     size = expected_checkpoint_bytes(model)
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath and "://" not in str(callback.dirpath):
+            for stale in Path(callback.dirpath).glob(".*.ckpt.*.tmp"):  # half a save, left by a killed run
+                stale.unlink(missing_ok=True)
             kept = max(callback.save_top_k, 1) + bool(callback.save_last) + 1
             check_writable_folder(callback.dirpath, "checkpoint folder", "--experiment NAME or --checkpoint.dirpath DIR",
                                   need_bytes=size * kept)
