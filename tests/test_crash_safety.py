@@ -5,11 +5,7 @@ with the same seed ends (fp32 CPU, 1e-5). The kill lands deterministically: a te
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,8 @@ import torch
 
 from lm.cli import main
 
-from tests.helpers import REPO_ROOT, tb_scalars
+from tests.crash_hooks import kill_when_frozen, start_frozen
+from tests.helpers import tb_scalars
 from tests.test_resume import MODEL, TRAINER, data_args
 
 pytestmark = pytest.mark.slow
@@ -40,26 +37,7 @@ def start_frozen_run(tmp_path: Path, corpus_files, moment: str) -> tuple[subproc
     marker = tmp_path / f"{moment}.reached"
     hook = ["--trainer.callbacks+=tests.crash_hooks.KillPoint", "--trainer.callbacks.init_args.moment", moment,
             "--trainer.callbacks.init_args.step", str(KILLS[moment][0]), "--trainer.callbacks.init_args.marker", str(marker)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "lm", *run_args(tmp_path, corpus_files, moment), *hook],
-                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    return process, marker
-
-
-def kill_when_frozen(process: subprocess.Popen, marker: Path, timeout: float = 120) -> None:
-    try:
-        deadline = time.monotonic() + timeout
-        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), f"the run never reached the kill point: {process.stderr.read().decode()[-3000:]}"
-        os.kill(process.pid, signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-        process.stderr.close()
+    return start_frozen(tmp_path, marker, ["-m", "lm", *run_args(tmp_path, corpus_files, moment), *hook]), marker
 
 
 def load(path: Path) -> dict:
