@@ -193,6 +193,15 @@ class Chaos:
             if problem and len(self.problems) < 20:
                 self.problems.append(problem)
 
+    def attempt(self, key: str, description: str, action) -> None:
+        """Run `action()`: counted as `key`, or as `<key>_unexpected` with the error if it raises."""
+        try:
+            action()
+        except Exception as error:
+            self.count(f"{key}_unexpected", f"{description}: {error!r}")
+            return
+        self.count(key)
+
 
 def greedy_body(prompt: str, max_tokens: int, stream: bool) -> dict:
     return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
@@ -232,19 +241,19 @@ def well_formed(client: httpx.Client, rng: random.Random, chaos: Chaos, expected
 def disconnect(url: str, rng: random.Random, chaos: Chaos, max_tokens: int) -> None:
     """Leave mid-request: a stream closed after its first chunk, or a plain request given up on."""
     body = greedy_body(rng.choice(PROMPTS), max_tokens, stream=rng.random() < 0.5)
-    try:
-        with httpx.Client(base_url=url, timeout=rng.uniform(0.01, 0.3)) as client:
-            if body["stream"]:
-                with client.stream("POST", "/v1/completions", json=body) as r:
-                    next(r.iter_lines(), None)
-            else:
-                client.post("/v1/completions", json=body)
-    except httpx.TimeoutException:
-        pass
-    except Exception as error:
-        chaos.count("disconnect_unexpected", f"disconnecting client: {error!r}")
-        return
-    chaos.count("disconnects")
+
+    def leave() -> None:
+        try:
+            with httpx.Client(base_url=url, timeout=rng.uniform(0.01, 0.3)) as client:
+                if body["stream"]:
+                    with client.stream("POST", "/v1/completions", json=body) as r:
+                        next(r.iter_lines(), None)
+                else:
+                    client.post("/v1/completions", json=body)
+        except httpx.TimeoutException:
+            pass  # given up on: the point
+
+    chaos.attempt("disconnects", "disconnecting client", leave)
 
 
 MALFORMED = [  # (path, body: dict = JSON, bytes = sent as is, expected status)
@@ -286,7 +295,8 @@ def broken_http(url: str, rng: random.Random, chaos: Chaos) -> None:
     garbage = [b"\x00\xffNOT HTTP AT ALL\r\n\r\n",
                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Content-Length: 1000\r\n\r\n{\"prompt\": \"The"]
-    try:
+
+    def send() -> None:
         with socket.create_connection((host, int(port)), timeout=5) as sock:
             sock.sendall(rng.choice(garbage))
             sock.settimeout(0.5)
@@ -294,10 +304,8 @@ def broken_http(url: str, rng: random.Random, chaos: Chaos) -> None:
                 sock.recv(1024)  # a 400 for garbage; nothing for the cut body: either is fine
             except socket.timeout:
                 pass
-    except OSError as error:
-        chaos.count("broken_http_unexpected", f"raw socket: {error!r}")
-        return
-    chaos.count("broken_http")
+
+    chaos.attempt("broken_http", "raw socket", send)
 
 
 def chaos_client(url: str, seed: int, deadline: float, chaos: Chaos, expected: dict, max_tokens: int) -> None:
@@ -365,6 +373,7 @@ def run_chaos(args) -> bool:
     finally:
         stop.set()
         server.stop()
+    chaos.counts["reference_chars_min"] = min(len(text) for text in expected.values())  # answers are not empty
     return chaos_report(args, chaos, healthy, engine, rss_start, samples, rss_end)
 
 
