@@ -12,6 +12,16 @@ No new request starts after the deadline; the ones in flight finish (bounded by 
 Printed per phase: requests/s, generated tokens/s, latency and time-to-first-token (streams)
 p50/p95/p99, errors; the server's RSS before and after; the tokens/s ratio of the two phases; the
 CPU and the load average (on a shared machine the figures are noisy).
+
+    python benchmarks/serve_load.py --ckpt_path ... --chaos --clients 32 --duration 60
+
+`--chaos` instead mixes, for `--duration` seconds from `--clients` threads, well-formed greedy requests
+(streaming or not, each checked against the server's own answer to that prompt when it was alone),
+clients that disconnect mid-request, and malformed requests (bad JSON, wrong types, out-of-range
+sampling values, an unknown model, an oversized body, raw garbage on the socket, a body cut short).
+It prints how many of each, how many well-formed answers were wrong, every unexpected status, the
+server's RSS (after warm-up, peak, at the end) and whether the server is still healthy with no request
+left in its engine; it exits with status 1 if the server crashed or any well-formed answer was wrong.
 """
 
 from __future__ import annotations
@@ -19,10 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import random
+import socket
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +151,12 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     parser.add_argument("--workdir", default="logs/serve_load")
+    parser.add_argument("--chaos", action="store_true",
+                        help="well-formed, disconnecting and malformed requests mixed (see above)")
+    parser.add_argument("--seed", type=int, default=0, help="--chaos: the random mix")
     args = parser.parse_args()
+    if args.chaos:
+        sys.exit(0 if run_chaos(args) else 1)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores), load average {os.getloadavg()}, server threads {args.threads}")
@@ -158,6 +175,222 @@ def main() -> None:
                       "rss_mb_after_all": round(rss_end, 1),
                       "tokens_per_s_ratio": round(batched["tokens_per_s"] / max(alone["tokens_per_s"], 1e-9), 2),
                       "load_average_after": os.getloadavg()}))
+
+
+# ---------------------------------------------------------------------------------------- chaos
+MAX_BODY_BYTES = 100_000  # the chaos server's --max_body_bytes: the oversized body is a bit above it
+
+
+@dataclass
+class Chaos:
+    counts: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)  # the first few unexpected answers, printed
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, key: str, problem: str | None = None) -> None:
+        with self.lock:
+            self.counts[key] += 1
+            if problem and len(self.problems) < 20:
+                self.problems.append(problem)
+
+    def attempt(self, key: str, description: str, action) -> None:
+        """Run `action()`: counted as `key`, or as `<key>_unexpected` with the error if it raises."""
+        try:
+            action()
+        except Exception as error:
+            self.count(f"{key}_unexpected", f"{description}: {error!r}")
+            return
+        self.count(key)
+
+
+def greedy_body(prompt: str, max_tokens: int, stream: bool) -> dict:
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+
+
+def completion_text(client: httpx.Client, body: dict) -> str:
+    """The text of a completion, streamed or not (raises on an HTTP or in-stream error)."""
+    if not body["stream"]:
+        r = client.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+    pieces = []
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                pieces.append(chunk["choices"][0]["text"])
+    return "".join(pieces)
+
+
+def well_formed(client: httpx.Client, rng: random.Random, chaos: Chaos, expected: dict, max_tokens: int) -> None:
+    prompt = rng.choice(PROMPTS)
+    try:
+        text = completion_text(client, greedy_body(prompt, max_tokens, stream=rng.random() < 0.5))
+    except Exception as error:
+        chaos.count("well_formed_failed", f"well-formed request failed: {error!r}")
+        return
+    if text == expected[prompt]:
+        chaos.count("well_formed_correct")
+    else:
+        chaos.count("well_formed_wrong", f"{prompt!r}: got {text!r}, expected {expected[prompt]!r}")
+
+
+def disconnect(url: str, rng: random.Random, chaos: Chaos, max_tokens: int) -> None:
+    """Leave mid-request: a stream closed after its first chunk, or a plain request given up on."""
+    body = greedy_body(rng.choice(PROMPTS), max_tokens, stream=rng.random() < 0.5)
+
+    def leave() -> None:
+        try:
+            with httpx.Client(base_url=url, timeout=rng.uniform(0.01, 0.3)) as client:
+                if body["stream"]:
+                    with client.stream("POST", "/v1/completions", json=body) as r:
+                        next(r.iter_lines(), None)
+                else:
+                    client.post("/v1/completions", json=body)
+        except httpx.TimeoutException:
+            pass  # given up on: the point
+
+    chaos.attempt("disconnects", "disconnecting client", leave)
+
+
+MALFORMED = [  # (path, body: dict = JSON, bytes = sent as is, expected status)
+    ("/v1/completions", b'{"prompt": "The river", "max_tokens": ', 400),
+    ("/v1/completions", {"prompt": 5, "max_tokens": 4}, 400),
+    ("/v1/completions", {"prompt": "The", "max_tokens": "lots"}, 400),
+    ("/v1/completions", {"prompt": "The", "max_tokens": -3}, 400),
+    ("/v1/completions", {"prompt": "The", "max_tokens": 10**9}, 400),
+    ("/v1/completions", {"prompt": "The", "temperature": 9}, 400),
+    ("/v1/completions", {"prompt": "The", "top_p": 0}, 400),
+    ("/v1/completions", {"prompt": "", "max_tokens": 4}, 400),
+    ("/v1/completions", {"prompt": "The", "model": "no-such-model"}, 404),
+    ("/v1/completions", {"prompt": "x" * MAX_BODY_BYTES}, 413),
+    ("/v1/chat/completions", {"messages": "hello"}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": 3}]}, 400),
+    ("/v1/feedback", {"id": "no-such-response", "rating": "up"}, 404),
+]
+
+
+def malformed(url: str, rng: random.Random, chaos: Chaos) -> None:
+    path, body, expected = rng.choice(MALFORMED)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            if isinstance(body, bytes):
+                r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+            else:
+                r = client.post(path, json=body)
+        ok = r.status_code == expected and "error" in r.json()
+    except Exception as error:
+        chaos.count("malformed_unexpected", f"{path} {str(body)[:60]!r}: {error!r}")
+        return
+    chaos.count("malformed_refused" if ok else "malformed_unexpected",
+                None if ok else f"{path} {str(body)[:60]!r}: {r.status_code} {r.text[:200]!r}, expected {expected}")
+
+
+def broken_http(url: str, rng: random.Random, chaos: Chaos) -> None:
+    """Bytes that are not HTTP, or a request whose body never fully arrives, then the socket closes."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    garbage = [b"\x00\xffNOT HTTP AT ALL\r\n\r\n",
+               b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 1000\r\n\r\n{\"prompt\": \"The"]
+
+    def send() -> None:
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(rng.choice(garbage))
+            sock.settimeout(0.5)
+            try:
+                sock.recv(1024)  # a 400 for garbage; nothing for the cut body: either is fine
+            except socket.timeout:
+                pass
+
+    chaos.attempt("broken_http", "raw socket", send)
+
+
+def chaos_client(url: str, seed: int, deadline: float, chaos: Chaos, expected: dict, max_tokens: int) -> None:
+    """One of the clients: 60% well-formed, 15% disconnects, 20% malformed JSON, 5% broken HTTP."""
+    rng = random.Random(seed)
+    with httpx.Client(base_url=url, timeout=300) as client:
+        while time.perf_counter() < deadline:
+            roll = rng.random()
+            if roll < 0.60:
+                well_formed(client, rng, chaos, expected, max_tokens)
+            elif roll < 0.75:
+                disconnect(url, rng, chaos, max_tokens)
+            elif roll < 0.95:
+                malformed(url, rng, chaos)
+            else:
+                broken_http(url, rng, chaos)
+
+
+def sample_rss(pid: int, stop: threading.Event, samples: list[float]) -> None:
+    while not stop.wait(0.5):
+        try:
+            samples.append(rss_mb(pid))
+        except (OSError, StopIteration):  # the process is gone: reported as a crash
+            return
+
+
+def settled_engine(url: str, timeout: float = 60) -> dict:
+    """/info's engine figures once no request is active or waiting (abandoned ones leave at the next step)."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        engine = httpx.get(url + "/info", timeout=10).json()["engine"]
+        if (engine["active_requests"] == 0 and engine["waiting_requests"] == 0) or time.perf_counter() > deadline:
+            return engine
+        time.sleep(0.2)
+
+
+def run_chaos(args) -> bool:
+    """The --chaos run; True when the server survived and answered every well-formed request correctly."""
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    from lm.hardware import describe_cpu
+
+    print(f"CPU: {describe_cpu()}, load average {os.getloadavg()}, server threads {args.threads}")
+    server = ServerProcess(Path(args.ckpt_path).resolve(), workdir, "--max_batch_size", str(args.clients),
+                           "--threads", str(args.threads), "--max_tokens", str(args.max_tokens), "--feedback_path",
+                           "null", "--max_body_bytes", str(MAX_BODY_BYTES))
+    chaos, samples, stop = Chaos(), [], threading.Event()
+    try:
+        with httpx.Client(base_url=server.url, timeout=300) as client:  # each prompt alone: the reference
+            expected = {p: completion_text(client, greedy_body(p, args.max_tokens, stream=False)) for p in PROMPTS}
+        rss_start = rss_mb(server.proc.pid)
+        sampler = threading.Thread(target=sample_rss, args=(server.proc.pid, stop, samples), daemon=True)
+        sampler.start()
+        deadline = time.perf_counter() + args.duration
+        threads = [threading.Thread(target=chaos_client, args=(server.url, args.seed * 1000 + i, deadline, chaos,
+                                                               expected, args.max_tokens)) for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        alive = server.proc.poll() is None
+        healthy = alive and httpx.get(server.url + "/health", timeout=10).status_code == 200
+        engine = settled_engine(server.url) if healthy else {}
+        rss_end = rss_mb(server.proc.pid) if alive else float("nan")
+    finally:
+        stop.set()
+        server.stop()
+    chaos.counts["reference_chars_min"] = min(len(text) for text in expected.values())  # answers are not empty
+    return chaos_report(args, chaos, healthy, engine, rss_start, samples, rss_end)
+
+
+def chaos_report(args, chaos: Chaos, healthy: bool, engine: dict, rss_start: float, samples: list[float],
+                 rss_end: float) -> bool:
+    for problem in chaos.problems:
+        print(f"  unexpected: {problem}", file=sys.stderr)
+    counts = chaos.counts
+    unexpected = sum(v for k, v in counts.items() if k.endswith(("_unexpected", "_wrong", "_failed")))
+    summary = {"clients": args.clients, "seconds": args.duration, **dict(sorted(counts.items())),
+               "server_alive_and_healthy": healthy, "crashes": 0 if healthy else 1,
+               "engine_after": {k: engine.get(k) for k in ("active_requests", "waiting_requests", "decode_steps")},
+               "rss_mb_start": round(rss_start, 1), "rss_mb_peak": round(max(samples, default=rss_start), 1),
+               "rss_mb_end": round(rss_end, 1), "unexpected_answers": unexpected,
+               "load_average_after": os.getloadavg()}
+    print(json.dumps(summary))
+    return healthy and unexpected == 0 and engine.get("active_requests") == 0
 
 
 if __name__ == "__main__":

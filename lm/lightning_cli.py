@@ -12,6 +12,8 @@ What it adds to Lightning's CLI:
   configure the model (so `lm validate --ckpt_path x.ckpt` needs no model flags; run-time options stay
   the command line's), and its tokenizer goes to the DataModule, so evaluation tokenizes exactly as
   training did.
+- `fit` checks checkpoints/ and logs/ before the first step (folders, writable, room for the
+  checkpoints) and writes checkpoints with `DurableCheckpointIO`: a failed save stops the run.
 - `predict` writes `{prompt, completion}` lines to logs/NAME/predictions.jsonl and prints them.
 - `parse_recipe(argv)`: the config `lm fit argv` would run, parsed by the same parser and nothing built
   (`lm plan` reads recipes with it).
@@ -29,6 +31,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lm.callbacks import LastStepCheckpoint, PredictionWriter, RNGStateCheckpoint
+from lm.callbacks.checkpoint import check_run_outputs, use_durable_checkpoint_io
 from lm.checkpoint import import_class, read_checkpoint
 from lm.data import TextDataModule
 from lm.errors import LMError, MissingFileError
@@ -106,6 +109,12 @@ class LMCLI(LightningCLI):
             precision, reason = auto_precision(str(config.trainer.get("accelerator") or "auto"))
             config.trainer.precision = precision
             log.info(f"precision {precision} (trainer.precision was left null: {reason}; set it to override)")
+
+    def before_fit(self) -> None:
+        """Before any step: the output folders take files and have room (a clear error now, not a run that
+        trains for hours and saves nothing), and a checkpoint that cannot be written stops the run."""
+        check_run_outputs(self.trainer, self.model)
+        use_durable_checkpoint_io(self.trainer)
 
     def instantiate_classes(self) -> None:
         try:

@@ -73,3 +73,21 @@ def test_quality_benchmark_trains_for_its_budget_and_scores_the_raw_test_file(tm
     assert run["steps"] >= 20 and run["val_curve"] and 1.0 < run["test_bpb"] < 10.0
     assert "val_loss" in run["best_checkpoint"] and (tmp_path / "checkpoints" / "q_s1234").is_dir()
     assert not (ROOT / "checkpoints" / "q_s1234").exists()  # moved into --workdir
+
+
+def test_serve_load_chaos_survives_disconnects_and_malformed_requests(tmp_path):
+    """A few seconds of `--chaos`: the server stays up, every well-formed answer equals the reference, every
+    malformed request gets its 4xx, abandoned requests leave the engine."""
+    import json
+
+    from tests.serve_support import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.ckpt", steps=1)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--ckpt_path", str(ckpt),
+                             "--chaos", "--clients", "16", "--duration", "3", "--max_tokens", "8",
+                             "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert summary["crashes"] == 0 and summary["server_alive_and_healthy"] and summary["unexpected_answers"] == 0
+    assert summary["well_formed_correct"] > 0 and summary["malformed_refused"] > 0 and summary["disconnects"] > 0
+    assert summary["engine_after"]["active_requests"] == 0

@@ -111,7 +111,8 @@ def prepare(
             )
         options.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=".staging-") as staging:
-            tokenizer, tokenizer_file, ready = _build(plan, splits, options, tokenizer, ready, Path(staging), seconds)
+            tokenizer, trained_file, ready = _build(plan, splits, options, tokenizer, ready, Path(staging), seconds)
+        tokenizer_file = trained_file or tokenizer_file  # a tokenizer found in the cache keeps its path
     else:
         for split, prepared in ready.items():
             logger.info("Token cache hit: %s (%d tokens)", prepared.folder, prepared.manifest["num_tokens"])

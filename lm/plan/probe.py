@@ -94,7 +94,7 @@ def measure_fit(args: list[str], workdir: Path, timeout: float = 900) -> list[di
     median resident memory after those steps) added."""
     workdir.mkdir(parents=True, exist_ok=True)
     overlay = workdir / "probe.yaml"
-    overlay.write_text(json.dumps({"trainer": {"callbacks+": [
+    atomic_write_text(overlay, json.dumps({"trainer": {"callbacks+": [
         {"class_path": "lm.plan.probe.MemoryProbe", "init_args": {"output": str(workdir / "probe")}}]}}))
     env = {**os.environ, **MEASURE_ENV}
     command = [sys.executable, "-m", "lm", "fit", *args, "--config", str(overlay)]
