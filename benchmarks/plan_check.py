@@ -33,6 +33,9 @@ sys.path.insert(0, str(ROOT))
 from lm.hardware import describe_cpu  # noqa: E402
 from lm.plan import make_plan  # noqa: E402
 from lm.plan.devices import GIB, cpu_threads_per_process, measure_cpu_peak  # noqa: E402
+from lm.plan.estimate import PRECISIONS  # noqa: E402
+from lm.plan.planner import default_precision  # noqa: E402
+from lm.plan.recipe import read_recipe  # noqa: E402
 from lm.plan.probe import measure_fit, prepare_data  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
@@ -67,10 +70,14 @@ def main() -> None:
     if not Path(args.train_file).is_file():
         sys.exit(f"Training text not found: {args.train_file} (pass --train-file).")
     print(f"CPU: {describe_cpu()}; load average before: {os.getloadavg()[0]:.2f}")
-    peaks = {n: measure_cpu_peak("float32", processes=n) for n in (1, 2)}
+    # The peak in the dtype the runs compute in: `precision: null` is bf16-mixed on a CPU with native bf16.
+    recipe = recipe_args(args, "single", "big", Path("unused"))
+    precision = read_recipe(recipe, default_precision=default_precision("cpu")).setup.precision
+    dtype = PRECISIONS[precision].compute_dtype
+    peaks = {n: measure_cpu_peak(dtype, processes=n) for n in (1, 2)}
     for n, peak in peaks.items():
-        print(f"fp32 matmul peak, {cpu_threads_per_process(n)} thread(s) per process ({n} process(es)): "
-              f"{peak / 1e9:.1f} GFLOP/s")
+        print(f"{precision} runs: {dtype} matmul peak, {cpu_threads_per_process(n)} thread(s) per process "
+              f"({n} process(es)): {peak / 1e9:.1f} GFLOP/s")
     rows, mfu = [], None
     with tempfile.TemporaryDirectory() as tmp:
         prepare_data(recipe_args(args, "single", "big", Path(tmp) / "cache"))
@@ -83,6 +90,9 @@ def main() -> None:
                 plan = make_plan(recipe, device_kind="cpu", peak_flops=peaks[processes], mfu=mfu or 0.5)
                 result[size] = (plan, records)
             big_plan, big_runs = result["big"]
+            ran = {r.get("precision") for r in big_runs}
+            print(f"{strategy}: the runs computed in {', '.join(sorted(map(str, ran)))}, the plan assumes "
+                  f"{big_plan.recipe.setup.precision}", flush=True)
             measured_tps = statistics.fmean(r["tokens_per_second"] for r in big_runs)
             if mfu is None and strategy == "single":
                 mfu = measured_tps * big_plan.recipe.model.flops_per_token / big_plan.speed.peak_flops

@@ -73,6 +73,7 @@ class MemoryProbe(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         result = {"rank": trainer.global_rank, "world_size": trainer.world_size, "tokens_per_step": self.tokens_per_step,
+                  "precision": str(trainer.precision),  # what the run computed in, to set against the plan's
                   "rss_after_step": self.rss_after_step,
                   "rss_at_train_start": self.rss_at_train_start, "peak_rss": process_memory()["VmHWM"],
                   "step_seconds": [b - a for a, b in zip(self.step_ends, self.step_ends[1:])]}
