@@ -30,16 +30,19 @@ import contextlib
 import multiprocessing
 import os
 import sys
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import chain
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from lm.data.cache import ShardWriter
 from lm.data.tokenizer import Tokenizer
 from lm.hardware import usable_cpus
+
+if TYPE_CHECKING:  # numpy is imported where the shards are written, not in the workers (half their start-up)
+    import numpy as np
+
+    from lm.data.cache import ShardWriter
 
 BATCH_CHARS = 1 << 18  # text per task sent to a worker; in-process batches hold 4x this per core
 MAX_PIECE_CHARS = 1 << 20  # longer documents are encoded in line-aligned pieces of about this size
@@ -79,30 +82,30 @@ def batches(pieces: Iterable[_Piece], batch_chars: int = BATCH_CHARS) -> Iterato
         yield batch
 
 
-def encode_batch(tokenizer: Tokenizer, batch: list[_Piece], dtype: np.dtype) -> tuple[np.ndarray, int]:
-    """Ids of a batch (end-of-text after each finished document) as one array, and its UTF-8 byte count."""
-    eot = tokenizer.eot_id
-    encoded = tokenizer.encode_batch([text for text, _ in batch])
-    if eot is not None:
-        for (_, ends_doc), ids in zip(batch, encoded):
-            if ends_doc:
-                ids.append(eot)  # a fresh list per document: appending in place copies nothing
-    flat = np.fromiter(chain.from_iterable(encoded), dtype=dtype, count=sum(map(len, encoded)))
+def encode_batch(tokenizer: Tokenizer, batch: list[_Piece], typecode: str) -> tuple[array, int]:
+    """Ids of a batch (end-of-text after each finished document) in one flat ``array`` of ``typecode``
+    (``numpy.dtype.char``: ``H`` uint16, ``I`` uint32), and the batch's UTF-8 byte count."""
+    eot = [] if tokenizer.eot_id is None else [tokenizer.eot_id]
+    flat = array(typecode)
+    for (_, ends_doc), ids in zip(batch, tokenizer.encode_batch([text for text, _ in batch])):
+        flat.fromlist(ids)
+        if ends_doc:
+            flat.fromlist(eot)
     return flat, sum(len(text) if text.isascii() else len(text.encode("utf-8")) for text, _ in batch)
 
 
 _worker_tokenizer: Tokenizer | None = None
-_worker_dtype: np.dtype | None = None
+_worker_typecode = ""
 
 
-def _init_worker(tokenizer_json: str, dtype: str) -> None:
-    global _worker_tokenizer, _worker_dtype
-    _worker_tokenizer, _worker_dtype = Tokenizer.from_str(tokenizer_json), np.dtype(dtype)
+def _init_worker(tokenizer_json: str, typecode: str) -> None:
+    global _worker_tokenizer, _worker_typecode
+    _worker_tokenizer, _worker_typecode = Tokenizer.from_str(tokenizer_json), typecode
 
 
-def _encode_in_worker(batch: list[_Piece]) -> tuple[np.ndarray, int]:
-    assert _worker_tokenizer is not None and _worker_dtype is not None
-    return encode_batch(_worker_tokenizer, batch, _worker_dtype)
+def _encode_in_worker(batch: list[_Piece]) -> tuple[array, int]:
+    assert _worker_tokenizer is not None
+    return encode_batch(_worker_tokenizer, batch, _worker_typecode)
 
 
 def encode_to_shards(
@@ -110,6 +113,7 @@ def encode_to_shards(
     total_chars: int | None = None, description: str = "encode",
 ) -> EncodeCounts:  # fmt: skip
     """Encode ``pieces`` in order into ``writer``; returns token and byte counts."""
+    import numpy as np
     from tqdm.auto import tqdm  # installed with lightning; hidden when not on a terminal
 
     counts = EncodeCounts()
@@ -117,7 +121,8 @@ def encode_to_shards(
     with progress:
         # In this process a batch needs a piece per core for the Rust threads to share it out.
         stream = batches(pieces, BATCH_CHARS if num_proc > 1 else 4 * BATCH_CHARS * usable_cpus())
-        for batch, (ids, num_bytes) in _encoded(stream, tokenizer, writer.dtype, num_proc):
+        for batch, (flat, num_bytes) in _encoded(stream, tokenizer, writer.dtype.char, num_proc):
+            ids = np.frombuffer(flat, dtype=writer.dtype)  # a view: the ids are not copied
             writer.write(ids)
             counts.num_tokens += int(ids.size)
             counts.num_bytes += num_bytes
@@ -126,16 +131,16 @@ def encode_to_shards(
 
 
 def _encoded(
-    stream: Iterator[list[_Piece]], tokenizer: Tokenizer, dtype: np.dtype, num_proc: int
-) -> Iterator[tuple[list[_Piece], tuple[np.ndarray, int]]]:
+    stream: Iterator[list[_Piece]], tokenizer: Tokenizer, typecode: str, num_proc: int
+) -> Iterator[tuple[list[_Piece], tuple[array, int]]]:
     if num_proc <= 1:
         for batch in stream:
-            yield batch, encode_batch(tokenizer, batch, dtype)
+            yield batch, encode_batch(tokenizer, batch, typecode)
         return
     # Spawned (not forked) workers: a fork after the Rust thread pool ran can deadlock it.
     context = multiprocessing.get_context("spawn")
     with _environment(worker_environment(num_proc)):  # read by the workers as they start
-        pool = context.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(), dtype.str))
+        pool = context.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(), typecode))
     with pool:
         pending: list[tuple[list[_Piece], object]] = []
         for batch in stream:
