@@ -11,10 +11,13 @@ with `lm.plan.probe.MemoryProbe` in the run.
 - Memory: the plan's weights + gradients + optimizer state (+ DDP buckets) per device, big minus small,
   against the measured resident memory after an optimizer step, big minus small (the run's fixed costs
   cancel; see lm/plan/probe.py), averaged over ranks.
-- Speed: the MFU of the 1-process big run is measured (its tokens/s x FLOPs per token / the matmul peak
-  of its 2 threads): that is the calibration. Every other big run is then predicted from that MFU and
-  the matmul peak measured with the threads each of its processes gets (Lightning gives 2 processes 1
-  core each); small runs are overhead-bound and not predicted.
+- Speed: a device here is one process with its threads. The MFU is calibrated on 1-process runs of the
+  big model, one per thread count the runs' processes get (2 threads alone, 1 thread each of 2 processes
+  as Lightning splits the cores; OMP_NUM_THREADS for the 1-thread one): tokens/s x FLOPs per token / the
+  matmul peak measured in the runs' compute dtype with those threads. Every big run is then predicted
+  from the MFU and peak of its processes' thread count, as a plan from one measured device to N: the
+  1-process row repeats its calibration (run-to-run noise), the DDP and FSDP2 rows are predictions.
+  Small runs are overhead-bound and not predicted.
 The machine is shared with other jobs: the load is printed and the timings are noisy.
 """
 
@@ -70,7 +73,24 @@ def main() -> None:
     if not Path(args.train_file).is_file():
         sys.exit(f"Training text not found: {args.train_file} (pass --train-file).")
     print(f"CPU: {describe_cpu()}; load average before: {os.getloadavg()[0]:.2f}")
-    # The peak in the dtype the runs compute in: `precision: null` is bf16-mixed on a CPU with native bf16.
+    peaks = measure_peaks(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare_data(recipe_args(args, "single", "big", Path(tmp) / "cache"))
+        mfus = calibrate(args, Path(tmp), peaks)
+        for strategy in args.strategies:
+            result = {size: run(args, strategy, size, Path(tmp), peaks, mfus) for size in SIZES}
+            big_plan, big_runs = result["big"]
+            print(f"{strategy}: the runs computed in {', '.join(sorted({str(r.get('precision')) for r in big_runs}))}, "
+                  f"the plan assumes {big_plan.recipe.setup.precision}", flush=True)
+            rows.append(compare(strategy, result, big_plan, calibration=strategy == "single"))
+    print_table(rows, mfus)
+    print(f"load average after: {os.getloadavg()[0]:.2f} (2 cores shared with other agents: timings are noisy)")
+
+
+def measure_peaks(args) -> dict[int, float]:
+    """Matmul peak per process count, in the dtype the runs compute in (`precision: null` is bf16-mixed
+    on a CPU with native bf16), with the threads each process gets."""
     recipe = recipe_args(args, "single", "big", Path("unused"))
     precision = read_recipe(recipe, default_precision=default_precision("cpu")).setup.precision
     dtype = PRECISIONS[precision].compute_dtype
@@ -78,36 +98,40 @@ def main() -> None:
     for n, peak in peaks.items():
         print(f"{precision} runs: {dtype} matmul peak, {cpu_threads_per_process(n)} thread(s) per process "
               f"({n} process(es)): {peak / 1e9:.1f} GFLOP/s")
-    rows, mfu = [], None
-    with tempfile.TemporaryDirectory() as tmp:
-        prepare_data(recipe_args(args, "single", "big", Path(tmp) / "cache"))
-        for strategy in args.strategies:
-            result = {}
-            for size in SIZES:
-                recipe = recipe_args(args, strategy, size, Path(tmp) / "cache")
-                records = measure_fit(recipe, Path(tmp) / f"{strategy}-{size}")
-                processes = len(records)
-                plan = make_plan(recipe, device_kind="cpu", peak_flops=peaks[processes], mfu=mfu or 0.5)
-                result[size] = (plan, records)
-            big_plan, big_runs = result["big"]
-            ran = {r.get("precision") for r in big_runs}
-            print(f"{strategy}: the runs computed in {', '.join(sorted(map(str, ran)))}, the plan assumes "
-                  f"{big_plan.recipe.setup.precision}", flush=True)
-            measured_tps = statistics.fmean(r["tokens_per_second"] for r in big_runs)
-            if mfu is None and strategy == "single":
-                mfu = measured_tps * big_plan.recipe.model.flops_per_token / big_plan.speed.peak_flops
-                print(f"calibration: the 1-process run's MFU is {mfu:.1%} of the measured peak")
-                big_plan = make_plan(recipe_args(args, strategy, "big", Path(tmp) / "cache"), device_kind="cpu",
-                                     peak_flops=peaks[1], mfu=mfu)
-            rows.append(compare(strategy, result, big_plan, measured_tps, calibration=strategy == "single"))
-            print(f"{strategy}: done ({len(result['big'][1])} process(es))", flush=True)
-    print_table(rows)
-    print(f"load average after: {os.getloadavg()[0]:.2f} (2 cores shared with other agents: timings are noisy)")
+    return peaks
 
 
-def compare(strategy, result, big_plan, measured_tps, calibration: bool) -> dict:
+def calibrate(args, tmp: Path, peaks: dict[int, float]) -> dict[int, float]:
+    """The MFU of one process per thread count a run's processes get: a device here is a process with its
+    threads, and a 2-thread process reaches a lower MFU on this small model than a 1-thread one (its ops are
+    too small to split well), so each run is predicted from a 1-process run with the threads its
+    processes have (OMP_NUM_THREADS for the 1-thread one; the 2-process runs get 1 thread from Lightning)."""
+    mfus = {}
+    for processes in (1, 2):
+        threads = cpu_threads_per_process(processes)
+        if threads in mfus:
+            continue
+        recipe = recipe_args(args, "single", "big", tmp / "cache")
+        records = measure_fit(recipe, tmp / f"calibrate-{threads}", env={"OMP_NUM_THREADS": str(threads)})
+        plan = make_plan(recipe, device_kind="cpu", peak_flops=peaks[processes], mfu=0.5)
+        mfus[threads] = records[0]["tokens_per_second"] * plan.recipe.model.flops_per_token / peaks[processes]
+        print(f"calibration: 1 process with {threads} thread(s) reaches {mfus[threads]:.1%} of its measured peak")
+    return mfus
+
+
+def run(args, strategy: str, size: str, tmp: Path, peaks: dict[int, float], mfus: dict[int, float]):
+    """(plan at the calibrated MFU of its processes' thread count, measured records) of one `lm fit`."""
+    recipe = recipe_args(args, strategy, size, tmp / "cache")
+    records = measure_fit(recipe, tmp / f"{strategy}-{size}")
+    processes = len(records)
+    mfu = mfus[cpu_threads_per_process(processes)]
+    return make_plan(recipe, device_kind="cpu", peak_flops=peaks[processes], mfu=mfu), records
+
+
+def compare(strategy, result, big_plan, calibration: bool) -> dict:
     (small_plan, small_runs) = result["small"]
     big_runs = result["big"][1]
+    measured_tps = statistics.fmean(r["tokens_per_second"] for r in big_runs)
     measured = statistics.fmean(r["model_rss"] for r in big_runs) - statistics.fmean(r["model_rss"] for r in small_runs)
     planned = model_part(big_plan) - model_part(small_plan)
     peak = statistics.fmean(r["peak_rss"] for r in big_runs)
@@ -115,19 +139,22 @@ def compare(strategy, result, big_plan, measured_tps, calibration: bool) -> dict
             "measured_mib": measured / 2**20, "memory_error": measured / planned - 1,
             "planned_peak_mib": big_plan.total_bytes / 2**20, "measured_peak_mib": peak / 2**20,
             "planned_tps": big_plan.speed.tokens_per_second, "measured_tps": measured_tps,
-            "tps_error": None if calibration else measured_tps / big_plan.speed.tokens_per_second - 1}
+            "tps_error": measured_tps / big_plan.speed.tokens_per_second - 1, "calibration": calibration}
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], mfus: dict[int, float]) -> None:
     print("\n| strategy | processes | model+optimizer MiB planned | measured | error | tokens/s planned | measured | "
           "error | peak RSS MiB/process (whole process) | planned total/device |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        tps_error = "calibration" if r["tps_error"] is None else f"{r['tps_error']:+.1%}"
+        tps_error = f"{r['tps_error']:+.1%}" + (" (its own calibration run: repeatability)" if r["calibration"] else "")
         print(f"| {r['strategy']} | {r['processes']} | {r['planned_mib']:.1f} | {r['measured_mib']:.1f} | "
               f"{r['memory_error']:+.1%} | {r['planned_tps']:,.0f} | {r['measured_tps']:,.0f} | {tps_error} | "
               f"{r['measured_peak_mib']:.0f} | {r['planned_peak_mib']:.0f} |")
-    print("\nMemory: big (recipe size) minus small (1 layer x 64) model, so Python/torch/Lightning/data costs "
+    print(f"\nSpeed: MFU calibrated on 1-process runs, per thread count: "
+          f"{', '.join(f'{t} thread(s) {m:.1%}' for t, m in sorted(mfus.items()))}; each run predicted from the one "
+          "with its processes' threads.")
+    print("Memory: big (recipe size) minus small (1 layer x 64) model, so Python/torch/Lightning/data costs "
           "cancel; resident memory after an optimizer step, mean over ranks.")
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lm.allocator import MALLOC_ENV, fast_allocator
 from lm.data import EOT, IGNORE_INDEX, RandomWindowDataset, SequentialWindowDataset, TextDataModule, Tokenizer
 from lm.data.cache import TokenShards, read_manifest, token_dtype
 from lm.data.clean import CleaningOptions, CleaningReport, clean_documents, normalize, redact_pii
@@ -290,7 +291,7 @@ def test_cached_tokens_equal_the_tokenizers_own_encoding(tokenizer, tmp_path, mo
     monkeypatch.setattr(encode, "BATCH_CHARS", 2000)  # many batches, so order across workers matters
     for num_proc, allocator in [(1, None), (2, None), (2, "system")]:
         if allocator:
-            monkeypatch.setenv(encode.MALLOC_ENV, allocator)
+            monkeypatch.setenv(MALLOC_ENV, allocator)
         folder = tmp_path / f"{num_proc}-{allocator}"
         folder.mkdir()
         writer = ShardWriter(folder, token_dtype(tokenizer.vocab_size), shard_tokens=500)
@@ -306,15 +307,15 @@ def test_encode_workers_share_the_cores_and_pick_the_allocator(monkeypatch, tmp_
     from lm.data import encode
 
     monkeypatch.setattr(encode, "usable_cpus", lambda: 4)
-    monkeypatch.setenv(encode.MALLOC_ENV, "system")
+    monkeypatch.setenv(MALLOC_ENV, "system")
     assert encode.worker_environment(4) == {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     assert encode.worker_environment(2) == {"RAYON_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "true"}
     assert encode.worker_environment(8)["RAYON_NUM_THREADS"] == "1"  # never zero threads
-    monkeypatch.setenv(encode.MALLOC_ENV, str(tmp_path / "libother.so"))
+    monkeypatch.setenv(MALLOC_ENV, str(tmp_path / "libother.so"))
     monkeypatch.setenv("LD_PRELOAD", "libkept.so")
     assert encode.worker_environment(4)["LD_PRELOAD"] == f"{tmp_path / 'libother.so'} libkept.so"
-    monkeypatch.delenv(encode.MALLOC_ENV)
-    found = encode.fast_allocator()  # mimalloc from cmeel-mimalloc (or the system's), where installed
+    monkeypatch.delenv(MALLOC_ENV)
+    found = fast_allocator()  # mimalloc from cmeel-mimalloc (or the system's), where installed
     assert found is None or "mimalloc" in found
     with encode._environment({"LM_TEST_VARIABLE": "set"}):
         assert os.environ["LM_TEST_VARIABLE"] == "set"

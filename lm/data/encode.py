@@ -15,13 +15,14 @@ without oversubscribing them, and from a faster allocator in the worker processe
   batch of documents (about 1 MB of text per core) over all usable cores.
 * ``num_proc > 1`` starts that many worker processes (spawned) and gives each
   ``cores // num_proc`` Rust threads (one each when there are as many workers as cores), sends them
-  batches of about ``batch_chars`` characters and writes the results in order. At most
-  ``2 * num_proc`` batches are in flight, so memory stays bounded whatever the corpus size; batches
+  batches of about ``BATCH_CHARS`` characters and writes the results in order. At most
+  ``4 * num_proc`` batches are in flight, so memory stays bounded whatever the corpus size; batches
   of about 1 MB keep every worker busy to the end even on a small corpus.
 * Workers run with mimalloc preloaded when it is installed (the ``cmeel-mimalloc`` package, which
   ``pyproject.toml`` requires on x86-64 Linux, or a system ``libmimalloc``): ~1.5x the encoder's
   speed of glibc's allocator. ``LM_ENCODE_MALLOC`` overrides: ``system`` keeps the C library's
-  allocator, a path preloads that library. The allocator changes speed only, never the ids.
+  allocator, a path preloads that library (lm/allocator.py). The allocator changes speed only, never
+  the ids.
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import sys
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from lm.allocator import fast_allocator
 from lm.data.tokenizer import Tokenizer
 from lm.hardware import usable_cpus
 
@@ -46,7 +46,6 @@ if TYPE_CHECKING:  # numpy is imported where the shards are written, not in the 
 
 BATCH_CHARS = 1 << 18  # text per task sent to a worker; in-process batches hold 4x this per core
 MAX_PIECE_CHARS = 1 << 20  # longer documents are encoded in line-aligned pieces of about this size
-MALLOC_ENV = "LM_ENCODE_MALLOC"  # "system", or the path of an allocator to preload into encode workers
 
 _Piece = tuple[str, bool]
 
@@ -145,7 +144,7 @@ def _encoded(
         pending: list[tuple[list[_Piece], object]] = []
         for batch in stream:
             pending.append((batch, pool.apply_async(_encode_in_worker, (batch,))))
-            if len(pending) >= 2 * num_proc:
+            if len(pending) >= 4 * num_proc:
                 done_batch, result = pending.pop(0)
                 yield done_batch, result.get()  # type: ignore[attr-defined]
         for done_batch, result in pending:
@@ -160,30 +159,6 @@ def worker_environment(num_proc: int) -> dict[str, str]:
     if allocator:
         env["LD_PRELOAD"] = " ".join(filter(None, [allocator, os.environ.get("LD_PRELOAD", "")]))
     return env
-
-
-def fast_allocator() -> str | None:
-    """The mimalloc library to preload into encode workers, or None (``LM_ENCODE_MALLOC``, see above)."""
-    choice = os.environ.get(MALLOC_ENV, "").strip()
-    if choice == "system":
-        return None
-    return choice or _installed_mimalloc()
-
-
-@lru_cache(maxsize=1)
-def _installed_mimalloc() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    with contextlib.suppress(Exception):  # not installed, or installed without its file list
-        from importlib.metadata import distribution
-
-        dist = distribution("cmeel-mimalloc")
-        for file in dist.files or ():
-            if file.name.startswith("libmimalloc.so"):
-                return str(dist.locate_file(file))
-    from ctypes.util import find_library
-
-    return find_library("mimalloc")  # e.g. Debian's libmimalloc2.0
 
 
 @contextlib.contextmanager
