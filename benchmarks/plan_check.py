@@ -11,13 +11,13 @@ with `lm.plan.probe.MemoryProbe` in the run.
 - Memory: the plan's weights + gradients + optimizer state (+ DDP buckets) per device, big minus small,
   against the measured resident memory after an optimizer step, big minus small (the run's fixed costs
   cancel; see lm/plan/probe.py), averaged over ranks.
-- Speed: a device here is one process with its threads. The MFU is calibrated on 1-process runs of the
-  big model, one per thread count the runs' processes get (2 threads alone, 1 thread each of 2 processes
-  as Lightning splits the cores; OMP_NUM_THREADS for the 1-thread one): tokens/s x FLOPs per token / the
-  matmul peak measured in the runs' compute dtype with those threads. Every big run is then predicted
-  from the MFU and peak of its processes' thread count, as a plan from one measured device to N: the
-  1-process row repeats its calibration (run-to-run noise), the DDP and FSDP2 rows are predictions.
-  Small runs are overhead-bound and not predicted.
+- Speed: a device here is one process with its threads. Its MFU is calibrated on independent 1-process
+  runs of the big model with the threads each device gets, as many side by side as the run has
+  processes (1 run of 2 threads; 2 runs of 1 thread at once, as Lightning splits the cores between 2
+  processes): tokens/s x FLOPs per token / the matmul peak measured in the runs' compute dtype with
+  those threads. Every big run is then predicted from the MFU and peak of its devices, as a plan from
+  measured devices to a job over them: the 1-process row repeats its calibration (run-to-run noise),
+  the DDP and FSDP2 rows test the strategy model. Small runs are overhead-bound and not predicted.
 The machine is shared with other jobs: the load is printed and the timings are noisy.
 """
 
@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,20 +103,27 @@ def measure_peaks(args) -> dict[int, float]:
 
 
 def calibrate(args, tmp: Path, peaks: dict[int, float]) -> dict[int, float]:
-    """The MFU of one process per thread count a run's processes get: a device here is a process with its
-    threads, and a 2-thread process reaches a lower MFU on this small model than a 1-thread one (its ops are
-    too small to split well), so each run is predicted from a 1-process run with the threads its
-    processes have (OMP_NUM_THREADS for the 1-thread one; the 2-process runs get 1 thread from Lightning)."""
+    """The MFU of one device (a process with its threads) per process count of the runs.
+
+    A 2-thread process reaches a lower MFU on this small model than a 1-thread one (its ops are too small
+    to split well), and a process alone on the machine runs faster than next to another (shared caches,
+    memory bandwidth): so the 1-thread devices of the 2-process runs are calibrated on 2 independent
+    1-process runs side by side (OMP_NUM_THREADS=1, no communication), the 1-process run on itself.
+    What the predictions then test is the plan's strategy model: tokens per step, sharding, communication.
+    """
     mfus = {}
+    recipe = recipe_args(args, "single", "big", tmp / "cache")
+    flops_per_token = make_plan(recipe, device_kind="cpu", peak_flops=peaks[1], mfu=0.5).recipe.model.flops_per_token
     for processes in (1, 2):
         threads = cpu_threads_per_process(processes)
-        if threads in mfus:
-            continue
-        recipe = recipe_args(args, "single", "big", tmp / "cache")
-        records = measure_fit(recipe, tmp / f"calibrate-{threads}", env={"OMP_NUM_THREADS": str(threads)})
-        plan = make_plan(recipe, device_kind="cpu", peak_flops=peaks[processes], mfu=0.5)
-        mfus[threads] = records[0]["tokens_per_second"] * plan.recipe.model.flops_per_token / peaks[processes]
-        print(f"calibration: 1 process with {threads} thread(s) reaches {mfus[threads]:.1%} of its measured peak")
+        env = {"OMP_NUM_THREADS": str(threads)}
+        with ThreadPoolExecutor(processes) as pool:  # the fits run as subprocesses, side by side
+            runs = list(pool.map(lambda i: measure_fit(recipe, tmp / f"calibrate-{processes}-{i}", env=env)[0],
+                                 range(processes)))
+        tokens_per_second = statistics.fmean(r["tokens_per_second"] for r in runs)
+        mfus[processes] = tokens_per_second * flops_per_token / peaks[processes]
+        print(f"calibration: {processes} independent 1-process run(s) of {threads} thread(s) side by side: "
+              f"{mfus[processes]:.1%} of the measured peak each")
     return mfus
 
 
@@ -124,7 +132,7 @@ def run(args, strategy: str, size: str, tmp: Path, peaks: dict[int, float], mfus
     recipe = recipe_args(args, strategy, size, tmp / "cache")
     records = measure_fit(recipe, tmp / f"{strategy}-{size}")
     processes = len(records)
-    mfu = mfus[cpu_threads_per_process(processes)]
+    mfu = mfus[processes]
     return make_plan(recipe, device_kind="cpu", peak_flops=peaks[processes], mfu=mfu), records
 
 
@@ -151,9 +159,8 @@ def print_table(rows: list[dict], mfus: dict[int, float]) -> None:
         print(f"| {r['strategy']} | {r['processes']} | {r['planned_mib']:.1f} | {r['measured_mib']:.1f} | "
               f"{r['memory_error']:+.1%} | {r['planned_tps']:,.0f} | {r['measured_tps']:,.0f} | {tps_error} | "
               f"{r['measured_peak_mib']:.0f} | {r['planned_peak_mib']:.0f} |")
-    print(f"\nSpeed: MFU calibrated on 1-process runs, per thread count: "
-          f"{', '.join(f'{t} thread(s) {m:.1%}' for t, m in sorted(mfus.items()))}; each run predicted from the one "
-          "with its processes' threads.")
+    print(f"\nSpeed: MFU per device calibrated on independent 1-process runs, as many side by side as the "
+          f"run has processes: {', '.join(f'{n} side by side {m:.1%}' for n, m in sorted(mfus.items()))}.")
     print("Memory: big (recipe size) minus small (1 layer x 64) model, so Python/torch/Lightning/data costs "
           "cancel; resident memory after an optimizer step, mean over ranks.")
 
