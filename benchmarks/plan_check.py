@@ -11,10 +11,13 @@ with `lm.plan.probe.MemoryProbe` in the run.
 - Memory: the plan's weights + gradients + optimizer state (+ DDP buckets) per device, big minus small,
   against the measured resident memory after an optimizer step, big minus small (the run's fixed costs
   cancel; see lm/plan/probe.py), averaged over ranks.
-- Speed: the MFU of the 1-process big run is measured (its tokens/s x FLOPs per token / the matmul peak
-  of its 2 threads): that is the calibration. Every other big run is then predicted from that MFU and
-  the matmul peak measured with the threads each of its processes gets (Lightning gives 2 processes 1
-  core each); small runs are overhead-bound and not predicted.
+- Speed: a device here is one process with its threads. Its MFU is calibrated on independent 1-process
+  runs of the big model with the threads each device gets, as many side by side as the run has
+  processes (1 run of 2 threads; 2 runs of 1 thread at once, as Lightning splits the cores between 2
+  processes): tokens/s x FLOPs per token / the matmul peak measured in the runs' compute dtype with
+  those threads. Every big run is then predicted from the MFU and peak of its devices, as a plan from
+  measured devices to a job over them: the 1-process row repeats its calibration (run-to-run noise),
+  the DDP and FSDP2 rows test the strategy model. Small runs are overhead-bound and not predicted.
 The machine is shared with other jobs: the load is printed and the timings are noisy.
 """
 
@@ -25,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +37,9 @@ sys.path.insert(0, str(ROOT))
 from lm.hardware import describe_cpu  # noqa: E402
 from lm.plan import make_plan  # noqa: E402
 from lm.plan.devices import GIB, cpu_threads_per_process, measure_cpu_peak  # noqa: E402
+from lm.plan.estimate import PRECISIONS  # noqa: E402
+from lm.plan.planner import default_precision  # noqa: E402
+from lm.plan.recipe import read_recipe  # noqa: E402
 from lm.plan.probe import measure_fit, prepare_data  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
@@ -67,37 +74,72 @@ def main() -> None:
     if not Path(args.train_file).is_file():
         sys.exit(f"Training text not found: {args.train_file} (pass --train-file).")
     print(f"CPU: {describe_cpu()}; load average before: {os.getloadavg()[0]:.2f}")
-    peaks = {n: measure_cpu_peak("float32", processes=n) for n in (1, 2)}
-    for n, peak in peaks.items():
-        print(f"fp32 matmul peak, {cpu_threads_per_process(n)} thread(s) per process ({n} process(es)): "
-              f"{peak / 1e9:.1f} GFLOP/s")
-    rows, mfu = [], None
+    peaks = measure_peaks(args)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         prepare_data(recipe_args(args, "single", "big", Path(tmp) / "cache"))
+        mfus = calibrate(args, Path(tmp), peaks)
         for strategy in args.strategies:
-            result = {}
-            for size in SIZES:
-                recipe = recipe_args(args, strategy, size, Path(tmp) / "cache")
-                records = measure_fit(recipe, Path(tmp) / f"{strategy}-{size}")
-                processes = len(records)
-                plan = make_plan(recipe, device_kind="cpu", peak_flops=peaks[processes], mfu=mfu or 0.5)
-                result[size] = (plan, records)
+            result = {size: run(args, strategy, size, Path(tmp), peaks, mfus) for size in SIZES}
             big_plan, big_runs = result["big"]
-            measured_tps = statistics.fmean(r["tokens_per_second"] for r in big_runs)
-            if mfu is None and strategy == "single":
-                mfu = measured_tps * big_plan.recipe.model.flops_per_token / big_plan.speed.peak_flops
-                print(f"calibration: the 1-process run's MFU is {mfu:.1%} of the measured peak")
-                big_plan = make_plan(recipe_args(args, strategy, "big", Path(tmp) / "cache"), device_kind="cpu",
-                                     peak_flops=peaks[1], mfu=mfu)
-            rows.append(compare(strategy, result, big_plan, measured_tps, calibration=strategy == "single"))
-            print(f"{strategy}: done ({len(result['big'][1])} process(es))", flush=True)
-    print_table(rows)
+            print(f"{strategy}: the runs computed in {', '.join(sorted({str(r.get('precision')) for r in big_runs}))}, "
+                  f"the plan assumes {big_plan.recipe.setup.precision}", flush=True)
+            rows.append(compare(strategy, result, big_plan, calibration=strategy == "single"))
+    print_table(rows, mfus)
     print(f"load average after: {os.getloadavg()[0]:.2f} (2 cores shared with other agents: timings are noisy)")
 
 
-def compare(strategy, result, big_plan, measured_tps, calibration: bool) -> dict:
+def measure_peaks(args) -> dict[int, float]:
+    """Matmul peak per process count, in the dtype the runs compute in (`precision: null` is bf16-mixed
+    on a CPU with native bf16), with the threads each process gets."""
+    recipe = recipe_args(args, "single", "big", Path("unused"))
+    precision = read_recipe(recipe, default_precision=default_precision("cpu")).setup.precision
+    dtype = PRECISIONS[precision].compute_dtype
+    peaks = {n: measure_cpu_peak(dtype, processes=n) for n in (1, 2)}
+    for n, peak in peaks.items():
+        print(f"{precision} runs: {dtype} matmul peak, {cpu_threads_per_process(n)} thread(s) per process "
+              f"({n} process(es)): {peak / 1e9:.1f} GFLOP/s")
+    return peaks
+
+
+def calibrate(args, tmp: Path, peaks: dict[int, float]) -> dict[int, float]:
+    """The MFU of one device (a process with its threads) per process count of the runs.
+
+    A 2-thread process reaches a lower MFU on this small model than a 1-thread one (its ops are too small
+    to split well), and a process alone on the machine runs faster than next to another (shared caches,
+    memory bandwidth): so the 1-thread devices of the 2-process runs are calibrated on 2 independent
+    1-process runs side by side (OMP_NUM_THREADS=1, no communication), the 1-process run on itself.
+    What the predictions then test is the plan's strategy model: tokens per step, sharding, communication.
+    """
+    mfus = {}
+    recipe = recipe_args(args, "single", "big", tmp / "cache")
+    flops_per_token = make_plan(recipe, device_kind="cpu", peak_flops=peaks[1], mfu=0.5).recipe.model.flops_per_token
+    for processes in (1, 2):
+        threads = cpu_threads_per_process(processes)
+        env = {"OMP_NUM_THREADS": str(threads)}
+        with ThreadPoolExecutor(processes) as pool:  # the fits run as subprocesses, side by side
+            runs = list(pool.map(lambda i: measure_fit(recipe, tmp / f"calibrate-{processes}-{i}", env=env)[0],
+                                 range(processes)))
+        tokens_per_second = statistics.fmean(r["tokens_per_second"] for r in runs)
+        mfus[processes] = tokens_per_second * flops_per_token / peaks[processes]
+        print(f"calibration: {processes} independent 1-process run(s) of {threads} thread(s) side by side: "
+              f"{mfus[processes]:.1%} of the measured peak each")
+    return mfus
+
+
+def run(args, strategy: str, size: str, tmp: Path, peaks: dict[int, float], mfus: dict[int, float]):
+    """(plan at the calibrated MFU of its processes' thread count, measured records) of one `lm fit`."""
+    recipe = recipe_args(args, strategy, size, tmp / "cache")
+    records = measure_fit(recipe, tmp / f"{strategy}-{size}")
+    processes = len(records)
+    mfu = mfus[processes]
+    return make_plan(recipe, device_kind="cpu", peak_flops=peaks[processes], mfu=mfu), records
+
+
+def compare(strategy, result, big_plan, calibration: bool) -> dict:
     (small_plan, small_runs) = result["small"]
     big_runs = result["big"][1]
+    measured_tps = statistics.fmean(r["tokens_per_second"] for r in big_runs)
     measured = statistics.fmean(r["model_rss"] for r in big_runs) - statistics.fmean(r["model_rss"] for r in small_runs)
     planned = model_part(big_plan) - model_part(small_plan)
     peak = statistics.fmean(r["peak_rss"] for r in big_runs)
@@ -105,19 +147,21 @@ def compare(strategy, result, big_plan, measured_tps, calibration: bool) -> dict
             "measured_mib": measured / 2**20, "memory_error": measured / planned - 1,
             "planned_peak_mib": big_plan.total_bytes / 2**20, "measured_peak_mib": peak / 2**20,
             "planned_tps": big_plan.speed.tokens_per_second, "measured_tps": measured_tps,
-            "tps_error": None if calibration else measured_tps / big_plan.speed.tokens_per_second - 1}
+            "tps_error": measured_tps / big_plan.speed.tokens_per_second - 1, "calibration": calibration}
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], mfus: dict[int, float]) -> None:
     print("\n| strategy | processes | model+optimizer MiB planned | measured | error | tokens/s planned | measured | "
           "error | peak RSS MiB/process (whole process) | planned total/device |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        tps_error = "calibration" if r["tps_error"] is None else f"{r['tps_error']:+.1%}"
+        tps_error = f"{r['tps_error']:+.1%}" + (" (its own calibration run: repeatability)" if r["calibration"] else "")
         print(f"| {r['strategy']} | {r['processes']} | {r['planned_mib']:.1f} | {r['measured_mib']:.1f} | "
               f"{r['memory_error']:+.1%} | {r['planned_tps']:,.0f} | {r['measured_tps']:,.0f} | {tps_error} | "
               f"{r['measured_peak_mib']:.0f} | {r['planned_peak_mib']:.0f} |")
-    print("\nMemory: big (recipe size) minus small (1 layer x 64) model, so Python/torch/Lightning/data costs "
+    print(f"\nSpeed: MFU per device calibrated on independent 1-process runs, as many side by side as the "
+          f"run has processes: {', '.join(f'{n} side by side {m:.1%}' for n, m in sorted(mfus.items()))}.")
+    print("Memory: big (recipe size) minus small (1 layer x 64) model, so Python/torch/Lightning/data costs "
           "cancel; resident memory after an optimizer step, mean over ranks.")
 
 

@@ -137,6 +137,18 @@ def bench_stages(corpus: Path, train_mb: float, vocab_size: int) -> None:
             writer.close()
             print(f"encode, {num_proc} process(es)    {counts.num_bytes / 1e6:6.1f} MB  {seconds:6.2f} s  "
                   f"{counts.num_bytes / 1e6 / seconds:7.1f} MB/s  ({counts.num_tokens:,} tokens) {cpu_note()}")  # fmt: skip
+    bench_raw_tokenizer(tokenizer, cleaned)
+
+
+def bench_raw_tokenizer(tokenizer, docs: list[str]) -> None:
+    """The ceiling: the bare `tokenizers` call on one thread (this process: glibc's malloc), no pipeline."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the Rust side at every call
+    try:
+        mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+        _, seconds = timed(lambda: [tokenizer.encode_batch(docs[i : i + 256]) for i in range(0, len(docs), 256)])
+        print(f"tokenizers alone, 1 thread, glibc malloc: {mb:6.1f} MB  {seconds:6.2f} s  {mb / seconds:7.1f} MB/s {cpu_note()}")
+    finally:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
 def bench_wikitext(repeats: int) -> None:

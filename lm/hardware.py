@@ -7,11 +7,10 @@ every benchmark, since the machines running `lm` differ from one session to the 
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
-
-import torch
 
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of hardware bf16 matmuls
 
@@ -39,8 +38,15 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in _cpuinfo()[1] for flag in NATIVE_BF16_CPU_FLAGS)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or taskset's share), not the host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def describe_cpu() -> str:
     """One line for logs and benchmark output, e.g. 'AMD EPYC (AVX2, no native bf16), 2 threads'."""
+    import torch  # here, not at the top: usable_cpus() serves processes that never load torch
+
     name, _ = _cpuinfo()
     capability = torch.backends.cpu.get_cpu_capability()
     bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
@@ -49,6 +55,8 @@ def describe_cpu() -> str:
 
 def auto_precision(accelerator: str) -> tuple[str, str]:
     """(Trainer precision, the reason) for an `accelerator` setting ("cpu", "gpu", "cuda", "auto")."""
+    import torch
+
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if on_gpu:
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import random
 import time
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lm.allocator import MALLOC_ENV, fast_allocator
 from lm.data import EOT, IGNORE_INDEX, RandomWindowDataset, SequentialWindowDataset, TextDataModule, Tokenizer
 from lm.data.cache import TokenShards, read_manifest, token_dtype
 from lm.data.clean import CleaningOptions, CleaningReport, clean_documents, normalize, redact_pii
@@ -273,6 +275,51 @@ def test_token_shards_read_across_boundaries_and_pickle(tmp_path: Path) -> None:
     clone = pickle.loads(pickle.dumps(tokens))
     assert len(pickle.dumps(tokens)) < 1000 and np.array_equal(np.asarray(clone), np.arange(20))
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+def test_cached_tokens_equal_the_tokenizers_own_encoding(tokenizer, tmp_path, monkeypatch) -> None:
+    """Batched, multi-process encoding (any allocator) writes exactly encode(doc) + EOT per document."""
+    from lm.data import encode
+    from lm.data.cache import ShardWriter
+
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 300))) for _ in range(60)]
+    docs += [UNICODE_TEXT, "  lead space\n\n\ntrailing\n", "x"]
+    pieces = [(d, True) for d in docs] + [("a document cut here, continued elsewhere\n", False)]
+    expected = [i for d in docs for i in [*tokenizer.encode(d), tokenizer.eot_id]]
+    expected += tokenizer.encode(pieces[-1][0])  # no EOT: the document does not end in this split
+    monkeypatch.setattr(encode, "BATCH_CHARS", 2000)  # many batches, so order across workers matters
+    for num_proc, allocator in [(1, None), (2, None), (2, "system")]:
+        if allocator:
+            monkeypatch.setenv(MALLOC_ENV, allocator)
+        folder = tmp_path / f"{num_proc}-{allocator}"
+        folder.mkdir()
+        writer = ShardWriter(folder, token_dtype(tokenizer.vocab_size), shard_tokens=500)
+        counts = encode.encode_to_shards(pieces, tokenizer, writer, num_proc=num_proc)
+        shards = writer.close()
+        tokens = TokenShards([folder / s["file"] for s in shards], [s["num_tokens"] for s in shards], writer.dtype)
+        assert np.asarray(tokens).tolist() == expected, (num_proc, allocator)
+        assert counts.num_tokens == len(expected) and len(shards) > 2
+        assert counts.num_bytes == sum(len(text.encode("utf-8")) for text, _ in pieces)
+
+
+def test_encode_workers_share_the_cores_and_pick_the_allocator(monkeypatch, tmp_path) -> None:
+    from lm.data import encode
+
+    monkeypatch.setattr(encode, "usable_cpus", lambda: 4)
+    monkeypatch.setenv(MALLOC_ENV, "system")
+    assert encode.worker_environment(4) == {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    assert encode.worker_environment(2) == {"RAYON_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "true"}
+    assert encode.worker_environment(8)["RAYON_NUM_THREADS"] == "1"  # never zero threads
+    monkeypatch.setenv(MALLOC_ENV, str(tmp_path / "libother.so"))
+    monkeypatch.setenv("LD_PRELOAD", "libkept.so")
+    assert encode.worker_environment(4)["LD_PRELOAD"] == f"{tmp_path / 'libother.so'} libkept.so"
+    monkeypatch.delenv(MALLOC_ENV)
+    found = fast_allocator()  # mimalloc from cmeel-mimalloc (or the system's), where installed
+    assert found is None or "mimalloc" in found
+    with encode._environment({"LM_TEST_VARIABLE": "set"}):
+        assert os.environ["LM_TEST_VARIABLE"] == "set"
+    assert "LM_TEST_VARIABLE" not in os.environ
 
 
 # ---------------------------------------------------------------------- window datasets

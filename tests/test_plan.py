@@ -149,6 +149,20 @@ def test_a_model_too_big_for_the_node_is_sent_to_fsdp_over_more_nodes():
     assert "--trainer.num_nodes" in plan.change.description
 
 
+def test_precision_null_is_planned_as_lm_fit_runs_it(monkeypatch):
+    """`precision: null` (the CPU recipe's): on `cpu` the plan follows lm fit's choice for this machine."""
+    from lm import hardware
+    from lm.plan.estimate import PRECISIONS
+
+    for native, expected in [(True, "bf16-mixed"), (False, "32-true")]:
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda native=native: native)
+        assert hardware.auto_precision("cpu")[0] == expected
+        plan = make_plan(["--config", CPU_RECIPE], device_kind="cpu", peak_flops=1e11, mfu=0.5)
+        assert plan.recipe.setup.precision == expected
+        assert plan.speed.peak_flops == 1e11 and PRECISIONS[expected].compute_dtype in plan.device.peak_flops
+    assert make_plan(["--config", CPU_RECIPE], device_kind="h100", devices=1).recipe.setup.precision == "bf16-mixed"
+
+
 def test_unknown_device_kind_lists_the_known_ones(capsys):
     assert {"h100", "a100", "l4", "cpu"} <= set(known_device_kinds())
     with pytest.raises(LMError, match="Unknown device kind 'tpu'.*a100, cpu, h100, l4"):

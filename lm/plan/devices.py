@@ -18,6 +18,7 @@ from typing import Optional
 import yaml
 
 from lm.errors import LMError
+from lm.hardware import usable_cpus
 
 DEVICES_FILE = Path(__file__).with_name("devices.yaml")
 GIB = 2 ** 30
@@ -90,8 +91,7 @@ def cpu_threads_per_process(processes: int) -> int:
     """Threads of each of `processes` CPU processes: Lightning's split (cores // processes), or OMP_NUM_THREADS."""
     if os.environ.get("OMP_NUM_THREADS"):
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, processes))
+    return max(1, usable_cpus() // max(1, processes))
 
 
 def measure_cpu_peak(compute_dtype: str, processes: int = 1, seconds: float = 1.0) -> float:

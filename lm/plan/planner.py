@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from lm.errors import LMError
+from lm.hardware import auto_precision
 from lm.plan.advice import Change, needed_bytes, smallest_fitting_change, usable_bytes
 from lm.plan.devices import DeviceSpec, device_spec
 from lm.plan.estimate import PRECISIONS, Speed, memory_per_device, speed, steps_for
@@ -41,6 +42,12 @@ class Plan:
         return None if self.steps is None else self.steps * self.speed.step_seconds
 
 
+def default_precision(device_kind: str) -> str:
+    """What `trainer.precision: null` becomes: on `cpu` (this machine) what `lm fit` picks here (bf16-mixed
+    with native bf16, else 32-true: lm.hardware.auto_precision); on the GPU kinds bf16-mixed."""
+    return auto_precision("cpu")[0] if device_kind.lower() == "cpu" else "bf16-mixed"
+
+
 def make_plan(recipe_args: list[str], device_kind: str = "h100", devices: Optional[int] = None,
               nodes: Optional[int] = None, mfu: Optional[float] = None, tokens: Optional[float] = None,
               peak_flops: Optional[float] = None, memory_gib: Optional[float] = None, headroom: float = 0.1,
@@ -51,8 +58,7 @@ def make_plan(recipe_args: list[str], device_kind: str = "h100", devices: Option
     if mfu is not None and not 0.0 < mfu <= 1.0:
         raise LMError(f"mfu is a fraction of the peak FLOP/s in (0, 1], e.g. 0.4; got {mfu}.")
     kind = device_kind.lower()
-    recipe = read_recipe(recipe_args, devices=devices, nodes=nodes,
-                         default_precision="32-true" if kind == "cpu" else "bf16-mixed")
+    recipe = read_recipe(recipe_args, devices=devices, nodes=nodes, default_precision=default_precision(kind))
     setup, model = recipe.setup, recipe.model
     if kind == "cpu":
         setup = replace(setup, accelerator="cpu")

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -73,6 +73,7 @@ class MemoryProbe(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         result = {"rank": trainer.global_rank, "world_size": trainer.world_size, "tokens_per_step": self.tokens_per_step,
+                  "precision": str(trainer.precision),  # what the run computed in, to set against the plan's
                   "rss_after_step": self.rss_after_step,
                   "rss_at_train_start": self.rss_at_train_start, "peak_rss": process_memory()["VmHWM"],
                   "step_seconds": [b - a for a, b in zip(self.step_ends, self.step_ends[1:])]}
@@ -88,7 +89,8 @@ def prepare_data(args: list[str]) -> None:
     TextDataModule(**parse_recipe(args).data.as_dict()).prepare_data()
 
 
-def measure_fit(args: list[str], workdir: Path, timeout: float = 900) -> list[dict[str, Any]]:
+def measure_fit(args: list[str], workdir: Path, timeout: float = 900,
+                env: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
     """Run `lm fit <args>` in `workdir` with a `MemoryProbe` (and the memory settings above); return the
     ranks' records, with `tokens_per_second` (steps after the first two: warm-up) and `model_rss` (the
     median resident memory after those steps) added."""
@@ -96,7 +98,7 @@ def measure_fit(args: list[str], workdir: Path, timeout: float = 900) -> list[di
     overlay = workdir / "probe.yaml"
     atomic_write_text(overlay, json.dumps({"trainer": {"callbacks+": [
         {"class_path": "lm.plan.probe.MemoryProbe", "init_args": {"output": str(workdir / "probe")}}]}}))
-    env = {**os.environ, **MEASURE_ENV}
+    env = {**os.environ, **MEASURE_ENV, **(env or {})}  # env: e.g. OMP_NUM_THREADS for a 1-thread run
     command = [sys.executable, "-m", "lm", "fit", *args, "--config", str(overlay)]
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
