@@ -39,12 +39,20 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in _cpuinfo()[1] for flag in NATIVE_BF16_CPU_FLAGS)
 
 
+def cpu_has_avx512_vnni() -> bool:
+    """True when the CPU has AVX-512 VNNI, whose int8 multiply-add accumulates in int32: int8 kernels can
+    then use full 8-bit activations. Without it (AVX2) the 16-bit pair sums saturate unless activations
+    are limited to 7 bits (`lm.compress.quantize.int8_route`)."""
+    return "avx512_vnni" in _cpuinfo()[1]
+
+
 def describe_cpu() -> str:
     """One line for logs and benchmark output, e.g. 'AMD EPYC (AVX2, no native bf16), 2 threads'."""
     name, _ = _cpuinfo()
     capability = torch.backends.cpu.get_cpu_capability()
     bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
-    return f"{name} ({capability}, {bf16}), {torch.get_num_threads()} threads"
+    vnni = ", VNNI" if cpu_has_avx512_vnni() else ""
+    return f"{name} ({capability}{vnni}, {bf16}), {torch.get_num_threads()} threads"
 
 
 def auto_precision(accelerator: str) -> tuple[str, str]:
