@@ -43,6 +43,13 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def cpu_has_avx512_vnni() -> bool:
+    """True when the CPU has AVX-512 VNNI, whose int8 multiply-add accumulates in int32: int8 kernels can
+    then use full 8-bit activations. Without it (AVX2) the 16-bit pair sums saturate unless activations
+    are limited to 7 bits (`lm.compress.quantize.int8_route`)."""
+    return "avx512_vnni" in _cpuinfo()[1]
+
+
 def describe_cpu() -> str:
     """One line for logs and benchmark output, e.g. 'AMD EPYC (AVX2, no native bf16), 2 threads'."""
     import torch  # here, not at the top: usable_cpus() serves processes that never load torch
@@ -50,7 +57,8 @@ def describe_cpu() -> str:
     name, _ = _cpuinfo()
     capability = torch.backends.cpu.get_cpu_capability()
     bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
-    return f"{name} ({capability}, {bf16}), {torch.get_num_threads()} threads"
+    vnni = ", VNNI" if cpu_has_avx512_vnni() else ""
+    return f"{name} ({capability}{vnni}, {bf16}), {torch.get_num_threads()} threads"
 
 
 def auto_precision(accelerator: str) -> tuple[str, str]:

@@ -91,3 +91,38 @@ def test_serve_load_chaos_survives_disconnects_and_malformed_requests(tmp_path):
     assert summary["crashes"] == 0 and summary["server_alive_and_healthy"] and summary["unexpected_answers"] == 0
     assert summary["well_formed_correct"] > 0 and summary["malformed_refused"] > 0 and summary["disconnects"] > 0
     assert summary["engine_after"]["active_requests"] == 0
+
+
+def test_compress_benchmark_prints_every_row(tmp_path):
+    """benchmarks/compress.py on a tiny checkpoint: every variant of the README table, plausible columns."""
+    import json
+
+    from tests.conftest import make_corpus
+    from tests.tiny_checkpoint import tiny_gpt, tiny_tokenizer, write_checkpoint
+
+    tokenizer = tiny_tokenizer()
+    teacher = write_checkpoint(tmp_path / "teacher.ckpt", tiny_gpt(tokenizer.vocab_size), tokenizer)
+    students = [write_checkpoint(tmp_path / f"{name}.ckpt", tiny_gpt(tokenizer.vocab_size, seed, hidden_size=16), tokenizer)
+                for seed, name in enumerate(("distilled", "baseline"))]
+    (tmp_path / "test.txt").write_text(make_corpus(3, seed=11), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compress.py"), "--ckpt", str(teacher), "--distilled", str(students[0]),
+         "--no_teacher", str(students[1]), "--test_file", str(tmp_path / "test.txt"), "--workdir", str(tmp_path / "work"),
+         "--decode_tokens", "4", "--runs", "1", "--max_eval_tokens", "300", "--json", str(tmp_path / "rows.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = ["fp32", "int8", "pruned unstructured 30%", "pruned unstructured 50%", "pruned structured (MLP channels) 30%",
+             "pruned structured (MLP channels) 50%", "distilled student", "student without teacher"]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [line.split("|")[1].strip() for line in table] == names
+    rows = {r["name"]: r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    fp32, int8 = rows["fp32"], rows["int8"]
+    assert all(r["tok_s"] > 0 and 1 < r["ppl"] < 10 * tokenizer.vocab_size and r["bpb"] > 0 and r["file_mb"] > 0
+               for r in rows.values())
+    assert int8["linear_mb"] < fp32["linear_mb"] / 3 and int8["file_mb"] < fp32["file_mb"] / 2
+    assert int8["params"] == fp32["params"] and abs(int8["ppl"] / fp32["ppl"] - 1) < 0.05
+    for sparsity in (30, 50):
+        unstructured, structured = rows[f"pruned unstructured {sparsity}%"], rows[f"pruned structured (MLP channels) {sparsity}%"]
+        assert unstructured["params"] == fp32["params"] > unstructured["nonzero"]
+        assert structured["params"] < fp32["params"] and structured["file_mb"] < fp32["file_mb"]
+    assert rows["distilled student"]["params"] < fp32["params"]

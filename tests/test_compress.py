@@ -82,6 +82,22 @@ def test_quantized_checkpoint_reloads_and_generates(tokenizer, tmp_path):
         quantize(ckpt_path=source, output=str(tmp_path / "int8.ckpt"))
 
 
+def test_compiled_int8_decode_is_the_weight_only_product(tokenizer):
+    """`prepare_for_inference(compile=True)` on an int8 model: the compiled decode step multiplies fp32
+    activations by the int8 weights (no packed op inside the graph), so it decodes exactly what an fp32
+    model holding the dequantized weights decodes."""
+    model = tiny_gpt()
+    quantized = quantize_model(copy.deepcopy(model))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, Int8Linear):
+                twin.get_submodule(name).weight.copy_(module.dequantized_weight())
+    quantized.prepare_for_inference(compile=True)
+    x = ids(tokenizer, 8)
+    assert torch.equal(generate(quantized, x, max_new_tokens=12, temperature=0), generate(twin, x, max_new_tokens=12, temperature=0))
+
+
 # ---------------------------------------------------------------------------------------- pruning
 def test_unstructured_sparsity_exact_and_kept_after_save_load(tokenizer, tmp_path):
     from lm.commands.compress import prune
@@ -226,24 +242,27 @@ def test_onnx_export_runs_in_onnxruntime(tokenizer, tmp_path):
             assert (torch.from_numpy(logits) - model(x)).abs().max() < 1e-4
 
 
-def test_recovery_start_from_pruned_weights_keeps_zeros(tokenizer, tmp_path):
-    from types import SimpleNamespace
+def test_recovery_fine_tune_starts_from_pruned_weights_and_keeps_zeros(tmp_path, monkeypatch, corpus_files):
+    """experiments/finetune_pruned.yaml: `--model.init_from` loads the pruned weights, training moves
+    them, KeepPrunedZeros holds the pruned ones at zero."""
+    from lm.checkpoint import read_checkpoint
+    from lm.cli import main
+    from tests.helpers import REPO_ROOT, TINY_MODEL, tiny_data
+    from tests.tiny_checkpoint import tiny_gpt as tiny_run_gpt, tiny_tokenizer
 
-    from lm.compress.recover import StartFromWeights
-    from lm.modules import LanguageModel
-
-    pruned = prune_unstructured(tiny_gpt(), 0.5)
+    monkeypatch.chdir(tmp_path)
+    tokenizer = tiny_tokenizer(300)
+    pruned = prune_unstructured(tiny_run_gpt(tokenizer.vocab_size, seed=3), 0.5)
     path = save(pruned, tokenizer, tmp_path / "pruned.ckpt")
-    module = LanguageModel(config=GPTConfig(**GPT2_LIKE))
-    module.set_tokenizer(tokenizer)
-    callback = StartFromWeights(path)
-    callback.on_fit_start(SimpleNamespace(ckpt_path=None), module)
-    assert sparsity_of(module.model) == sparsity_of(pruned)
-    with torch.no_grad():  # an optimizer step moves every weight...
-        for p in module.model.parameters():
-            p.add_(0.01)
-    callback.on_train_batch_end(None, module, None, None, 0)  # ...the pruned ones go back to zero
-    assert sparsity_of(module.model) == sparsity_of(pruned)
-    smaller = LanguageModel(config=GPTConfig(**GPT2_LIKE, intermediate_size=64))
-    with pytest.raises(LMError, match="intermediate_size 256"):
-        callback.on_fit_start(SimpleNamespace(ckpt_path=None), smaller)
+    trainer = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "3",
+               "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
+    main(["fit", "--config", str(REPO_ROOT / "experiments" / "finetune_pruned.yaml"), *TINY_MODEL, *trainer,
+          *tiny_data(corpus_files, tmp_path / "cache"), "--model.init_from", path, "--model.learning_rate", "1e-2"])
+    state = {k[len("model."):]: v for k, v in read_checkpoint("checkpoints/finetune_pruned/last.ckpt")["state_dict"].items()}
+    tuned = copy.deepcopy(pruned)
+    tuned.load_state_dict(state)
+    assert sparsity_of(tuned) == sparsity_of(pruned) == 0.5
+    for name, weight in pruned.named_parameters():  # the same zeros, and the other weights trained
+        if name.startswith("layers.") and weight.dim() == 2:
+            assert torch.equal(state[name] == 0, weight == 0)
+            assert not torch.equal(state[name], weight)

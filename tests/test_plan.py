@@ -34,17 +34,21 @@ def gpt2_small():
 def test_param_and_flop_counts_equal_the_models_own(overlay):
     from lm.model import GPT, GPTConfig
 
+    import yaml
+
+    base = yaml.safe_load(Path(CPU_RECIPE).read_text())  # what the recipe sets beyond TINY
+    context, data = base["model"]["config"]["max_position_embeddings"], base["data"]
     recipe = read_recipe(["--config", CPU_RECIPE, *overlay, *TINY])
     config = GPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       max_position_embeddings=128, dropout=0.1,
+                       max_position_embeddings=context, dropout=base["model"]["config"]["dropout"],
                        **({"position": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False,
                            "tie_embeddings": False, "num_key_value_heads": 2} if overlay else {}))
     model = GPT(config)
     assert recipe.model.parameters == model.num_parameters()
     assert recipe.model.non_embedding_parameters == model.num_parameters(exclude_embeddings=True)
-    assert recipe.model.flops_per_token == model.flops_per_token(128)  # data.block_size of the recipe
+    assert recipe.model.flops_per_token == model.flops_per_token(data["block_size"])
     assert recipe.model.kv_size == (32 if overlay else 64)
-    assert recipe.setup.micro_batch == 32 and recipe.setup.strategy == "single"
+    assert recipe.setup.micro_batch == data["batch_size"] and recipe.setup.strategy == "single"
 
 
 def test_overlays_and_overrides_merge_as_in_lm_fit():

@@ -1,42 +1,76 @@
 """Post-training int8 quantization of a GPT's linear layers (`lm quantize`).
 
-- `Int8Linear`: int8 weights with one fp32 scale per output row (symmetric), fp32 bias. On CPU the
-  product runs in fbgemm's dynamic-int8 kernel (activations quantized per call, int8 x int8 -> int32,
-  rescaled); elsewhere the weight is dequantized for `F.linear`.
+- `Int8Linear`: int8 weights with one fp32 scale per output row (symmetric), fp32 bias. The product
+  takes the fastest correct route for where it runs (`int8_route`):
+  - eager, on an x86 CPU: the quantized engine's dynamic-int8 kernel (fbgemm behind torch's default
+    "x86" engine): activations quantized per call, int8 x int8 -> int32, rescaled. Activations get the
+    full 8 bits on CPUs with AVX-512 VNNI (its int8 multiply-add accumulates in int32) and 7 bits
+    (`reduce_range`) elsewhere, where AVX2's 16-bit pair sums would saturate;
+  - inside `torch.compile` (the decode step of `prepare_for_inference(compile=True)`, i.e.
+    `lm generate --compile`), one row: weight-only int8, `(x * w_int8).sum(-1) * scale`, which inductor
+    fuses into one vectorized pass over the int8 weights (fp32 activations, no quantization step);
+  - anywhere else (no quantized engine, another device): dequantize + `F.linear` (same weights).
 - `Int8Embedding`: the token lookup of a *tied* model reads the LM head's int8 rows (row i of the
   head is the embedding of token i, and the scales are per row), so tying survives quantization and
   the matrix is stored once, in int8.
 - `quantize_model(model)` swaps them in; `QUANTIZATION_KEY` in a checkpoint's hyper-parameters tells
-  `lm.checkpoint.load_model` to do the same swap before loading the int8 state dict.
+  `lm.checkpoint.load_model` to do the same swap before loading the int8 state dict. The checkpoint
+  holds int8 values and scales only: the route is chosen where it is loaded, not where it was made.
 - `quantize(...)`: the `lm quantize` verb: checkpoint in, quantized checkpoint out.
 
 Norms, position tables and biases stay fp32 (a few KB; quantizing them saves nothing and costs accuracy).
 
-Why fbgemm through `torch.ops.quantized` (the kernels behind the deprecated
-`torch.ao.quantization.quantize_dynamic`) and not torchao: measured on a 2-core AVX2 Zen 3 with torch
-2.13 / torchao 0.18, 1 thread, one-row products (decode), the fbgemm dynamic-int8 linear was the only
-int8 path faster than fp32 (8192x256 LM head: ~1.0 ms vs 6.8 ms fp32 `F.linear`); torchao's int8
-configs (`Int8WeightOnlyConfig`, `Int8DynamicActivationInt8WeightConfig`) run `_weight_int8pack_mm` /
-`_int_mm`, which were 1.5-6x *slower* than fp32 here, eager or compiled. If a future torch drops
-the quantized ops, `Int8Linear` falls back to dequantize + `F.linear` (same results, no speed-up).
+Why the quantized engine through `torch.ops.quantized` (the kernels behind the deprecated
+`torch.ao.quantization.quantize_dynamic`) and not torchao: measured with torch 2.13 / torchao 0.18,
+1 thread, batch-1 decoding of the 4x256 / vocab 8192 model, on an AMD EPYC Zen 5 (AVX-512 VNNI and
+bf16): torchao's `Int8WeightOnlyConfig` ran at 0.58x fp32 eager (0.95x compiled) and
+`Int8DynamicActivationInt8WeightConfig` at 0.44x (1.08x compiled) -- their CPU kernels
+(`_weight_int8pack_mm`, `_int_mm`) are slow for one row -- while this module decoded a trained
+checkpoint at 1.91x fp32 eager, and 3.52x with the compiled step (README results); the previous
+machine (Zen 3, AVX2) showed the same ranking. The "x86" and "fbgemm"
+engines measured the same, "onednn" 1.8x slower. If a future torch drops the quantized ops,
+`Int8Linear` falls back to dequantize + `F.linear` (same results, no speed-up).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lm.model.inference import one_row_multiply_sum
+
 QUANTIZATION_KEY = "quantization"  # hyper_parameters[QUANTIZATION_KEY] = {"method": "int8", ...}
 METHOD = "int8-dynamic"
 
 
-# fbgemm's int8 kernels (x86) with the ops that use them; absent on other builds / future torch versions.
-_FBGEMM = ("fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
-           and hasattr(torch, "_make_per_channel_quantized_tensor"))
+@lru_cache(maxsize=1)
+def int8_route() -> tuple[Optional[str], bool]:
+    """(quantized engine, reduce_range) for eager int8 products on this machine; engine None = no int8
+    kernel (dequantize + F.linear). "x86" is torch's default engine on x86 (fbgemm for linear layers)."""
+    from lm.hardware import cpu_has_avx512_vnni
+
+    engines = torch.backends.quantized.supported_engines
+    engine = next((e for e in ("x86", "fbgemm") if e in engines), None)
+    if not (hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch, "_make_per_channel_quantized_tensor")):
+        engine = None
+    return engine, not cpu_has_avx512_vnni()
+
+
+@contextmanager
+def _quantized_engine(engine: str) -> Iterator[None]:
+    """Prepack under `engine` (it decides the packed format) without changing the process's engine."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 class Int8Linear(nn.Module):
@@ -66,25 +100,31 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return (self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None])
 
-    def _packed_weight(self):
-        key = (self.weight_int8.data_ptr(), self.weight_int8._version, self.weight_scale._version)
+    def _packed_weight(self, engine: str):
+        key = (self.weight_int8.data_ptr(), self.weight_int8._version, self.weight_scale._version, engine)
         if self._packed is None or self._packed[1] != key:
             zero_points = torch.zeros(self.out_features, dtype=torch.int64)
-            with warnings.catch_warnings():
-                # torch announces the removal of quantized tensor types; fbgemm's prepack still takes one,
+            with warnings.catch_warnings(), _quantized_engine(engine):
+                # torch announces the removal of quantized tensor types; the prepack still takes one,
                 # and it remains the fastest int8 CPU kernel here (see the module docstring).
                 warnings.simplefilter("ignore", UserWarning)
                 qweight = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scale.double(),
                                                                    zero_points, 0)
-            bias = None if self.bias is None else self.bias.detach().float()
-            self._packed = (torch.ops.quantized.linear_prepack(qweight, bias), key)
+                bias = None if self.bias is None else self.bias.detach().float()
+                self._packed = (torch.ops.quantized.linear_prepack(qweight, bias), key)
         return self._packed[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and _FBGEMM:
-            # reduce_range: 7-bit activations, so AVX2's int8 multiply-add (no VNNI) cannot saturate.
-            return torch.ops.quantized.linear_dynamic(x, self._packed_weight(), True)
-        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.compiler.is_compiling():  # the packed op would break the graph: int8 weights, fp32 math
+            if x.numel() == x.shape[-1]:
+                y = one_row_multiply_sum(x, self.weight_int8, None) * self.weight_scale.to(x.dtype)
+                return y if bias is None else y + bias
+            return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        engine, reduce_range = int8_route()
+        if x.device.type == "cpu" and x.dtype == torch.float32 and engine is not None:
+            return torch.ops.quantized.linear_dynamic(x, self._packed_weight(engine), reduce_range)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
