@@ -101,6 +101,7 @@ def memory_per_device(m: ModelShape, s: Setup) -> dict[str, float]:
         "weights": P * p.weights / (W if shard_all else 1),
         "gradients": P * p.grads / (W if shard_states else 1),
         "optimizer state": P * m.optimizer_states * p.optimizer / (W if shard_states else 1),
+        "averaged weights": P * 4.0 if s.weight_average else 0.0,  # the EMA's fp32 copy, never sharded
         "ddp gradient buckets": P * p.grads if s.strategy == "ddp" and W > 1 else 0.0,
         "fsdp gathered units": _gathered_unit_bytes(m, s, p) if shard_states and W > 1 else 0.0,
         "bf16 weight copies": P * p.cast_copy if s.strategy != "fsdp" else 0.0,

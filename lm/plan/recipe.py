@@ -44,7 +44,7 @@ class ModelShape:
     qk_norm: bool
     dropout: float
     largest_unit_parameters: int    # the biggest FSDP unit: a Block or the root (embeddings, norm, head)
-    optimizer_states: int = 2       # AdamW keeps exp_avg and exp_avg_sq per parameter
+    optimizer_states: float = 2.0   # per parameter: AdamW keeps exp_avg and exp_avg_sq; Muon one momentum
     attention_dropout: Optional[float] = None  # None: `dropout`
 
 
@@ -61,6 +61,7 @@ class Setup:
     activation_checkpointing: bool = False
     sharding: str = "FULL_SHARD"
     accelerator: str = "gpu"        # cpu: its attention and dropout kernels keep more (see estimate.py)
+    weight_average: bool = False    # an EMA/SWA callback keeps an fp32 copy of the weights (lm.callbacks.ema)
 
     @property
     def world_size(self) -> int:
@@ -95,7 +96,7 @@ def read_recipe(args: list[str], devices: Optional[int] = None, nodes: Optional[
         raise LMError("The recipe has no data.batch_size: lm plan needs the micro-batch (sequences per device).")
     setup = Setup(precision=precision, strategy=strategy, devices=devices, nodes=nodes, micro_batch=int(micro_batch),
                   accumulation=int(trainer.accumulate_grad_batches or 1), activation_checkpointing=checkpointing,
-                  sharding=sharding)
+                  sharding=sharding, weight_average=_averages_weights(trainer.get("callbacks")))
     max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
     return Recipe(model=model, setup=setup, max_steps=max_steps, experiment=str(config.get("experiment") or ""))
 
@@ -118,6 +119,11 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
     block_sizes = [sum(p.numel() for p in m.parameters()) for m in net.modules() if isinstance(m, Block)]
     in_blocks = {id(p) for m in net.modules() if isinstance(m, Block) for p in m.parameters()}
     root = sum(p.numel() for p in net.parameters() if id(p) not in in_blocks)
+    states = 2.0
+    if init_args.get("optimizer") == "muon":  # Muon's hidden matrices keep one buffer, the rest AdamW's two
+        muon = sum(m.weight.numel() for b in net.modules() if isinstance(b, Block)
+                   for m in b.modules() if isinstance(m, torch.nn.Linear))
+        states = (2.0 * (net.num_parameters() - muon) + muon) / net.num_parameters()
     return ModelShape(
         parameters=net.num_parameters(), non_embedding_parameters=net.num_parameters(exclude_embeddings=True),
         flops_per_token=int(net.flops_per_token(sequence_length)), sequence_length=sequence_length,
@@ -125,7 +131,15 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
         num_heads=c.num_attention_heads, kv_size=c.num_key_value_heads * c.head_dim,
         intermediate_size=c.intermediate_size, activation=c.activation, attention=c.attention, position=c.position,
         qk_norm=c.qk_norm, dropout=c.dropout, attention_dropout=c.attention_dropout, largest_unit_parameters=max(block_sizes + [root]),
+        optimizer_states=states,
     )
+
+
+def _averages_weights(callbacks: Any) -> bool:
+    """Whether a callback keeps a moving average of the weights (ExponentialMovingAverage, Lightning's
+    WeightAveraging family): one more full-precision copy of the model in memory."""
+    names = [str(_get(c, "class_path") if hasattr(c, "get") else type(c).__name__) for c in (callbacks or [])]
+    return any(n.endswith(("ExponentialMovingAverage", "WeightAveraging", "StochasticWeightAveraging")) for n in names)
 
 
 def _get(namespace: Any, key: str) -> Any:
