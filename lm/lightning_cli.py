@@ -81,8 +81,9 @@ class LMCLI(LightningCLI):
             from lm.config_errors import explain_argument_error
 
             argv = list(sys.argv[1:] if args is None else args)
-            verb = next((a for a in argv if a in self._subcommand_parsers), None)
-            raise explain_argument_error(str(error), self._subcommand_parsers.get(verb), argv,
+            subcommands = getattr(self, "_subcommand_parsers", {})  # none when only parsing (lm plan)
+            verb = next((a for a in argv if a in subcommands), None)
+            raise explain_argument_error(str(error), subcommands.get(verb, parser), argv,
                                          f"lm {verb or ''}".strip()) from error
 
     def _parse_ckpt_path(self) -> None:

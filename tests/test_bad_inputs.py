@@ -217,6 +217,8 @@ CASES = [
     cli("report: not a run folder", "Run folder not found", "logs/<experiment>/version_N",
         lambda w: ["report", "logs/nope", "--output", "reports/x"]),
     cli("plan: unknown device kind", "Unknown device kind 'tpu'", "known kinds", lambda w: ["plan", *fit(w)[1:], "--device_kind", "tpu"]),
+    cli("plan: unknown key in the recipe", "model.config.hiden_size", "did you mean model.config.hidden_size",
+        lambda w: ["plan", *fit(w)[1:], "--model.config.hiden_size", "3", "--device_kind", "h100"]),
     cli("plan: MFU above 1", "mfu is a fraction", "0.4", lambda w: ["plan", *fit(w)[1:], "--mfu", "2"]),
     cli("finetune: unknown verb", "usage: lm finetune", "fit,validate,test", lambda w: ["finetune", "train"]),
     cli("finetune: missing backbone", "Checkpoint not found: nope.ckpt", "checkpoints/<experiment>/",
