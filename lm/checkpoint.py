@@ -2,10 +2,17 @@
 
 A checkpoint written by `lm fit` is self-contained: `hyper_parameters["config"]` is the GPTConfig as a
 plain dict, `tokenizer` is the tokenizer's JSON, and `state_dict` holds the weights under `model.`.
+
+Safe loading: every checkpoint `lm` reads goes through `read_checkpoint`, i.e. `torch.load(weights_only=True)`
+(tensors and plain values only; exports use safetensors), so loading a file never runs code. A file that
+needs pickled Python objects, a truncated or corrupt one, weights that do not fit their own config, or
+a tokenizer with more tokens than the model's vocabulary is an `LMError` saying which and what to do.
 """
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,16 +23,44 @@ from lm.model import GPT, GPTConfig
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at `path` as plain values and tensors (`torch.load(weights_only=True)`, memory-mapped)."""
     path = Path(path)
+    if path.is_dir():
+        raise LMError(f"{path} is a folder, not a checkpoint file: pass a .ckpt file in it (e.g. {path / 'last.ckpt'}).")
     if not path.is_file():
         raise MissingFileError(
             f"Checkpoint not found: {path}. `lm fit` writes them to checkpoints/<experiment>/ (last.ckpt and the best)."
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # truncated / not a torch file
-        raise LMError(f"Cannot read checkpoint {path}: {str(error).rstrip('.')}. Is it a complete checkpoint written by "
-                         f"`lm fit` (a copy cut short, or another program's file, fails here)?") from error
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:  # weights_only refused a Python object (a class, a function, ...)
+        refused = re.search(r"(GLOBAL [\w.]+|Unsupported global: [^\n]+?)(?: was not|\.|$)", str(error))
+        raise LMError(f"{path} holds pickled Python objects ({refused.group(1) if refused else 'not plain tensors'}), "
+                      f"which lm never loads: unpickling can run arbitrary code. Re-save the weights as plain "
+                      f"tensors (a state_dict) or use a checkpoint written by `lm fit`.") from error
+    except Exception as error:  # truncated / corrupt / not a torch file
+        raise LMError(f"Cannot read checkpoint {path}: {_first_line(error)}. The file is truncated, corrupt or not a "
+                      f"torch checkpoint: copy it again or use another one (checkpoints/<experiment>/ keeps last and best).") from error
+    if not isinstance(checkpoint, dict):
+        raise LMError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict: pass a checkpoint written by `lm fit`.")
+    return checkpoint
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+
+
+def require_training_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """`lm fit --ckpt_path` / validate / test / predict restore Lightning's training state: refuse, with
+    the verb that reads it, a file that has none (a plain torch dict, or an `lm quantize|prune|merge` output)."""
+    if "pytorch-lightning_version" in checkpoint and "state_dict" in checkpoint:
+        return
+    if "state_dict" in checkpoint and "hyper_parameters" in checkpoint and "tokenizer" in checkpoint:
+        raise LMError(f"{path} holds weights only (written by lm quantize, prune or merge), no training state: evaluate "
+                      f"or sample it with `lm eval` / `lm generate --ckpt_path {path}`, or train from it with --model.init_from.")
+    keys = ", ".join(sorted(map(str, checkpoint))[:5]) or "nothing"
+    raise LMError(f"{path} is not a checkpoint written by `lm fit` (it holds {keys}; no Lightning training state): "
+                  f"pass one from checkpoints/<experiment>/, e.g. last.ckpt.")
 
 
 # How `lm fit` names the stock LightningModule in `hyper_parameters["_class_path"]`.
@@ -62,10 +97,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     subclass's `build_model` made."""
     from lm.data.tokenizer import Tokenizer
 
+    from lm.hardware import check_device
+
+    device = check_device(device)
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters", {})
-    if "config" not in hparams or "tokenizer" not in checkpoint:
-        raise LMError(f"{path} is not an `lm` language-model checkpoint (no model config or tokenizer in it).")
+    if "config" not in hparams or "tokenizer" not in checkpoint or "state_dict" not in checkpoint:
+        raise LMError(f"{path} is not an `lm` language-model checkpoint (no model config, weights or tokenizer in it): "
+                      f"pass one written by `lm fit` (checkpoints/<experiment>/last.ckpt).")
     model = _build_network(hparams)
     if hparams.get("quantization"):  # written by `lm quantize`: int8 modules before the int8 weights
         from lm.compress.quantize import quantize_model
@@ -74,9 +113,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
              if k.startswith(prefix)}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # missing / unexpected keys or shapes: the weights are not this config's
+        problem = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), _first_line(error))
+        raise LMError(f"{path}: its weights do not fit its own model config ({problem[:200]}): the file was altered or "
+                      f"mixes two models. Use an unmodified checkpoint written by `lm fit`.") from error
+    tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise LMError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}: they do "
+                      f"not belong together (ids past {vocab_size - 1} have no embedding). Use the checkpoint as `lm fit` wrote it.")
     model.to(device=device, dtype=dtype).eval()
-    return model, Tokenizer.from_str(checkpoint["tokenizer"])
+    return model, tokenizer
 
 
 def save_model(path: str | Path, model: torch.nn.Module, tokenizer, hparams: Optional[dict[str, Any]] = None,

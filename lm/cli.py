@@ -6,7 +6,9 @@
   `--config` and `--help` alike. They are imported only when called, which keeps `lm --help` fast.
 
 Bad input raises `lm.errors.LMError`, whose message says what was wrong and what to do: it is printed as
-one line (set LM_DEBUG=1 to see the traceback). Any other exception is a bug and keeps its traceback.
+one line and `lm` exits with status 2 (set LM_DEBUG=1 to see the traceback). A command-line or YAML
+mistake caught by jsonargparse becomes one too (lm/config_errors.py). Any other exception is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -65,8 +67,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
             run_finetune_cli(argv[1:])
         elif verb in FUNCTION_VERBS:
-            from jsonargparse import CLI
-
             module_name, function_name = FUNCTION_VERBS[verb].split(":")
             module = importlib.import_module(module_name)
             args = argv[1:]
@@ -75,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             if function_name == "main":
                 module.main(args, prog=f"lm {verb}")
             else:
-                CLI(getattr(module, function_name), args=args, prog=f"lm {verb}")
+                _run_function(getattr(module, function_name), args, f"lm {verb}")
         else:
             print(f"lm: unknown verb {verb!r}.\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)
@@ -83,7 +83,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         if os.environ.get("LM_DEBUG"):
             raise
         print(f"lm {verb}: error: {error}\n(set LM_DEBUG=1 to see the traceback)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
+
+
+def _run_function(function, args: list[str], prog: str) -> None:
+    """jsonargparse's CLI of a typed function; a parse error becomes an `LMError` naming the key and the fix."""
+    from jsonargparse import ArgumentError, CLI, capture_parser
+
+    try:
+        CLI(function, args=args, prog=prog, exit_on_error=False)
+    except ArgumentError as error:
+        from lm.config_errors import explain_argument_error
+
+        parser = capture_parser(lambda: CLI(function, args=[], prog=prog, exit_on_error=False))
+        raise explain_argument_error(str(error), parser, args, prog) from error
 
 
 if __name__ == "__main__":

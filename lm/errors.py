@@ -1,7 +1,7 @@
 """`LMError`: a mistake in what the user asked for (a config, a path, a checkpoint, an input).
 
 Its message says what was wrong and what to do. `lm` prints it as one line (no traceback) and exits
-with status 1; every other exception is a bug and keeps its traceback. It subclasses `ValueError`, so
+with status 2; every other exception is a bug and keeps its traceback. It subclasses `ValueError`, so
 Python callers that catch bad input as `ValueError` keep working.
 """
 

@@ -88,7 +88,7 @@ def text_stream(path: str | Path, tokenizer) -> tuple[Tensor, int]:
     """(token stream, byte count) of a raw UTF-8 file: `<|endoftext|>` (if any) + every token of it."""
     path = Path(path)
     if not path.is_file():
-        raise MissingFileError(f"Text file not found: {path}.")
+        raise MissingFileError(f"Text file not found: {path}. Check the --text_files paths.")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")

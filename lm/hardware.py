@@ -73,3 +73,22 @@ def auto_precision(accelerator: str) -> tuple[str, str]:
     if cpu_has_native_bf16():
         return "bf16-mixed", f"the CPU has native bf16 ({describe_cpu()})"
     return "32-true", f"the CPU has no native bf16, where bf16 matmuls are emulated and slow ({describe_cpu()})"
+
+
+def check_device(device: "str | torch.device") -> torch.device:
+    """`device` as a `torch.device` that exists on this machine, else an `LMError` saying what does: asking
+    for cuda (or mps) where there is none otherwise fails deep inside torch, after the checkpoint is read."""
+    from lm.errors import LMError
+
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise LMError(f"--device {device!r} is not a device torch knows ({error}): use cpu, cuda or cuda:N.") from error
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(resolved.type)
+    if available is not None and not available():
+        raise LMError(f"--device {device}: no {resolved.type} device is available on this machine (torch "
+                      f"{torch.__version__}): use --device cpu.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise LMError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s): use cuda:0 "
+                      f"to cuda:{torch.cuda.device_count() - 1}.")
+    return resolved

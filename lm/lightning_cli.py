@@ -17,6 +17,10 @@ What it adds to Lightning's CLI:
 - `predict` writes `{prompt, completion}` lines to logs/NAME/predictions.jsonl and prints them.
 - `parse_recipe(argv)`: the config `lm fit argv` would run, parsed by the same parser and nothing built
   (`lm plan` reads recipes with it).
+- Bad input stops before anything runs, as an `LMError` (lm/run_checks.py): validate/test/predict
+  without `--ckpt_path` (unless `--random_weights true`), an empty or reused `--experiment` name, a
+  checkpoint that is a folder or not an `lm fit` one, `data.block_size` above the model's context; a
+  command-line or YAML mistake is explained by lm/config_errors.py.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lm.callbacks import LastStepCheckpoint, PredictionWriter, RNGStateCheckpoint
 from lm.callbacks.checkpoint import check_run_outputs, use_durable_checkpoint_io
-from lm.checkpoint import import_class, read_checkpoint
+from lm.checkpoint import import_class, read_checkpoint, require_training_checkpoint
 from lm.data import TextDataModule
-from lm.errors import LMError, MissingFileError
+from lm.errors import LMError
 from lm.hardware import auto_precision
 from lm.modules import LanguageModel
+from lm.run_checks import check_context, check_run_folders, checked_ckpt_path
 
 log = logging.getLogger("lm")
 
@@ -48,6 +53,9 @@ class LMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="default",
                             help="Run name: logs go to logs/<experiment>, checkpoints to checkpoints/<experiment>.")
+        parser.add_argument("--random_weights", type=bool, default=False,
+                            help="validate/test/predict: run a freshly initialized model without --ckpt_path "
+                                 "(a baseline); without this flag a missing --ckpt_path is an error.")
         if self.LINK_VOCAB:
             parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size")
         parser.add_lightning_class_args(LastStepCheckpoint, "checkpoint")
@@ -66,6 +74,21 @@ class LMCLI(LightningCLI):
         })
         parser.link_arguments("experiment", "checkpoint.dirpath", compute_fn=lambda name: f"checkpoints/{name}")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Lightning's parsing; a command-line or YAML mistake becomes one `LMError` naming the key and the fix."""
+        from jsonargparse import ArgumentError
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            from lm.config_errors import explain_argument_error
+
+            argv = list(sys.argv[1:] if args is None else args)
+            subcommands = getattr(self, "_subcommand_parsers", {})  # none when only parsing (lm plan)
+            verb = next((a for a in argv if a in subcommands), None)
+            raise explain_argument_error(str(error), subcommands.get(verb, parser), argv,
+                                         f"lm {verb or ''}".strip()) from error
+
     def _parse_ckpt_path(self) -> None:
         """The one private Lightning method `lm` overrides. Lightning's version (called between parsing
         and instantiation, with no public hook there) loads the whole checkpoint and applies every saved
@@ -77,9 +100,12 @@ class LMCLI(LightningCLI):
         if ckpt_path == "last":  # `fit --ckpt_path last`: the run's own last.ckpt
             experiment = self.config[subcommand].get("experiment")
             ckpt_path = str(Path(self.config[subcommand].checkpoint.dirpath or f"checkpoints/{experiment}") / "last.ckpt")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+            if not Path(ckpt_path).is_file():
+                return  # nothing to resume yet: Lightning starts from scratch and says so
+        if not checked_ckpt_path(ckpt_path, subcommand):
             return
         self._checkpoint = read_checkpoint(ckpt_path)
+        require_training_checkpoint(self._checkpoint, ckpt_path)
         hparams = self._checkpoint.get("hyper_parameters", {})
         if "config" not in hparams:
             return
@@ -97,14 +123,13 @@ class LMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.run_config
+        check_run_folders(self.subcommand, config)
         _name_loggers_after_experiment(config)
-        ckpt_path = config.get("ckpt_path")
-        # A sharded (distributed) checkpoint is a directory.
-        if self.subcommand != "fit" and ckpt_path and not Path(ckpt_path).exists():
-            raise MissingFileError(
-                f"Checkpoint not found: {ckpt_path}. Runs write them to checkpoints/<experiment>/ "
-                f"(e.g. checkpoints/{config.experiment}/last.ckpt)."
-            )
+        if config.get("weights_only") is False:
+            raise LMError("--weights_only false is refused: lm reads checkpoints as tensors and plain values only "
+                          "(weights_only=True), so loading a file can never run code. Leave the option out.")
+        if "weights_only" in config:
+            config.weights_only = True
         if config.trainer.get("precision") is None:
             precision, reason = auto_precision(str(config.trainer.get("accelerator") or "auto"))
             config.trainer.precision = precision
@@ -122,7 +147,11 @@ class LMCLI(LightningCLI):
         except ValueError as error:  # jsonargparse: a class of the config refused its arguments (e.g. GPTConfig)
             if isinstance(error, LMError) or "Does not validate" not in str(error):
                 raise
-            raise LMError(f"The config does not build: {error}") from error
+            from lm.config_errors import explain_build_error
+
+            raise explain_build_error(error) from error
+        if self.subcommand in ("fit", "validate", "test"):
+            check_context(self.model, self.datamodule, from_checkpoint=self._checkpoint is not None)
         config = self.run_config
         checkpoint = self._checkpoint
         init_from = self.model.hparams.get("init_from") if self.subcommand == "fit" else None
@@ -184,7 +213,13 @@ def run_lightning_cli(argv: Optional[list[str]] = None, cli_class: type[LMCLI] =
     from lm.allocator import keep_large_allocations_in_heap
 
     keep_large_allocations_in_heap()  # faster CPU steps (see lm/allocator.py); LM_DEFAULT_MALLOC=1: off
-    return cli_class(model_class, datamodule_class, args=argv, subclass_mode_data=subclass_mode_data, **_cli_options())
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return cli_class(model_class, datamodule_class, args=argv, subclass_mode_data=subclass_mode_data,
+                         **_cli_options())
+    except MisconfigurationException as error:  # Lightning refusing a setting (e.g. trainer.max_steps -5)
+        raise LMError(f"{str(error).strip()} Fix that setting in the YAML or on the command line.") from error
 
 
 def _cli_options() -> dict[str, Any]:
@@ -194,7 +229,7 @@ def _cli_options() -> dict[str, Any]:
         seed_everything_default=1234,
         trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step"), RNGStateCheckpoint()]},
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "lm", "default_env": False},
+        parser_kwargs={"prog": "lm", "default_env": False, "exit_on_error": False},  # errors: LMCLI.parse_arguments
         auto_configure_optimizers=False,
     )
 

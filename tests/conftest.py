@@ -30,12 +30,17 @@ def make_corpus(n_docs: int = 40, seed: int = 0) -> str:
     return "".join(docs)
 
 
-@pytest.fixture
-def corpus_files(tmp_path: Path) -> dict[str, Path]:
-    """train / valid / test text files of the small corpus, with different contents."""
+def write_corpus_files(folder: Path, train_docs: int = 60) -> dict[str, Path]:
+    """train / valid / test text files of the small corpus in `folder`, with different contents."""
     files = {}
-    for split, (n_docs, seed) in {"train": (60, 0), "valid": (8, 1), "test": (8, 2)}.items():
-        path = tmp_path / f"wiki.{split}.raw"
+    for split, (n_docs, seed) in {"train": (train_docs, 0), "valid": (8, 1), "test": (8, 2)}.items():
+        path = folder / f"wiki.{split}.raw"
         path.write_text(make_corpus(n_docs, seed), encoding="utf-8")
         files[split] = path
     return files
+
+
+@pytest.fixture
+def corpus_files(tmp_path: Path) -> dict[str, Path]:
+    """train / valid / test text files of the small corpus, with different contents."""
+    return write_corpus_files(tmp_path)

@@ -181,7 +181,7 @@ def test_nan_guard_stops_with_clear_message_and_keeps_last_good_checkpoint(workd
         main(["fit", "--experiment", "nan", "--model", "tests.test_callbacks.NaNAtStepModel", *TINY_MODEL,
               *TINY_TRAINER, *data, "--trainer.val_check_interval", "3",
               "--config", str(OVERLAYS / "nan_guard.yaml")])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     last = Path("checkpoints") / "nan" / "last.ckpt"
     assert f"Loss became nan at step 7 (epoch 0); last good checkpoint: {last} (step 6)" in err, err[-2000:]

@@ -156,7 +156,8 @@ def test_bad_input_errors_are_clear(tmp_path, corpus_files):
                   "num_attention_heads=5 does not divide hidden_size=32"),
         "vocab": (["fit", *data, "--data.vocab_size", "200", *TINY_TRAINER, *TINY_MODEL],
                   "vocab_size"),
-        "missing file": (["fit", "--data.train_files", f"[{tmp_path / 'nope.txt'}]", *TINY_TRAINER, *TINY_MODEL],
+        "missing file": (["fit", "--data.train_files", f"[{tmp_path / 'nope.txt'}]", "--data.block_size", "16",
+                          *TINY_TRAINER, *TINY_MODEL],
                          str(tmp_path / "nope.txt")),
         "missing ckpt": (["validate", *data, "--ckpt_path", str(tmp_path / "missing.ckpt")], "missing.ckpt"),
     }

@@ -12,7 +12,7 @@ import pytest
 from lm.checkpoint import load_model
 from lm.cli import main
 from lm.model import generate_text
-from tests.conftest import make_corpus
+from tests.conftest import write_corpus_files
 from tests.helpers import TINY_MODEL, TINY_TRAINER, run_lm, tiny_data
 
 PROMPTS = ["The river", "A small town was", " = = Section"]
@@ -22,11 +22,7 @@ PROMPTS = ["The river", "A small town was", " = = Section"]
 def trained(tmp_path_factory):
     """(workdir, checkpoint, data flags) of one tiny `lm fit` shared by this module."""
     workdir = tmp_path_factory.mktemp("generate_cli")
-    files = {}
-    for split, (n_docs, seed) in {"train": (60, 0), "valid": (8, 1), "test": (8, 2)}.items():
-        files[split] = workdir / f"wiki.{split}.raw"
-        files[split].write_text(make_corpus(n_docs, seed), encoding="utf-8")
-    data = tiny_data(files, workdir / "cache")
+    data = tiny_data(write_corpus_files(workdir), workdir / "cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
         main(["fit", "--experiment", "tiny", *TINY_MODEL, *TINY_TRAINER, *data])

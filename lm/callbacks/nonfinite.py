@@ -27,7 +27,7 @@ class NonFiniteGuard(Callback):
     - the gradient norm, before the optimizer step (a finite loss can still overflow in backward);
     - `val/loss` (the `monitor` metric) at the end of validation, before `ModelCheckpoint` runs
       (Lightning always runs checkpoint callbacks last).
-    It raises `NonFiniteLossError` (`lm fit` prints it as one line and exits with status 1), naming
+    It raises `NonFiniteLossError` (`lm fit` prints it as one line and exits with status 2), naming
     the step and the last checkpoint written, which holds finite weights and can be resumed with
     `--ckpt_path`.
 

@@ -33,7 +33,7 @@ def merge(ckpt_path: Optional[str] = None, output: Optional[str] = None) -> None
     hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
     if "lora_rank" not in hparams:
         raise LMError(f"{ckpt_path} is not an instruction-tuning checkpoint (written by `lm finetune fit` with "
-                         f"InstructionTuner); a pre-training checkpoint is already plain.")
-    tuner = InstructionTuner.load_from_checkpoint(ckpt_path, map_location="cpu")
+                         f"InstructionTuner); a pre-training checkpoint is already plain: use it as it is (lm generate, lm eval).")
+    tuner = InstructionTuner.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     save_model(output, tuner.merged_model().eval(), tuner.tokenizer)
     print(f"Wrote {output} (LoRA rank {hparams['lora_rank'] or 'none: full fine-tuning'}, merged).")

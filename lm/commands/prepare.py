@@ -26,7 +26,7 @@ def build_parser(prog: str = "lm prepare") -> Any:
 
     from lm.data import TextDataModule
 
-    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0], default_env=False)
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0], default_env=False, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="experiment YAML (repeatable; later files win)")
     parser.add_class_arguments(TextDataModule, "data")
     for section in _IGNORED_SECTIONS:  # the rest of a training recipe: accepted, not used here
@@ -37,8 +37,15 @@ def build_parser(prog: str = "lm prepare") -> Any:
 def main(args: list[str], prog: str = "lm prepare") -> None:
     from lm.data.prepare import format_report
 
+    from jsonargparse import ArgumentError
+
     parser = build_parser(prog)
-    datamodule = parser.instantiate_classes(parser.parse_args(args)).data
+    try:
+        datamodule = parser.instantiate_classes(parser.parse_args(args)).data
+    except ArgumentError as error:
+        from lm.config_errors import explain_argument_error
+
+        raise explain_argument_error(str(error), parser, args, prog) from error
     _show_data_logs()
     datamodule.prepare_data()
     print(format_report(datamodule.report))

@@ -165,24 +165,30 @@ def _prepare_rows(model: nn.Module, input_ids: Prompts, max_new_tokens: int, tru
     longest = max(len(row) for row in rows)
     if longest <= room:
         return rows
+    if room <= 0:  # no prompt fits: truncating cannot help, only fewer new tokens can
+        raise LMError(
+            f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context, "
+            f"max_position_embeddings={context}: with this {longest}-token prompt at most "
+            f"{max(context - longest, 0)} new tokens fit; ask for that many or fewer (--max_new_tokens {max(context - longest, 1)})."
+        )
     if truncate:
-        if room <= 0:
-            raise LMError(
-                f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the context of "
-                f"max_position_embeddings={context} tokens: ask for fewer than {context} new tokens."
-            )
         return [row[-room:] for row in rows]
     if longest > context:
         raise LMError(
             f"Prompt of {longest} tokens is longer than the model's context, max_position_embeddings={context}. "
-            f"Shorten it, or pass truncate=True to keep only its last {max(room, 0)} tokens "
-            f"(the context minus max_new_tokens={max_new_tokens})."
+            f"Shorten it to at most {room} tokens (the context minus max_new_tokens={max_new_tokens}), or {_TRUNCATE} "
+            f"to keep only its last {room} tokens."
         )
     raise LMError(
         f"Prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} tokens "
         f"exceeds the model's context, max_position_embeddings={context}. Lower max_new_tokens to at most "
-        f"{context - longest}, or pass truncate=True to keep only the last {max(room, 0)} prompt tokens."
+        f"{context - longest}, or {_TRUNCATE} to keep only the last {room} prompt tokens."
     )
+
+
+# How each entry point spells the option (the error is raised the same way for all of them).
+_TRUNCATE = ("set truncate (`--truncate true` for lm generate, `--model.sampling.truncate true` for lm predict, "
+             "truncate=True in Python)")
 
 
 # --------------------------------------------------------------------------------- decode loop

@@ -138,7 +138,7 @@ def evaluate_labelled_file(ckpt_path: str, labelled_file: str, batch_size: int =
     if "num_classes" not in hparams or "config" not in hparams:
         raise LMError(f"{ckpt_path} is not a classifier checkpoint (written by `lm finetune fit` with "
                          f"SequenceClassifier): --labelled_file needs one.")
-    model = SequenceClassifier.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    model = SequenceClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
     examples = read_labelled_file(labelled_file, encoding)
     if max(label for label, _ in examples) >= model.hparams.num_classes:
         raise LMError(f"{labelled_file} has labels beyond the classifier's {model.hparams.num_classes} classes.")

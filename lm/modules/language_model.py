@@ -83,6 +83,7 @@ class LanguageModel(L.LightningModule):
         init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
+        _check_optimizer_settings(learning_rate, min_learning_rate, weight_decay, warmup_steps)
         # A dict when reloaded from a checkpoint's plain hyper-parameters; copied either way so the
         # shared default instance is never mutated.
         self.config = GPTConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
@@ -300,3 +301,16 @@ def attached_trainer(module: L.LightningModule) -> Optional[L.Trainer]:
         return module.trainer
     except RuntimeError:
         return None
+
+
+def _check_optimizer_settings(learning_rate: float, min_learning_rate: Optional[float], weight_decay: float,
+                              warmup_steps: int) -> None:
+    """Refuse impossible optimizer settings when the run is configured (AdamW would raise deep in Lightning)."""
+    if not learning_rate > 0:
+        raise LMError(f"model.learning_rate must be positive, got {learning_rate}: e.g. --model.learning_rate 1e-3.")
+    if min_learning_rate is not None and not 0 <= min_learning_rate <= learning_rate:
+        raise LMError(f"model.min_learning_rate must be in [0, learning_rate={learning_rate}], got {min_learning_rate}.")
+    if weight_decay < 0:
+        raise LMError(f"model.weight_decay must be >= 0, got {weight_decay}: e.g. --model.weight_decay 0.1.")
+    if warmup_steps < 0:
+        raise LMError(f"model.warmup_steps must be >= 0, got {warmup_steps}.")

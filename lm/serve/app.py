@@ -237,6 +237,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":  # its "loc" is a character offset, not a field
+            message = (f"Invalid request: the body is not valid JSON (error at character {first.get('loc', ('', '?'))[-1]}): "
+                       f"send one JSON object, e.g. {{\"prompt\": \"Hello\"}}.")
+            return JSONResponse(error_body(message), status_code=400)
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = f"Invalid request: {param + ': ' if param else ''}{first.get('msg', 'malformed body')}."
         return JSONResponse(error_body(message, param=param), status_code=400)
