@@ -75,9 +75,11 @@ def auto_precision(accelerator: str) -> tuple[str, str]:
     return "32-true", f"the CPU has no native bf16, where bf16 matmuls are emulated and slow ({describe_cpu()})"
 
 
-def check_device(device: "str | torch.device") -> torch.device:
+def check_device(device: "str | torch.device") -> "torch.device":
     """`device` as a `torch.device` that exists on this machine, else an `LMError` saying what does: asking
     for cuda (or mps) where there is none otherwise fails deep inside torch, after the checkpoint is read."""
+    import torch
+
     from lm.errors import LMError
 
     try:
