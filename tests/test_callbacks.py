@@ -231,6 +231,7 @@ def test_callback_overlays_combine():
     assert result.returncode == 0, result.stderr[-2000:]
     resolved = yaml.safe_load(result.stdout)
     assert [c["class_path"] for c in resolved["trainer"]["callbacks"]] == [
+        "lm.callbacks.ExponentialMovingAverage",  # the recipe's own, then the overlays' in order
         "lightning.pytorch.callbacks.EarlyStopping", "lm.callbacks.TokenThroughputMonitor",
         "lm.callbacks.TextSampler", "lm.callbacks.NonFiniteGuard",
     ]

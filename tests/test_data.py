@@ -656,7 +656,8 @@ def test_lm_prepare_prints_the_report_and_fit_reuses_the_cache(tmp_path, capsys)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     args = ["--data.train_files", str(tmp_path / "*.jsonl"), "--data.val_fraction", "0.1", "--data.vocab_size", "300",
-            "--data.cache_dir", str(tmp_path / "cache"), "--data.cleaning.redact_pii", "true"]  # fmt: skip
+            "--data.cache_dir", str(tmp_path / "cache"), "--data.clean", "true",  # the WikiText recipe trains on raw bytes
+            "--data.cleaning.redact_pii", "true"]  # fmt: skip
     main(["prepare", "--config", "experiments/wikitext2_cpu.yaml", *args])
     out = capsys.readouterr().out
     assert "removed: exact_duplicate 1" in out and "PII replaced: email 3" in out and "bytes/token" in out

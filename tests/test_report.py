@@ -16,13 +16,14 @@ def test_report_writes_plots_and_summary(tmp_path, monkeypatch, corpus_files, ca
     data = tiny_data(corpus_files, tmp_path / "cache")
     short = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3"]
     main(["fit", "--experiment", "tiny", *TINY_MODEL, *TINY_TRAINER, *data, *short])
-    main(["fit", "--experiment", "tiny", *TINY_MODEL, *TINY_TRAINER, *data, *short, "--model.learning_rate", "1e-3"])
-    main(["report", "logs/tiny", "--output", "report"])
+    # a second run under its own name (a fit never reuses an experiment's checkpoint folder)
+    main(["fit", "--experiment", "tiny_lr", *TINY_MODEL, *TINY_TRAINER, *data, *short, "--model.learning_rate", "1e-3"])
+    main(["report", "logs/tiny", "logs/tiny_lr", "--output", "report"])
     names = {p.name for p in (tmp_path / "report").iterdir()}
     assert {"loss.png", "perplexity.png", "learning_rate.png", "tokens_per_second.png", "report.md"} <= names
     assert all((tmp_path / "report" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names if n.endswith(".png"))
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert "tiny/version_0" in markdown and "tiny/version_1" in markdown
+    assert "tiny/version_0" in markdown and "tiny_lr/version_0" in markdown
     assert "| model.init_args.learning_rate | `0.003` | `0.001` |" in markdown
     params = GPT(GPTConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            max_position_embeddings=32)).num_parameters()
