@@ -667,9 +667,19 @@ def test_lm_prepare_prints_the_report_and_fit_reuses_the_cache(tmp_path, capsys)
 
     parser = build_parser()
     dm = parser.instantiate_classes(parser.parse_args(["--config", "experiments/wikitext2_cpu.yaml", *args])).data
-    dm.prepare_data()  # what `lm fit` runs: the logs (on stderr, as lm prints them) say the cache was reused
-    err = capsys.readouterr().err
-    assert err.count("Token cache hit") == 2 and "Tokenizing" not in err
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # lm's logger does not propagate to pytest's capture once `lm` has run
+    data_logger = logging.getLogger("lm.data")
+    data_logger.addHandler(handler)
+    level, data_logger.level = data_logger.level, logging.INFO
+    try:
+        dm.prepare_data()  # what `lm fit` runs: its logs say the cache was reused
+    finally:
+        data_logger.removeHandler(handler)
+        data_logger.setLevel(level)
+    logs = "\n".join(r.getMessage() for r in records)
+    assert logs.count("Token cache hit") == 2 and "Tokenizing" not in logs
 
 
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "experiments" / "data").glob("*.yaml")))
