@@ -112,21 +112,18 @@ def used_precision(log: str) -> str:
 
 
 def training_record(log_dir: Path, best: Path) -> dict:
-    """Steps, tokens seen, epochs and the validation curve, from the run's TensorBoard events and checkpoint."""
+    """Steps, tokens seen, epochs and the validation curve, from the run's checkpoint and its TensorBoard
+    events (read as `lm report` reads them)."""
     import torch
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lm.report import find_runs, read_run
 
     checkpoint = torch.load(best.parent / "last.ckpt", map_location="cpu", weights_only=True)
     data = checkpoint.get("datamodule_hyper_parameters", {})
     steps = int(checkpoint["global_step"])
     tokens = steps * int(data.get("batch_size", 0)) * int(data.get("block_size", 0))
-    accumulated: dict[str, list] = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            accumulated.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    curve = [(step, round(value, 4)) for step, value in sorted(accumulated.get("val/loss", []))]
+    runs = [read_run(folder, folder.name) for folder in find_runs([str(log_dir)])]
+    curve = sorted((step, round(value, 4)) for run in runs for step, value, _ in run.series("val/loss"))
     return {"steps": steps, "tokens_seen": tokens, "epochs": round(checkpoint.get("epoch", 0) + 1, 1),
             "val_curve": curve}
 

@@ -83,8 +83,9 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
     decay, no_decay = parameter_groups(model, weight_decay)
     if optimizer == "muon":
         head = getattr(model, "lm_head", None)
-        hidden = [p for p in decay["params"] if p.dim() == 2 and (head is None or p is not head.weight)]
-        rest = [p for p in decay["params"] if not any(p is h for h in hidden)]
+        is_hidden = [p.dim() == 2 and (head is None or p is not head.weight) for p in decay["params"]]
+        hidden = [p for p, h in zip(decay["params"], is_hidden) if h]
+        rest = [p for p, h in zip(decay["params"], is_hidden) if not h]
         muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         adamw = torch.optim.AdamW([{**decay, "params": rest}, no_decay], lr=learning_rate, betas=betas, eps=eps,
                                   fused=fused or None)
