@@ -63,6 +63,30 @@ def test_int8_logits_close_to_fp32_and_tied_matrix_stored_once(tokenizer):
     assert linear_weight_bytes(model) / linear_weight_bytes(quantized) > 3.5
 
 
+def test_int8_packed_weight_is_reused_and_follows_changed_weights():
+    """The kernel's packed copy of the weight is a cache: reused while the weights stand, rebuilt after
+    an in-place change (`load_state_dict`) or a replaced buffer, never stale."""
+    torch.manual_seed(0)
+    layer, other = Int8Linear.from_linear(nn.Linear(32, 16)), Int8Linear.from_linear(nn.Linear(32, 16))
+    x = torch.randn(1, 1, 32)
+
+    def expected(module):
+        return torch.nn.functional.linear(x, module.dequantized_weight(), module.bias)
+
+    with torch.no_grad():
+        first = layer(x)
+        packed = layer._packed
+        layer(x)
+        if packed is not None:  # a CPU with the quantized engine: the same packed copy serves again
+            assert layer._packed is packed
+        assert (first - expected(layer)).abs().max() < 0.05
+        layer.load_state_dict(other.state_dict())  # in place: version counters move
+        assert (layer(x) - expected(other)).abs().max() < 0.05
+        layer.weight_int8 = -other.weight_int8.clone()  # a new buffer object
+        assert (layer(x) - expected(layer)).abs().max() < 0.05
+        assert (layer(x) - expected(other)).abs().max() > 0.1
+
+
 def test_quantized_checkpoint_reloads_and_generates(tokenizer, tmp_path):
     from lm.commands.compress import quantize
 
