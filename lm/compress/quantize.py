@@ -25,8 +25,9 @@ Why the quantized engine through `torch.ops.quantized` (the kernels behind the d
 1 thread, batch-1 decoding of the 4x256 / vocab 8192 model, on an AMD EPYC Zen 5 (AVX-512 VNNI and
 bf16): torchao's `Int8WeightOnlyConfig` ran at 0.58x fp32 eager (0.95x compiled) and
 `Int8DynamicActivationInt8WeightConfig` at 0.44x (1.08x compiled) -- their CPU kernels
-(`_weight_int8pack_mm`, `_int_mm`) are slow for one row -- while this module decoded a trained
-checkpoint at 1.91x fp32 eager, and 3.52x with the compiled step (README results); the previous
+(`_weight_int8pack_mm`, `_int_mm`) are slow for one row -- while this module decoded that checkpoint
+at 1.91x fp32 eager, and the default recipe's 6x384 checkpoint at 1.90x with 2 threads (3.20x with
+the compiled step; README results); the previous
 machine (Zen 3, AVX2) showed the same ranking. The "x86" and "fbgemm"
 engines measured the same, "onednn" 1.8x slower. If a future torch drops the quantized ops,
 `Int8Linear` falls back to dequantize + `F.linear` (same results, no speed-up).
