@@ -136,3 +136,50 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
         for p in a.state:
             for key, value in a.state[p].items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(b.state[p][key]))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_fp32_path_is_torchs_update_with_the_iteration_in_fp32(nesterov, monkeypatch):
+    """On a CPU without native bf16, lm's Muon runs torch's update with Newton-Schulz in fp32. Forced to
+    bf16 through the same code, it matches torch.optim.Muon bit for bit (same update rule); in fp32 it
+    stays within bf16 rounding of it; the momentum buffer is never modified by the iteration."""
+    from lm import optim
+
+    torch.manual_seed(0)
+    shapes = [(24, 8), (8, 24), (16, 16)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    twins = {name: [torch.nn.Parameter(p.detach().clone()) for p in params] for name in ("torch", "ours_bf16", "ours_fp32")}
+    kwargs = dict(lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
+    optimizers = {"torch": torch.optim.Muon(twins["torch"], **kwargs),
+                  "ours_bf16": optim.Muon(twins["ours_bf16"], **kwargs),
+                  "ours_fp32": optim.Muon(twins["ours_fp32"], **kwargs)}
+    optimizers["ours_bf16"].step = torch.no_grad()(lambda: [optimizers["ours_bf16"]._step_group(g, torch.bfloat16)
+                                                            for g in optimizers["ours_bf16"].param_groups])
+    monkeypatch.setattr("lm.hardware.cpu_has_native_bf16", lambda: False)  # the fp32 choice of an AVX2 CPU
+    expected_buffers = [torch.zeros(s) for s in shapes]
+    for step in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        expected_buffers = [buf.lerp(g, 1 - 0.95) for buf, g in zip(expected_buffers, grads)]
+        for name, optimizer in optimizers.items():
+            for p, g in zip(twins[name], grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b, c in zip(twins["torch"], twins["ours_bf16"], twins["ours_fp32"]):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c) and torch.allclose(a, c, atol=0.02 * 3 * 0.05)
+    for p, expected in zip(twins["ours_fp32"], expected_buffers):  # the plain momentum average, untouched
+        assert torch.allclose(optimizers["ours_fp32"].state[p]["momentum_buffer"], expected)
+
+
+def test_muon_picks_bf16_only_where_it_is_fast(monkeypatch):
+    from lm import optim
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("lm.hardware.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("lm.model.inference.onednn_bf16_supported", lambda: True)
+    assert optim.fast_bf16_matmul(cpu) and optim.fast_bf16_matmul(torch.device("cuda"))
+    monkeypatch.setattr("lm.model.inference.onednn_bf16_supported", lambda: False)  # ONEDNN_MAX_CPU_ISA=AVX2
+    assert not optim.fast_bf16_matmul(cpu)
+    monkeypatch.setattr("lm.model.inference.onednn_bf16_supported", lambda: True)
+    monkeypatch.setattr("lm.hardware.cpu_has_native_bf16", lambda: False)
+    assert not optim.fast_bf16_matmul(cpu)
