@@ -45,7 +45,8 @@ from lm.plan.probe import measure_fit, prepare_data  # noqa: E402
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
 STRATEGY_OVERLAYS = {"single": [], "ddp": ["--config", str(ROOT / "experiments/trainer/ddp.yaml")],
                      "fsdp2": ["--config", str(ROOT / "experiments/trainer/fsdp2_cpu.yaml")]}
-SIZES = {"big": [], "small": ["--model.config.hidden_size", "64", "--model.config.num_hidden_layers", "1"]}
+SIZES = {"big": [], "small": ["--model.config.hidden_size", "64", "--model.config.num_hidden_layers", "1",
+                              "--model.config.num_attention_heads", "4"]}
 MODEL_PART = ("weights", "gradients", "optimizer state", "ddp gradient buckets")
 
 
@@ -113,7 +114,9 @@ def calibrate(args, tmp: Path, peaks: dict[int, float]) -> dict[int, float]:
     """
     mfus = {}
     recipe = recipe_args(args, "single", "big", tmp / "cache")
-    flops_per_token = make_plan(recipe, device_kind="cpu", peak_flops=peaks[1], mfu=0.5).recipe.model.flops_per_token
+    plan = make_plan(recipe, device_kind="cpu", peak_flops=peaks[1], mfu=0.5)
+    # FLOPs per token as the plan counts them: the model's, plus the optimizer's per step spread over its tokens
+    flops_per_token = plan.recipe.model.flops_per_token + plan.recipe.model.optimizer_flops / plan.speed.tokens_per_step
     for processes in (1, 2):
         threads = cpu_threads_per_process(processes)
         env = {"OMP_NUM_THREADS": str(threads)}

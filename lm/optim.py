@@ -169,6 +169,13 @@ def newton_schulz(matrix: torch.Tensor, coefficients: tuple[float, float, float]
     return x.T if tall else x
 
 
+def newton_schulz_flops(shape: tuple[int, ...], steps: int = 5) -> int:
+    """FLOPs of `newton_schulz` on a (rows, columns) matrix, a = its smaller side, b = the larger: per
+    iteration the Gram matrix (2a^2 b), its square (2a^3) and the product with the matrix (2a^2 b)."""
+    a, b = sorted(shape[:2])
+    return steps * (4 * a * a * b + 2 * a ** 3)
+
+
 def muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
     """torch's Muon learning-rate adjustment for a (rows, columns) matrix."""
     rows, columns = shape[:2]

@@ -30,3 +30,26 @@ def test_after_averaging_starts_the_checkpoint_holds_the_average(tmp_path, corpu
     averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]
     differs = [n for n in averaged if averaged[n].is_floating_point() and not torch.equal(averaged[n], current[n])]
     assert differs and "model.embed_tokens.weight" in differs
+
+
+def test_sharded_runs_refuse_the_average_and_the_fsdp_overlays_drop_it():
+    """FSDP modules cannot be copied: the callback says what to do instead of failing in a deepcopy, and
+    the recipe + FSDP overlay commands the README shows train without it."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import pytest
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lm.callbacks import ExponentialMovingAverage
+    from lm.errors import LMError
+    from lm.lightning_cli import parse_recipe
+
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy.__new__(ModelParallelStrategy))
+    with pytest.raises(LMError, match="drop the callback for sharded runs"):
+        ExponentialMovingAverage().setup(trainer, torch.nn.Linear(2, 2), "fit")
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    recipe = ["--config", str(experiments / "wikitext2_cpu.yaml")]
+    assert [c.class_path for c in parse_recipe(recipe).trainer.callbacks] == [EMA]
+    for overlay in ("fsdp2_cpu.yaml", "fsdp.yaml"):
+        assert not parse_recipe([*recipe, "--config", str(experiments / "trainer" / overlay)]).trainer.callbacks

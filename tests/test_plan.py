@@ -4,6 +4,7 @@ device kinds, the CLI end to end, and the plan against a real `lm fit` run's mem
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from lm.commands.plan import prepare_args
 from lm.plan import make_plan
 from lm.plan.advice import needed_bytes
 from lm.plan.devices import GIB, device_spec, known_device_kinds
-from lm.plan.estimate import memory_per_device
+from lm.plan.estimate import PRECISIONS, memory_per_device
 from lm.plan.recipe import read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +50,42 @@ def test_param_and_flop_counts_equal_the_models_own(overlay):
     assert recipe.model.flops_per_token == model.flops_per_token(data["block_size"])
     assert recipe.model.kv_size == (32 if overlay else 64)
     assert recipe.setup.micro_batch == data["batch_size"] and recipe.setup.strategy == "single"
+
+
+def test_muon_optimizer_flops_are_its_newton_schulz_iterations_and_count_in_the_step():
+    """The CPU recipe's Muon runs Newton-Schulz on every hidden matrix each step: the plan counts those
+    FLOPs (5 iterations of 4a^2 b + 2a^3 per a x b matrix) in the compute time; AdamW adds none."""
+    from lm.plan.estimate import speed
+
+    muon = read_recipe(["--config", CPU_RECIPE, *TINY, "--model.optimizer", "muon"])
+    adamw = read_recipe(["--config", CPU_RECIPE, *TINY, "--model.optimizer", "adamw"])
+    h, inter, layers = 64, muon.model.intermediate_size, 2
+    per_block = [(3 * h, h), (h, h), (inter, h), (h, inter)]  # qkv, o, up, down
+    expected = layers * sum(5 * (4 * min(s) ** 2 * max(s) + 2 * min(s) ** 3) for s in per_block)
+    assert muon.model.optimizer_flops == expected and adamw.model.optimizer_flops == 0
+    cpu = device_spec("cpu", 1, compute_dtype=PRECISIONS[muon.setup.precision].compute_dtype, peak_flops=1e10)
+    gained = speed(muon.model, muon.setup, cpu, 0.5).compute_seconds - speed(adamw.model, adamw.setup, cpu, 0.5).compute_seconds
+    assert gained == pytest.approx(expected / (0.5 * 1e10))
+
+
+@pytest.mark.parametrize("overlay", ["ddp.yaml", "fsdp2_cpu.yaml"])
+def test_cpu_collectives_add_to_the_step_and_gpu_ones_overlap(overlay):
+    """gloo's collectives run on the cores that compute: on a CPU the plan adds their time (bytes /
+    bandwidth + a latency per collective) to the compute; on GPUs a step takes the longer of the two."""
+    from lm.plan.estimate import collectives_per_step, communication_bytes, speed
+
+    recipe = read_recipe(["--config", CPU_RECIPE, "--config", str(ROOT / "experiments/trainer" / overlay)], devices=2)
+    m, s = recipe.model, recipe.setup
+    cpu = device_spec("cpu", 2, compute_dtype=PRECISIONS[s.precision].compute_dtype, peak_flops=1e11)
+    assert not cpu.overlaps_communication and cpu.intra_node_bandwidth and cpu.collective_latency > 0
+    calls = collectives_per_step(m, s)
+    assert calls == (3 * (m.num_layers + 1) if s.strategy == "fsdp2" else math.ceil(m.parameters * 4 / 2**20 / 25))
+    plan = speed(m, s, cpu, 0.3)
+    comm = communication_bytes(m, s) / cpu.intra_node_bandwidth + calls * cpu.collective_latency
+    assert plan.communication_seconds == pytest.approx(comm)
+    assert plan.step_seconds == pytest.approx(plan.compute_seconds + comm)
+    gpu = replace(cpu, overlaps_communication=True)
+    assert speed(m, s, gpu, 0.3).step_seconds == pytest.approx(max(plan.compute_seconds, comm))
 
 
 def test_overlays_and_overrides_merge_as_in_lm_fit():

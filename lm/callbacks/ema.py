@@ -39,6 +39,15 @@ class ExponentialMovingAverage(EMAWeightAveraging):
         super().__init__(device=device, use_buffers=False, decay=decay, update_every_n_steps=update_every_n_steps,
                          update_starting_at_step=update_starting_at_step)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise LMError(f"ExponentialMovingAverage keeps a full copy of the model, and {type(trainer.strategy).__name__} "
+                          f"shards it (FSDP modules cannot be copied): drop the callback for sharded runs (the FSDP "
+                          f"overlays in experiments/trainer/ set trainer.callbacks: []) or train with DDP.")
+        super().setup(trainer, pl_module, stage)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._latest_update_step == 0:  # not averaging yet: the "average" follows the weights

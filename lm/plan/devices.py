@@ -36,6 +36,8 @@ class DeviceSpec:
     inter_node_bandwidth: Optional[float]
     default_mfu: float
     sources: tuple[str, ...] = field(default=())
+    collective_latency: float = 0.0       # seconds per collective call, whatever its size
+    overlaps_communication: bool = True   # False: collectives run on the cores that compute (gloo on CPUs)
     measured: tuple[str, ...] = field(default=())  # which figures were measured at plan time
 
     def peak(self, dtype: str) -> float:
@@ -84,7 +86,9 @@ def device_spec(kind: str, devices_per_node: int = 1, compute_dtype: str = "floa
     return DeviceSpec(kind=kind.lower(), name=entry["name"], peak_flops={k: float(v) for k, v in peaks.items()},
                       memory_bytes=memory_bytes, intra_node_bandwidth=bandwidth.get("intra_node"),
                       inter_node_bandwidth=bandwidth.get("inter_node"), default_mfu=float(entry["default_mfu"]),
-                      sources=tuple(entry.get("sources", ())), measured=tuple(measured))
+                      sources=tuple(entry.get("sources", ())), measured=tuple(measured),
+                      collective_latency=float(entry.get("collective_latency", 0.0)),
+                      overlaps_communication=bool(entry.get("overlaps_communication", True)))
 
 
 def cpu_threads_per_process(processes: int) -> int:

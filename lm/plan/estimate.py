@@ -15,12 +15,15 @@ Memory (bytes per device), each item of `memory_per_device`:
 Their sum is a conservative peak: gradients are counted as alive during the forward (they are once
 accumulation is on or the optimizer keeps them).
 
-Speed: model FLOPs per token (`GPT.flops_per_token`: 6 x matmul parameters + attention) x tokens /
-(MFU x peak FLOP/s); activation checkpointing adds one forward (x 4/3). Communication per device and
-optimizer step (ring collectives move (N-1)/N of the data per device): DDP all-reduce 2 x gradient bytes;
-FSDP all-gather of the weights in forward and again in backward plus a reduce-scatter of the
-gradients, per micro-batch (ZeRO-2 gathers once). Compute and communication are assumed to overlap
-(DDP's bucketed all-reduce during backward, FSDP's prefetch): a step takes the longer of the two.
+Speed: (model FLOPs per token (`GPT.flops_per_token`: 6 x matmul parameters + attention) x tokens +
+the optimizer's FLOPs (Muon's Newton-Schulz iterations, run whole on every rank)) / (MFU x peak FLOP/s);
+activation checkpointing adds one forward (x 4/3). Communication per device and optimizer step (ring
+collectives move (N-1)/N of the data per device): DDP all-reduce 2 x gradient bytes in 25 MiB buckets;
+FSDP all-gather of each unit's weights in forward and again in backward plus a reduce-scatter of its
+gradients, per micro-batch (ZeRO-2 gathers once). Its time is bytes / bandwidth plus a fixed latency per
+collective. On GPUs compute and communication overlap (DDP's bucketed all-reduce during backward, FSDP's
+prefetch): a step takes the longer of the two. On CPUs (gloo) the collectives run on the cores that
+compute, so a step takes their sum (`DeviceSpec.overlaps_communication`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from lm.plan.devices import DeviceSpec
 from lm.plan.recipe import ModelShape, Setup
 
 RECOMPUTE_FACTOR = 4.0 / 3.0  # activation checkpointing: forward (2N) is run twice per 6N
+DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb: gradients are all-reduced in buckets of it
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,16 @@ def communication_bytes(m: ModelShape, s: Setup) -> float:
     return (gathers * gather + reduce) * m.parameters * ring * s.accumulation
 
 
+def collectives_per_step(m: ModelShape, s: Setup) -> int:
+    """Collective calls per device and optimizer step (each pays the link's fixed latency)."""
+    if s.world_size == 1 or s.strategy == "single":
+        return 0
+    if s.strategy == "ddp":
+        return math.ceil(m.parameters * PRECISIONS[s.precision].grads / DDP_BUCKET_BYTES)
+    gathers = 2 if (s.strategy == "fsdp2" or s.sharding == "FULL_SHARD") else 1
+    return (gathers + 1) * m.num_units * s.accumulation
+
+
 @dataclass(frozen=True)
 class Speed:
     peak_flops: float
@@ -162,11 +176,13 @@ def speed(m: ModelShape, s: Setup, device: DeviceSpec, mfu: float) -> Speed:
     peak = device.peak(PRECISIONS[s.precision].compute_dtype)
     tokens_per_device = s.micro_batch * m.sequence_length * s.accumulation
     flops = tokens_per_device * m.flops_per_token * (RECOMPUTE_FACTOR if s.activation_checkpointing else 1.0)
-    compute = flops / (mfu * peak)
+    compute = (flops + m.optimizer_flops) / (mfu * peak)
     volume = communication_bytes(m, s)
     bandwidth = device.intra_node_bandwidth if s.nodes == 1 else device.inter_node_bandwidth
-    comm = None if not volume else (volume / bandwidth if bandwidth else None)
-    step = max(compute, comm or 0.0)
+    comm = None
+    if volume and bandwidth:
+        comm = volume / bandwidth + collectives_per_step(m, s) * device.collective_latency
+    step = max(compute, comm or 0.0) if device.overlaps_communication else compute + (comm or 0.0)
     tokens_per_step = tokens_per_device * s.world_size
     return Speed(peak_flops=peak, mfu=mfu, tokens_per_step=tokens_per_step, compute_seconds=compute,
                  communication_bytes=volume, communication_seconds=comm, step_seconds=step,

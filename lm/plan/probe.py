@@ -109,3 +109,53 @@ def measure_fit(args: list[str], workdir: Path, timeout: float = 900,
         record["tokens_per_second"] = record["tokens_per_step"] / statistics.median(steady)
         record["model_rss"] = statistics.median(record["rss_after_step"][2:] or record["rss_after_step"])
     return records
+
+
+def measure_gloo(world_size: int = 2, sizes: tuple[int, ...] = (1, 4 << 20)) -> dict[str, float]:
+    """gloo's cost on this machine: `world_size` local processes (one thread each) time all-gathers and
+    reduce-scatters of one fp32 value and of `sizes[-1]` values per rank. Returns the per-collective
+    latency (seconds, the 1-value time) and the bandwidth (bytes/s each rank moves, (N-1)/N of the
+    full tensor, per second, once the latency is taken off): the figures of the cpu entry of devices.yaml.
+    `python -c "from lm.plan.probe import measure_gloo; print(measure_gloo())"`."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    port = 29400 + os.getpid() % 1000
+    workers = [context.Process(target=_gloo_worker, args=(rank, world_size, port, sizes, queue)) for rank in range(world_size)]
+    for worker in workers:
+        worker.start()
+    times = queue.get()
+    for worker in workers:
+        worker.join()
+    latency = statistics.fmean(times[(name, sizes[0])] for name in ("all_gather", "reduce_scatter"))
+    moved = sizes[-1] * 4 * (world_size - 1)  # bytes each rank sends: (N-1)/N of the full tensor
+    seconds = statistics.fmean(times[(name, sizes[-1])] for name in ("all_gather", "reduce_scatter")) - latency
+    return {"collective_latency": latency, "bandwidth": moved / seconds}
+
+
+def _gloo_worker(rank: int, world_size: int, port: int, sizes: tuple[int, ...], queue, repeats: int = 10,
+                 rounds_of: int = 5) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    times = {}
+    for numel in sizes:
+        full, shard = torch.randn(numel * world_size), torch.randn(numel)
+        for name, collective in (("all_gather", lambda: dist.all_gather_single(full, shard)),
+                                 ("reduce_scatter", lambda: dist.reduce_scatter_single(shard, full))):
+            collective()  # warm-up: connections, buffers
+            rounds = []
+            for _ in range(rounds_of):  # the median round: robust to other processes' bursts
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    collective()
+                rounds.append((time.perf_counter() - start) / repeats)
+            times[(name, numel)] = statistics.median(rounds)
+    if rank == 0:
+        queue.put(times)
+    dist.destroy_process_group()

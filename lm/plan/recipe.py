@@ -45,6 +45,8 @@ class ModelShape:
     dropout: float
     largest_unit_parameters: int    # the biggest FSDP unit: a Block or the root (embeddings, norm, head)
     optimizer_states: float = 2.0   # per parameter: AdamW keeps exp_avg and exp_avg_sq; Muon one momentum
+    optimizer_flops: float = 0.0    # per optimizer step and device: Muon's Newton-Schulz iterations (AdamW ~0)
+    num_units: int = 1              # FSDP units: the blocks and the root (embeddings, final norm, head)
     attention_dropout: Optional[float] = None  # None: `dropout`
 
 
@@ -107,6 +109,7 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
 
     from lm.checkpoint import import_class
     from lm.model.layers import Block
+    from lm.optim import newton_schulz_flops
 
     init_args = model_config.init_args.as_dict()
     with torch.device("meta"):  # shapes only: no memory is allocated, no weights initialized
@@ -119,11 +122,13 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
     block_sizes = [sum(p.numel() for p in m.parameters()) for m in net.modules() if isinstance(m, Block)]
     in_blocks = {id(p) for m in net.modules() if isinstance(m, Block) for p in m.parameters()}
     root = sum(p.numel() for p in net.parameters() if id(p) not in in_blocks)
-    states = 2.0
+    states, optimizer_flops = 2.0, 0.0
     if init_args.get("optimizer") == "muon":  # Muon's hidden matrices keep one buffer, the rest AdamW's two
-        muon = sum(m.weight.numel() for b in net.modules() if isinstance(b, Block)
-                   for m in b.modules() if isinstance(m, torch.nn.Linear))
+        hidden = [m.weight for b in net.modules() if isinstance(b, Block)
+                  for m in b.modules() if isinstance(m, torch.nn.Linear)]
+        muon = sum(w.numel() for w in hidden)
         states = (2.0 * (net.num_parameters() - muon) + muon) / net.num_parameters()
+        optimizer_flops = float(sum(newton_schulz_flops(tuple(w.shape)) for w in hidden))
     return ModelShape(
         parameters=net.num_parameters(), non_embedding_parameters=net.num_parameters(exclude_embeddings=True),
         flops_per_token=int(net.flops_per_token(sequence_length)), sequence_length=sequence_length,
@@ -131,7 +136,7 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
         num_heads=c.num_attention_heads, kv_size=c.num_key_value_heads * c.head_dim,
         intermediate_size=c.intermediate_size, activation=c.activation, attention=c.attention, position=c.position,
         qk_norm=c.qk_norm, dropout=c.dropout, attention_dropout=c.attention_dropout, largest_unit_parameters=max(block_sizes + [root]),
-        optimizer_states=states,
+        optimizer_states=states, optimizer_flops=optimizer_flops, num_units=len(block_sizes) + 1,
     )
 
 

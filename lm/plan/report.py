@@ -64,16 +64,21 @@ def _speed(plan: Plan) -> list[str]:
     measured = " (measured)" if "peak_flops" in d.measured else ""
     lines = ["Speed",
              f"  assumed MFU       {sp.mfu:.0%} of {_rate(sp.peak_flops, 'FLOP/s')} {dtype} peak{measured}",
-             f"  compute per step  {_duration(sp.compute_seconds)}"]
+             f"  compute per step  {_duration(sp.compute_seconds)}"
+             + (f" (incl. the optimizer's {plan.recipe.model.optimizer_flops / 1e9:,.1f} GFLOP)"
+                if plan.recipe.model.optimizer_flops else "")]
     if sp.communication_bytes:
         link = "intra-node" if s.nodes == 1 else "inter-node"
         time = (f"{_duration(sp.communication_seconds)} at {_bandwidth(d, s.nodes) / 1e9:,.1f} GB/s {link}"
                 if sp.communication_seconds is not None else f"time not modelled ({link} bandwidth unknown)")
         lines.append(f"  communication     {sp.communication_bytes / 1e9:,.3f} GB per device per step "
                      f"({COLLECTIVES[s.strategy]}); {time}")
-        if sp.communication_bound:
+        if sp.communication_bound and d.overlaps_communication:
             lines.append("  communication-bound: it takes longer than the compute it should hide behind")
-    overlap = " (compute and communication overlapped)" if sp.communication_bytes else ""
+    overlap = ""
+    if sp.communication_bytes:
+        overlap = (" (compute and communication overlapped)" if d.overlaps_communication
+                   else " (compute + communication: the collectives run on the same cores)")
     lines += [f"  step              {_duration(sp.step_seconds)}{overlap}",
               f"  throughput        {sp.tokens_per_second:,.0f} tokens/s ({sp.tokens_per_second / s.world_size:,.0f} "
               f"per device)"]
