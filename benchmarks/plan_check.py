@@ -8,14 +8,16 @@ for a few steps, at its size ("big") and shrunk to 1 layer x 64 wide ("small"), 
 DDP over 2 processes (experiments/trainer/ddp.yaml) and FSDP2 over 2 (experiments/trainer/fsdp2_cpu.yaml),
 with `lm.plan.probe.MemoryProbe` in the run.
 
-- Memory: the plan's weights + gradients + optimizer state (+ DDP buckets) per device, big minus small,
+- Memory: the plan's weights + gradients + optimizer state (+ DDP buckets, + the EMA callback's averaged
+  copy) per device, big minus small,
   against the measured resident memory after an optimizer step, big minus small (the run's fixed costs
   cancel; see lm/plan/probe.py), averaged over ranks.
 - Speed: a device here is one process with its threads. Its MFU is calibrated on independent 1-process
   runs of the big model with the threads each device gets, as many side by side as the run has
   processes (1 run of 2 threads; 2 runs of 1 thread at once, as Lightning splits the cores between 2
-  processes): tokens/s x FLOPs per token / the matmul peak measured in the runs' compute dtype with
-  those threads. Every big run is then predicted from the MFU and peak of its devices, as a plan from
+  processes), with the predicted run's optimizer (the recipe's Muon; AdamW for FSDP2): tokens/s x FLOPs
+  per token (the optimizer's included) / the matmul peak measured in the runs' compute dtype with those
+  threads. Every big run is then predicted from the MFU and peak of its devices, as a plan from
   measured devices to a job over them: the 1-process row repeats its calibration (run-to-run noise),
   the DDP and FSDP2 rows test the strategy model. Small runs are overhead-bound and not predicted.
 The machine is shared with other jobs: the load is printed and the timings are noisy.
@@ -47,7 +49,7 @@ STRATEGY_OVERLAYS = {"single": [], "ddp": ["--config", str(ROOT / "experiments/t
                      "fsdp2": ["--config", str(ROOT / "experiments/trainer/fsdp2_cpu.yaml")]}
 SIZES = {"big": [], "small": ["--model.config.hidden_size", "64", "--model.config.num_hidden_layers", "1",
                               "--model.config.num_attention_heads", "4"]}
-MODEL_PART = ("weights", "gradients", "optimizer state", "ddp gradient buckets")
+MODEL_PART = ("weights", "gradients", "optimizer state", "ddp gradient buckets", "averaged weights")
 
 
 def recipe_args(args, strategy: str, size: str, cache: Path) -> list[str]:
@@ -79,7 +81,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         prepare_data(recipe_args(args, "single", "big", Path(tmp) / "cache"))
-        mfus = calibrate(args, Path(tmp), peaks)
+        mfus: dict[tuple[int, str], float] = {}  # (processes, optimizer) -> calibrated MFU
         for strategy in args.strategies:
             result = {size: run(args, strategy, size, Path(tmp), peaks, mfus) for size in SIZES}
             big_plan, big_runs = result["big"]
@@ -103,40 +105,41 @@ def measure_peaks(args) -> dict[int, float]:
     return peaks
 
 
-def calibrate(args, tmp: Path, peaks: dict[int, float]) -> dict[int, float]:
-    """The MFU of one device (a process with its threads) per process count of the runs.
+def calibrate(args, tmp: Path, peaks: dict[int, float], processes: int, optimizer: str) -> float:
+    """The MFU of one device (a process with its threads) running `processes` side by side with `optimizer`.
 
     A 2-thread process reaches a lower MFU on this small model than a 1-thread one (its ops are too small
     to split well), and a process alone on the machine runs faster than next to another (shared caches,
     memory bandwidth): so the 1-thread devices of the 2-process runs are calibrated on 2 independent
-    1-process runs side by side (OMP_NUM_THREADS=1, no communication), the 1-process run on itself.
+    1-process runs side by side (OMP_NUM_THREADS=1, no communication), the 1-process run on itself. The
+    optimizer is the predicted run's: Muon's Newton-Schulz products are large matmuls that run nearer the
+    peak than a training step does, so an MFU measured with Muon over-predicts an AdamW run (FSDP2's).
     What the predictions then test is the plan's strategy model: tokens per step, sharding, communication.
     """
-    mfus = {}
-    recipe = recipe_args(args, "single", "big", tmp / "cache")
+    recipe = [*recipe_args(args, "single", "big", tmp / "cache"), "--model.optimizer", optimizer]
     plan = make_plan(recipe, device_kind="cpu", peak_flops=peaks[1], mfu=0.5)
     # FLOPs per token as the plan counts them: the model's, plus the optimizer's per step spread over its tokens
     flops_per_token = plan.recipe.model.flops_per_token + plan.recipe.model.optimizer_flops / plan.speed.tokens_per_step
-    for processes in (1, 2):
-        threads = cpu_threads_per_process(processes)
-        env = {"OMP_NUM_THREADS": str(threads)}
-        with ThreadPoolExecutor(processes) as pool:  # the fits run as subprocesses, side by side
-            runs = list(pool.map(lambda i: measure_fit(recipe, tmp / f"calibrate-{processes}-{i}", env=env)[0],
-                                 range(processes)))
-        tokens_per_second = statistics.fmean(r["tokens_per_second"] for r in runs)
-        mfus[processes] = tokens_per_second * flops_per_token / peaks[processes]
-        print(f"calibration: {processes} independent 1-process run(s) of {threads} thread(s) side by side: "
-              f"{mfus[processes]:.1%} of the measured peak each")
-    return mfus
+    threads = cpu_threads_per_process(processes)
+    env = {"OMP_NUM_THREADS": str(threads)}
+    with ThreadPoolExecutor(processes) as pool:  # the fits run as subprocesses, side by side
+        runs = list(pool.map(lambda i: measure_fit(recipe, tmp / f"calibrate-{processes}-{optimizer}-{i}", env=env)[0],
+                             range(processes)))
+    mfu = statistics.fmean(r["tokens_per_second"] for r in runs) * flops_per_token / peaks[processes]
+    print(f"calibration: {processes} independent 1-process run(s) of {threads} thread(s) side by side, {optimizer}: "
+          f"{mfu:.1%} of the measured peak each", flush=True)
+    return mfu
 
 
-def run(args, strategy: str, size: str, tmp: Path, peaks: dict[int, float], mfus: dict[int, float]):
-    """(plan at the calibrated MFU of its processes' thread count, measured records) of one `lm fit`."""
+def run(args, strategy: str, size: str, tmp: Path, peaks: dict[int, float], mfus: dict[tuple[int, str], float]):
+    """(plan at the calibrated MFU of its processes' thread count and optimizer, measured records) of one `lm fit`."""
     recipe = recipe_args(args, strategy, size, tmp / "cache")
     records = measure_fit(recipe, tmp / f"{strategy}-{size}")
     processes = len(records)
-    mfu = mfus[processes]
-    return make_plan(recipe, device_kind="cpu", peak_flops=peaks[processes], mfu=mfu), records
+    optimizer = "muon" if make_plan(recipe, device_kind="cpu", peak_flops=peaks[processes], mfu=0.5).recipe.model.optimizer_flops else "adamw"
+    if (processes, optimizer) not in mfus:
+        mfus[processes, optimizer] = calibrate(args, tmp, peaks, processes, optimizer)
+    return make_plan(recipe, device_kind="cpu", peak_flops=peaks[processes], mfu=mfus[processes, optimizer]), records
 
 
 def compare(strategy, result, big_plan, calibration: bool) -> dict:
@@ -153,7 +156,7 @@ def compare(strategy, result, big_plan, calibration: bool) -> dict:
             "tps_error": measured_tps / big_plan.speed.tokens_per_second - 1, "calibration": calibration}
 
 
-def print_table(rows: list[dict], mfus: dict[int, float]) -> None:
+def print_table(rows: list[dict], mfus: dict[tuple[int, str], float]) -> None:
     print("\n| strategy | processes | model+optimizer MiB planned | measured | error | tokens/s planned | measured | "
           "error | peak RSS MiB/process (whole process) | planned total/device |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -163,7 +166,7 @@ def print_table(rows: list[dict], mfus: dict[int, float]) -> None:
               f"{r['memory_error']:+.1%} | {r['planned_tps']:,.0f} | {r['measured_tps']:,.0f} | {tps_error} | "
               f"{r['measured_peak_mib']:.0f} | {r['planned_peak_mib']:.0f} |")
     print(f"\nSpeed: MFU per device calibrated on independent 1-process runs, as many side by side as the "
-          f"run has processes: {', '.join(f'{n} side by side {m:.1%}' for n, m in sorted(mfus.items()))}.")
+          f"run has processes, with its optimizer: {', '.join(f'{n} side by side, {o}: {m:.1%}' for (n, o), m in sorted(mfus.items()))}.")
     print("Memory: big (recipe size) minus small (1 layer x 64) model, so Python/torch/Lightning/data costs "
           "cancel; resident memory after an optimizer step, mean over ranks.")
 
