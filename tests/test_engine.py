@@ -96,7 +96,9 @@ def parallel_runs(tmp_path_factory):
     for name, (batch_size, extra) in runs.items():
         workdir = root / name
         workdir.mkdir()
-        command = [sys.executable, "-m", "lm", "fit", *run_args(files, root / "cache", batch_size), *extra]
+        # Overlays first, as the README runs them: fsdp2_cpu.yaml replaces the callback list (it drops the
+        # recipe's EMA), so the flags that add this test's LossRecorder come after it.
+        command = [sys.executable, "-m", "lm", "fit", *extra, *run_args(files, root / "cache", batch_size)]
         processes[name] = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL,
                                            stderr=subprocess.PIPE, text=True)
     for name, process in processes.items():
