@@ -1,7 +1,8 @@
 """Alpaca instruction tuning: BLEU / ROUGE on the held-out 10% before and after tuning, full or LoRA.
 
-    python benchmarks/alpaca_before_after.py --backbone pretrain.ckpt --lora_rank 0 --max_steps 60
-    python benchmarks/alpaca_before_after.py --backbone pretrain.ckpt --lora_rank 8 --learning_rate 1e-3
+    python benchmarks/alpaca_before_after.py --backbone pretrain.ckpt                  # full, 300 steps, lr 1e-3
+    python benchmarks/alpaca_before_after.py --backbone pretrain.ckpt --lora_rank 8 --learning_rate 3e-3 --skip_before
+    python benchmarks/alpaca_before_after.py --backbone pretrain.ckpt --seed 1235 --skip_before   # another seed
 
 Writes the held-out split as a pairs file, scores the backbone with the alpaca template (greedy),
 tunes with experiments/finetune/alpaca.yaml (shortened), merges (`lm merge`) and scores the result
@@ -35,10 +36,11 @@ def scores(ckpt: str, pairs: str, max_new_tokens: int, out: str) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--lora_rank", type=int, default=0)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--max_steps", type=int, default=60)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--skip_before", action="store_true")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the fine-tuning run (data order, adapters)")
     args, _ = fine_tuning_run(parser, "bench_alpaca")
     backbone, workdir = args.backbone, args.workdir
     held_out = InstructionDataModule(str(ALPACA)).held_out_pairs()
@@ -47,12 +49,14 @@ if __name__ == "__main__":
     if not args.skip_before:
         before = scores(backbone, str(pairs), args.max_new_tokens, "before.json")
         print(json.dumps({"model": "backbone (before)", "examples": before["examples"], **before["scores"]}), flush=True)
-    name = f"alpaca_{'lora' if args.lora_rank else 'full'}"
+    name = f"alpaca_{'lora' if args.lora_rank else 'full'}_s{args.seed}"
     start = time.perf_counter()
     main(["finetune", "fit", "--config", str(ROOT / "experiments/finetune/alpaca.yaml"), "--experiment", name,
           "--model.init_args.backbone", backbone, "--model.init_args.lora_rank", str(args.lora_rank),
           "--model.init_args.learning_rate", str(args.learning_rate), "--data.init_args.data_file", str(ALPACA),
           "--trainer.max_steps", str(args.max_steps), "--trainer.val_check_interval", str(args.max_steps),
+          "--trainer.check_val_every_n_epoch", "null",  # count the interval across epochs (113 batches each)
+          "--seed_everything", str(args.seed),
           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     seconds = round(time.perf_counter() - start)
     main(["merge", "--ckpt_path", f"checkpoints/{name}/last.ckpt", "--output", f"{name}_merged.ckpt"])
