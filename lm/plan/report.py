@@ -69,7 +69,7 @@ def _speed(plan: Plan) -> list[str]:
                 if plan.recipe.model.optimizer_flops else "")]
     if sp.communication_bytes:
         link = "intra-node" if s.nodes == 1 else "inter-node"
-        time = (f"{_duration(sp.communication_seconds)} at {_bandwidth(d, s.nodes) / 1e9:,.1f} GB/s {link}"
+        time = (f"{_duration(sp.communication_seconds)} at {_bandwidth(d, s.nodes) / 1e9:,.3g} GB/s {link}"
                 if sp.communication_seconds is not None else f"time not modelled ({link} bandwidth unknown)")
         lines.append(f"  communication     {sp.communication_bytes / 1e9:,.3f} GB per device per step "
                      f"({COLLECTIVES[s.strategy]}); {time}")
