@@ -110,8 +110,8 @@ class Muon(torch.optim.Muon):
     torch runs them in bf16, right on GPUs and on CPUs with native bf16. On a CPU without it (AVX2) a
     bf16 product takes torch's reference kernel: measured on this project's 2-core machine with oneDNN
     capped at AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`), 0.87 GFLOP/s against 182 in fp32, and torch's Newton-Schulz
-    over the default recipe's 24 hidden matrices took 20 s per optimizer step instead of 0.6 s in fp32
-    (0.26 s in bf16 with native bf16). There, `step` runs the same update as torch's (momentum, Nesterov,
+    over the default recipe's 24 hidden matrices took 20.2 s per optimizer step instead of 0.52 s in fp32
+    (0.26 s in bf16 with native bf16; benchmarks/muon_step.py). There, `step` runs the same update as torch's (momentum, Nesterov,
     the quintic iteration, the LR adjustment, decoupled weight decay) with the iteration in fp32; state
     dicts are torch's. `newton_schulz_dtype` forces a dtype (None: bf16 where fast, else fp32).
     """
@@ -122,10 +122,10 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        params = [p for group in self.param_groups for p in group["params"]]
         dtype = self.newton_schulz_dtype
         if dtype is None:
-            dtype = torch.bfloat16 if all(fast_bf16_matmul(p.device) for p in params) else torch.float32
+            devices = {p.device for group in self.param_groups for p in group["params"]}
+            dtype = torch.bfloat16 if all(fast_bf16_matmul(d) for d in devices) else torch.float32
         if dtype == torch.bfloat16:
             return super().step(closure)
         loss = None

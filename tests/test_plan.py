@@ -262,3 +262,12 @@ def test_plan_matches_the_measured_model_and_optimizer_memory_of_a_real_run(tmp_
     growth_planned, growth_measured = planned[0] - planned[1], measured[0] - measured[1]
     assert growth_planned > 30 * 2**20  # the difference is large next to page-size noise
     assert growth_measured == pytest.approx(growth_planned, rel=0.15)
+
+
+def test_measure_gloo_gives_a_latency_and_a_bandwidth():
+    """The probe behind the cpu entry's gloo figures: two real gloo processes on this machine."""
+    from lm.plan.probe import measure_gloo
+
+    result = measure_gloo(sizes=(1, 1 << 18, 1 << 20))
+    assert 0 < result["collective_latency"] < 0.5
+    assert 1e6 < result["bandwidth"] < 1e12  # bytes/s: between 1 MB/s and 1 TB/s

@@ -111,11 +111,12 @@ def measure_fit(args: list[str], workdir: Path, timeout: float = 900,
     return records
 
 
-def measure_gloo(world_size: int = 2, sizes: tuple[int, ...] = (1, 4 << 20)) -> dict[str, float]:
+def measure_gloo(world_size: int = 2, sizes: tuple[int, ...] = (1, 1 << 20, 4 << 20)) -> dict[str, float]:
     """gloo's cost on this machine: `world_size` local processes (one thread each) time all-gathers and
-    reduce-scatters of one fp32 value and of `sizes[-1]` values per rank. Returns the per-collective
-    latency (seconds, the 1-value time) and the bandwidth (bytes/s each rank moves, (N-1)/N of the
-    full tensor, per second, once the latency is taken off): the figures of the cpu entry of devices.yaml.
+    reduce-scatters of `sizes` fp32 values per rank (median of 5 rounds). Returns the per-collective
+    latency (seconds: the time of the smallest size) and the bandwidth (bytes/s each rank moves, (N-1)/N
+    of the full tensor: the slope between the two largest sizes, so the latency's noise cancels): the
+    figures of the cpu entry of devices.yaml.
     `python -c "from lm.plan.probe import measure_gloo; print(measure_gloo())"`."""
     import torch.multiprocessing as mp
 
@@ -128,10 +129,13 @@ def measure_gloo(world_size: int = 2, sizes: tuple[int, ...] = (1, 4 << 20)) -> 
     times = queue.get()
     for worker in workers:
         worker.join()
-    latency = statistics.fmean(times[(name, sizes[0])] for name in ("all_gather", "reduce_scatter"))
-    moved = sizes[-1] * 4 * (world_size - 1)  # bytes each rank sends: (N-1)/N of the full tensor
-    seconds = statistics.fmean(times[(name, sizes[-1])] for name in ("all_gather", "reduce_scatter")) - latency
-    return {"collective_latency": latency, "bandwidth": moved / seconds}
+
+    def mean_time(numel: int) -> float:
+        return statistics.fmean(times[(name, numel)] for name in ("all_gather", "reduce_scatter"))
+
+    small, large = sizes[-2], sizes[-1]
+    moved = (large - small) * 4 * (world_size - 1)  # extra bytes each rank sends: (N-1)/N of the extra full tensor
+    return {"collective_latency": mean_time(sizes[0]), "bandwidth": moved / max(mean_time(large) - mean_time(small), 1e-9)}
 
 
 def _gloo_worker(rank: int, world_size: int, port: int, sizes: tuple[int, ...], queue, repeats: int = 10,
