@@ -278,19 +278,22 @@ def test_token_shards_read_across_boundaries_and_pickle(tmp_path: Path) -> None:
 
 
 def test_cached_tokens_equal_the_tokenizers_own_encoding(tokenizer, tmp_path, monkeypatch) -> None:
-    """Batched, multi-process encoding (any allocator) writes exactly encode(doc) + EOT per document."""
+    """Batched, multi-process encoding (any allocator, tiktoken fast path or HF) writes exactly encode(doc) + EOT
+    per document."""
     from lm.data import encode
     from lm.data.cache import ShardWriter
 
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 300))) for _ in range(60)]
-    docs += [UNICODE_TEXT, "  lead space\n\n\ntrailing\n", "x"]
+    docs += [UNICODE_TEXT, "  lead space\n\n\ntrailing\n", "x", *TRICKY_TEXTS]
     pieces = [(d, True) for d in docs] + [("a document cut here, continued elsewhere\n", False)]
     expected = [i for d in docs for i in [*tokenizer.encode(d), tokenizer.eot_id]]
     expected += tokenizer.encode(pieces[-1][0])  # no EOT: the document does not end in this split
     monkeypatch.setattr(encode, "BATCH_CHARS", 2000)  # many batches, so order across workers matters
-    for num_proc, allocator in [(1, None), (2, None), (2, "system")]:
-        if allocator:
+    for num_proc, allocator in [(1, None), (2, None), (2, "system"), (1, "no-fast-path")]:
+        if allocator == "no-fast-path":
+            monkeypatch.setattr(encode, "verified_fast_encoder", lambda *args: None)
+        elif allocator:
             monkeypatch.setenv(MALLOC_ENV, allocator)
         folder = tmp_path / f"{num_proc}-{allocator}"
         folder.mkdir()
@@ -301,6 +304,44 @@ def test_cached_tokens_equal_the_tokenizers_own_encoding(tokenizer, tmp_path, mo
         assert np.asarray(tokens).tolist() == expected, (num_proc, allocator)
         assert counts.num_tokens == len(expected) and len(shards) > 2
         assert counts.num_bytes == sum(len(text.encode("utf-8")) for text, _ in pieces)
+
+
+TRICKY_TEXTS = [
+    UNICODE_TEXT, "It's they're we've I'm you'll he'd 'quoted' ''double'' rock'n'roll",
+    "digits 1234567890 3.14159 1,000,000 2026-11-24 x1y2z3", "runs   of    spaces\t\t\ttabs\n\n\n\nnew  \n  lines   ",
+    "emoji 🤖🎉👩‍👩‍👧 flags 🇫🇷 and ZWJ", "Ωmega Ελληνικά русский العربية हिन्दी 한국어 中文", "", " ", "\n", "<|endoftext|>",
+    "a<|endoftext|>b <|endoftext|> c<|endoftext", "   leading and trailing   ", "mixed\u00a0nbsp\u2003em space",
+]
+
+
+@pytest.mark.parametrize("vocab_size", [300, 400, 2000])
+def test_tiktoken_fast_path_gives_the_hf_ids(vocab_size: int) -> None:
+    """The fast encoder (lm/data/fast_bpe.py) equals HF tokenizers on Unicode, digits, whitespace, apostrophes, emoji."""
+    from lm.data.fast_bpe import fast_encoder
+
+    rng = random.Random(vocab_size)
+    texts = TRICKY_TEXTS + [" ".join(rng.choice(WORDS) for _ in range(200)) for _ in range(20)] + [wikitext_corpus(3)]
+    tok = Tokenizer.train([wikitext_corpus(), UNICODE_TEXT * 3, *TRICKY_TEXTS], vocab_size=vocab_size)
+    fast = fast_encoder(tok)
+    assert fast is not None
+    assert fast.encode_batch(texts) == tok.encode_batch(texts)
+    assert fast_encoder(Tokenizer.train([wikitext_corpus()], vocab_size=320, kind="char")) is None  # not BPE
+
+
+def test_encoding_falls_back_to_hf_when_the_fast_path_disagrees(tokenizer, tmp_path, monkeypatch, caplog) -> None:
+    from lm.data import encode
+    from lm.data.cache import ShardWriter
+    from lm.data.fast_bpe import FastBPE
+
+    monkeypatch.setattr(FastBPE, "encode_batch", lambda self, texts: [[1] for _ in texts])
+    pieces = [(t, True) for t in TRICKY_TEXTS]
+    assert encode.verified_fast_encoder(tokenizer, pieces) is None
+    assert "disagrees" in caplog.text
+    writer = ShardWriter(tmp_path, token_dtype(tokenizer.vocab_size))
+    encode.encode_to_shards(pieces, tokenizer, writer, num_proc=1)
+    shards = writer.close()
+    tokens = TokenShards([tmp_path / s["file"] for s in shards], [s["num_tokens"] for s in shards], writer.dtype)
+    assert np.asarray(tokens).tolist() == [i for t in TRICKY_TEXTS for i in [*tokenizer.encode(t), tokenizer.eot_id]]
 
 
 def test_encode_workers_share_the_cores_and_pick_the_allocator(monkeypatch, tmp_path) -> None:

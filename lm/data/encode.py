@@ -5,14 +5,19 @@ where a document ends. Long documents are encoded in line-aligned pieces (one mu
 would run on one core and hold all its ids at once); decoding is unaffected, only merges across a
 piece boundary may differ.
 
-Where the time goes (``perf`` on the tokenizer alone): the ``tokenizers`` encoder itself, and in it
+Encoder: for the default byte-level BPE, ``tiktoken`` built from the tokenizer's own merges (~3x HF's
+speed per core), used only after it gave HF's exact ids on the corpus's first batch (the equivalence
+argument is in lm/data/fast_bpe.py); otherwise, and for the other tokenizer kinds, HF ``tokenizers``.
+
+Where the time goes in HF (``perf`` on the tokenizer alone): the ``tokenizers`` encoder itself, and in it
 more than half of the cycles in ``malloc``/``free`` (a ``String`` per token, a
 ``NormalizedString`` per word). The Python side around it (ids into one numpy array, shards written
 from it) costs a few percent. So the speed comes from running the Rust encoder on every core
 without oversubscribing them, and from a faster allocator in the worker processes:
 
-* ``num_proc == 1`` encodes in this process with ``encode_batch``: the Rust backend spreads each
-  batch of documents (about 1 MB of text per core) over all usable cores.
+* ``num_proc == 1`` encodes in this process: with HF, ``encode_batch`` lets the Rust backend spread
+  each batch of documents (about 1 MB of text per core) over all usable cores; the tiktoken fast path
+  runs on one thread (still ~2x HF on two cores).
 * ``num_proc > 1`` starts that many worker processes (spawned) and gives each
   ``cores // num_proc`` Rust threads (one each when there are as many workers as cores), sends them
   batches of about ``BATCH_CHARS`` characters and writes the results in order. At most
@@ -28,6 +33,8 @@ without oversubscribing them, and from a faster allocator in the worker processe
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import multiprocessing
 import os
 from array import array
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lm.allocator import fast_allocator
+from lm.data.fast_bpe import BatchEncoder, fast_encoder
 from lm.data.tokenizer import Tokenizer
 from lm.hardware import usable_cpus
 
@@ -44,6 +52,7 @@ if TYPE_CHECKING:  # numpy is imported where the shards are written, not in the 
 
     from lm.data.cache import ShardWriter
 
+logger = logging.getLogger("lm.data")
 BATCH_CHARS = 1 << 18  # text per task sent to a worker; in-process batches hold 4x this per core
 MAX_PIECE_CHARS = 1 << 20  # longer documents are encoded in line-aligned pieces of about this size
 
@@ -81,12 +90,15 @@ def batches(pieces: Iterable[_Piece], batch_chars: int = BATCH_CHARS) -> Iterato
         yield batch
 
 
-def encode_batch(tokenizer: Tokenizer, batch: list[_Piece], typecode: str) -> tuple[array, int]:
+def encode_batch(
+    tokenizer: Tokenizer, batch: list[_Piece], typecode: str, fast: BatchEncoder | None = None
+) -> tuple[array, int]:
     """Ids of a batch (end-of-text after each finished document) in one flat ``array`` of ``typecode``
-    (``numpy.dtype.char``: ``H`` uint16, ``I`` uint32), and the batch's UTF-8 byte count."""
+    (``numpy.dtype.char``: ``H`` uint16, ``I`` uint32), and the batch's UTF-8 byte count.
+    ``fast``: a verified exact encoder (lm/data/fast_bpe.py) used instead of ``tokenizer``'s own."""
     eot = [] if tokenizer.eot_id is None else [tokenizer.eot_id]
     flat = array(typecode)
-    for (_, ends_doc), ids in zip(batch, tokenizer.encode_batch([text for text, _ in batch])):
+    for (_, ends_doc), ids in zip(batch, (fast or tokenizer).encode_batch([text for text, _ in batch])):
         flat.fromlist(ids)
         if ends_doc:
             flat.fromlist(eot)
@@ -94,17 +106,39 @@ def encode_batch(tokenizer: Tokenizer, batch: list[_Piece], typecode: str) -> tu
 
 
 _worker_tokenizer: Tokenizer | None = None
+_worker_fast: BatchEncoder | None = None
 _worker_typecode = ""
 
 
-def _init_worker(tokenizer_json: str, typecode: str) -> None:
-    global _worker_tokenizer, _worker_typecode
+def _init_worker(tokenizer_json: str, typecode: str, use_fast: bool) -> None:
+    global _worker_tokenizer, _worker_typecode, _worker_fast
     _worker_tokenizer, _worker_typecode = Tokenizer.from_str(tokenizer_json), typecode
+    _worker_fast = fast_encoder(_worker_tokenizer) if use_fast else None
 
 
 def _encode_in_worker(batch: list[_Piece]) -> tuple[array, int]:
     assert _worker_tokenizer is not None
-    return encode_batch(_worker_tokenizer, batch, _worker_typecode)
+    return encode_batch(_worker_tokenizer, batch, _worker_typecode, _worker_fast)
+
+
+def verified_fast_encoder(tokenizer: Tokenizer, sample: list[_Piece]) -> BatchEncoder | None:
+    """The tiktoken fast path when it exists for ``tokenizer`` and gives HF's ids on ``sample``, else None."""
+    fast = fast_encoder(tokenizer)
+    if fast is None:
+        return None
+    texts = list(itertools.islice(_up_to(sample, BATCH_CHARS), 10_000))  # a HF check of ~1/4 MB
+    if fast.encode_batch(texts) != tokenizer.encode_batch(texts):
+        logger.warning("tiktoken fast path disagrees with HF tokenizers on the first batch: encoding with HF")
+        return None
+    return fast
+
+
+def _up_to(sample: list[_Piece], chars: int) -> Iterator[str]:
+    for text, _ in sample:
+        yield text
+        chars -= len(text)
+        if chars <= 0:
+            return
 
 
 def encode_to_shards(
@@ -120,7 +154,10 @@ def encode_to_shards(
     with progress:
         # In this process a batch needs a piece per core for the Rust threads to share it out.
         stream = batches(pieces, BATCH_CHARS if num_proc > 1 else 4 * BATCH_CHARS * usable_cpus())
-        for batch, (flat, num_bytes) in _encoded(stream, tokenizer, writer.dtype.char, num_proc):
+        first = next(stream, None)
+        fast = None if first is None else verified_fast_encoder(tokenizer, first)
+        stream = itertools.chain([] if first is None else [first], stream)
+        for batch, (flat, num_bytes) in _encoded(stream, tokenizer, writer.dtype.char, num_proc, fast):
             ids = np.frombuffer(flat, dtype=writer.dtype)  # a view: the ids are not copied
             writer.write(ids)
             counts.num_tokens += int(ids.size)
@@ -130,16 +167,16 @@ def encode_to_shards(
 
 
 def _encoded(
-    stream: Iterator[list[_Piece]], tokenizer: Tokenizer, typecode: str, num_proc: int
+    stream: Iterator[list[_Piece]], tokenizer: Tokenizer, typecode: str, num_proc: int, fast: BatchEncoder | None
 ) -> Iterator[tuple[list[_Piece], tuple[array, int]]]:
     if num_proc <= 1:
         for batch in stream:
-            yield batch, encode_batch(tokenizer, batch, typecode)
+            yield batch, encode_batch(tokenizer, batch, typecode, fast)
         return
     # Spawned (not forked) workers: a fork after the Rust thread pool ran can deadlock it.
     context = multiprocessing.get_context("spawn")
     with _environment(worker_environment(num_proc)):  # read by the workers as they start
-        pool = context.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(), typecode))
+        pool = context.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(), typecode, fast is not None))
     with pool:
         pending: list[tuple[list[_Piece], object]] = []
         for batch in stream:
