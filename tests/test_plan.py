@@ -269,5 +269,21 @@ def test_measure_gloo_gives_a_latency_and_a_bandwidth():
     from lm.plan.probe import measure_gloo
 
     result = measure_gloo(sizes=(1, 1 << 18, 1 << 20))
-    assert 0 < result["collective_latency"] < 0.5
+    assert 0 < result["idle_latency"] < 0.5 and 0 < result["collective_latency"] < 0.5
     assert 1e6 < result["bandwidth"] < 1e12  # bytes/s: between 1 MB/s and 1 TB/s
+
+
+def test_measured_link_figures_override_the_table():
+    """plan_check plans with the gloo figures it measured on the machine: they replace devices.yaml's."""
+    args = ["--config", CPU_RECIPE, "--config", str(ROOT / "experiments/trainer/fsdp2_cpu.yaml")]
+    table = make_plan(args, device_kind="cpu", devices=2, peak_flops=1e11, mfu=0.4)
+    measured = make_plan(args, device_kind="cpu", devices=2, peak_flops=1e11, mfu=0.4,
+                         intra_node_bandwidth=table.device.intra_node_bandwidth / 2, collective_latency=0.01)
+    assert measured.device.collective_latency == 0.01
+    volume, calls = table.speed.communication_bytes, 3 * (table.recipe.model.num_layers + 1)
+    assert measured.speed.communication_seconds == pytest.approx(
+        volume / (table.device.intra_node_bandwidth / 2) + calls * 0.01)
+    assert measured.speed.step_seconds - table.speed.step_seconds == pytest.approx(
+        measured.speed.communication_seconds - table.speed.communication_seconds)
+    with pytest.raises(LMError, match="collective_latency"):
+        make_plan(args, device_kind="cpu", devices=2, peak_flops=1e11, collective_latency=-1.0)

@@ -31,6 +31,7 @@ def plan(
     headroom: float = 0.1,
     intra_node_bandwidth: Optional[float] = None,
     inter_node_bandwidth: Optional[float] = None,
+    collective_latency: Optional[float] = None,
 ) -> None:
     """Plan a recipe on a cluster: memory per device, whether it fits, tokens/s and wall time.
 
@@ -56,6 +57,9 @@ def plan(
             fragmentation.
         intra_node_bandwidth: Bytes/s in one direction between devices of a node, instead of the table's.
         inter_node_bandwidth: Bytes/s in one direction per device across nodes, instead of the table's.
+        collective_latency: Seconds each collective call costs whatever its size, instead of the table's
+            (for cpu: `collective_latency` of `python -c "from lm.plan.probe import measure_gloo;
+            print(measure_gloo())"` on your machine).
     """
     from lm.plan import format_plan, make_plan
 
@@ -64,7 +68,8 @@ def plan(
                          "--device_kind cpu.")
     result = make_plan(recipe, device_kind=device_kind, devices=devices, nodes=nodes, mfu=mfu, tokens=tokens,
                        peak_flops=peak_flops, memory_gib=memory_gib, headroom=headroom,
-                       intra_node_bandwidth=intra_node_bandwidth, inter_node_bandwidth=inter_node_bandwidth)
+                       intra_node_bandwidth=intra_node_bandwidth, inter_node_bandwidth=inter_node_bandwidth,
+                       collective_latency=collective_latency)
     print(format_plan(result), end="")
 
 

@@ -51,7 +51,8 @@ def default_precision(device_kind: str) -> str:
 def make_plan(recipe_args: list[str], device_kind: str = "h100", devices: Optional[int] = None,
               nodes: Optional[int] = None, mfu: Optional[float] = None, tokens: Optional[float] = None,
               peak_flops: Optional[float] = None, memory_gib: Optional[float] = None, headroom: float = 0.1,
-              intra_node_bandwidth: Optional[float] = None, inter_node_bandwidth: Optional[float] = None) -> Plan:
+              intra_node_bandwidth: Optional[float] = None, inter_node_bandwidth: Optional[float] = None,
+              collective_latency: Optional[float] = None) -> Plan:
     """Plan `lm fit <recipe_args>` on `nodes` x `devices` devices of `device_kind` (see `lm plan --help`)."""
     if not 0.0 <= headroom < 1.0:
         raise LMError(f"headroom is the share of device memory kept free, in [0, 1); got {headroom}.")
@@ -68,6 +69,10 @@ def make_plan(recipe_args: list[str], device_kind: str = "h100", devices: Option
     if intra_node_bandwidth is not None or inter_node_bandwidth is not None:
         device = replace(device, intra_node_bandwidth=intra_node_bandwidth or device.intra_node_bandwidth,
                          inter_node_bandwidth=inter_node_bandwidth or device.inter_node_bandwidth)
+    if collective_latency is not None:
+        if collective_latency < 0:
+            raise LMError(f"collective_latency is seconds per collective call, >= 0; got {collective_latency}.")
+        device = replace(device, collective_latency=collective_latency)
     memory = memory_per_device(model, setup)
     other = memory_per_device(model, replace(setup, activation_checkpointing=not setup.activation_checkpointing))
     fits = needed_bytes(model, setup) <= usable_bytes(device, headroom)

@@ -89,16 +89,21 @@ def prepare_data(args: list[str]) -> None:
     TextDataModule(**parse_recipe(args).data.as_dict()).prepare_data()
 
 
-def measure_fit(args: list[str], workdir: Path, timeout: float = 900,
-                env: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
-    """Run `lm fit <args>` in `workdir` with a `MemoryProbe` (and the memory settings above); return the
-    ranks' records, with `tokens_per_second` (steps after the first two: warm-up) and `model_rss` (the
-    median resident memory after those steps) added."""
+def measure_fit(args: list[str], workdir: Path, timeout: float = 900, env: Optional[dict[str, str]] = None,
+                memory: bool = True) -> list[dict[str, Any]]:
+    """Run `lm fit <args>` in `workdir` with a `MemoryProbe` (and, with `memory`, the memory settings above);
+    return the ranks' records, with `tokens_per_second` (steps after the first two: warm-up) and `model_rss`
+    (the median resident memory after those steps) added.
+
+    Time speed with `memory=False`: the memory settings make every large allocation a fresh mapping whose
+    pages fault in on first touch, which slows a run, and some strategies far more than others (FSDP2's
+    gather and copy buffers: 13.5 s against 9.4 s per step of the 6 x 384 CPU recipe on 2 Zen 3 cores), so
+    tokens/s measured under them is not what a user's run gets."""
     workdir.mkdir(parents=True, exist_ok=True)
     overlay = workdir / "probe.yaml"
     atomic_write_text(overlay, json.dumps({"trainer": {"callbacks+": [
         {"class_path": "lm.plan.probe.MemoryProbe", "init_args": {"output": str(workdir / "probe")}}]}}))
-    env = {**os.environ, **MEASURE_ENV, **(env or {})}  # env: e.g. OMP_NUM_THREADS for a 1-thread run
+    env = {**os.environ, **(MEASURE_ENV if memory else {}), **(env or {})}  # env: e.g. OMP_NUM_THREADS=1
     command = [sys.executable, "-m", "lm", "fit", *args, "--config", str(overlay)]
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
@@ -113,10 +118,15 @@ def measure_fit(args: list[str], workdir: Path, timeout: float = 900,
 
 def measure_gloo(world_size: int = 2, sizes: tuple[int, ...] = (1, 1 << 20, 4 << 20)) -> dict[str, float]:
     """gloo's cost on this machine: `world_size` local processes (one thread each) time all-gathers and
-    reduce-scatters of `sizes` fp32 values per rank (median of 5 rounds). Returns the per-collective
-    latency (seconds: the time of the smallest size) and the bandwidth (bytes/s each rank moves, (N-1)/N
-    of the full tensor: the slope between the two largest sizes, so the latency's noise cancels): the
-    figures of the cpu entry of devices.yaml.
+    reduce-scatters of `sizes` fp32 values per rank (median of 5 rounds). Returns
+    - `bandwidth`: bytes/s each rank moves ((N-1)/N of the full tensor), the slope between the two largest
+      sizes, so the fixed cost's noise cancels;
+    - `idle_latency`: the time of the smallest size, issued back to back by ranks doing nothing else;
+    - `collective_latency`: the time of the smallest size issued the way a training step issues it, right
+      after a chunk of compute on every rank (`_after_compute`). The ranks finish their compute at slightly
+      different times and gloo's threads must be woken on cores busy with compute, so each such
+      collective costs several times the idle figure: this is the fixed cost per collective that
+      devices.yaml's cpu entry records and the plan charges.
     `python -c "from lm.plan.probe import measure_gloo; print(measure_gloo())"`."""
     import torch.multiprocessing as mp
 
@@ -135,7 +145,8 @@ def measure_gloo(world_size: int = 2, sizes: tuple[int, ...] = (1, 1 << 20, 4 <<
 
     small, large = sizes[-2], sizes[-1]
     moved = (large - small) * 4 * (world_size - 1)  # extra bytes each rank sends: (N-1)/N of the extra full tensor
-    return {"collective_latency": mean_time(sizes[0]), "bandwidth": moved / max(mean_time(large) - mean_time(small), 1e-9)}
+    return {"collective_latency": times["after_compute"], "idle_latency": mean_time(sizes[0]),
+            "bandwidth": moved / max(mean_time(large) - mean_time(small), 1e-9)}
 
 
 def _gloo_worker(rank: int, world_size: int, port: int, sizes: tuple[int, ...], queue, repeats: int = 10,
@@ -160,6 +171,40 @@ def _gloo_worker(rank: int, world_size: int, port: int, sizes: tuple[int, ...], 
                     collective()
                 rounds.append((time.perf_counter() - start) / repeats)
             times[(name, numel)] = statistics.median(rounds)
+    full, shard = torch.randn(world_size), torch.randn(1)
+    matmuls = torch.tensor([_matmuls_for(0.02)])
+    dist.all_reduce(matmuls, op=dist.ReduceOp.MAX)  # the same work on every rank, as in a training step
+    times["after_compute"] = _after_compute(lambda: dist.all_gather_single(full, shard), dist.barrier, int(matmuls))
     if rank == 0:
         queue.put(times)
     dist.destroy_process_group()
+
+
+def _matmuls_for(seconds: float) -> int:
+    """How many 256 x 256 matmuls take `seconds` on this process's thread."""
+    import torch
+
+    a = torch.randn(256, 256)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    return max(1, round(seconds / max((time.perf_counter() - start) / 10, 1e-6)))
+
+
+def _after_compute(collective, barrier, matmuls: int, rounds: int = 30) -> float:
+    """Median time of `collective` issued right after `matmuls` 256 x 256 matmuls on every rank, as FSDP's
+    and DDP's collectives come between chunks of a training step's compute (each round starts together)."""
+    import torch
+
+    a = torch.randn(256, 256)
+    collective()
+    times = []
+    for _ in range(rounds):
+        barrier()
+        for _ in range(matmuls):
+            a @ a
+        start = time.perf_counter()
+        collective()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
