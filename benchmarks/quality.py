@@ -89,7 +89,8 @@ def run_seed(args: argparse.Namespace, seed: int, fit_flags: list[str]) -> dict:
             (ROOT / folder / experiment).rename(workdir / folder / experiment)
     best = best_checkpoint(run_dir)
     result = {"seed": seed, "experiment": experiment, "best_checkpoint": str(best),
-              "fit_seconds": round(time.time() - start, 1), "precision": used_precision(fit.stderr + fit.stdout)}
+              "fit_seconds": round(time.time() - start, 1),
+              "precision": used_precision(fit.stderr + fit.stdout, workdir / "logs" / experiment)}
     result.update(training_record(workdir / "logs" / experiment, best))
     result.update(test_scores(best, args.test_file))
     print_run(result)
@@ -104,10 +105,16 @@ def best_checkpoint(run_dir: Path) -> Path:
     return candidates[0]
 
 
-def used_precision(log: str) -> str:
+def used_precision(log: str, log_dir: Path) -> str:
+    """The precision the run used: lm's log line when `trainer.precision: null` chose it, else the value in
+    the run's saved config (an explicit `--precision`)."""
     for line in log.splitlines():
         if "precision" in line.lower() and ("bf16" in line or "32" in line):
             return line.strip()[-160:]
+    for config in sorted(log_dir.glob("version_*/config.yaml")):
+        for line in config.read_text().splitlines():
+            if line.strip().startswith("precision:"):
+                return line.split(":", 1)[1].strip() + " (set explicitly)"
     return "(not logged)"
 
 

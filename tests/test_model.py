@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lm.errors import LMError
 from lm.model import GPT, GPTConfig
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
@@ -23,12 +24,19 @@ VARIANTS = {
     "dropout_eval": dict(dropout=0.2),
     "rope_mqa_qknorm": dict(position="rope", num_key_value_heads=1, qk_norm=True, norm="rmsnorm"),
     "relu2_softcap_zero_init": dict(activation="relu2", logit_softcap=3.0, zero_init_residual=True),
+    "residual_scalars": dict(residual_scalars=True),
 }
 
 
 def make_model(variant: str = "gpt2", seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY, **VARIANTS[variant], **overrides})).eval()
+    model = GPT(GPTConfig(**{**TINY, **VARIANTS[variant], **overrides})).eval()
+    if model.config.residual_scalars:  # away from their (identity) start, so the tests see the x0 mix
+        with torch.no_grad():
+            for i, block in enumerate(model.layers):
+                block.residual_scale.fill_(0.8 + 0.1 * i)
+                block.embedding_scale.fill_(0.5 - 0.2 * i)
+    return model
 
 
 def twin(model: GPT, **overrides) -> GPT:
@@ -145,6 +153,27 @@ def test_dropout_active_in_training_and_off_in_eval():
     assert not torch.allclose(model(ids), model(ids))
 
 
+def test_embedding_dropout_drops_whole_token_types_in_training_only():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, embedding_dropout=0.5))
+    ids = torch.arange(64).repeat(4).view(8, 32)  # every type, four times
+    model.eval()
+    torch.testing.assert_close(model(ids), make_model("gpt2")(ids))  # eval: same as without (same seed, same init)
+    model.train()
+    with torch.no_grad():
+        scale = model._embedding_keep_scale(ids)
+    assert set(scale.unique().tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1 / (1 - p)
+    for token in range(64):  # one draw per type: all its occurrences share it
+        assert scale[ids == token].unique().numel() == 1
+    dropped = (scale.view(-1)[:64] == 0).float().mean().item()  # the first 64 positions: each type once
+    assert 0.25 < dropped < 0.75
+    logits = model(ids)
+    logits.sum().backward()
+    assert model.embed_tokens.weight.grad is not None
+    with pytest.raises(LMError, match="embedding_dropout"):
+        GPTConfig(**TINY, embedding_dropout=1.0)
+
+
 # --------------------------------------------------------------------------------------- init
 def test_init_std_of_residual_projections():
     config = GPTConfig(vocab_size=64, hidden_size=256, num_hidden_layers=4, num_attention_heads=4)
@@ -167,6 +196,23 @@ def test_zero_init_residual_blocks_start_as_identity():
     ids = torch.randint(0, 64, (2, 10))
     x = model.embed_tokens(ids) + model.embed_positions(torch.arange(10))
     torch.testing.assert_close(model(ids), model.lm_head(model.norm(x)))  # every block adds nothing yet
+
+
+@torch.no_grad()
+def test_residual_scalars_start_as_the_plain_model_and_mix_in_the_embedding():
+    plain = make_model("gpt2")
+    torch.manual_seed(0)
+    scaled = GPT(GPTConfig(**TINY, residual_scalars=True)).eval()
+    scaled.load_state_dict(plain.state_dict(), strict=False)  # same weights; scalars at their start (1, 0)
+    ids = torch.randint(0, 64, (2, 10))
+    torch.testing.assert_close(scaled(ids), plain(ids))
+    block = scaled.layers[1]
+    block.residual_scale.fill_(0.5)
+    block.embedding_scale.fill_(2.0)
+    x, x0 = torch.randn(2, 10, 32), torch.randn(2, 10, 32)
+    torch.testing.assert_close(block(x, x0=x0), plain.layers[1](0.5 * x + 2.0 * x0))
+    assert not torch.allclose(scaled(ids), plain(ids))
+    assert {"layers.1.residual_scale", "layers.1.embedding_scale"} <= set(scaled.state_dict())
 
 
 @torch.no_grad()

@@ -147,7 +147,7 @@ def _saved_activation_bytes(model, input_ids) -> int:
 
 @pytest.mark.parametrize("variant", [{}, {"dropout": 0.1}, {"attention": "math"},
                                      {"activation": "swiglu", "position": "rope", "norm": "rmsnorm",
-                                      "num_key_value_heads": 2, "qk_norm": True}])
+                                      "num_key_value_heads": 2, "qk_norm": True}, {"residual_scalars": True}])
 def test_activation_formula_matches_what_autograd_saves_on_cpu(variant):
     import torch
 
@@ -163,7 +163,7 @@ def test_activation_formula_matches_what_autograd_saves_on_cpu(variant):
                        vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
                        kv_size=c.num_key_value_heads * c.head_dim, intermediate_size=c.intermediate_size,
                        activation=c.activation, attention=c.attention, position=c.position, qk_norm=c.qk_norm,
-                       dropout=c.dropout, largest_unit_parameters=0)
+                       dropout=c.dropout, largest_unit_parameters=0, residual_scalars=c.residual_scalars)
     measured = _saved_activation_bytes(model, torch.randint(0, 256, (4, 32)))
     planned = 4 * 32 * activation_bytes_per_token(shape, PRECISIONS["32-true"], cpu=True)
     assert planned == pytest.approx(measured, rel=0.1)

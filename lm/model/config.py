@@ -36,6 +36,11 @@ class GPTConfig:
             `attention_dropout` says otherwise).
         attention_dropout: Dropout on attention probabilities; `None`: `dropout`. 0 keeps the fused SDPA
             kernel on CPU (dropout inside attention falls back to the slower math kernel there).
+        embedding_dropout: In training, drop whole token *types* from the input embedding: each step every
+            vocabulary entry is dropped with this probability, and all its occurrences in the batch read a
+            zero vector (the rest are scaled by 1 / (1 - p)). AWD-LSTM's embedding dropout (Merity et al.
+            2018): a word's vector cannot be memorized together with its contexts, so a small corpus is
+            learned from the surrounding words too. The LM head (tied or not) is never dropped. 0: off.
         bias: Biases in linear layers and LayerNorm.
         tie_embeddings: Share the token embedding matrix with the LM head.
         norm: `layernorm` or `rmsnorm`.
@@ -53,6 +58,10 @@ class GPTConfig:
             N(0, std / sqrt(2 * layers))).
         logit_softcap: If set, logits = cap * tanh(logits / cap) (Gemma 2): bounds the logits smoothly,
             so no token gets an extreme score early in training. `None`: plain logits.
+        residual_scalars: Two learned scalars per block (the modded-nanoGPT speedruns): before each block
+            the stream becomes `residual_scale * x + embedding_scale * x0`, where x0 is the (dropped-out)
+            embedding the first block read. They start at 1 and 0 (the plain residual stream), so a deep
+            block can keep reading the tokens themselves and each block can weigh the stream it gets.
     """
 
     vocab_size: int = 8192
@@ -64,6 +73,7 @@ class GPTConfig:
     max_position_embeddings: int = 256
     dropout: float = 0.0
     attention_dropout: Optional[float] = None
+    embedding_dropout: float = 0.0
     bias: bool = True
     tie_embeddings: bool = True
     norm: Norm = "layernorm"
@@ -76,6 +86,7 @@ class GPTConfig:
     init_std: float = 0.02
     zero_init_residual: bool = False
     logit_softcap: Optional[float] = None
+    residual_scalars: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
@@ -99,7 +110,7 @@ class GPTConfig:
             raise LMError(f"intermediate_size must be positive, got {self.intermediate_size}.")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise LMError(f"logit_softcap must be positive (or null for none), got {self.logit_softcap}.")
-        for name in ("dropout", "attention_dropout"):
+        for name in ("dropout", "attention_dropout", "embedding_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise LMError(f"{name} must be in [0, 1), got {value}.")

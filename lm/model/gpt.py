@@ -4,7 +4,9 @@ Notable features (each a `GPTConfig` value, see config.py):
 - pre-norm residual blocks with LayerNorm or RMSNorm;
 - learned, sinusoidal or rotary (RoPE) positions;
 - multi-head, grouped-query or multi-query attention, optional QK-norm, fused SDPA or plain math;
-- GELU, ReLU² or SwiGLU MLP; tied or untied embeddings; bias on/off; dropout; optional logit soft-capping;
+- GELU, ReLU² or SwiGLU MLP; tied or untied embeddings; bias on/off; dropout (and AWD-LSTM's dropout of
+  whole token types from the input embedding); optional logit soft-capping;
+- optional learned residual scalars: each block reads a learned mix of the stream and the embedding;
 - GPT-2 initialization: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers) so the
   residual stream's variance does not grow with depth (or zero, so every block starts as the identity);
 - a preallocated KV cache for generation (prefill once, then one token per step);
@@ -91,12 +93,15 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)
         x = self.embed_tokens(input_ids)
+        if self.training and self.config.embedding_dropout > 0:
+            x = x * self._embedding_keep_scale(input_ids)
         if self.embed_positions is not None:
             x = x + self.embed_positions(position_ids)
         x = self.dropout(x)
         rotary = self.rotary(position_ids) if self.rotary is not None else None
+        x0 = x if self.config.residual_scalars else None  # blocks mix the embedding back in (residual_scalars)
         for block in self.layers:
-            x = block(x, rotary, kv_cache, attention_mask)
+            x = block(x, rotary, kv_cache, attention_mask, x0=x0) if x0 is not None else block(x, rotary, kv_cache, attention_mask)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.norm(x)
@@ -106,6 +111,14 @@ class GPT(nn.Module):
         if self.config.logit_softcap is not None:  # smooth bound: cap * tanh(logits / cap)
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         return logits
+
+    def _embedding_keep_scale(self, input_ids: Tensor) -> Tensor:
+        """(B, T, 1) factors of `embedding_dropout`: 0 for the token types dropped this step, 1 / (1 - p)
+        for the others. One draw per vocabulary entry, so every occurrence of a dropped type is dropped."""
+        keep = 1.0 - self.config.embedding_dropout
+        weight = self.embed_tokens.weight
+        scale = torch.empty(weight.shape[0], device=weight.device, dtype=weight.dtype).bernoulli_(keep) / keep
+        return scale[input_ids].unsqueeze(-1)
 
     def prepare_for_inference(self, compile: bool = False) -> "GPT":
         """Faster CPU decoding, logits unchanged to float rounding (see lm/model/inference.py); returns

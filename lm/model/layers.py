@@ -255,7 +255,11 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], drop
 
 # --------------------------------------------------------------------------------------- block
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `residual_scalars` the block first mixes its input with the embedding `x0`:
+    x = residual_scale * x + embedding_scale * x0 (learned, starting at 1 and 0).
+    """
 
     def __init__(self, config: GPTConfig, layer_idx: int = 0,
                  attention_class: type[CausalSelfAttention] = CausalSelfAttention):
@@ -264,8 +268,13 @@ class Block(nn.Module):
         self.attn = attention_class(config, layer_idx)
         self.mlp_norm = make_norm(config)
         self.mlp = make_mlp(config)
+        if config.residual_scalars:
+            self.residual_scale = nn.Parameter(torch.ones(()))
+            self.embedding_scale = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: Tensor, rotary=None, kv_cache: Optional[KVCache] = None,
-                attention_mask: Optional[Tensor] = None) -> Tensor:
+                attention_mask: Optional[Tensor] = None, x0: Optional[Tensor] = None) -> Tensor:
+        if x0 is not None:
+            x = self.residual_scale * x + self.embedding_scale * x0
         x = x + self.attn(self.attn_norm(x), rotary, kv_cache, attention_mask)
         return x + self.mlp(self.mlp_norm(x))

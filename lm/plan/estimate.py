@@ -85,6 +85,8 @@ def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool 
     if m.qk_norm:
         block += (h + kv) * c
     block += 2 * h * mask                                        # residual dropout masks
+    if m.residual_scalars:
+        block += h * p.residual                                  # the unmixed input (scalar gradients)
     if math_attention:  # per score: fp32 softmax, its cast to the compute dtype, dropout mask + output
         scores = m.num_heads * m.sequence_length
         score_mask = (c if cpu else 1) if attention_dropout > 0 else 0

@@ -48,6 +48,7 @@ class ModelShape:
     optimizer_flops: float = 0.0    # per optimizer step and device: Muon's Newton-Schulz iterations (AdamW ~0)
     num_units: int = 1              # FSDP units: the blocks and the root (embeddings, final norm, head)
     attention_dropout: Optional[float] = None  # None: `dropout`
+    residual_scalars: bool = False  # each block keeps its unmixed input for the scalars' gradients
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
         intermediate_size=c.intermediate_size, activation=c.activation, attention=c.attention, position=c.position,
         qk_norm=c.qk_norm, dropout=c.dropout, attention_dropout=c.attention_dropout, largest_unit_parameters=max(block_sizes + [root]),
         optimizer_states=states, optimizer_flops=optimizer_flops, num_units=len(block_sizes) + 1,
+        residual_scalars=c.residual_scalars,
     )
 
 
