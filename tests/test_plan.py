@@ -40,10 +40,13 @@ def test_param_and_flop_counts_equal_the_models_own(overlay):
     base = yaml.safe_load(Path(CPU_RECIPE).read_text())  # what the recipe sets beyond TINY
     context, data = base["model"]["config"]["max_position_embeddings"], base["data"]
     recipe = read_recipe(["--config", CPU_RECIPE, *overlay, *TINY])
+    variant = {k: base["model"]["config"][k] for k in ("dropout", "position", "qk_norm", "activation", "norm", "bias")
+               if k in base["model"]["config"]}
+    if overlay:
+        variant.update(position="rope", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=False,
+                       num_key_value_heads=2, qk_norm=False)
     config = GPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       max_position_embeddings=context, dropout=base["model"]["config"]["dropout"],
-                       **({"position": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False,
-                           "tie_embeddings": False, "num_key_value_heads": 2} if overlay else {}))
+                       max_position_embeddings=context, **variant)
     model = GPT(config)
     assert recipe.model.parameters == model.num_parameters()
     assert recipe.model.non_embedding_parameters == model.num_parameters(exclude_embeddings=True)
