@@ -111,10 +111,12 @@ def used_precision(log: str, log_dir: Path) -> str:
     for line in log.splitlines():
         if "precision" in line.lower() and ("bf16" in line or "32" in line):
             return line.strip()[-160:]
+    import yaml
+
     for config in sorted(log_dir.glob("version_*/config.yaml")):
-        for line in config.read_text().splitlines():
-            if line.strip().startswith("precision:"):
-                return line.split(":", 1)[1].strip() + " (set explicitly)"
+        precision = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("precision")
+        if precision is not None:
+            return f"{precision} (set explicitly)"
     return "(not logged)"
 
 
