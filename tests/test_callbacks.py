@@ -57,12 +57,24 @@ def test_top_k_overlay_keeps_k_best_by_val_loss_plus_last(workdir, corpus_files)
 
 
 def test_last_checkpoint_holds_the_final_step_after_the_last_validation(workdir, corpus_files):
-    """12 steps, validation every 5: Lightning alone leaves last.ckpt at step 10."""
+    """12 steps, validation every 5: Lightning alone leaves last.ckpt at step 10, and never validates step 12."""
     fit(workdir, corpus_files, "--trainer.val_check_interval", "5")
     ckpt_dir = workdir / "checkpoints" / "cb"
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 12
-    best = [p.name for p in ckpt_dir.glob("step*.ckpt")]  # top-k still comes from validations only
-    assert len(best) == 1 and best[0].startswith(("step000005-", "step000010-")), best
+    val_steps = sorted(tb_scalars(workdir / "logs" / "cb")["val/loss"])
+    assert len(val_steps) == 3 and val_steps[-1] == 11, val_steps  # 5, 10 and the final weights (step 12)
+    best = [p.name for p in ckpt_dir.glob("step*.ckpt")]  # top-k comes from those validations
+    assert len(best) == 1 and best[0].startswith(("step000005-", "step000010-", "step000012-")), best
+
+
+def test_a_fit_ending_by_max_epochs_validates_its_final_weights(workdir, corpus_files):
+    """max_epochs 1 ends the fit on the epoch's last batch, between two validations every 1000 batches."""
+    fit(workdir, corpus_files, "--trainer.max_steps", "-1", "--trainer.max_epochs", "1",
+        "--trainer.val_check_interval", "1000", "--trainer.check_val_every_n_epoch", "null",
+        "--data.samples_per_epoch", "40")  # 5 batches of 8
+    val_steps = sorted(tb_scalars(workdir / "logs" / "cb")["val/loss"])
+    assert val_steps == [4], val_steps  # the fifth and last step
+    assert [p.name[:10] for p in (workdir / "checkpoints" / "cb").glob("step*.ckpt")] == ["step000005"]
 
 
 # --------------------------------------------------------------------------- LearningRateMonitor

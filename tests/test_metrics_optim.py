@@ -85,6 +85,21 @@ def test_wsd_schedule_is_flat_then_cools_down_linearly():
     assert lr_multiplier(50, 0.9, 5, 0.1, "wsd", cooldown_fraction=0.2) == pytest.approx(0.55)  # halfway down
     assert all(a >= b for a, b in zip(lrs[stable_end:], lrs[stable_end + 1:]))
 
+    # cooldown_fraction 1.0: a linear decay from the peak at the end of warm-up to the floor at the end
+    linear = [lr_multiplier(step, (step - 5) / 95, 5, 0.1, "wsd", cooldown_fraction=1.0) for step in range(5, 101)]
+    assert linear[0] == pytest.approx(1.0) and linear[-1] == pytest.approx(0.1)
+    assert linear[48] == pytest.approx(1.0 - 0.9 * 48 / 95)
+
+
+def test_cooldown_fraction_outside_its_range_is_refused():
+    from lm.errors import LMError
+    from lm.modules import LanguageModel
+
+    config = GPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16)
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(LMError, match=r"cooldown_fraction must be in \(0, 1\]"):
+            LanguageModel(config, schedule="wsd", cooldown_fraction=bad)
+
 
 def test_time_bounded_run_schedules_by_wall_clock():
     """With trainer.max_time and no max_steps, progress is elapsed / budget; with both, the further along."""

@@ -52,7 +52,8 @@ class LanguageModel(L.LightningModule):
         max_steps: Steps over which the LR decays; default: the Trainer's total optimizer steps.
         schedule: After warm-up, `cosine` decay or `wsd` (warmup-stable-decay: constant, then a linear
             cooldown over the last `cooldown_fraction` of the run). See `lm.optim.lr_multiplier`.
-        cooldown_fraction: `wsd`: the share of the run spent cooling down.
+        cooldown_fraction: `wsd`: the share of the run spent cooling down, in (0, 1]; 1.0 is a linear decay
+            from the peak right after warm-up.
             A run bounded by `trainer.max_time` decays by wall-clock: the schedule reaches its end when the
             time runs out (or when max_steps does, whichever comes first).
         fused_adamw: Use the fused AdamW kernel (default: where the device has one).
@@ -83,7 +84,7 @@ class LanguageModel(L.LightningModule):
         init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
-        _check_optimizer_settings(learning_rate, min_learning_rate, weight_decay, warmup_steps)
+        _check_optimizer_settings(learning_rate, min_learning_rate, weight_decay, warmup_steps, cooldown_fraction)
         # A dict when reloaded from a checkpoint's plain hyper-parameters; copied either way so the
         # shared default instance is never mutated.
         self.config = GPTConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
@@ -204,6 +205,18 @@ class LanguageModel(L.LightningModule):
         self.log("train/tokens_per_step", float(tokens_per_step), on_step=True, on_epoch=False)
         # From the (checkpointed) step counter, so it survives a resume; exact while the batch shape is fixed.
         self.log("train/tokens_seen", float(trainer.global_step * tokens_per_step), on_step=True, on_epoch=False)
+        # Lightning validates on the way out only when something sets `should_stop` (max_time's Timer, early
+        # stopping). A fit that ends by max_steps or max_epochs between two `val_check_interval` points would
+        # never validate its final, often best, weights: ask for the stop on the last batch, so it does.
+        if self._is_last_training_batch():
+            trainer.should_stop = True
+
+    def _is_last_training_batch(self) -> bool:
+        trainer = self.trainer
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            return True
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: LanguageModelingMetrics) -> Tensor:
         input_ids, targets = batch
@@ -304,7 +317,7 @@ def attached_trainer(module: L.LightningModule) -> Optional[L.Trainer]:
 
 
 def _check_optimizer_settings(learning_rate: float, min_learning_rate: Optional[float], weight_decay: float,
-                              warmup_steps: int) -> None:
+                              warmup_steps: int, cooldown_fraction: float = 0.2) -> None:
     """Refuse impossible optimizer settings when the run is configured (AdamW would raise deep in Lightning)."""
     if not learning_rate > 0:
         raise LMError(f"model.learning_rate must be positive, got {learning_rate}: e.g. --model.learning_rate 1e-3.")
@@ -314,3 +327,6 @@ def _check_optimizer_settings(learning_rate: float, min_learning_rate: Optional[
         raise LMError(f"model.weight_decay must be >= 0, got {weight_decay}: e.g. --model.weight_decay 0.1.")
     if warmup_steps < 0:
         raise LMError(f"model.warmup_steps must be >= 0, got {warmup_steps}.")
+    if not 0 < cooldown_fraction <= 1:
+        raise LMError(f"model.cooldown_fraction must be in (0, 1], got {cooldown_fraction}: the share of the run "
+                      f"spent decaying the LR (1.0: a linear decay from the end of warm-up).")
