@@ -55,7 +55,7 @@ class LanguageModel(L.LightningModule):
         cooldown_fraction: `wsd`: the share of the run spent cooling down, in (0, 1]; 1.0 is a linear decay
             from the peak right after warm-up.
             A run bounded by `trainer.max_time` decays by wall-clock: the schedule reaches its end when the
-            time runs out (or when max_steps does, whichever comes first).
+            time runs out (or when max_steps or max_epochs end it, whichever comes first).
         fused_adamw: Use the fused AdamW kernel (default: where the device has one).
         compile: Compile the transformer with `torch.compile` (slow first step, faster after; GPU mostly).
         sampling: `lm predict`: how to complete the prompts (`SamplingOptions`; batch i of a run uses
