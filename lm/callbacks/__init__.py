@@ -1,7 +1,7 @@
 """Training callbacks for `lm fit`, one file each, each selectable from YAML (overlays in
 experiments/trainer/callbacks/, appended with `callbacks+:` so they combine).
 
-- `LastStepCheckpoint` (checkpoint.py): ModelCheckpoint whose `last.ckpt` holds a finished fit's final step.
+- `LastStepCheckpoint` (checkpoint.py): ModelCheckpoint whose `last.ckpt` holds a finished fit's final step, validated.
 - `RNGStateCheckpoint` (rng_state.py): saves the random generators in checkpoints, restores them on resume.
 - `TokenThroughputMonitor` (throughput.py): tokens/s, FLOP/s and MFU; `measure_matmul_flops` for the peak.
 - `TextSampler` (text_sampler.py): completions of fixed prompts every N steps, logged as text.

@@ -1,4 +1,5 @@
-"""`LastStepCheckpoint`: Lightning's ModelCheckpoint whose `last.ckpt` always holds a finished fit's final step;
+"""`LastStepCheckpoint`: Lightning's ModelCheckpoint whose `last.ckpt` always holds a finished fit's final step
+(and whose final weights are always validated);
 `last_good_checkpoint`, the newest checkpoint a run wrote (for error messages); and what keeps a run from
 training for hours to save nothing: `check_run_outputs` (checkpoints/ and logs/ writable, with room for
 the checkpoints, before training starts) and `DurableCheckpointIO` (a failed save stops the run)."""
@@ -28,9 +29,19 @@ class LastStepCheckpoint(ModelCheckpoint):
     one: the steps after the last validation were lost. Here `on_train_end` writes it once more when
     the run has moved on since the last save. A run stopped by `NonFiniteGuard` raises instead of
     ending, so its `last.ckpt` keeps the last finite weights.
+
+    The final weights are also validated, so the best checkpoint can be the last step: Lightning validates
+    on the way out only when something sets `should_stop` (max_time's Timer, early stopping), and a fit
+    that ended by max_steps or max_epochs between two `val_check_interval` points never validated them.
+    Here the last batch of such a fit asks for the stop, and Lightning validates it.
     """
 
     _saved_at_step: Optional[int] = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        if _is_last_training_batch(trainer):
+            trainer.should_stop = True
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Every save of this callback writes last.ckpt too (save_last), so this is last.ckpt's step.
@@ -40,6 +51,14 @@ class LastStepCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self.save_last and self.last_model_path and self._saved_at_step != trainer.global_step:
             trainer.save_checkpoint(self.last_model_path)
+
+
+def _is_last_training_batch(trainer: Trainer) -> bool:
+    """Whether the batch that just ran is the fit's last one by `max_steps` or `max_epochs`."""
+    if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+    return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
 def last_good_checkpoint(trainer: Trainer) -> Optional[tuple[str, int]]:

@@ -205,18 +205,6 @@ class LanguageModel(L.LightningModule):
         self.log("train/tokens_per_step", float(tokens_per_step), on_step=True, on_epoch=False)
         # From the (checkpointed) step counter, so it survives a resume; exact while the batch shape is fixed.
         self.log("train/tokens_seen", float(trainer.global_step * tokens_per_step), on_step=True, on_epoch=False)
-        # Lightning validates on the way out only when something sets `should_stop` (max_time's Timer, early
-        # stopping). A fit that ends by max_steps or max_epochs between two `val_check_interval` points would
-        # never validate its final, often best, weights: ask for the stop on the last batch, so it does.
-        if self._is_last_training_batch():
-            trainer.should_stop = True
-
-    def _is_last_training_batch(self) -> bool:
-        trainer = self.trainer
-        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
-            return True
-        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
-        return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: LanguageModelingMetrics) -> Tensor:
         input_ids, targets = batch
@@ -317,7 +305,7 @@ def attached_trainer(module: L.LightningModule) -> Optional[L.Trainer]:
 
 
 def _check_optimizer_settings(learning_rate: float, min_learning_rate: Optional[float], weight_decay: float,
-                              warmup_steps: int, cooldown_fraction: float = 0.2) -> None:
+                              warmup_steps: int, cooldown_fraction: float) -> None:
     """Refuse impossible optimizer settings when the run is configured (AdamW would raise deep in Lightning)."""
     if not learning_rate > 0:
         raise LMError(f"model.learning_rate must be positive, got {learning_rate}: e.g. --model.learning_rate 1e-3.")
