@@ -252,12 +252,15 @@ def test_hf_export_names_the_unsupported_feature(tokenizer, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-def test_onnx_export_runs_in_onnxruntime(tokenizer, tmp_path):
+@pytest.mark.parametrize("context_cache", [False, True])
+def test_onnx_export_runs_in_onnxruntime(tokenizer, tmp_path, context_cache):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from lm.export.onnx import export_onnx
 
-    model = tiny_gpt()
+    model = tiny_gpt(context_cache=context_cache)
+    if context_cache:  # the graph holds the calibrated mixture (with a copy from the window to make)
+        model.context_cache.weight.fill_(0.3), model.context_cache.temperature.fill_(1.1)
     export_onnx(model, tokenizer, tmp_path / "onnx")
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     for x in (ids(tokenizer, 20), ids(tokenizer, 1), torch.cat([ids(tokenizer, 7)] * 3)):  # dynamic batch / length

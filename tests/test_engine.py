@@ -70,8 +70,9 @@ def scalars(log_dir: Path, tag: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def parallel_runs(tmp_path_factory):
-    """Four runs of the same 5 steps on the same global batch of 8 windows, launched together:
-    1 process x batch 8 | DDP 2 x 4 | FSDP2 2 x 4 | 1 process x 4 x accumulate 2."""
+    """Five runs of the same 5 steps on the same global batch of 8 windows, launched together:
+    1 process x batch 8 | DDP 2 x 4 | FSDP2 2 x 4 | DDP 2 x 4 with the context cache | 1 process x 4 x
+    accumulate 2."""
     from tests.conftest import make_corpus
 
     root = tmp_path_factory.mktemp("engine")
@@ -88,6 +89,7 @@ def parallel_runs(tmp_path_factory):
         "single": (8, ["--trainer.devices", "1"]),
         "ddp": (4, ["--config", str(TRAINER_DIR / "ddp.yaml")]),
         "fsdp2": (4, ["--config", str(TRAINER_DIR / "fsdp2_cpu.yaml")]),
+        "ddp_cache": (4, ["--config", str(TRAINER_DIR / "ddp.yaml"), "--model.config.context_cache", "true"]),
         "accumulate": (4, ["--trainer.devices", "1", "--trainer.accumulate_grad_batches", "2",
                            "--trainer.val_check_interval", str(2 * STEPS)]),
     }
@@ -125,6 +127,11 @@ def test_ddp_two_processes_match_one_process_with_double_batch(parallel_runs):
     assert len(data.val_dataset) % 2 == 1, "the fixture's validation split must give an odd number of windows"
     single_val, ddp_val = scalars(root / "single" / "logs", "val/loss"), scalars(root / "ddp" / "logs", "val/loss")
     assert ddp_val[STEPS - 1] == pytest.approx(single_val[STEPS - 1], abs=1e-4)
+    # The context cache's calibration under DDP: the grid is summed over both ranks, so the softmax alone
+    # scores what the single process scored, and the calibrated loss can only be lower.
+    cache_plain = scalars(root / "ddp_cache" / "logs", "val/plain_loss")[STEPS - 1]
+    assert cache_plain == pytest.approx(single_val[STEPS - 1], abs=1e-4)
+    assert scalars(root / "ddp_cache" / "logs", "val/loss")[STEPS - 1] <= cache_plain + 1e-6
     # Effective batch in tokens: 2 ranks x 4 windows x 16 tokens = 1 x 8 x 16.
     for name in ("single", "ddp"):
         assert set(scalars(root / name / "logs", "train/tokens_per_step").values()) == {128.0}

@@ -61,8 +61,23 @@ PROMPTS = ["The river", "A small town was built in", " = = Section 1 = = \n The 
            "The railway became famous in the early spring", " = Article number 3 = ", "This species is found"]
 
 
-def test_greedy_batched_equals_alone_with_joins_leaves_and_shifts(model_and_tokenizer, monkeypatch):
+def with_context_cache(model):
+    """The same weights with a calibrated context cache: the engine must move its hidden states and ids too."""
+    from dataclasses import replace
+
+    from lm.model import GPT
+
+    cached = GPT(replace(model.config, context_cache=True))
+    cached.load_state_dict(model.state_dict(), strict=False)
+    cached.context_cache.weight.fill_(0.3), cached.context_cache.temperature.fill_(1.1)
+    return cached.eval()
+
+
+@pytest.mark.parametrize("context_cache", [False, True])
+def test_greedy_batched_equals_alone_with_joins_leaves_and_shifts(model_and_tokenizer, monkeypatch, context_cache):
     model, tokenizer = model_and_tokenizer
+    if context_cache:
+        model = with_context_cache(model)
     engine = BatchEngine(model, tokenizer, max_batch_size=3)
     shifts = []
     original_shift = engine._shift

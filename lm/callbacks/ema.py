@@ -9,7 +9,9 @@ training ends. This subclass fixes two things for `lm`:
   keeps the initial weights until then, so a run shorter than the start step would validate, save and
   finish with its untrained initialization;
 - only parameters are averaged and swapped: the model's buffers (rotary tables, the tokenizer's byte
-  lengths) are constants, and integer buffers must not go through a float average.
+  lengths, the context cache's calibration) are not weights, and integer buffers must not go through a
+  float average. The checkpoint's `state_dict` takes them from the model, not from the average's copy
+  (made when the run started: a buffer set since, like a calibration, would be saved stale).
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ class ExponentialMovingAverage(EMAWeightAveraging):
                           f"shards it (FSDP modules cannot be copied): drop the callback for sharded runs (the FSDP "
                           f"overlays in experiments/trainer/ set trainer.callbacks: []) or train with DDP.")
         super().setup(trainer, pl_module, stage)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._average_model is not None:
+            state = checkpoint["state_dict"]
+            for name, buffer in pl_module.named_buffers():
+                if name in state:  # persistent buffers only
+                    state[name] = buffer.detach().clone()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

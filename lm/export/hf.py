@@ -28,8 +28,8 @@ from lm.model import GPT, GPTConfig
 
 # What each architecture needs from a GPTConfig: field -> required value.
 _REQUIREMENTS = {
-    "gpt2": {"norm": "layernorm", "position": "learned", "activation": "gelu", "qk_norm": False, "logit_softcap": None, "residual_scalars": False},
-    "llama": {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "qk_norm": False, "logit_softcap": None, "residual_scalars": False},
+    "gpt2": {"norm": "layernorm", "position": "learned", "activation": "gelu", "qk_norm": False, "logit_softcap": None, "residual_scalars": False, "context_cache": False},
+    "llama": {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "qk_norm": False, "logit_softcap": None, "residual_scalars": False, "context_cache": False},
 }
 
 

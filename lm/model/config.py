@@ -62,6 +62,10 @@ class GPTConfig:
             the stream becomes `residual_scale * x + embedding_scale * x0`, where x0 is the (dropped-out)
             embedding the first block read. They start at 1 and 0 (the plain residual stream), so a deep
             block can keep reading the tokens themselves and each block can weigh the stream it gets.
+        context_cache: In evaluation, mix a copy distribution over the window's earlier tokens into the
+            softmax (a neural cache, Grave et al. 2017, limited to the model's own context), with a
+            softmax temperature; both are calibrated on the validation text whenever `lm fit` validates
+            (lm/model/context_cache.py). Training is unchanged. Until calibrated: the plain softmax.
     """
 
     vocab_size: int = 8192
@@ -87,6 +91,7 @@ class GPTConfig:
     zero_init_residual: bool = False
     logit_softcap: Optional[float] = None
     residual_scalars: bool = False
+    context_cache: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):

@@ -7,6 +7,8 @@ Notable features (each a `GPTConfig` value, see config.py):
 - GELU, ReLU² or SwiGLU MLP; tied or untied embeddings; bias on/off; dropout (and AWD-LSTM's dropout of
   whole token types from the input embedding); optional logit soft-capping;
 - optional learned residual scalars: each block reads a learned mix of the stream and the embedding;
+- an optional context cache (context_cache.py): in evaluation, a copy distribution over the window's
+  earlier tokens is mixed into the softmax, with a temperature, both calibrated on validation text;
 - GPT-2 initialization: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers) so the
   residual stream's variance does not grow with depth (or zero, so every block starts as the identity);
 - a preallocated KV cache for generation (prefill once, then one token per step);
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from lm.errors import LMError
 from lm.model import inference
 from lm.model.config import GPTConfig
+from lm.model.context_cache import ContextCache
 from lm.model.layers import (Block, CausalSelfAttention, KVCache, LearnedPositions, RotaryPositions,
                              SinusoidalPositions, make_norm)
 
@@ -53,6 +56,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.context_cache = ContextCache() if config.context_cache else None
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -79,6 +83,9 @@ class GPT(nn.Module):
             attention_mask: (B, past + T) with 1 for real tokens, 0 for padding keys to ignore.
             return_hidden: return the final-norm hidden states (B, T, hidden) instead of logits: the
                 features a task head (e.g. a classifier) reads.
+
+        With a context cache, outside training, the result is the log of the cache's mixture (a softmax
+        of it gives the mixture, so it is used as logits everywhere).
         """
         if input_ids.dim() != 2:
             raise LMError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}.")
@@ -107,10 +114,37 @@ class GPT(nn.Module):
         x = self.norm(x)
         if return_hidden:
             return x
-        logits = self.lm_head(x)
+        logits = self.head(x)
+        if self.context_cache is not None and not self.training:
+            logits = self._mix_context_cache(logits, x, input_ids, kv_cache, past, attention_mask)
+        return logits
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """The LM head's logits (B, T, vocab) for final hidden states: `forward` without the context cache."""
+        logits = self.lm_head(hidden)
         if self.config.logit_softcap is not None:  # smooth bound: cap * tanh(logits / cap)
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         return logits
+
+    def _mix_context_cache(self, logits: Tensor, hidden: Tensor, input_ids: Tensor, kv_cache: Optional[KVCache],
+                           past: int, attention_mask: Optional[Tensor]) -> Tensor:
+        """The context cache's mixture for these positions. Key i (an earlier position) offers the token
+        that followed it, i + 1; query t may use keys i < t. With a KV cache, the earlier positions'
+        hidden states and ids come from it (generation sees the same distribution as `lm eval`)."""
+        B, T = input_ids.shape
+        if kv_cache is not None:
+            hidden_all, ids_all = kv_cache.write_context(past, hidden, input_ids)
+        else:
+            hidden_all, ids_all = hidden, input_ids
+        total = past + T
+        keys, next_ids = hidden_all[:, :total - 1], ids_all[:, 1:total]
+        query_positions = torch.arange(past, total, device=input_ids.device)
+        key_mask = torch.arange(total - 1, device=input_ids.device)[None, :] < query_positions[:, None]  # (T, total-1)
+        key_mask = key_mask.expand(B, T, total - 1)
+        if attention_mask is not None:  # a key and the token after it must both be real
+            real = attention_mask[:, :total].bool()
+            key_mask = key_mask & (real[:, :-1] & real[:, 1:])[:, None, :]
+        return self.context_cache(logits, hidden, keys, next_ids, key_mask)
 
     def _embedding_keep_scale(self, input_ids: Tensor) -> Tensor:
         """(B, T, 1) factors of `embedding_dropout`: 0 for the token types dropped this step, 1 / (1 - p)

@@ -142,6 +142,11 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_length = max_length
         self.length = 0
+        # The context cache (config.context_cache) copies from earlier positions: it keeps their final
+        # hidden states and token ids.
+        self.hidden = torch.zeros(batch_size, max_length, config.hidden_size, device=device, dtype=dtype) \
+            if config.context_cache else None
+        self.ids = torch.zeros(batch_size, max_length, dtype=torch.long, device=device) if config.context_cache else None
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new keys/values (B, kv_heads, T, head_dim) after the cached ones; return all of them."""
@@ -151,6 +156,14 @@ class KVCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def write_context(self, start: int, hidden: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the final hidden states (B, T, D) and ids (B, T) of positions start.. for the context
+        cache; return those of every position so far."""
+        end = start + ids.shape[1]
+        self.hidden[:, start:end] = hidden
+        self.ids[:, start:end] = ids
+        return self.hidden[:, :end], self.ids[:, :end]
 
 
 # ------------------------------------------------------------------------------------ attention

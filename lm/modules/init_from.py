@@ -77,7 +77,8 @@ def check_fits(path: str | Path, model: nn.Module, run_config: GPTConfig, parts:
         own = model.state_dict()
         problems = [f"{k}: this run {tuple(own[k].shape)}, checkpoint {tuple(v.shape)}"
                     for k, v in parts.state_dict.items() if k in own and own[k].shape != v.shape]
-        missing = sorted(set(own) - set(parts.state_dict))
+        # The context cache's calibration is not a weight: a run may add it to a checkpoint without one.
+        missing = sorted(k for k in set(own) - set(parts.state_dict) if not k.startswith("context_cache."))
         if missing:
             problems.append(f"weights the checkpoint lacks: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if problems:

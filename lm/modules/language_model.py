@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lm.errors import LMError
-from lm.metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
+from lm.metrics import IGNORE_INDEX, GridMetrics, LanguageModelingMetrics, token_nll
 from lm.model import GPT, GPTConfig, SamplingOptions, generate_text
 from lm.optim import OptimizerName, Schedule, build_optimizer, lr_multiplier, step_progress
 
@@ -99,6 +99,8 @@ class LanguageModel(L.LightningModule):
         self.register_buffer("token_bytes", torch.zeros(self.config.vocab_size, dtype=torch.long), persistent=False)
         self.val_metrics = LanguageModelingMetrics()
         self.test_metrics = LanguageModelingMetrics()
+        cache = self._context_cache()  # calibrated on the validation text (lm/model/context_cache.py)
+        self.val_cache_metrics = GridMetrics(cache.grid_shape()) if cache is not None else None
         self._compiled = False
         self._sharded = False
 
@@ -206,16 +208,24 @@ class LanguageModel(L.LightningModule):
         # From the (checkpointed) step counter, so it survives a resume; exact while the batch shape is fixed.
         self.log("train/tokens_seen", float(trainer.global_step * tokens_per_step), on_step=True, on_epoch=False)
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: LanguageModelingMetrics) -> Tensor:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: LanguageModelingMetrics,
+                   calibrate_cache: bool = False) -> Tensor:
         input_ids, targets = batch
-        nll, num_tokens = token_nll(self(input_ids), targets)  # never the (overridable) objective
         valid = targets != IGNORE_INDEX
         num_bytes = self.token_bytes[targets.clamp(min=0)][valid].sum()
+        if calibrate_cache:  # the plain softmax's logits, and the cache's NLL at every grid point
+            hidden = self.model(input_ids, return_hidden=True)
+            logits = self.model.head(hidden)
+            grid = self.model.context_cache.grid_nll(logits, hidden, input_ids, targets, IGNORE_INDEX)
+            self.val_cache_metrics.update(grid, valid.sum(), num_bytes)
+        else:
+            logits = self(input_ids)
+        nll, num_tokens = token_nll(logits, targets)  # never the (overridable) objective
         metrics.update(nll, num_tokens, num_bytes)
         return nll / num_tokens.clamp(min=1)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._eval_step(batch, self.val_metrics)
+        return self._eval_step(batch, self.val_metrics, calibrate_cache=self.val_cache_metrics is not None)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._eval_step(batch, self.test_metrics)
@@ -227,7 +237,26 @@ class LanguageModel(L.LightningModule):
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics)
+        if self.val_cache_metrics is None:
+            self._log_metrics("val", self.val_metrics)
+            return
+        # With a context cache `val/*` are the calibrated model's (the one saved and tested); the plain
+        # softmax's loss is `val/plain_loss`. Choosing 3 scalars on the validation text is like choosing
+        # the checkpoint on it: the test text stays unseen.
+        plain = self.val_metrics.compute()
+        self.val_metrics.reset()
+        calibrated = self.val_cache_metrics.compute()
+        self.val_cache_metrics.reset()
+        sharpness, weight, temperature = self.model.context_cache.set_from_grid(calibrated.pop("index"))
+        for name, value in calibrated.items():
+            self.log(f"val/{name}", value, prog_bar=name == "loss")
+        self.log("val/plain_loss", plain["loss"])
+        for name, value in (("sharpness", sharpness), ("weight", weight), ("temperature", temperature)):
+            self.log(f"val/cache_{name}", value)
+
+    def _context_cache(self):
+        """The network's `ContextCache`, if it has one (`config.context_cache`)."""
+        return getattr(self.model, "context_cache", None)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)

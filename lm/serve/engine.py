@@ -203,9 +203,8 @@ class BatchEngine:
         end = self.cache.length
         for j, request in enumerate(joiners):
             slot = len(self._active)
-            for layer in range(len(self.cache.keys)):
-                self.cache.keys[layer][slot, :, end - width:end] = decoder.kv_cache.keys[layer][j]
-                self.cache.values[layer][slot, :, end - width:end] = decoder.kv_cache.values[layer][j]
+            for (target, dim), (source, _) in zip(_per_position(self.cache), _per_position(decoder.kv_cache)):
+                target[_columns(dim, slot, slice(end - width, end))] = source[j]
             self.mask[slot].zero_()
             self.mask[slot, end - len(rows[j]):end] = 1
             options = request.options
@@ -229,6 +228,8 @@ class BatchEngine:
         view = self._view
         view.keys = [k[:n, :, low:] for k in self.cache.keys]
         view.values = [v[:n, :, low:] for v in self.cache.values]
+        if self.cache.hidden is not None:  # the context cache's hidden states and ids
+            view.hidden, view.ids = self.cache.hidden[:n, low:], self.cache.ids[:n, low:]
         view.max_length, view.length = self.context - low, end - low
         decode = getattr(self.model, "decode", self.model)
         logits = decode(tokens, kv_cache=view, position_ids=positions,
@@ -274,9 +275,8 @@ class BatchEngine:
         """Remove row i; the last row moves into its slot so the active rows stay rows 0..n-1."""
         last = len(self._active) - 1
         if i != last:
-            for tensors in (self.cache.keys, self.cache.values):
-                for t in tensors:
-                    t[i] = t[last]
+            for t, _ in _per_position(self.cache):
+                t[i] = t[last]
             self.mask[i] = self.mask[last]
             self._active[i] = self._active[last]
         self._active.pop()
@@ -293,9 +293,8 @@ class BatchEngine:
             return
         src = slice(max(0, -offset), end)
         dst = slice(max(0, offset), end + offset)
-        for tensors in (self.cache.keys, self.cache.values):
-            for t in tensors:
-                t[:n, :, dst] = t[:n, :, src].clone()
+        for t, dim in _per_position(self.cache):
+            t[_columns(dim, slice(0, n), dst)] = t[_columns(dim, slice(0, n), src)].clone()
         self.mask[:n, dst] = self.mask[:n, src].clone()
         if offset > 0:
             self.mask[:n, :offset] = 0
@@ -304,3 +303,17 @@ class BatchEngine:
         for row in self._active:
             row.start += offset
         self.cache.length = end + offset
+
+
+def _per_position(cache) -> list[tuple[Tensor, int]]:
+    """Every tensor of a KV cache that holds one entry per row and column, with its column dimension:
+    keys and values (B, heads, columns, head_dim), and for the context cache hidden states and ids."""
+    pairs = [(t, 2) for t in (*cache.keys, *cache.values)]
+    if getattr(cache, "hidden", None) is not None:
+        pairs += [(cache.hidden, 1), (cache.ids, 1)]
+    return pairs
+
+
+def _columns(dim: int, rows, columns: slice) -> tuple:
+    """The index of `rows` x `columns` in a tensor whose columns are dimension `dim`."""
+    return (rows,) + (slice(None),) * (dim - 1) + (columns,)
