@@ -160,8 +160,9 @@ def test_decode_compile_options():
     assert inference.decode_compile_options(torch.device("cuda")) == {"cpp_wrapper": True}
 
 
-@pytest.mark.parametrize("overrides,dtype", [(LLAMA, torch.float32), ({}, torch.float32), ({}, torch.bfloat16)],
-                         ids=["llama", "gpt2", "gpt2-bf16"])
+@pytest.mark.parametrize("overrides,dtype", [(LLAMA, torch.float32), ({}, torch.float32), ({}, torch.bfloat16),
+                                             ({"context_cache": True}, torch.float32)],
+                         ids=["llama", "gpt2", "gpt2-bf16", "context-cache"])
 def test_compiled_decode_equals_eager(overrides, dtype):
     """prepare_for_inference(compile=True): same logits (1e-4 in fp32) and tokens, batched and padded too.
 
@@ -169,6 +170,9 @@ def test_compiled_decode_equals_eager(overrides, dtype):
     are compared, to bf16 rounding (tokens of a random tiny model may flip on near-ties)."""
     model = make_model("gpt2", 1, **overrides).to(dtype).prepare_for_inference(compile=True)
     eager = make_model("gpt2", 1, **overrides).to(dtype)
+    for m in (model, eager):
+        if m.context_cache is not None:  # calibrated, so the decode step really mixes in the copies
+            m.context_cache.weight.fill_(0.3), m.context_cache.temperature.fill_(1.1)
     assert model.decode_step is not None and eager.decode_step is None
     ids = torch.tensor([[5, 17, 33, 2, 9, 11]])
     with torch.inference_mode():
