@@ -37,9 +37,11 @@ class LanguageModelingMetrics(Metric):
     full_state_update = False
     higher_is_better = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, grid_shape: tuple[int, ...] = (), **kwargs) -> None:
+        """`grid_shape`: sum the NLL of a grid of model settings at once (each update passes that shape;
+        the context cache's calibration, lm/model/context_cache.py); `compute` reports the best point."""
         super().__init__(**kwargs)
-        self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("nll_sum", default=torch.zeros(grid_shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("num_tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("num_bytes", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -49,38 +51,13 @@ class LanguageModelingMetrics(Metric):
         self.num_bytes += torch.as_tensor(num_bytes, device=self.num_bytes.device)
 
     def compute(self) -> dict[str, Tensor]:
-        loss = self.nll_sum / self.num_tokens.clamp(min=1)
-        result = {"loss": loss.float(), "ppl": torch.exp(loss).float()}
-        if self.num_bytes > 0:
-            result["bpb"] = (self.nll_sum / (math.log(2) * self.num_bytes)).float()
-        return result
-
-
-class GridMetrics(Metric):
-    """`LanguageModelingMetrics` for a grid of model settings at once (the context cache's calibration,
-    lm/model/context_cache.py): summed NLL per grid point, tokens and bytes; `compute` reports the best
-    point's loss, perplexity and bits-per-byte, and its flat index."""
-
-    full_state_update = False
-    higher_is_better = False
-
-    def __init__(self, shape: tuple[int, ...], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("nll_sum", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("num_bytes", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, nll_sums: Tensor, num_tokens: Tensor | int, num_bytes: Tensor | int = 0) -> None:
-        self.nll_sum += nll_sums.detach().to(torch.float64)
-        self.num_tokens += torch.as_tensor(num_tokens, device=self.num_tokens.device)
-        self.num_bytes += torch.as_tensor(num_bytes, device=self.num_bytes.device)
-
-    def compute(self) -> dict[str, Tensor]:
-        flat = self.nll_sum.flatten()
-        index = torch.argmin(flat)  # the first of equals
-        nll = flat[index]
+        nll, result = self.nll_sum, {}
+        if nll.dim():  # a grid: the best point's figures, and its flat index (the first of equals)
+            result["index"] = index = torch.argmin(nll.flatten())
+            nll = nll.flatten()[index]
         loss = nll / self.num_tokens.clamp(min=1)
-        result = {"loss": loss.float(), "ppl": torch.exp(loss).float(), "index": index}
+        result.update(loss=loss.float(), ppl=torch.exp(loss).float())
         if self.num_bytes > 0:
             result["bpb"] = (nll / (math.log(2) * self.num_bytes)).float()
         return result
+

@@ -8,7 +8,9 @@ enough to evaluate or generate.
 Objective vs metrics: `compute_loss` is the objective training minimizes, and a subclass may change
 it (label smoothing, z-loss, ...). Validation and test metrics never use it: `val/*` and `test/*` are
 always the plain token negative log-likelihood of the logits (`lm.metrics.token_nll`), so perplexity
-and bits-per-byte stay comparable between runs whatever they trained on.
+and bits-per-byte stay comparable between runs whatever they trained on. With a context cache
+(`GPTConfig.context_cache`), each validation also calibrates it on the validation batches: `val/*` are then
+the calibrated model's (the one saved and tested) and `val/plain_loss` the softmax alone's.
 
 Hooks meant for subclasses (select one with `--model my_pkg.MyModel` or `class_path` in YAML):
 - `build_model(config)`: return your own `nn.Module` (e.g. a GPT with a custom attention);
@@ -27,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lm.errors import LMError
-from lm.metrics import IGNORE_INDEX, GridMetrics, LanguageModelingMetrics, token_nll
+from lm.metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
 from lm.model import GPT, GPTConfig, SamplingOptions, generate_text
 from lm.optim import OptimizerName, Schedule, build_optimizer, lr_multiplier, step_progress
 
@@ -100,7 +102,7 @@ class LanguageModel(L.LightningModule):
         self.val_metrics = LanguageModelingMetrics()
         self.test_metrics = LanguageModelingMetrics()
         cache = self._context_cache()  # calibrated on the validation text (lm/model/context_cache.py)
-        self.val_cache_metrics = GridMetrics(cache.grid_shape()) if cache is not None else None
+        self.val_cache_metrics = LanguageModelingMetrics(cache.grid_shape()) if cache is not None else None
         self._compiled = False
         self._sharded = False
 
