@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lm.checkpoint import load_model  # noqa: E402
+from lm.errors import LMError  # noqa: E402
 from lm.evaluate import evaluate_text_file  # noqa: E402
 from lm.hardware import describe_cpu  # noqa: E402
 
@@ -34,7 +35,10 @@ def main() -> None:
     parser.add_argument("checkpoint", help="a checkpoint of a run with model.config.context_cache: true")
     parser.add_argument("--text_file", default=str(WIKITEXT_TEST), help="raw UTF-8 text to score")
     args = parser.parse_args()
-    model, tokenizer = load_model(args.checkpoint)
+    try:
+        model, tokenizer = load_model(args.checkpoint)
+    except LMError as error:  # a missing or foreign file: say so, without a traceback
+        sys.exit(str(error))
     cache = getattr(model, "context_cache", None)
     if cache is None:
         sys.exit(f"{args.checkpoint} has no context cache (its config has context_cache: false): nothing to ablate.")
@@ -47,8 +51,11 @@ def main() -> None:
     for name, w, t in rows:
         cache.weight.fill_(w)
         cache.temperature.fill_(t)
-        with torch.inference_mode():
-            scores = evaluate_text_file(model, tokenizer, args.text_file)
+        try:
+            with torch.inference_mode():
+                scores = evaluate_text_file(model, tokenizer, args.text_file)
+        except LMError as error:  # e.g. the text file is missing or not UTF-8
+            sys.exit(str(error))
         print(f"{name:<40} {scores['loss']:7.4f} {scores['ppl']:8.2f} {scores['bpb']:7.4f}")
 
 

@@ -60,4 +60,3 @@ class LanguageModelingMetrics(Metric):
         if self.num_bytes > 0:
             result["bpb"] = (nll / (math.log(2) * self.num_bytes)).float()
         return result
-

@@ -59,7 +59,7 @@ def test_grid_nll_matches_the_forward_at_every_probed_point():
     targets[1, :4] = -100  # unscored targets count in neither
     hidden = model(inputs, return_hidden=True)
     cache = model.context_cache
-    grid = cache.grid_nll(model.head(hidden), hidden, inputs, targets)
+    grid = cache.grid_nll(model.head(hidden), hidden, *model.context_cache_inputs(hidden, inputs), targets)
     assert grid.shape == cache.grid_shape()
     for index in (0, 17, grid.numel() // 2, grid.numel() - 1):
         values = cache.set_from_grid(index)

@@ -25,9 +25,6 @@ mixture. `lm validate` fits it again on the data it is given; the fine-tuning mo
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,38 +80,33 @@ class ContextCache(nn.Module):
             return log_probs
         attention = self.copy_weights(hidden, keys, key_mask, self.sharpness)
         copy = torch.zeros_like(log_probs).scatter_add_(-1, next_ids.unsqueeze(1).expand_as(attention), attention)
-        # The copy side's weight is `weight` where there is history (attention sums to 1) and 0 where there is
-        # none (it sums to 0: position 0): the softmax alone there. Arithmetic rather than a branch on values,
-        # so the graph traces (ONNX); weight 0 gives log(0) = -inf on the copy side, and logaddexp(a, -inf) = a.
-        softmax_share = torch.log1p(-self.weight * attention.sum(dim=-1, keepdim=True))
-        return torch.logaddexp(log_probs + softmax_share, torch.log(copy.clamp_min(1e-30)) + torch.log(self.weight))
+        return self.mix(log_probs, copy, self.weight, attention.sum(dim=-1, keepdim=True))
+
+    @staticmethod
+    def mix(log_probs: Tensor, copy: Tensor, weight: Tensor, history: Tensor) -> Tensor:
+        """log((1 - weight * history) * p + weight * copy) from log p and the copy probabilities. `history` is
+        the copy attention's total: 1 where there are earlier positions, 0 where there are none (position 0:
+        the softmax alone). Arithmetic rather than a branch on values, so the graph traces (ONNX); weight 0
+        gives log(0) = -inf on the copy side, and logaddexp(a, -inf) = a."""
+        return torch.logaddexp(log_probs + torch.log1p(-weight * history), torch.log(copy.clamp_min(1e-30)) + torch.log(weight))
 
     # ------------------------------------------------------------------------------- calibration
     @torch.no_grad()
-    def grid_nll(self, logits: Tensor, hidden: Tensor, input_ids: Tensor, targets: Tensor,
-                 ignore_index: int = -100) -> Tensor:
-        """Summed NLL (float64, shape `grid_shape()`) of `targets` (B, T) at every grid point, for a batch
-        of whole windows `input_ids` (B, T) with their plain `logits` (B, T, V) and `hidden` (B, T, D)."""
-        T = input_ids.shape[1]
+    def grid_nll(self, logits: Tensor, hidden: Tensor, keys: Tensor, next_ids: Tensor, key_mask: Tensor,
+                 targets: Tensor, ignore_index: int = -100) -> Tensor:
+        """Summed NLL (float64, shape `grid_shape()`) of `targets` (B, T) at every grid point, for plain
+        `logits` (B, T, V) and the arguments `forward` takes (`GPT.context_cache_inputs` makes them)."""
         scored = targets != ignore_index
         flat_logits, flat_targets = logits.float().flatten(0, 1), targets.clamp(min=0).flatten()
         target_log_probs = torch.stack([  # (temperatures, B, T); cross_entropy: torch's fused log-softmax
             -F.cross_entropy(flat_logits * (1.0 / t), flat_targets, reduction="none").view_as(targets)
             for t in self.TEMPERATURE])
-        key_mask = torch.ones(T, T - 1, dtype=torch.bool, device=input_ids.device).tril(-1)  # key i < query t
-        key_mask = key_mask.expand(input_ids.shape[0], T, T - 1)
-        hits = input_ids[:, 1:].unsqueeze(1) == targets.unsqueeze(-1)  # (B, T, T-1): key i was followed by the target
-        has_history = torch.arange(T, device=input_ids.device) > 0
+        hits = next_ids.unsqueeze(1) == targets.unsqueeze(-1)  # (B, T, keys): key i was followed by the target
         result = torch.zeros(self.grid_shape(), dtype=torch.float64, device=logits.device)
         for s, sharpness in enumerate(self.SHARPNESS):
-            copy = (self.copy_weights(hidden, hidden[:, :-1], key_mask, sharpness) * hits).sum(-1)  # (B, T)
-            log_copy = torch.log(copy.clamp_min(1e-30))
+            attention = self.copy_weights(hidden, keys, key_mask, sharpness)
+            copy, history = (attention * hits).sum(-1), attention.sum(-1)  # (B, T) each
             for w, weight in enumerate(self.WEIGHT):
-                if weight == 0.0:
-                    mixed = target_log_probs
-                else:
-                    mixed = torch.logaddexp(target_log_probs + math.log1p(-weight), log_copy + math.log(weight))
-                    mixed = torch.where(has_history, mixed, target_log_probs)
+                mixed = self.mix(target_log_probs, copy, torch.tensor(weight, device=copy.device), history)
                 result[s, w] = -(mixed * scored).sum(dim=(1, 2), dtype=torch.float64)
         return result
-

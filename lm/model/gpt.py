@@ -116,7 +116,7 @@ class GPT(nn.Module):
             return x
         logits = self.head(x)
         if self.context_cache is not None and not self.training:
-            logits = self._mix_context_cache(logits, x, input_ids, kv_cache, past, attention_mask)
+            logits = self.context_cache(logits, x, *self.context_cache_inputs(x, input_ids, kv_cache, past, attention_mask))
         return logits
 
     def head(self, hidden: Tensor) -> Tensor:
@@ -126,11 +126,12 @@ class GPT(nn.Module):
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         return logits
 
-    def _mix_context_cache(self, logits: Tensor, hidden: Tensor, input_ids: Tensor, kv_cache: Optional[KVCache],
-                           past: int, attention_mask: Optional[Tensor]) -> Tensor:
-        """The context cache's mixture for these positions. Key i (an earlier position) offers the token
-        that followed it, i + 1; query t may use keys i < t. With a KV cache, the earlier positions'
-        hidden states and ids come from it (generation sees the same distribution as `lm eval`)."""
+    def context_cache_inputs(self, hidden: Tensor, input_ids: Tensor, kv_cache: Optional[KVCache] = None, past: int = 0,
+                             attention_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(keys, next_ids, key_mask) of the context cache for these positions (see ContextCache.forward).
+        Key i (an earlier position) offers the token that followed it, i + 1; query t may use keys i < t.
+        With a KV cache, the earlier positions' hidden states and ids come from it (generation sees the same
+        distribution as `lm eval`)."""
         B, T = input_ids.shape
         if kv_cache is not None:
             hidden_all, ids_all = kv_cache.write_context(past, hidden, input_ids)
@@ -144,7 +145,7 @@ class GPT(nn.Module):
         if attention_mask is not None:  # a key and the token after it must both be real
             real = attention_mask[:, :total].bool()
             key_mask = key_mask & (real[:, :-1] & real[:, 1:])[:, None, :]
-        return self.context_cache(logits, hidden, keys, next_ids, key_mask)
+        return keys, next_ids, key_mask
 
     def _embedding_keep_scale(self, input_ids: Tensor) -> Tensor:
         """(B, T, 1) factors of `embedding_dropout`: 0 for the token types dropped this step, 1 / (1 - p)

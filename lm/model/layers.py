@@ -157,6 +157,15 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def per_position(self) -> list[tuple[Tensor, int]]:
+        """Every tensor that holds one entry per row and position, with its position dimension: keys and
+        values (B, kv_heads, positions, head_dim), and the context cache's hidden states and ids (B, positions, ...).
+        For code that moves positions or rows around (the `lm serve` batch engine)."""
+        pairs = [(t, 2) for t in (*self.keys, *self.values)]
+        if self.hidden is not None:
+            pairs += [(self.hidden, 1), (self.ids, 1)]
+        return pairs
+
     def write_context(self, start: int, hidden: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Store the final hidden states (B, T, D) and ids (B, T) of positions start.. for the context
         cache; return those of every position so far."""

@@ -101,7 +101,7 @@ class LanguageModel(L.LightningModule):
         self.register_buffer("token_bytes", torch.zeros(self.config.vocab_size, dtype=torch.long), persistent=False)
         self.val_metrics = LanguageModelingMetrics()
         self.test_metrics = LanguageModelingMetrics()
-        cache = self._context_cache()  # calibrated on the validation text (lm/model/context_cache.py)
+        cache = getattr(self.model, "context_cache", None)  # calibrated on the validation text (lm/model/context_cache.py)
         self.val_cache_metrics = LanguageModelingMetrics(cache.grid_shape()) if cache is not None else None
         self._compiled = False
         self._sharded = False
@@ -218,7 +218,8 @@ class LanguageModel(L.LightningModule):
         if calibrate_cache:  # the plain softmax's logits, and the cache's NLL at every grid point
             hidden = self.model(input_ids, return_hidden=True)
             logits = self.model.head(hidden)
-            grid = self.model.context_cache.grid_nll(logits, hidden, input_ids, targets, IGNORE_INDEX)
+            cache_inputs = self.model.context_cache_inputs(hidden, input_ids)
+            grid = self.model.context_cache.grid_nll(logits, hidden, *cache_inputs, targets, IGNORE_INDEX)
             self.val_cache_metrics.update(grid, valid.sum(), num_bytes)
         else:
             logits = self(input_ids)
@@ -255,10 +256,6 @@ class LanguageModel(L.LightningModule):
         self.log("val/plain_loss", plain["loss"])
         for name, value in (("sharpness", sharpness), ("weight", weight), ("temperature", temperature)):
             self.log(f"val/cache_{name}", value)
-
-    def _context_cache(self):
-        """The network's `ContextCache`, if it has one (`config.context_cache`)."""
-        return getattr(self.model, "context_cache", None)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)

@@ -203,7 +203,7 @@ class BatchEngine:
         end = self.cache.length
         for j, request in enumerate(joiners):
             slot = len(self._active)
-            for (target, dim), (source, _) in zip(_per_position(self.cache), _per_position(decoder.kv_cache)):
+            for (target, dim), (source, _) in zip(self.cache.per_position(), decoder.kv_cache.per_position()):
                 target[_columns(dim, slot, slice(end - width, end))] = source[j]
             self.mask[slot].zero_()
             self.mask[slot, end - len(rows[j]):end] = 1
@@ -275,7 +275,7 @@ class BatchEngine:
         """Remove row i; the last row moves into its slot so the active rows stay rows 0..n-1."""
         last = len(self._active) - 1
         if i != last:
-            for t, _ in _per_position(self.cache):
+            for t, _ in self.cache.per_position():
                 t[i] = t[last]
             self.mask[i] = self.mask[last]
             self._active[i] = self._active[last]
@@ -293,7 +293,7 @@ class BatchEngine:
             return
         src = slice(max(0, -offset), end)
         dst = slice(max(0, offset), end + offset)
-        for t, dim in _per_position(self.cache):
+        for t, dim in self.cache.per_position():
             t[_columns(dim, slice(0, n), dst)] = t[_columns(dim, slice(0, n), src)].clone()
         self.mask[:n, dst] = self.mask[:n, src].clone()
         if offset > 0:
@@ -303,15 +303,6 @@ class BatchEngine:
         for row in self._active:
             row.start += offset
         self.cache.length = end + offset
-
-
-def _per_position(cache) -> list[tuple[Tensor, int]]:
-    """Every tensor of a KV cache that holds one entry per row and column, with its column dimension:
-    keys and values (B, heads, columns, head_dim), and for the context cache hidden states and ids."""
-    pairs = [(t, 2) for t in (*cache.keys, *cache.values)]
-    if getattr(cache, "hidden", None) is not None:
-        pairs += [(cache.hidden, 1), (cache.ids, 1)]
-    return pairs
 
 
 def _columns(dim: int, rows, columns: slice) -> tuple:
