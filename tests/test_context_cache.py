@@ -85,6 +85,63 @@ def test_generation_sees_the_same_distribution_with_a_kv_cache_and_left_padding(
     assert torch.allclose(out[:, 3:], full, atol=1e-5)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_path_runs_under_bf16_autocast(dtype):
+    """bf16-mixed (what `precision: null` picks on a CPU with native bf16) runs the cache under autocast, and
+    bf16-true / `lm serve --dtype bfloat16` with bf16 weights: the full forward, the KV-cache steps and the
+    calibration grid all run, and give what float32 gives to bf16 rounding."""
+    model = _model()
+    _set(model, sharpness=6.0, weight=0.3, temperature=1.1)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 12, (2, 17))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    reference = model(inputs)
+    grid_reference = model.context_cache.grid_nll(model.head(model(inputs, return_hidden=True)),
+                                                  model(inputs, return_hidden=True),
+                                                  *model.context_cache_inputs(model(inputs, return_hidden=True), inputs),
+                                                  targets)
+    model = model.to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(inputs)
+        kv = model.new_kv_cache(2)
+        steps = torch.cat([model(inputs[:, :4], kv_cache=kv)] + [model(inputs[:, t:t + 1], kv_cache=kv)
+                                                                 for t in range(4, inputs.shape[1])], 1)
+        hidden = model(inputs, return_hidden=True)
+        grid = model.context_cache.grid_nll(model.head(hidden), hidden, *model.context_cache_inputs(hidden, inputs),
+                                            targets)
+    assert full.dtype == steps.dtype == torch.float32
+    assert torch.allclose(full.exp(), reference.exp(), atol=3e-2)
+    assert torch.allclose(steps.exp(), full.exp(), atol=3e-2)
+    assert grid.dtype == torch.float64 and torch.allclose(grid, grid_reference, rtol=3e-2)
+
+
+@torch.no_grad()
+def test_generation_samples_the_plain_softmax_unless_asked():
+    """Generation's default is the model's own distribution (the cache copies its mistakes when sampled,
+    benchmarks/generation_quality.py); SamplingOptions.context_cache=True samples the mixture."""
+    from lm.model import SamplingOptions, generate
+
+    model = _model()
+    _set(model, sharpness=24.0, weight=0.9, temperature=1.0)  # a cache that dominates the mixture
+    prompt = [[3, 4, 5, 6, 7, 3, 4, 5, 6, 7, 3, 4]]
+    greedy = SamplingOptions(max_new_tokens=8, temperature=0)
+    plain = generate(model, prompt, greedy)[0][12:]
+    ids = torch.tensor(prompt)
+    expected, row = [], ids
+    for _ in range(8):  # greedy over the plain logits, written out
+        token = model.head(model(row, return_hidden=True))[:, -1].argmax(-1, keepdim=True)
+        expected.append(int(token)), (row := torch.cat([row, token], 1))
+    assert plain == expected
+    mixed = generate(model, prompt, greedy, context_cache=True)[0][12:]
+    assert mixed[:3] == [5, 6, 7], "with the cache dominating, greedy decoding copies the repeated pattern"
+    assert mixed != plain
+    kv = model.new_kv_cache(1, context_cache=False)
+    assert kv.hidden is None
+    with pytest.raises(Exception, match="context_cache=True"):
+        model(ids, kv_cache=kv)
+
+
 def test_fit_calibrates_on_validation_and_the_checkpoint_keeps_it(tmp_path, corpus_files):
     """`lm fit` with the cache (and the EMA callback, whose saved weights come from its own copy): the
     validation picks the grid point, logs it, scores the calibrated model, and the checkpoint carries it."""

@@ -13,7 +13,8 @@ from lm.errors import LMError
 
 
 def export(ckpt_path: Optional[str] = None, output: Optional[str] = None,
-           format: Literal["safetensors", "hf", "onnx"] = "safetensors", overwrite: bool = False) -> None:
+           format: Literal["safetensors", "hf", "onnx"] = "safetensors", overwrite: bool = False,
+           context_cache: Optional[bool] = None) -> None:
     """Export a float checkpoint (not an `lm quantize` one) to a folder.
 
     Args:
@@ -24,6 +25,10 @@ def export(ckpt_path: Optional[str] = None, output: Optional[str] = None,
             default GPT, Llama for the llama preset; other variants are refused with the reason).
             `onnx`: model.onnx (input_ids -> logits, no KV cache) + config.json + tokenizer.json.
         overwrite: Replace `output` if it exists.
+        context_cache: For a model trained with `context_cache: true` (the default recipe): keep the cache's
+            mixture (safetensors and onnx carry it), or false to export the network's plain softmax (what
+            `lm generate` samples by default). Default: kept where the format can carry it; `hf` always
+            exports the plain softmax (transformers has no context cache) and says so.
     """
     from lm.checkpoint import load_model, read_checkpoint
     from lm.model import GPT
@@ -35,6 +40,18 @@ def export(ckpt_path: Optional[str] = None, output: Optional[str] = None,
     model, tokenizer = load_model(ckpt_path)
     if not isinstance(model, GPT):
         raise LMError(f"{ckpt_path} holds a {type(model).__name__}, not a GPT: only the GPT's layout can be exported.")
+    if getattr(model, "context_cache", None) is not None:
+        if context_cache is None:
+            context_cache = format != "hf"
+        if context_cache and format == "hf":
+            raise LMError("--context_cache true cannot be exported to Hugging Face: transformers has no context "
+                          "cache. Use --format safetensors or onnx to keep it, or drop the flag for the plain softmax.")
+        if not context_cache:
+            model = model.without_context_cache()
+            print("The context cache (a scoring-only extension, GPTConfig.context_cache) is not exported: the "
+                  "export computes the network's plain softmax, as `lm generate` samples by default.")
+    elif context_cache:
+        raise LMError(f"--context_cache true: {ckpt_path} has no context cache (its config has context_cache: false).")
     if format == "safetensors":
         from lm.export.safetensors import export_safetensors as write
     elif format == "hf":

@@ -9,7 +9,9 @@
   SwiGLU (our fused gate_up rows split into gate_proj, up_proj), grouped-query attention.
 
 Any other choice (sinusoidal positions, QK-norm, ...) has no counterpart in either: `hf_architecture`
-names the feature instead of writing a model that computes something else. Config field names are
+names the feature instead of writing a model that computes something else. The context cache
+(`GPTConfig.context_cache`) is a scoring device outside the network: the folder holds the network's own
+softmax (`lm export` says so when it drops it), which is also what `lm generate` samples by default. Config field names are
 those of transformers 5.x (`rope_parameters`), with the 4.x `rope_theta` also written.
 
 `transformers` is not needed to write the folder (plain JSON + safetensors), only to load it.
@@ -28,8 +30,8 @@ from lm.model import GPT, GPTConfig
 
 # What each architecture needs from a GPTConfig: field -> required value.
 _REQUIREMENTS = {
-    "gpt2": {"norm": "layernorm", "position": "learned", "activation": "gelu", "qk_norm": False, "logit_softcap": None, "residual_scalars": False, "context_cache": False},
-    "llama": {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "qk_norm": False, "logit_softcap": None, "residual_scalars": False, "context_cache": False},
+    "gpt2": {"norm": "layernorm", "position": "learned", "activation": "gelu", "qk_norm": False, "logit_softcap": None, "residual_scalars": False},
+    "llama": {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "qk_norm": False, "logit_softcap": None, "residual_scalars": False},
 }
 
 
@@ -136,6 +138,8 @@ def export_hf(model: GPT, tokenizer, output: str | Path, overwrite: bool = False
     """Write the transformers folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json."""
     from safetensors.torch import save_file
 
+    if model.config.context_cache:
+        model = model.without_context_cache()
     arch = hf_architecture(model.config)
     tensors, config = {"gpt2": (_gpt2_tensors, _gpt2_config), "llama": (_llama_tensors, _llama_config)}[arch]
     state = {k: v.detach().float().contiguous().clone() for k, v in tensors(model).items()}

@@ -25,9 +25,18 @@ mixture. `lm validate` fits it again on the data it is given; the fine-tuning mo
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def _float32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off: the mixture is log-space arithmetic on probabilities, and under bf16 autocast the
+    copy attention (an einsum) would come out bf16 beside float32 log-probabilities (scatter refuses
+    mixed dtypes, and bf16 would round the small copy probabilities away). Everything here is float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 class ContextCache(nn.Module):
@@ -75,12 +84,13 @@ class ContextCache(nn.Module):
             next_ids: ...and the token that followed each of them (B, Tk).
             key_mask: (B, Tq, Tk) bool: which keys each query may use (earlier positions, not padding).
         """
-        log_probs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-        if keys.shape[1] == 0:  # a single position: nothing to copy from
-            return log_probs
-        attention = self.copy_weights(hidden, keys, key_mask, self.sharpness)
-        copy = torch.zeros_like(log_probs).scatter_add_(-1, next_ids.unsqueeze(1).expand_as(attention), attention)
-        return self.mix(log_probs, copy, self.weight, attention.sum(dim=-1, keepdim=True))
+        with _float32(logits.device):
+            log_probs = torch.log_softmax(logits.float() / self.temperature.float(), dim=-1)
+            if keys.shape[1] == 0:  # a single position: nothing to copy from
+                return log_probs
+            attention = self.copy_weights(hidden, keys, key_mask, self.sharpness.float())
+            copy = torch.zeros_like(log_probs).scatter_add_(-1, next_ids.unsqueeze(1).expand_as(attention), attention)
+            return self.mix(log_probs, copy, self.weight.float(), attention.sum(dim=-1, keepdim=True))
 
     @staticmethod
     def mix(log_probs: Tensor, copy: Tensor, weight: Tensor, history: Tensor) -> Tensor:
@@ -96,6 +106,11 @@ class ContextCache(nn.Module):
                  targets: Tensor, ignore_index: int = -100) -> Tensor:
         """Summed NLL (float64, shape `grid_shape()`) of `targets` (B, T) at every grid point, for plain
         `logits` (B, T, V) and the arguments `forward` takes (`GPT.context_cache_inputs` makes them)."""
+        with _float32(logits.device):
+            return self._grid_nll(logits, hidden, keys, next_ids, key_mask, targets, ignore_index)
+
+    def _grid_nll(self, logits: Tensor, hidden: Tensor, keys: Tensor, next_ids: Tensor, key_mask: Tensor,
+                  targets: Tensor, ignore_index: int) -> Tensor:
         scored = targets != ignore_index
         flat_logits, flat_targets = logits.float().flatten(0, 1), targets.clamp(min=0).flatten()
         target_log_probs = torch.stack([  # (temperatures, B, T); cross_entropy: torch's fused log-softmax

@@ -57,6 +57,10 @@ class SamplingOptions:
         stop: Strings that end a completion (cut before the first one); one string or a list. Text
             level only (`generate_text`, `stream_text`).
         truncate: Keep only the last tokens of a prompt too long for the context (else an error).
+        context_cache: Sample from the context cache's mixture, for a model that has one
+            (`GPTConfig.context_cache`). Off by default: the cache lowers the scored loss but, sampled,
+            copies the model's own mistakes back into the text (repeated phrases; measured by
+            benchmarks/generation_quality.py). `lm eval`, `lm test` and `lm validate` always score with it.
     """
 
     max_new_tokens: int = 100
@@ -66,6 +70,7 @@ class SamplingOptions:
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = field(default=None)
     truncate: bool = False
+    context_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -201,8 +206,13 @@ class _Decoder:
     its mask-free fast path (SDPA without a mask).
     """
 
-    def __init__(self, model: nn.Module, rows: list[list[int]], max_new_tokens: int, use_cache: bool = True):
+    def __init__(self, model: nn.Module, rows: list[list[int]], max_new_tokens: int, use_cache: bool = True,
+                 context_cache: bool = False):
         self.model = model
+        # The context cache's mixture (SamplingOptions.context_cache): the keyword only reaches models that have
+        # one, so any module with GPT's forward signature can be decoded.
+        self.cache_kwargs = ({"context_cache": context_cache}
+                             if getattr(model, "context_cache", None) is not None else {})
         self.device = next(model.parameters()).device
         self.lengths = [len(row) for row in rows]
         self.batch_size = len(rows)
@@ -222,7 +232,8 @@ class _Decoder:
             self.attention_mask = mask
             self.position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
         self.use_cache = use_cache
-        self.kv_cache = model.new_kv_cache(self.batch_size, max_length=max(total, 1)) if use_cache else None
+        self.kv_cache = (model.new_kv_cache(self.batch_size, max_length=max(total, 1), **self.cache_kwargs)
+                         if use_cache else None)
         self.length = 0  # tokens (incl. padding) in self.ids so far
 
     def _slice(self, t: Optional[Tensor], start: int, end: int) -> Optional[Tensor]:
@@ -234,7 +245,7 @@ class _Decoder:
         logits = self.model(
             self.ids[:, :self.length], kv_cache=self.kv_cache,
             position_ids=self._slice(self.position_ids, 0, self.length),
-            attention_mask=self._slice(self.attention_mask, 0, self.length),
+            attention_mask=self._slice(self.attention_mask, 0, self.length), **self.cache_kwargs,
         )
         return logits[:, -1]
 
@@ -248,12 +259,12 @@ class _Decoder:
             logits = decode(
                 self.ids[:, start:end], kv_cache=self.kv_cache,
                 position_ids=self._slice(self.position_ids, start, end),
-                attention_mask=self._slice(self.attention_mask, 0, end),
+                attention_mask=self._slice(self.attention_mask, 0, end), **self.cache_kwargs,
             )
         else:  # reference path: the whole sequence again
             logits = self.model(
                 self.ids[:, :end], position_ids=self._slice(self.position_ids, 0, end),
-                attention_mask=self._slice(self.attention_mask, 0, end),
+                attention_mask=self._slice(self.attention_mask, 0, end), **self.cache_kwargs,
             )
         return logits[:, -1]
 
@@ -282,7 +293,7 @@ def _token_steps(model: nn.Module, rows: list[list[int]], options: SamplingOptio
     mode = torch.inference_mode if per_step_inference_mode else contextlib.nullcontext
     max_new_tokens = options.max_new_tokens
     with mode():
-        decoder = _Decoder(model, rows, max_new_tokens, use_cache)
+        decoder = _Decoder(model, rows, max_new_tokens, use_cache, options.context_cache)
         finished = torch.zeros(decoder.batch_size, dtype=torch.bool, device=decoder.device)
         if max_new_tokens == 0:
             return

@@ -20,6 +20,8 @@ Notable features (each a `GPTConfig` value, see config.py):
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from typing import Optional
 
@@ -72,7 +74,7 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, kv_cache: Optional[KVCache] = None,
                 position_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                return_hidden: bool = False) -> Tensor:
+                return_hidden: bool = False, context_cache: bool = True) -> Tensor:
         """Logits (B, T, vocab) for `input_ids` (B, T).
 
         Args:
@@ -83,9 +85,9 @@ class GPT(nn.Module):
             attention_mask: (B, past + T) with 1 for real tokens, 0 for padding keys to ignore.
             return_hidden: return the final-norm hidden states (B, T, hidden) instead of logits: the
                 features a task head (e.g. a classifier) reads.
-
-        With a context cache, outside training, the result is the log of the cache's mixture (a softmax
-        of it gives the mixture, so it is used as logits everywhere).
+            context_cache: with a context cache, outside training, return the log of the cache's mixture
+                (a softmax of it gives the mixture, so it is used as logits everywhere). False: the plain
+                logits, as generation uses by default (SamplingOptions.context_cache).
         """
         if input_ids.dim() != 2:
             raise LMError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}.")
@@ -115,7 +117,10 @@ class GPT(nn.Module):
         if return_hidden:
             return x
         logits = self.head(x)
-        if self.context_cache is not None and not self.training:
+        if self.context_cache is not None and context_cache and not self.training:
+            if kv_cache is not None and kv_cache.hidden is None:
+                raise LMError("This KV cache holds no history for the context cache: make it with "
+                              "new_kv_cache(..., context_cache=True), or pass context_cache=False.")
             logits = self.context_cache(logits, x, *self.context_cache_inputs(x, input_ids, kv_cache, past, attention_mask))
         return logits
 
@@ -155,21 +160,32 @@ class GPT(nn.Module):
         scale = torch.empty(weight.shape[0], device=weight.device, dtype=weight.dtype).bernoulli_(keep) / keep
         return scale[input_ids].unsqueeze(-1)
 
+    def without_context_cache(self) -> "GPT":
+        """A copy that computes the plain softmax (`config.context_cache` off, the cache's scalars gone): what
+        generation samples by default, and what an export to a format with no context cache carries."""
+        plain = copy.deepcopy(self)
+        plain.context_cache = None
+        plain.config = dataclasses.replace(plain.config, context_cache=False)
+        return plain
+
     def prepare_for_inference(self, compile: bool = False) -> "GPT":
         """Faster CPU decoding, logits unchanged to float rounding (see lm/model/inference.py); returns
         the model. `compile=True` also compiles the step `decode` runs. Training it stays correct."""
         return inference.prepare_for_inference(self, compile=compile)
 
     def decode(self, input_ids: Tensor, kv_cache: KVCache, position_ids: Optional[Tensor] = None,
-               attention_mask: Optional[Tensor] = None) -> Tensor:
+               attention_mask: Optional[Tensor] = None, context_cache: bool = True) -> Tensor:
         """`forward` for generation's one-token steps: compiled after `prepare_for_inference(compile=True)`."""
         step = self.decode_step or self.forward
-        return step(input_ids, kv_cache=kv_cache, position_ids=position_ids, attention_mask=attention_mask)
+        return step(input_ids, kv_cache=kv_cache, position_ids=position_ids, attention_mask=attention_mask,
+                    context_cache=context_cache)
 
-    def new_kv_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
-        """An empty cache on the model's device and dtype."""
+    def new_kv_cache(self, batch_size: int, max_length: Optional[int] = None, context_cache: bool = True) -> KVCache:
+        """An empty cache on the model's device and dtype. `context_cache=False`: no room for the context
+        cache's history (hidden states, ids), for decoding with the plain softmax."""
         weight = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_length, device=weight.device, dtype=weight.dtype)
+        return KVCache(self.config, batch_size, max_length, device=weight.device, dtype=weight.dtype,
+                       context_cache=context_cache and self.context_cache is not None)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied head is counted once); optionally without embedding tables."""

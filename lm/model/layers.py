@@ -131,7 +131,8 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_length: Optional[int] = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 context_cache: Optional[bool] = None):
         max_length = max_length or config.max_position_embeddings
         if max_length > config.max_position_embeddings:
             raise LMError(
@@ -143,10 +144,11 @@ class KVCache:
         self.max_length = max_length
         self.length = 0
         # The context cache (config.context_cache) copies from earlier positions: it keeps their final
-        # hidden states and token ids.
+        # hidden states and token ids (unless `context_cache=False`: decoding with the plain softmax).
+        keep_history = config.context_cache if context_cache is None else context_cache
         self.hidden = torch.zeros(batch_size, max_length, config.hidden_size, device=device, dtype=dtype) \
-            if config.context_cache else None
-        self.ids = torch.zeros(batch_size, max_length, dtype=torch.long, device=device) if config.context_cache else None
+            if keep_history else None
+        self.ids = torch.zeros(batch_size, max_length, dtype=torch.long, device=device) if keep_history else None
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new keys/values (B, kv_heads, T, head_dim) after the cached ones; return all of them."""

@@ -103,10 +103,12 @@ class BatchEngine:
         max_waiting: requests allowed to wait for a slot; beyond that `submit` raises `EngineBusy`.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, max_batch_size: int = 16, max_waiting: int = 256):
+    def __init__(self, model: nn.Module, tokenizer, max_batch_size: int = 16, max_waiting: int = 256,
+                 context_cache: bool = False):
         if max_batch_size <= 0:
             raise LMError(f"max_batch_size must be positive, got {max_batch_size}.")
         self.model = model
+        self.context_cache = context_cache  # every request samples the cache's mixture (SamplingOptions.context_cache)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
@@ -157,9 +159,11 @@ class BatchEngine:
     def _run(self) -> None:
         # Inference mode is per thread: the cache is made here, so it is only ever used in it.
         with torch.inference_mode():
-            self.cache = self.model.new_kv_cache(self.max_batch_size, max_length=self.context)
+            self._cache_kwargs = ({"context_cache": self.context_cache}
+                                  if getattr(self.model, "context_cache", None) is not None else {})
+            self.cache = self.model.new_kv_cache(self.max_batch_size, max_length=self.context, **self._cache_kwargs)
             self.mask = torch.zeros(self.max_batch_size, self.context, dtype=torch.long, device=self.device)
-            self._view = self.model.new_kv_cache(1, max_length=1)  # re-pointed at slices of self.cache
+            self._view = self.model.new_kv_cache(1, max_length=1, **self._cache_kwargs)  # re-pointed at slices of self.cache
             self.cache.length = 0
             while not self._stopping.is_set():
                 try:
@@ -195,7 +199,7 @@ class BatchEngine:
 
     def _prefill(self, joiners: list[GenerationRequest]) -> None:
         rows = [r.prompt_ids for r in joiners]
-        decoder = _Decoder(self.model, rows, max_new_tokens=0)
+        decoder = _Decoder(self.model, rows, max_new_tokens=0, context_cache=self.context_cache)
         logits = decoder.prefill()  # (J, V); decoder.kv_cache holds the prompts right-aligned
         width = decoder.prompt_length
         if self.cache.length < width:
@@ -233,7 +237,7 @@ class BatchEngine:
         view.max_length, view.length = self.context - low, end - low
         decode = getattr(self.model, "decode", self.model)
         logits = decode(tokens, kv_cache=view, position_ids=positions,
-                        attention_mask=self.mask[:n, low:end + 1])[:, -1]
+                        attention_mask=self.mask[:n, low:end + 1], **self._cache_kwargs)[:, -1]
         self.cache.length = end + 1
         self.steps += 1
         for i, row in enumerate(self._active):
