@@ -48,7 +48,7 @@ def fast_allocator() -> str | None:
     """The allocator library to preload into encode workers, or None for the C library's own.
 
     ``LM_ENCODE_MALLOC=system``: none; ``LM_ENCODE_MALLOC=/path/lib.so``: that one; unset: mimalloc from
-    the ``cmeel-mimalloc`` package (a dependency on x86-64 Linux) or the system's ``libmimalloc``.
+    the ``cmeel-mimalloc`` package (the ``data`` extra, x86-64 Linux) or the system's ``libmimalloc``.
     """
     choice = os.environ.get(MALLOC_ENV, "").strip()
     if choice == "system":

@@ -11,6 +11,7 @@ file. See lm/serve/app.py for the endpoints and lm/serve/engine.py for the batch
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -18,10 +19,21 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lm.errors import LMError
+from lm.extras import require
 from lm.model.generate import SamplingOptions
 
 log = logging.getLogger("lm.serve")
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach: 127.0.0.0/8, ::1, localhost. Anything else
+    (0.0.0.0, ::, a LAN address, another host name) may be reachable by others."""
+    if host.strip().lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def serve(
@@ -48,8 +60,8 @@ def serve(
 
     Args:
         ckpt_path: Checkpoint written by `lm fit`, e.g. checkpoints/<experiment>/last.ckpt.
-        host: Address to listen on. The default answers this machine only; to expose the server
-            (0.0.0.0) set an API key.
+        host: Address to listen on. The default answers this machine only. Any other address (0.0.0.0,
+            ::, a LAN address) is refused unless an API key is set (LM_API_KEY or --api_key).
         port: TCP port.
         model_name: The model id clients send and /v1/models lists (default: <folder>/<file stem>).
         max_batch_size: Requests decoded together in one forward; more wait for a free slot.
@@ -68,12 +80,14 @@ def serve(
         threads: CPU threads for torch (default: torch's choice).
         log_level: Server log level; the request log is at info.
     """
+    require("serve", "lm serve")  # fastapi, uvicorn, prometheus-client: one line naming the extra if missing
     if not ckpt_path:
         raise LMError("No checkpoint given: pass --ckpt_path, e.g. checkpoints/<experiment>/last.ckpt.")
     api_key = api_key or os.environ.get("LM_API_KEY") or None
-    if host not in _LOOPBACK and api_key is None:
-        log.warning("Listening on %s without an API key: anyone who can reach it can use it "
-                    "(set LM_API_KEY or --api_key).", host)
+    if api_key is None and not is_loopback(host):
+        raise LMError(f"Refusing to listen on {host} without an API key (anyone who can reach the port could use "
+                      f"the model): set one with LM_API_KEY=<secret> or --api_key <secret>, or listen on "
+                      f"127.0.0.1 only (the default).")
     import uvicorn
 
     from lm.serve.app import create_app
@@ -120,7 +134,8 @@ def build_state(ckpt_path: str, *, model_name: Optional[str] = None, max_batch_s
             "tokenizer": {"type": "byte-level BPE", "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id},
             "checkpoint": _checkpoint_info(path, read_checkpoint), "created": int(path.stat().st_mtime)}
     return ServerState(
-        engine=BatchEngine(model, tokenizer, max_batch_size=max_batch_size, max_waiting=max_waiting),
+        engine=BatchEngine(model, tokenizer, max_batch_size=max_batch_size, max_waiting=max_waiting,
+                           context_cache=(sampling or SamplingOptions()).context_cache),
         tokenizer=tokenizer,
         limits=Limits(context=config.max_position_embeddings, max_tokens_cap=max_tokens,
                       max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes),

@@ -23,8 +23,8 @@ without oversubscribing them, and from a faster allocator in the worker processe
   batches of about ``BATCH_CHARS`` characters and writes the results in order. At most
   ``4 * num_proc`` batches are in flight, so memory stays bounded whatever the corpus size; batches
   of about 1 MB keep every worker busy to the end even on a small corpus.
-* Workers run with mimalloc preloaded when it is installed (the ``cmeel-mimalloc`` package, which
-  ``pyproject.toml`` requires on x86-64 Linux, or a system ``libmimalloc``): ~1.5x the encoder's
+* Workers run with mimalloc preloaded when it is installed (the ``cmeel-mimalloc`` package, in
+  the ``data`` extra on x86-64 Linux, or a system ``libmimalloc``): ~1.5x the encoder's
   speed of glibc's allocator. ``LM_ENCODE_MALLOC`` overrides: ``system`` keeps the C library's
   allocator, a path preloads that library (lm/allocator.py). The allocator changes speed only, never
   the ids.

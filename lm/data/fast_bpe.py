@@ -22,7 +22,7 @@ Why the ids are the same (and how we make sure):
   on the corpus's first batch, falling back to HF with a log line on any difference; the tests
   compare both on Unicode, digits, whitespace runs, apostrophes and emoji.
 
-``tiktoken`` missing (it is a dependency, but optional at run time) also means HF, with a log line.
+``tiktoken`` missing (it comes with the ``data`` extra, ``lm[data]``) also means HF, with a log line.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def fast_encoder(tokenizer: Tokenizer) -> FastBPE | None:
         try:
             import tiktoken  # noqa: F401
         except ImportError:
-            reason = "tiktoken is not installed"
+            reason = "tiktoken is not installed: pip install 'lm[data]' for it"
     if reason is not None:
         logger.info("Encoding with HF tokenizers (no tiktoken fast path: %s)", reason)
         return None

@@ -4,7 +4,7 @@ The graph is the no-cache forward: `input_ids` (batch, sequence) int64 -> `logit
 vocab) float32, both dimensions dynamic (sequence up to `max_position_embeddings`). A generation loop
 re-runs it on the whole sequence each step (no KV cache in the graph). Exported with torch's
 `torch.export`-based exporter (`torch.onnx.export(dynamo=True)`), which needs the `onnx` and
-`onnxscript` packages (the `test` extra); `lm` itself does not depend on them.
+`onnxscript` packages (the `export` extra: `pip install 'lm[export]'`); the core install does not have them.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lm.errors import LMError
 from lm.export.folder import write_json, write_folder
+from lm.extras import require
 from lm.model import GPT
 from lm.model.layers import CausalSelfAttention
 
@@ -34,11 +34,8 @@ class _Logits(nn.Module):
 
 def export_onnx(model: GPT, tokenizer, output: str | Path, overwrite: bool = False) -> Path:
     """Write model.onnx (weights inside the file), config.json and tokenizer.json to the `output` folder."""
-    try:
-        import onnxscript  # noqa: F401  (torch's exporter needs it; fail here with the fix, not deep inside)
-    except ImportError as error:
-        raise LMError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript "
-                          "(or pip install -e '.[test]').") from error
+    # torch's exporter needs onnx and onnxscript: fail here with the fix, not deep inside it.
+    require("export", "lm export --format onnx")
     model = copy.deepcopy(model).float().eval()
     for module in model.modules():
         if isinstance(module, CausalSelfAttention):

@@ -1,4 +1,4 @@
-"""LoRA adapters on the hand-written GPT, through Hugging Face `peft`.
+"""LoRA adapters on the hand-written GPT, through Hugging Face `peft` (the `finetune` extra: `lm[finetune]`).
 
 peft injects its LoRA layers into any `nn.Module` by the names of its `nn.Linear` layers (no
 `transformers` model needed): `qkv_proj`, `o_proj`, `up_proj`, `gate_up_proj`, `down_proj` here.
@@ -16,12 +16,14 @@ from __future__ import annotations
 from torch import nn
 
 from lm.errors import LMError
+from lm.extras import require
 
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "up_proj", "gate_up_proj", "down_proj")
 
 
 def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float) -> nn.Module:
     """Inject LoRA adapters into the `nn.Linear` layers named in `targets`; freeze everything else."""
+    require("finetune", "LoRA fine-tuning (lora_rank > 0)")
     from peft import LoraConfig, inject_adapter_in_model
 
     present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -38,6 +40,7 @@ def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, drop
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and unwrap it: the model's keys are plain GPT keys again."""
+    require("finetune", "Merging LoRA adapters")
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in list(model.named_modules()):
