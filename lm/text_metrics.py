@@ -5,7 +5,11 @@
 - `read_pairs(path)`: a JSONL of {"prompt", "reference"} rows, or Alpaca {"instruction", "input",
   "output"} rows (a .json list or .jsonl), so a held-out Alpaca split is scored as it is;
 - `evaluate_pairs_file(...)`: generate an answer per prompt (`generate_text`, `SamplingOptions`,
-  optional template) and score it.
+  optional template) and score it;
+- `repetition_scores(texts)`: how much samples repeat themselves — the share of word 4-grams that already
+  occurred earlier in the same text, and distinct-2 (unique word bigrams / bigrams, per text). Compared with
+  the same figures of real text cut to the same length, they say whether a model degenerates into loops
+  (benchmarks/generation_quality.py).
 """
 
 from __future__ import annotations
@@ -68,3 +72,25 @@ def evaluate_pairs_file(model, tokenizer, path: str | Path, options: SamplingOpt
     return {"examples": len(pairs), "scores": text_scores(answers, [p["reference"] for p in pairs]),
             "samples": [{"prompt": p["prompt"], "reference": p["reference"], "answer": a}
                         for p, a in list(zip(pairs, answers))[:5]]}
+
+
+def repetition_scores(texts: list[str], n: int = 4) -> dict[str, float]:
+    """`repeated_{n}gram_share`: over all texts, the share of word n-grams (whitespace words) that repeat an
+    n-gram seen earlier in the same text (0 = none, pooled over texts); `distinct_2`: the mean over texts of
+    unique word bigrams / word bigrams (1 = no bigram twice). Texts shorter than n words count no n-grams."""
+    repeated = total = 0
+    distinct = []
+    for text in texts:
+        words = text.split()
+        seen: set[tuple[str, ...]] = set()
+        for i in range(len(words) - n + 1):
+            gram = tuple(words[i:i + n])
+            repeated += gram in seen
+            seen.add(gram)
+            total += 1
+        bigrams = list(zip(words, words[1:]))
+        if bigrams:
+            distinct.append(len(set(bigrams)) / len(bigrams))
+    if total == 0:
+        raise LMError(f"No text of at least {n} words to measure repetition on.")
+    return {f"repeated_{n}gram_share": repeated / total, "distinct_2": sum(distinct) / len(distinct)}

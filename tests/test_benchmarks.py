@@ -126,3 +126,28 @@ def test_compress_benchmark_prints_every_row(tmp_path):
         assert unstructured["params"] == fp32["params"] > unstructured["nonzero"]
         assert structured["params"] < fp32["params"] and structured["file_mb"] < fp32["file_mb"]
     assert rows["distilled student"]["params"] < fp32["params"]
+
+
+def test_generation_quality_prints_both_distributions_beside_the_test_text(tmp_path):
+    """benchmarks/generation_quality.py on a tiny checkpoint with a context cache: the reference row, the plain
+    softmax and the cache's mixture, each with repetition figures and the bpb of the distribution sampled."""
+    from tests.tiny_checkpoint import tiny_gpt, tiny_tokenizer, write_checkpoint
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_gpt(tokenizer.vocab_size, context_cache=True, max_position_embeddings=64)
+    model.context_cache.weight.fill_(0.5)
+    ckpt = write_checkpoint(tmp_path / "cc.ckpt", model, tokenizer)
+    articles = "".join(f" = Heading {i} = \n \n the river ran by the town and the mill {i} . \n \n" * 3 for i in range(4))
+    (tmp_path / "test.raw").write_text(articles, encoding="utf-8")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generation_quality.py"), str(ckpt),
+                             "--text_file", str(tmp_path / "test.raw"), "--prompts", "3", "--seeds", "2",
+                             "--max_new_tokens", "24"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line[:52].strip(): line[52:].split() for line in result.stdout.splitlines()
+            if line.startswith(("the test text", "plain softmax", "context cache"))}
+    assert set(rows) == {"the test text itself (same-length pieces)", "plain softmax (lm generate/predict/serve default)",
+                         "context cache as calibrated (--context_cache true)"}
+    plain, cached = rows["plain softmax (lm generate/predict/serve default)"], rows["context cache as calibrated (--context_cache true)"]
+    assert all(0.0 <= float(x) <= 1.0 for x in plain[:2] + cached[:2])  # greedy may end at once (nan)
+    assert float(plain[3]) != float(cached[3])  # each row scores the distribution it sampled
+    assert "bound 1.5" in result.stdout

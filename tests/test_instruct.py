@@ -124,3 +124,17 @@ def test_serve_feedback_lines_are_instruction_data(tmp_path):
     feedback.write_text('{"instruction": "x", "output": "y"}\n{broken\n', encoding="utf-8")
     with pytest.raises(LMError, match="not valid JSON lines"):
         read_alpaca(feedback)
+
+
+def test_repetition_scores_count_loops_within_each_text():
+    from lm.errors import LMError
+    from lm.text_metrics import repetition_scores
+
+    looping = "a b c d a b c d a b c d"  # 9 4-grams, the last 5 repeat the first 4
+    fresh = "one two three four five six"  # 3 4-grams, none repeated; 5 distinct bigrams of 5
+    scores = repetition_scores([looping, fresh])
+    assert scores["repeated_4gram_share"] == pytest.approx(5 / 12)
+    assert scores["distinct_2"] == pytest.approx((4 / 11 + 1.0) / 2)
+    assert repetition_scores(["a b c d", "a b c d"])["repeated_4gram_share"] == 0  # across texts is no loop
+    with pytest.raises(LMError, match="at least 4 words"):
+        repetition_scores(["too short"])
