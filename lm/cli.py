@@ -69,13 +69,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         elif verb in FUNCTION_VERBS:
             module_name, function_name = FUNCTION_VERBS[verb].split(":")
             module = importlib.import_module(module_name)
-            args = argv[1:]
+            given = args = argv[1:]
             if hasattr(module, "prepare_args"):  # optional: the verb normalizes its raw arguments
                 args = module.prepare_args(args)
             if function_name == "main":
                 module.main(args, prog=f"lm {verb}")
             else:
-                _run_function(getattr(module, function_name), args, f"lm {verb}")
+                _run_function(getattr(module, function_name), args, f"lm {verb}", given)
         else:
             print(f"lm: unknown verb {verb!r}.\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)
@@ -86,17 +86,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
 
 
-def _run_function(function, args: list[str], prog: str) -> None:
-    """jsonargparse's CLI of a typed function; a parse error becomes an `LMError` naming the key and the fix."""
+def _run_function(function, args: list[str], prog: str, given: Optional[list[str]] = None) -> None:
+    """jsonargparse's CLI of a typed function; a parse error becomes an `LMError` naming the key and the fix,
+    in terms of `given` (the arguments as typed, before the verb's `prepare_args`).
+
+    Flags must be written in full: argparse's abbreviations are off, so a near miss (`--temp 0`) is an
+    unknown option with a suggestion, not silently another option (`--template`)."""
     from jsonargparse import ArgumentError, CLI, capture_parser
 
     try:
-        CLI(function, args=args, prog=prog, exit_on_error=False)
+        CLI(function, args=args, prog=prog, exit_on_error=False, allow_abbrev=False)
     except ArgumentError as error:
         from lm.config_errors import explain_argument_error
 
-        parser = capture_parser(lambda: CLI(function, args=[], prog=prog, exit_on_error=False))
-        raise explain_argument_error(str(error), parser, args, prog) from error
+        parser = capture_parser(lambda: CLI(function, args=[], prog=prog, exit_on_error=False, allow_abbrev=False))
+        raise explain_argument_error(str(error), parser, args if given is None else given, prog) from error
 
 
 if __name__ == "__main__":

@@ -4,12 +4,18 @@ jsonargparse reports them as many lines (the usage, every branch of a Union, the
 Python repr). `lm` parses with `exit_on_error=False` and turns its `ArgumentError` into one message
 that names the key and what to do: for an unknown key, the closest valid one and every valid key
 next to it; for a wrong value, the expected type; for a YAML syntax error, the file, line and column.
+
+A positional argument (`runs` of `lm report`) is not an option: `--runs x` is answered with the command
+written without the flag, and positional names are neither suggested nor listed as valid keys. A value
+with no flag before it (`lm export model.ckpt`) is named as such, with the flag it probably lacks.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,7 +37,7 @@ def explain_argument_error(message: str, parser: Any, args: list[str], prog: str
     """The `LMError` for a jsonargparse parse failure `message` of `prog` (e.g. "lm fit") run with `args`;
     `parser` (the verb's own, or None) lists the valid keys."""
     explainers: tuple[Callable[..., Optional[LMError]], ...] = (
-        _yaml_syntax, _missing_file, _class_path, _unknown_key, _wrong_value)
+        _yaml_syntax, _positional_as_option, _missing_file, _class_path, _unknown_key, _stray_value, _wrong_value)
     for explain in explainers:
         error = explain(message, parser, args, prog)
         if error is not None:
@@ -100,14 +106,120 @@ def _unknown_key(message: str, parser: Any, args: list[str], prog: str) -> Optio
     key = ".".join([*prefix, *match.groups()])
     parent, _, name = key.rpartition(".")
     class_path = _CLASS_PATH_GIVEN.search(message)
-    valid = _children(_known_keys(parser, prefix[0] if prefix else "", class_path.group(1) if class_path else None),
-                      parent)
+    keys = _known_keys(parser, prefix[0] if prefix else "", class_path.group(1) if class_path else None)
+    if not parent:  # a positional argument has no flag: never offer it as one
+        keys = [k for k in keys if k not in _positionals(parser)]
+    valid = _children(keys, parent)
     if not valid:
         return LMError(f"Unknown option {key}: `{prog} --help` lists every option.")
-    close = difflib.get_close_matches(name, valid, n=1)
-    guess = f" (did you mean {'.'.join([parent, close[0]]) if parent else close[0]}?)" if close else ""
+    close = _suggestions(name, parent, keys)
+    guess = f" (did you mean {_or(close)}?)" if close else ""
     where = f"of {parent}" if parent else "at the top level"
     return LMError(f"Unknown option {key}{guess}. Valid keys {where}: {', '.join(valid)}.")
+
+
+def _suggestions(name: str, parent: str, keys: list[str]) -> list[str]:
+    """Up to five valid keys close to `name` under `parent`: a sibling (`hiden_size` -> `hidden_size`), or a
+    deeper key whose last part is close (`--temprature` -> `sampling.temperature`, `--vocab_size` ->
+    `data.vocab_size`); a name that begins one (`--temp`) counts as close. Best first."""
+    start = f"{parent}." if parent else ""
+    below = {key[len(start):] for key in keys if key.startswith(start) and len(key) > len(start)}
+    candidates = below | {rel.split(".")[0] for rel in below}
+    scores: dict[str, float] = {}
+    for rel in candidates:
+        leaf = rel.rpartition(".")[2]
+        score = difflib.SequenceMatcher(None, name, leaf).ratio()
+        if len(name) >= 3 and leaf.startswith(name):
+            score = max(score, 0.85)
+        score -= 0.01 * rel.count(".")  # on a tie, the shallower key
+        if score >= 0.6:
+            scores[rel] = score
+    ranked = sorted(scores, key=lambda rel: (-scores[rel], rel))
+    return [start + rel for rel in ranked if scores[rel] >= scores[ranked[0]] - 0.1][:5]
+
+
+def _or(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _positionals(parser: Any) -> list[str]:
+    """Names of the parser's positional arguments (given without a flag, e.g. the run folders of `lm report`)."""
+    actions = getattr(parser, "_actions", [])
+    return [a.dest for a in actions if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]
+
+
+def _options(parser: Any) -> set[str]:
+    """Every flag of the parser without its dashes (`output`, `sampling.temperature`, ...)."""
+    return {o.lstrip("-") for a in getattr(parser, "_actions", []) for o in a.option_strings if o.startswith("--")}
+
+
+def _positional_as_option(message: str, parser: Any, args: list[str], prog: str) -> Optional[LMError]:
+    """`lm report --runs logs/x`: a positional argument written as an option (or a near miss of one, `--run`).
+    jsonargparse then reports the flag as unknown, or reads its value as the positional and says the type is
+    wrong; either way the fix is the same command without the flag."""
+    positionals = _positionals(parser)
+    if not positionals:
+        return None
+    options = _options(parser)
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if name in options:
+            continue
+        close = [p for p in positionals if p.startswith(name) and len(name) >= 3]
+        close = close or difflib.get_close_matches(name, positionals, n=1, cutoff=0.75)
+        if not close:
+            continue
+        given = [value] if eq else [a for a in _take_values(args[i + 1:])]
+        after = i + 1 + (0 if eq else len(given))
+        fixed = [*args[:i], *[v for g in given for v in _as_list(g)], *args[after:]]
+        valid = _children([k for k in _known_keys(parser, "", None) if k not in positionals], "")
+        return LMError(f"Unknown option {name}: {close[0]} is a positional argument, given without a flag: "
+                       f"`{prog} {shlex.join(fixed) if fixed else close[0].upper()}`. "
+                       f"Valid keys at the top level: {', '.join(valid)}.")
+    return None
+
+
+def _take_values(args: list[str]) -> list[str]:
+    values = []
+    for arg in args:
+        if arg.startswith("-"):
+            break
+        values.append(arg)
+    return values
+
+
+def _as_list(value: str) -> list[str]:
+    """`[a, b]` (a list written as YAML, as jsonargparse would take it) -> ["a", "b"]; anything else as is."""
+    if value.lstrip().startswith("["):
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return [value]
+        if isinstance(loaded, list):
+            return [str(item) for item in loaded]
+    return [value]
+
+
+_STRAY = re.compile(r"unrecognized arguments: ([^-\s]\S*)")
+_FLAG_OF_SUFFIX = {(".yaml", ".yml"): "config", (".ckpt", ".pt", ".pth"): "ckpt_path"}
+
+
+def _stray_value(message: str, parser: Any, args: list[str], prog: str) -> Optional[LMError]:
+    """`lm export model.ckpt`: a value with no flag before it, in a verb that takes only options."""
+    match = _STRAY.search(message)
+    if match is None:
+        return None
+    value = match.group(1)
+    flags = [flag for suffixes, flag in _FLAG_OF_SUFFIX.items() if value.lower().endswith(suffixes)]
+    example = f"--{flags[0]} {value}" if flags and flags[0] in _options(parser) else f"--<option> {value}"
+    valid = _children([k for k in _known_keys(parser, "", None) if k not in _positionals(parser)], "")
+    listed = f" Valid keys at the top level: {', '.join(valid)}." if valid else ""
+    return LMError(f"Unexpected value {value!r}: it has no option flag before it. Give every value after its "
+                   f"flag, e.g. `{prog} {example}`.{listed}")
 
 
 _CLASS_PATH_GIVEN = re.compile(r"Problem with given class_path '([^']+)'")
@@ -115,8 +227,10 @@ _CLASS_PATH_GIVEN = re.compile(r"Problem with given class_path '([^']+)'")
 
 def _known_keys(parser: Any, outer: str, class_path: Optional[str]) -> list[str]:
     """Every dotted key the parser accepts (`init_args` levels left out). For a class chosen by
-    `class_path` under `outer` (e.g. `--model my_pkg.MyModel`) the keys are that class's."""
+    `class_path` under `outer` (e.g. `--model my_pkg.MyModel`) the keys are that class's. A link's target
+    (`model.config.vocab_size`, set from `data.vocab_size`) is left out: a value given to it is overwritten."""
     try:
+        links = [action.target[0] for action in getattr(getattr(parser, "_links_group", None), "_group_actions", [])]
         if class_path:
             from jsonargparse import ArgumentParser
 
@@ -124,7 +238,7 @@ def _known_keys(parser: Any, outer: str, class_path: Optional[str]) -> list[str]
 
             parser = ArgumentParser(exit_on_error=False)
             parser.add_class_arguments(import_class(class_path), outer)
-        keys = list(parser.get_defaults().keys()) if parser is not None else []
+        keys = [key for key in (parser.get_defaults().keys() if parser is not None else []) if key not in links]
     except Exception:  # the list is a courtesy: never hide the original error behind another one
         return []
     return [".".join(p for p in key.split(".") if p != "init_args") for key in keys if not key.endswith("class_path")

@@ -723,6 +723,35 @@ def test_lm_prepare_prints_the_report_and_fit_reuses_the_cache(tmp_path, capsys)
     assert logs.count("Token cache hit") == 2 and "Tokenizing" not in logs
 
 
+def test_the_cleaning_overlay_cleans_on_top_of_the_raw_bytes_recipe(tmp_path, capsys) -> None:
+    """experiments/data/jsonl_cleaned.yaml's own command: the base recipe says `clean: false` (WikiText is scored
+    raw), the overlay asks for dedup and PII redaction, and the overlay wins (issue 25: it cleaned nothing)."""
+    from lm.cli import main
+
+    rng = random.Random(25)
+    unique = [f"Document {i}: " + " ".join(rng.choice(WORDS) for _ in range(90)) for i in range(100)]
+    pii = [f"Note {i}: write to jane.doe{i}@example.org " if i < 10 else
+           f"Note {i}: call +44 20 7946 0{i:03d} " if i < 20 else f"Note {i}: the server is 10.0.{i}.7 "
+           for i in range(30)]  # fmt: skip
+    pii = [text + " ".join(rng.choice(WORDS) for _ in range(60)) for text in pii]
+    exact = unique[:25]
+    near = [" ".join(w if k != 45 else "changed" for k, w in enumerate(doc.split())) for doc in unique[25:50]]
+    docs = unique + pii + exact + near  # 180: 25 exact and 25 near duplicates, 30 documents with PII
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    root = Path(__file__).resolve().parents[1]
+    main(["prepare", "--config", str(root / "experiments/wikitext2_cpu.yaml"),
+          "--config", str(root / "experiments/data/jsonl_cleaned.yaml"),
+          "--data.train_files", str(tmp_path / "corpus" / "*.jsonl"), "--data.cache_dir", str(tmp_path / "cache")])
+    assert "PII replaced: email 10" in capsys.readouterr().out
+    (report_file,) = (tmp_path / "cache" / "reports").glob("*.json")
+    train = json.loads(report_file.read_text())["splits"]["train"]
+    assert train["documents_in"] == 180
+    assert train["removed"]["exact_duplicate"] == 25 and train["removed"]["near_duplicate"] >= 20  # MinHash estimates
+    assert train["documents_out"] == 180 - sum(train["removed"].values())
+    assert train["pii_replaced"] == {"email": 10, "phone": 10, "ip_address": 10}
+
+
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "experiments" / "data").glob("*.yaml")))
 def test_data_overlays_parse(overlay: str) -> None:
     from lm.commands.prepare import build_parser

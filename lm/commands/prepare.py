@@ -26,7 +26,8 @@ def build_parser(prog: str = "lm prepare") -> Any:
 
     from lm.data import TextDataModule
 
-    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0], default_env=False, exit_on_error=False)
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0], default_env=False, exit_on_error=False,
+                            allow_abbrev=False)  # a near miss (--data.vocab 300) is an error, not another option
     parser.add_argument("--config", action=ActionConfigFile, help="experiment YAML (repeatable; later files win)")
     parser.add_class_arguments(TextDataModule, "data")
     for section in _IGNORED_SECTIONS:  # the rest of a training recipe: accepted, not used here

@@ -35,6 +35,9 @@ def report(runs: list[str], output: str = "reports/latest") -> None:
         runs: Run folders (logs/<experiment>/version_N), or experiment folders (all their versions).
         output: Folder for the PNG plots and report.md (created; files in it are replaced).
     """
+    from lm.extras import require
+
+    require("report", "lm report")  # matplotlib draws the plots
     from lm.files import atomic_write_text
     from lm.report import find_runs, plot_runs, read_run, run_names, summary_markdown
 

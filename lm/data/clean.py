@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from lm.errors import LMError
+from lm.extras import require
 
 _MANY_BLANK_LINES = re.compile(r"\n{4,}")  # 4 newlines = 3 blank lines
 _TRAILING_SPACE = re.compile(r"[ \t\r\f\v]+$", re.MULTILINE)
@@ -56,7 +57,9 @@ _PII_ORDER = ("email", "ip_address", "credit_card", "phone")
 
 @dataclass
 class CleaningOptions:
-    """What cleaning does (each step optional). ``data.clean: false`` turns all of it off.
+    """What cleaning does (each step optional). ``data.clean: false`` turns all of it off, and is
+    refused together with steps that differ from these defaults (TextDataModule: set ``clean: true``
+    next to the steps, or drop them).
 
     Args:
         unicode: ``NFC`` (default), ``NFKC`` (also folds compatibility forms: ligatures, full-width
@@ -111,6 +114,11 @@ class CleaningOptions:
             raise LMError(f"cleaning.near_dedup_threshold must be in (0, 1], got {self.near_dedup_threshold}.")
         if self.near_dedup_ngram < 1 or self.near_dedup_num_perm < 16:
             raise LMError("cleaning.near_dedup_ngram must be >= 1 and near_dedup_num_perm >= 16.")
+        # Checked with the options, before any data is read (and before encode workers start).
+        if self.fix_encoding:
+            require("data", "cleaning.fix_encoding", ("ftfy",))
+        if self.near_dedup:
+            require("data", "cleaning.near_dedup", ("datasketch",))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,7 +147,7 @@ def normalize(text: str, options: CleaningOptions) -> str:
 
 
 def _fix_encoding(text: str) -> str:
-    import ftfy  # only when asked for
+    (ftfy,) = require("data", "cleaning.fix_encoding", ("ftfy",))  # only when asked for
 
     # Only the repairs (mojibake, lossy sequences, C1 controls); quotes, ligatures, widths and
     # normalization are left to the options above, so fix_encoding never rewrites correct text.

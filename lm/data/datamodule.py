@@ -44,8 +44,17 @@ class TextDataModule(L.LightningDataModule):
             at a line start, held out from its end for validation. It is cut before the tokenizer is
             trained, so validation text never shapes the vocabulary. 0: ``val_files`` or the source's
             own validation split, if any.
-        clean: Apply ``cleaning``; False keeps the text byte for byte.
+        clean: Apply ``cleaning``; False keeps the text byte for byte (the WikiText recipes: they are
+            scored on the raw bytes).
         cleaning: Cleaning steps: normalization, filters, exact/near dedup, PII (see CleaningOptions).
+            ``clean`` is the switch and ``cleaning`` the settings, and the two never contradict each
+            other silently: ``clean: false`` with ``cleaning`` steps that differ from the defaults is
+            refused before any data is read, naming the steps and both fixes. So an overlay that asks
+            for cleaning says ``clean: true`` itself (experiments/data/jsonl_cleaned.yaml) and wins over
+            a base recipe's ``clean: false`` by the usual rule, later wins; and a later
+            ``--data.clean false`` must drop the overlay's steps (or the overlay) rather than leave them
+            unapplied. A silent winner either way would be a trap: cleaning skipped (PII kept) or the
+            promised raw bytes changed.
         tokenizer_kind: ``bpe`` (byte-level BPE), ``char``, ``word`` or ``unigram``.
         tokenizer_path: A ``tokenizer.json`` to use instead of training one on the training split.
         vocab_size: Vocabulary size of the model; the tokenizer is trained up to it. Link the model's to it.
@@ -86,6 +95,7 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         _check_sizes(locals())
+        _check_cleaning(clean, cleaning)
         self.files = {"train": file_list(train_files), "val": file_list(val_files), "test": file_list(test_files)}
         self.train_files, self.val_files, self.test_files = self.files["train"], self.files["val"], self.files["test"]
         self.data_dir, self.val_fraction, self.vocab_size = data_dir, val_fraction, vocab_size
@@ -259,6 +269,20 @@ def _check_sizes(args: dict[str, Any]) -> None:
             raise LMError(f"{name} must be >= 1, got {args[name]}.")
     if args["num_workers"] < 0:
         raise LMError(f"num_workers must be >= 0, got {args['num_workers']}.")
+
+
+def _check_cleaning(clean: bool, cleaning: CleaningOptions | None) -> None:
+    """``clean: false`` while ``cleaning`` asks for steps: refused, since either reading of it betrays a setting
+    (the steps would be skipped, or the raw bytes ``clean: false`` promises would change)."""
+    if clean or cleaning is None:
+        return
+    defaults = CleaningOptions().to_dict()
+    asked = {k: v for k, v in cleaning.to_dict().items() if v != defaults[k]}
+    if asked:
+        steps = ", ".join(f"{k}={v}" for k, v in asked.items())
+        raise LMError(f"data.clean is false (keep the text byte for byte) but data.cleaning asks for steps ({steps}), "
+                      f"which would not run. Set data.clean: true next to them (--data.clean true) to clean, or drop "
+                      f"the data.cleaning settings (or the overlay that sets them) to keep the raw text.")
 
 
 def _check_vocab(tokenizer: Tokenizer, vocab_size: int, what: str) -> None:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lm.extras import require
+
 if TYPE_CHECKING:
     from lm.data.clean import CleaningOptions
 
@@ -80,8 +82,8 @@ class NearDeduplicator:
     """MinHash-LSH over word n-gram shingles (datasketch): drops a document close to a kept one."""
 
     def __init__(self, options: CleaningOptions) -> None:
-        from datasketch import MinHash, MinHashLSH
-
+        (datasketch,) = require("data", "cleaning.near_dedup", ("datasketch",))
+        MinHash, MinHashLSH = datasketch.MinHash, datasketch.MinHashLSH
         self._minhash = MinHash
         self.num_perm = options.near_dedup_num_perm
         self.ngram = options.near_dedup_ngram
