@@ -124,6 +124,7 @@ class LMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.run_config
         check_run_folders(self.subcommand, config)
+        _check_single_weight_average(config.trainer.get("callbacks"))
         _name_loggers_after_experiment(config)
         if config.get("weights_only") is False:
             raise LMError("--weights_only false is refused: lm reads checkpoints as tensors and plain values only "
@@ -257,3 +258,15 @@ def parse_recipe(argv: list[str]):
     finally:
         sys.argv = saved_argv
         seed_logger.setLevel(saved_level)
+
+
+def _check_single_weight_average(callbacks) -> None:
+    """Two weight-averaging callbacks (e.g. a recipe that has EMA + the ema.yaml overlay) are refused by
+    Lightning with a traceback at Trainer construction: say it in one line, with the fix."""
+    paths = [str(c.get("class_path", "")) if hasattr(c, "get") else type(c).__name__ for c in (callbacks or [])]
+    averaging = [p for p in paths if p.rsplit(".", 1)[-1] in ("ExponentialMovingAverage", "EMAWeightAveraging",
+                                                             "WeightAveraging", "StochasticWeightAveraging")]
+    if len(averaging) > 1:
+        raise LMError(f"trainer.callbacks has {len(averaging)} weight-averaging callbacks ({', '.join(averaging)}): "
+                      f"Lightning keeps one. The recipe already averages weights: drop the extra overlay "
+                      f"(e.g. experiments/trainer/callbacks/ema.yaml on top of experiments/wikitext2_cpu.yaml).")
