@@ -72,6 +72,11 @@ def _gpt2_tensors(model: GPT) -> dict[str, Tensor]:
             weight = state[f"{src}{ours}.weight"]
             out[f"{dst}{hf}.weight"] = weight.t()  # Conv1D stores (in, out)
             out[f"{dst}{hf}.bias"] = bias(f"{src}{ours}.bias", weight.shape[0])
+    return _with_untied_head(out, state, config)
+
+
+def _with_untied_head(out: dict[str, Tensor], state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+    """Both architectures name an untied head `lm_head.weight`; a tied one is the embedding, not stored twice."""
     if not config.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     return out
@@ -105,9 +110,7 @@ def _llama_tensors(model: GPT) -> dict[str, Tensor]:
                 if f"{src}{ours}.{kind}" in state:
                     for name, part in zip(names, state[f"{src}{ours}.{kind}"].split(sizes, dim=0)):
                         out[f"{dst}{name}.{kind}"] = part
-    if not config.tie_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
-    return out
+    return _with_untied_head(out, state, config)
 
 
 def _llama_config(config: GPTConfig) -> dict:
