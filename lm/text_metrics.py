@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lm.errors import LMError, MissingFileError
-from lm.model.generate import SamplingOptions
+from lm.model.sampling import SamplingOptions
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 

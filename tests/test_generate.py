@@ -1,5 +1,6 @@
 """Generation: greedy/sampling semantics, batching with left padding, stopping, context limits,
-streaming, and the text level (UTF-8 safety, stop strings) with the real byte-level tokenizer."""
+streaming, the `Decoder` every entry point runs (rows joining and leaving between steps), and the text
+level (UTF-8 safety, stop strings) with the real byte-level tokenizer."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import torch
 from torch import nn
 
 from lm.data.tokenizer import EOT, Tokenizer
-from lm.model import (GPT, GPTConfig, SamplingOptions, generate, generate_text, sample_next_token, stream_generate,
-                      stream_text)
-from lm.model.generate import filter_logits
+from lm.model import (GPT, Decoder, GPTConfig, SamplingOptions, filter_logits, generate, generate_text,
+                      sample_next_token, stream_generate, stream_text)
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=48)
 LLAMA = dict(position="rope", norm="rmsnorm", activation="swiglu", num_key_value_heads=2, tie_embeddings=False,
@@ -170,6 +170,61 @@ def test_too_long_prompts(model):
         generate(model, [[1]], max_new_tokens=context, truncate=True)
     with pytest.raises(ValueError, match="Empty prompt"):
         generate(model, [[]], max_new_tokens=3)
+
+
+# ----------------------------------------------------------------------------------- decoder
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "no_cache"])
+@pytest.mark.parametrize("variant", ["llama", "context_cache"])
+def test_decoder_rows_joining_and_leaving_equal_each_alone(variant, use_cache, monkeypatch):
+    """The Decoder API by hand: rows join while others run (a wider prompt shifts the running rows right),
+    leave mid-way (the last row takes the slot), and the write column reaching the end shifts every row
+    left; each row's greedy tokens still equal generating it alone."""
+    if variant == "context_cache":
+        model = make_model(context_cache=True)
+        model.context_cache.weight.fill_(0.3), model.context_cache.temperature.fill_(1.1)
+    else:
+        model = make_model(**LLAMA)
+    context_cache = variant == "context_cache"
+    shifts = []
+    original_shift = Decoder.shift
+    monkeypatch.setattr(Decoder, "shift", lambda self, offset: (shifts.append((self.rows, offset)),
+                                                                original_shift(self, offset)))
+    decoder = Decoder(model, capacity=3, max_length=20, context_cache=context_cache, use_cache=use_cache)
+    rows, done = [], []  # [prompt, generated ids] per row, in the decoder's row order
+
+    def admit(*prompts):
+        for prompt, token in zip(prompts, decoder.admit(prompts).argmax(-1).tolist()):
+            rows.append((list(prompt), [token]))
+
+    def step(n):
+        for _ in range(n):
+            logits = decoder.step(torch.tensor([generated[-1] for _, generated in rows]))
+            for (_, generated), token in zip(rows, logits.argmax(-1).tolist()):
+                generated.append(token)
+
+    def retire(i):
+        decoder.retire(i)
+        done.append(rows[i])
+        rows[i] = rows[-1]
+        rows.pop()
+
+    with torch.inference_mode():
+        admit([5, 17])
+        step(3)
+        admit([1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11])  # wider than the 5 columns written: row 0 shifts right
+        step(4)
+        retire(1)  # the 8-token prompt leaves; the last row takes its slot
+        step(9)  # the write column reaches 20: every row shifts left to the oldest row's first column
+        retire(0)
+        admit([12, 13, 14, 15])
+        step(3)
+        with pytest.raises(ValueError, match="do not fit next to the 2 active rows"):
+            decoder.admit([[1], [2]])
+    done += rows
+    assert (1, 3) in shifts and any(n == 2 and offset < 0 for n, offset in shifts), shifts
+    for prompt, generated in done:
+        alone = generate(model, [prompt], max_new_tokens=len(generated), temperature=0, context_cache=context_cache)
+        assert prompt + generated == alone[0]
 
 
 # --------------------------------------------------------------------------------- text level

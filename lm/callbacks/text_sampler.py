@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lm.errors import LMError
-from lm.model.generate import SamplingOptions
+from lm.model.sampling import SamplingOptions
 
 
 class TextSampler(Callback):

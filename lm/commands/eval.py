@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 from lm.commands.generate import prepare_args  # noqa: F401  (bare sampling flags: --max_new_tokens 48)
 from lm.errors import LMError
-from lm.model.generate import SamplingOptions
+from lm.model.sampling import SamplingOptions
 
 
 def evaluate(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from lm.errors import LMError, MissingFileError
-from lm.model.generate import SamplingOptions
+from lm.model.sampling import SamplingOptions
 
 # Sampling flags may be given bare (`--temperature 0`) as well as `--sampling.temperature 0`.
 _SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingOptions))

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 from lm.errors import LMError
 from lm.extras import require
-from lm.model.generate import SamplingOptions
+from lm.model.sampling import SamplingOptions
 
 log = logging.getLogger("lm.serve")
 

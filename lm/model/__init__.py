@@ -1,23 +1,22 @@
-"""The hand-written transformer and its generation loop. Usable without Lightning:
+"""The hand-written transformer and its generation API. Usable without Lightning:
 
     from lm.model import GPT, GPTConfig, generate
     model = GPT(GPTConfig(vocab_size=8192))
     logits = model(input_ids)                                  # (B, T, vocab)
     ids = generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=0)
+
+Generation is split by job: sampling.py (SamplingOptions, sampling), decoder.py (Decoder: the decode
+engine that `generate*`, `stream_*` and `lm serve` all run), text_stream.py (TextAssembler: UTF-8 safe
+pieces, stop strings), generate.py (the token and text API).
 """
 
 from lm.model.config import GPTConfig
-from lm.model.generate import (
-                               SamplingOptions,
-                               filter_logits,
-                               generate,
-                               generate_text,
-                               sample_next_token,
-                               stream_generate,
-                               stream_text,
-)
+from lm.model.decoder import Decoder
+from lm.model.generate import generate, generate_text, stream_generate, stream_text
 from lm.model.gpt import GPT
 from lm.model.layers import KVCache
+from lm.model.sampling import SamplingOptions, filter_logits, sample_next_token
+from lm.model.text_stream import TextAssembler
 
 __all__ = [
     "GPT",
@@ -30,4 +29,6 @@ __all__ = [
     "stream_text",
     "sample_next_token",
     "filter_logits",
+    "Decoder",
+    "TextAssembler",
 ]

@@ -162,11 +162,24 @@ class KVCache:
     def per_position(self) -> list[tuple[Tensor, int]]:
         """Every tensor that holds one entry per row and position, with its position dimension: keys and
         values (B, kv_heads, positions, head_dim), and the context cache's hidden states and ids (B, positions, ...).
-        For code that moves positions or rows around (the `lm serve` batch engine)."""
+        For code that moves positions or rows around (`lm.model.decoder.Decoder`)."""
         pairs = [(t, 2) for t in (*self.keys, *self.values)]
         if self.hidden is not None:
             pairs += [(self.hidden, 1), (self.ids, 1)]
         return pairs
+
+    def narrow(self, rows: slice, start: int, length: Optional[int] = None) -> "KVCache":
+        """A cache that shares this one's memory: rows `rows`, positions `start`.. (its position 0 is this
+        one's `start`), `length` of them written (default: those this cache has past `start`). What a
+        forward writes into it lands here; its own `length` advances, this one's does not."""
+        view = object.__new__(KVCache)
+        view.keys = [k[rows, :, start:] for k in self.keys]
+        view.values = [v[rows, :, start:] for v in self.values]
+        view.hidden = None if self.hidden is None else self.hidden[rows, start:]
+        view.ids = None if self.ids is None else self.ids[rows, start:]
+        view.max_length = self.max_length - start
+        view.length = max(self.length - start, 0) if length is None else length
+        return view
 
     def write_context(self, start: int, hidden: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Store the final hidden states (B, T, D) and ids (B, T) of positions start.. for the context

@@ -35,7 +35,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from lm.model.generate import SamplingOptions
+from lm.model.sampling import SamplingOptions
 from lm.serve.engine import BatchEngine, EngineBusy, Event, Finished, GenerationRequest, Piece
 from lm.serve.feedback import FeedbackLog, RecentResponses, ServedResponse
 from lm.serve.filters import NoFilter, OutputFilter

@@ -31,7 +31,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lm.model.generate import SamplingOptions
+from lm.model.sampling import SamplingOptions
 
 CHAT_PREAMBLE = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
