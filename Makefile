@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make train   create .venv, install CPU torch + lm, train the default CPU experiment
 #   make test    create .venv, install CPU torch + lm + pytest, run the test suite
+#   make smoke   the `make train` path on a step budget, then every lm verb on its checkpoint (32-true, bf16-mixed)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ TORCH  ?= torch==2.13.0
 CONFIG ?= experiments/wikitext2_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv train test test-fast clean-venv chromium
+.PHONY: venv train smoke test test-fast clean-venv chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,14 @@ train: venv
 	best=$$(ls -t checkpoints/$(EXPERIMENT)/step*.ckpt 2>/dev/null | head -n 1); \
 	$(BIN)/lm test --config $(CONFIG) $(DATA_CONFIG) --experiment $(EXPERIMENT)-test \
 		--ckpt_path "$${best:-checkpoints/$(EXPERIMENT)/last.ckpt}"
+
+# The `make train` path (same CONFIG and DATA_CONFIG: lm fit, then lm test of the best checkpoint) on a step
+# budget, then every other verb on that checkpoint, once per precision (tests/smoke.py; outputs in
+# checkpoints/smoke-<precision>*/ and logs/smoke-<precision>*/, removed when a run starts). One precision:
+# `make smoke PRECISION=32-true`.
+PRECISION ?= 32-true bf16-mixed
+smoke: venv
+	$(BIN)/python tests/smoke.py --precision $(PRECISION) --config $(CONFIG) $(DATA_CONFIG)
 
 # Debian's chromium for the playground's browser test (tests/test_serve.py), installed only if missing.
 # Playwright drives it; `playwright install` (a browser download) is never used.

@@ -14,7 +14,7 @@ from lm.compress.quantize import Int8Embedding, Int8Linear, linear_weight_bytes,
 from lm.data.tokenizer import Tokenizer
 from lm.errors import LMError
 from lm.model import GPT, GPTConfig
-from lm.model.generate import generate
+from lm.model.generate import SamplingOptions, generate
 from tests.conftest import make_corpus
 from tests.helpers import REPO_ROOT
 
@@ -105,6 +105,28 @@ def test_quantized_checkpoint_reloads_and_generates(tokenizer, tmp_path):
         quantize(ckpt_path=str(tmp_path / "int8.ckpt"), output=str(tmp_path / "again.ckpt"))
     with pytest.raises(LMError, match="overwrite"):
         quantize(ckpt_path=source, output=str(tmp_path / "int8.ckpt"))
+
+
+def test_quantized_checkpoint_loads_and_generates_in_bfloat16(tokenizer, tmp_path):
+    """`lm generate --dtype bfloat16` (and `lm serve --dtype bfloat16`) on an `lm quantize` checkpoint: the tied
+    int8 embedding hands the blocks bf16 activations, like the rest of the model (it used to return fp32 and
+    the first norm stopped with "mixed dtype (CPU)"), and the logits stay close to the fp32 int8 model's."""
+    from lm.commands.compress import quantize
+    from lm.commands.generate import generate as generate_command
+
+    source = save(tiny_gpt(), tokenizer, tmp_path / "fp32.ckpt")
+    quantize(ckpt_path=source, output=str(tmp_path / "int8.ckpt"))
+    fp32, _ = load_model(tmp_path / "int8.ckpt")
+    bf16, _ = load_model(tmp_path / "int8.ckpt", dtype=torch.bfloat16)
+    x = ids(tokenizer)
+    assert bf16.embed_tokens(x).dtype == bf16.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        reference, logits = fp32(x), bf16(x)
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    assert generate(bf16, x, max_new_tokens=5, temperature=0).shape == (1, x.shape[1] + 5)
+    generate_command(ckpt_path=str(tmp_path / "int8.ckpt"), prompt=["The river", "A small town"], dtype="bfloat16",
+                     sampling=SamplingOptions(max_new_tokens=4, temperature=0), format="jsonl")
 
 
 def test_compiled_int8_decode_is_the_weight_only_product(tokenizer):
@@ -310,6 +332,23 @@ def test_onnx_export_runs_in_onnxruntime(tokenizer, tmp_path, context_cache):
         (logits,) = session.run(["logits"], {"input_ids": x.numpy()})
         with torch.no_grad():
             assert (torch.from_numpy(logits) - model(x)).abs().max() < 1e-4
+
+
+def test_onnx_export_of_a_model_with_dropout_is_the_inference_graph(tokenizer, tmp_path, recwarn):
+    """A model left in training mode with dropout (the CPU recipe has 0.2) exports the inference graph:
+    no dropout in it, and no "exporting a model while it is in training mode" warning."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from lm.export.onnx import export_onnx
+
+    model = tiny_gpt(dropout=0.5).train()
+    export_onnx(model, tokenizer, tmp_path / "onnx")
+    assert not [w for w in recwarn if "training mode" in str(w.message)]
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = ids(tokenizer, 20)
+    (logits,) = session.run(["logits"], {"input_ids": x.numpy()})
+    with torch.no_grad():
+        assert (torch.from_numpy(logits) - model.eval()(x)).abs().max() < 1e-4
 
 
 def test_recovery_fine_tune_starts_from_pruned_weights_and_keeps_zeros(tmp_path, monkeypatch, corpus_files):

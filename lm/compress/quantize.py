@@ -166,12 +166,15 @@ class Int8Embedding(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The effective (dequantized) float embedding matrix, for code that reads `embed_tokens.weight`
-        for its device, dtype or size (e.g. `GPT.new_kv_cache`). Computed on each access."""
-        return self._head.dequantized_weight()
+        for its device, dtype or size (e.g. `GPT.new_kv_cache`). Computed on each access, in the
+        model's float type (the scales', which `model.to(dtype)` converts: fp32, or bf16 for
+        `lm generate --dtype bfloat16`)."""
+        return self._head.dequantized_weight(self._head.weight_scale.dtype)
 
     def forward(self, ids: Tensor) -> Tensor:
         head = self._head
-        return head.weight_int8[ids].float() * head.weight_scale[ids].unsqueeze(-1)
+        scale = head.weight_scale[ids].unsqueeze(-1)
+        return head.weight_int8[ids].to(scale.dtype) * scale  # the model's float type, not always fp32
 
 
 def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:

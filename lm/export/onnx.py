@@ -47,7 +47,8 @@ def export_onnx(model: GPT, tokenizer, output: str | Path, overwrite: bool = Fal
     dims = {0: torch.export.Dim("batch", max=1024), 1: torch.export.Dim("sequence", max=context)}
 
     def fill(folder: Path) -> None:
-        program = torch.onnx.export(_Logits(model), (example,), input_names=["input_ids"], output_names=["logits"],
+        program = torch.onnx.export(_Logits(model).eval(), (example,), input_names=["input_ids"],
+                                    output_names=["logits"],
                                     dynamic_shapes={"input_ids": dims}, dynamo=True, external_data=False,
                                     verbose=False)
         program.save(str(folder / "model.onnx"), external_data=False)
