@@ -36,11 +36,13 @@ DATA_CONFIG ?= --config experiments/data/wikitext2_offline.yaml
 endif
 EXPERIMENT ?= $(basename $(notdir $(CONFIG)))
 
-# Train, then report test loss / perplexity / bits-per-byte of the best checkpoint.
+# Train, then report test loss / perplexity / bits-per-byte of the best checkpoint. TRAIN_ARGS reach both
+# verbs, e.g. `make train TRAIN_ARGS="--trainer.precision 32-true" EXPERIMENT=wikitext2_cpu_fp32`.
+TRAIN_ARGS ?=
 train: venv
-	$(BIN)/lm fit --config $(CONFIG) $(DATA_CONFIG) --experiment $(EXPERIMENT)
+	$(BIN)/lm fit --config $(CONFIG) $(DATA_CONFIG) --experiment $(EXPERIMENT) $(TRAIN_ARGS)
 	best=$$(ls -t checkpoints/$(EXPERIMENT)/step*.ckpt 2>/dev/null | head -n 1); \
-	$(BIN)/lm test --config $(CONFIG) $(DATA_CONFIG) --experiment $(EXPERIMENT)-test \
+	$(BIN)/lm test --config $(CONFIG) $(DATA_CONFIG) $(TRAIN_ARGS) --experiment $(EXPERIMENT)-test \
 		--ckpt_path "$${best:-checkpoints/$(EXPERIMENT)/last.ckpt}"
 
 # The `make train` path (same CONFIG and DATA_CONFIG: lm fit, then lm test of the best checkpoint) on a step
