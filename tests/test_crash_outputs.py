@@ -5,6 +5,8 @@ trusts: the next run rebuilds and gets what a clean run gets."""
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,28 @@ def test_an_export_swap_cut_between_its_two_renames_is_undone(tmp_path, monkeypa
     monkeypatch.setattr("lm.export.folder._exchange", lambda a, b: False)
     write_folder(output, lambda folder: (folder / "weights").write_text("new"), overwrite=True)
     assert (output / "weights").read_text() == "new" and not (tmp_path / ".export.old").exists()
+
+
+def test_overwrite_replaces_an_earlier_export_and_nothing_else(tmp_path):
+    """`--overwrite` never removes what it did not write: a folder with a user's files beside (or instead of)
+    an export is refused with their names, and left as it was; exports are readable as the umask says."""
+    output = tmp_path / "export"
+    write_folder(output, lambda folder: (folder / "config.json").write_text("export 1"))
+    write_folder(output, lambda folder: (folder / "config.json").write_text("export 2"), overwrite=True)
+    assert (output / "config.json").read_text() == "export 2"  # an earlier export is replaced
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(LMError, match=r"holds files this export did not write \(notes.txt\)"):
+        write_folder(output, lambda folder: (folder / "config.json").write_text("export 3"), overwrite=True)
+    assert (output / "notes.txt").read_text() == "mine" and (output / "config.json").read_text() == "export 2"
+    users = tmp_path / "users_own"
+    users.mkdir()
+    (users / "config.json").write_text("the user's own")
+    with pytest.raises(LMError, match=r"config.json"):
+        write_folder(users, lambda folder: (folder / "config.json").write_text("export"), overwrite=True)
+    assert (users / "config.json").read_text() == "the user's own"
+    old = os.umask(0o022)
+    try:
+        shared = write_folder(tmp_path / "shared", lambda folder: (folder / "model.bin").write_bytes(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755 and stat.S_IMODE((shared / "model.bin").stat().st_mode) == 0o644
