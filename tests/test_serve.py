@@ -100,6 +100,7 @@ def test_stream_reads_to_done_with_usage(server, client):
     ({"prompt": "x", "max_tokens": 101}, 400, "max_tokens"),  # above --max_tokens 100
     ({"prompt": "The river " * 10, "max_tokens": 100}, 400, "max_tokens"),  # prompt + max_tokens > context
     ({"prompt": "The river " * 60}, 400, "prompt"),  # longer than the context
+    ({"prompt": "The river " * 9_000}, 400, "prompt"),  # 90 KB: refused by its size, before it is tokenized
     ({"prompt": ""}, 400, "prompt"),
     ({"prompt": ["a", "b"]}, 400, "prompt"),
     ({"prompt": "x", "n": 2}, 400, "n"),
@@ -112,6 +113,16 @@ def test_each_validation_error_is_an_openai_error(client, body, status, param):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_prompts_that_are_not_text_or_far_too_long_are_refused_before_tokenizing(client):
+    """A lone UTF-16 surrogate (valid JSON, not text) was a 500; a prompt far over the token limit is refused by
+    its size (the message says bytes), before the tokenizer sees it and keeps memory for it."""
+    r = client.post("/v1/completions", content='{"prompt": "a \\ud800 b"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert "surrogate" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "river " * 15_000}]})
+    assert r.status_code == 400 and "bytes" in r.json()["error"]["message"], r.text
 
 
 def test_malformed_requests_auth_and_server_survives(server, client):

@@ -138,7 +138,8 @@ def build_state(ckpt_path: str, *, model_name: Optional[str] = None, max_batch_s
                            context_cache=(sampling or SamplingOptions()).context_cache),
         tokenizer=tokenizer,
         limits=Limits(context=config.max_position_embeddings, max_tokens_cap=max_tokens,
-                      max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes),
+                      max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+                      max_token_bytes=max(len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size))),
         model_name=model_name or f"{path.resolve().parent.name}/{path.stem}",
         info=info, defaults=sampling or SamplingOptions(), output_filter=filter_,
         feedback=FeedbackLog(feedback_path) if feedback_path else None, api_key=api_key)

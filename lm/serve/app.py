@@ -73,6 +73,7 @@ class _Generation:
         self.created = int(time.time())
         self.usage: dict[str, Any] = request.scope.setdefault("lm.usage", {})
         self.usage.update(id=self.id, stream=body.stream)
+        state.limits.check_prompt_size(prompt)
         ids = state.tokenizer.encode(prompt)
         self.usage["prompt_tokens"] = len(ids)
         options = state.limits.sampling_options(body, len(ids), state.defaults, extra_stop)

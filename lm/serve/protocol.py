@@ -119,10 +119,24 @@ class Limits:
     max_tokens_cap: int = 512
     max_prompt_tokens: Optional[int] = None  # default: context - 1
     max_body_bytes: int = 1_000_000
+    max_token_bytes: Optional[int] = None  # the tokenizer's longest token, in UTF-8 bytes (None: no early check)
 
     def __post_init__(self) -> None:
         self.max_prompt_tokens = min(self.max_prompt_tokens or self.context - 1, self.context - 1)
         self.max_tokens_cap = min(self.max_tokens_cap, self.context - 1)
+
+    def check_prompt_size(self, prompt: str) -> None:
+        """Refuse, before tokenizing it, a prompt too long to fit whatever its tokens: each token covers at most
+        `max_token_bytes` bytes, so more than max_prompt_tokens x that many bytes is surely too many tokens.
+        Tokenizing a huge prompt only to refuse it costs memory the tokenizer keeps (its word cache)."""
+        try:
+            size = len(prompt.encode("utf-8"))
+        except UnicodeEncodeError as error:  # a lone UTF-16 surrogate (JSON "\ud800"): no UTF-8 text to tokenize
+            raise ApiError(400, f"The prompt is not valid Unicode text: {error.reason} at character {error.start} "
+                                f"(a lone UTF-16 surrogate?). Send UTF-8 text.", "prompt") from error
+        if self.max_token_bytes is not None and size > self.max_prompt_tokens * self.max_token_bytes:
+            raise ApiError(400, f"The prompt is {size} bytes: far more than the {self.max_prompt_tokens} tokens this "
+                                f"server accepts. Shorten it.", "prompt", code="context_length_exceeded")
 
     def sampling_options(self, body: _SamplingFields, prompt_tokens: int, defaults: SamplingOptions,
                          extra_stop: Optional[list[str]] = None) -> SamplingOptions:
