@@ -1,7 +1,24 @@
-"""`lm plan` against real `lm fit` runs on this CPU: model/optimizer memory and tokens/s, per strategy.
+"""`lm plan` against real `lm fit` runs on this CPU: tokens/s of the default recipe as `lm plan` predicts it,
+and model/optimizer memory and tokens/s per strategy.
 
-    nice -n 5 python benchmarks/plan_check.py                     # 1 process, DDP x2, FSDP2 x2; ~25 min
-    nice -n 5 python benchmarks/plan_check.py --strategies single --steps 6
+    nice -n 5 python benchmarks/plan_check.py                     # default recipe x 2 precisions, then strategies
+    nice -n 5 python benchmarks/plan_check.py --parts default --repeats 2     # default recipe only, ~10 min
+    nice -n 5 python benchmarks/plan_check.py --parts strategies --strategies single --steps 6
+
+Default recipe (`--parts default`): `experiments/wikitext2_cpu.yaml` + `experiments/data/wikitext2_offline.yaml`,
+as `make train` runs it (4 x 256, context 512, batch 4, vocab 8192, Muon, EMA), once with `--trainer.precision
+32-true` and once with `bf16-mixed`, `--repeats` times, interleaved: `make_plan(recipe, device_kind="cpu")`
+exactly as `lm plan --device_kind cpu` runs it (matmul peak measured, the recipe's step timed by the speed
+probe: lm/plan/speed_probe.py), then a real `lm fit` of `--fit-steps` steps without validation
+(`--trainer.limit_val_batches 0`), whose tokens/s is what the run logs: the median over its 10-step TensorBoard
+log intervals (`lm.plan.probe.logged_tokens_per_second`). Prints the CPU, the load average (1-minute, sampled
+every 2 s) and the cores other processes kept busy (from /proc/stat minus this process and its children)
+during the plan and during the fit, predicted and measured tokens/s, and the plan's error (predicted /
+measured - 1). On a shared machine a 2-thread run slows several-fold when another job takes a core, so a pair
+disturbed by other processes (over `--max-foreign` cores) is run again, up to `--attempts` times, and
+`--quiet-load` waits for a quiet moment before each pair; every attempt is printed.
+
+Strategies (`--parts strategies`):
 
 Runs the base CPU recipe (experiments/wikitext2_cpu.yaml on the offline WikiText-2 files, no validation)
 for a few steps, at 6 layers x 384 ("big") and shrunk to 1 layer x 64 wide ("small"), each as 1 process,
@@ -32,8 +49,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,9 +66,12 @@ from lm.plan.devices import GIB, cpu_threads_per_process, measure_cpu_peak  # no
 from lm.plan.estimate import PRECISIONS  # noqa: E402
 from lm.plan.planner import default_precision  # noqa: E402
 from lm.plan.recipe import read_recipe  # noqa: E402
-from lm.plan.probe import measure_fit, measure_gloo, prepare_data  # noqa: E402
+from lm.plan.probe import logged_tokens_per_second, measure_fit, measure_gloo, prepare_data  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
+WIKITEXT_TEST = WIKITEXT.with_name("wiki.test.raw")
+DEFAULT_RECIPE = ["--config", str(ROOT / "experiments/wikitext2_cpu.yaml"),
+                  "--config", str(ROOT / "experiments/data/wikitext2_offline.yaml")]  # what `make train` runs here
 STRATEGY_OVERLAYS = {"single": [], "ddp": ["--config", str(ROOT / "experiments/trainer/ddp.yaml")],
                      "fsdp2": ["--config", str(ROOT / "experiments/trainer/fsdp2_cpu.yaml")]}
 # "big": 6 x 384 (13.9M parameters, the CPU recipe's shape before it moved to 4 x 256 for CPUs without native
@@ -78,6 +101,18 @@ def model_part(plan) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["default", "strategies"], choices=["default", "strategies"])
+    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], help="default recipe rows")
+    parser.add_argument("--repeats", type=int, default=1, help="default recipe: plan + fit pairs per precision")
+    parser.add_argument("--fit-steps", type=int, default=80, help="default recipe: steps of each measured lm fit")
+    parser.add_argument("--quiet-load", type=float, default=None,
+                        help="default recipe: before each plan + fit pair, wait (up to --max-wait s) for the 1-minute "
+                             "load average to fall below this (a shared machine)")
+    parser.add_argument("--max-wait", type=float, default=900)
+    parser.add_argument("--max-foreign", type=float, default=0.25,
+                        help="default recipe: a pair during which other processes kept more cores than this busy "
+                             "is marked not quiet and run again")
+    parser.add_argument("--attempts", type=int, default=3, help="default recipe: tries per pair to get a quiet one")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_OVERLAYS), choices=list(STRATEGY_OVERLAYS))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -86,6 +121,137 @@ def main() -> None:
     if not Path(args.train_file).is_file():
         sys.exit(f"Training text not found: {args.train_file} (pass --train-file).")
     print(f"CPU: {describe_cpu()}; load average before: {os.getloadavg()[0]:.2f}")
+    if "default" in args.parts:
+        check_default_recipe(args)
+    if "strategies" in args.parts:
+        check_strategies(args)
+
+
+def default_recipe_args(precision: str, cache: Path, steps: int) -> list[str]:
+    """`make train`'s recipe in `precision` for `steps` steps without validation. The offline overlay's data
+    paths are relative to the project root and the run's folder is a temporary one: the same files, absolute."""
+    return [*DEFAULT_RECIPE, "--trainer.precision", precision, "--data.train_files", f"[{WIKITEXT}]",
+            "--data.test_files", f"[{WIKITEXT_TEST}]", "--data.cache_dir", str(cache),
+            "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
+            "--experiment", f"default-{precision}"]
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes of the machine have run (/proc/stat: user, nice, system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for (the lm fit subprocesses)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class Activity:
+    """What else ran on the machine during a `with` block: the 1-minute load average sampled every `every`
+    seconds (it lags and counts our own run: ~2 for a 2-thread run alone), and `foreign`, the cores other
+    processes kept busy on average ((machine's CPU time - ours) / wall time: 0 on an otherwise idle machine)."""
+
+    def __init__(self, every: float = 2.0) -> None:
+        self.every, self.samples, self.foreign = every, [], 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "Activity":
+        self.samples = [os.getloadavg()[0]]
+        self._start = (time.monotonic(), busy_cpu_seconds(), own_cpu_seconds())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+        wall, busy, own = (b - a for a, b in zip(self._start, (time.monotonic(), busy_cpu_seconds(), own_cpu_seconds())))
+        self.foreign = max(0.0, (busy - own) / max(wall, 1e-9))
+
+    def __str__(self) -> str:
+        return (f"load {statistics.fmean(self.samples):.1f} ({min(self.samples):.1f}-{max(self.samples):.1f}), "
+                f"other processes {self.foreign:.2f} cores")
+
+
+def check_default_recipe(args) -> None:
+    """Predicted (make_plan, as `lm plan --device_kind cpu`) against measured (`lm fit`'s logged median tokens/s)
+    tokens/s of the default recipe, per precision, `--repeats` interleaved plan + fit pairs. A pair during which
+    other processes kept more than `--max-foreign` cores busy is printed and run again (up to `--attempts`)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        prepare_data(default_recipe_args(args.precisions[0], cache, args.fit_steps))  # tokenize before any timing
+        for repeat in range(args.repeats):
+            for precision in args.precisions:
+                for attempt in range(1, args.attempts + 1):
+                    row = plan_and_fit(args, precision, cache, Path(tmp) / f"fit-{precision}-{repeat}-{attempt}",
+                                       f"{precision} #{repeat + 1}.{attempt}")
+                    rows.append({**row, "repeat": repeat + 1, "attempt": attempt})
+                    if row["quiet"]:
+                        break
+    print(f"\nDefault recipe (make train: {' '.join(Path(a).name if a.endswith('.yaml') else a for a in DEFAULT_RECIPE)}), "
+          f"{describe_cpu()}; lm fit of {args.fit_steps} steps, tokens/s = median over its 10-step log intervals; "
+          f"plan error = predicted / measured - 1; quiet: other processes under {args.max_foreign} cores in both")
+    print("| precision | run | during plan | during fit | quiet | MFU (source) | predicted tokens/s | measured | plan error |")
+    print("|---|---|---|---|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['precision']} | {r['repeat']}.{r['attempt']} | {r['plan_activity']} | {r['fit_activity']} | "
+              f"{'yes' if r['quiet'] else 'no'} | {r['mfu']:.1%} ({r['source']}) | {r['predicted']:,.0f} | "
+              f"{r['measured']:,.0f} | {r['predicted'] / r['measured'] - 1:+.1%} |")
+    print(f"load average after: {os.getloadavg()[0]:.2f}\n", flush=True)
+
+
+def plan_and_fit(args, precision: str, cache: Path, workdir: Path, name: str) -> dict:
+    """One pair: `make_plan` as `lm plan --device_kind cpu` (the speed probe included), then the real `lm fit`."""
+    recipe = default_recipe_args(precision, cache, args.fit_steps)
+    if args.quiet_load is not None:
+        wait_for_quiet(args.quiet_load, args.max_wait)
+    with Activity() as plan_activity:
+        plan = make_plan(recipe, device_kind="cpu")
+    probe = plan.probe
+    detail = (f"probe {probe.steps} steps, median {probe.step_seconds * 1e3:.0f} ms "
+              f"({', '.join(f'{t * 1e3:.0f}' for t in probe.step_times)} ms), MFU {plan.speed.mfu:.1%} of "
+              f"{plan.speed.peak_flops / 1e9:.0f} GFLOP/s" if probe else f"no probe: {plan.probe_note}")
+    print(f"[{name}] plan: {plan.speed.tokens_per_second:,.0f} tokens/s ({detail}); {plan_activity}", flush=True)
+    with Activity() as fit_activity:
+        measured = fit_tokens_per_second(recipe, workdir)
+    print(f"[{name}] lm fit: {measured['tokens_per_second']:,.0f} tokens/s (intervals: "
+          f"{', '.join(f'{r:,.0f}' for r in measured['intervals'])}); {fit_activity}", flush=True)
+    return {"precision": precision, "plan_activity": str(plan_activity), "fit_activity": str(fit_activity),
+            "quiet": max(plan_activity.foreign, fit_activity.foreign) <= args.max_foreign,
+            "predicted": plan.speed.tokens_per_second, "measured": measured["tokens_per_second"],
+            "mfu": plan.speed.mfu, "source": plan.mfu_source}
+
+
+def wait_for_quiet(load: float, max_wait: float) -> None:
+    """Sleep until the 1-minute load average is below `load` (other jobs on the machine), at most `max_wait` s."""
+    start = time.monotonic()
+    while os.getloadavg()[0] >= load and time.monotonic() - start < max_wait:
+        time.sleep(5)
+    print(f"waited {time.monotonic() - start:.0f} s for load < {load}: {os.getloadavg()[0]:.2f}", flush=True)
+
+
+def fit_tokens_per_second(recipe: list[str], workdir: Path, timeout: float = 1800) -> dict:
+    """Run `lm fit <recipe>` in `workdir` (its logs/ and checkpoints/ go there) and read its logged tokens/s."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "lm", "fit", *recipe]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"lm fit failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
+    experiment = recipe[recipe.index("--experiment") + 1]
+    return logged_tokens_per_second(max((workdir / "logs" / experiment).glob("version_*")))
+
+
+def check_strategies(args) -> None:
+    """Memory and tokens/s per strategy (see the module docstring)."""
     peaks = measure_peaks(args)
     gloo = measure_gloo()  # this machine's link, as the peak is this machine's: the plan is of measured devices
     print(f"gloo, 2 processes of 1 thread: {gloo['bandwidth'] / 1e9:.3f} GB/s per rank, "

@@ -259,7 +259,7 @@ def test_plan_matches_the_measured_model_and_optimizer_memory_of_a_real_run(tmp_
     planned, measured = [], []
     prepare_data(args("256", "2"))
     for name, size in {"big": ("256", "2"), "small": ("32", "1")}.items():
-        plan = make_plan(args(*size), device_kind="cpu", peak_flops=1e10)
+        plan = make_plan(args(*size), device_kind="cpu", peak_flops=1e10, probe_steps=0)  # memory only: no speed probe
         planned.append(sum(plan.memory[item] for item in part))
         measured.append(measure_fit(args(*size), tmp_path / name)[0]["model_rss"])
     growth_planned, growth_measured = planned[0] - planned[1], measured[0] - measured[1]
@@ -290,3 +290,115 @@ def test_measured_link_figures_override_the_table():
         measured.speed.communication_seconds - table.speed.communication_seconds)
     with pytest.raises(LMError, match="collective_latency"):
         make_plan(args, device_kind="cpu", devices=2, peak_flops=1e11, collective_latency=-1.0)
+
+
+# A model where compute, not Lightning's per-step bookkeeping, dominates a step, yet a step takes ~10-30 ms.
+PROBED = ["--config", CPU_RECIPE, "--model.config.hidden_size", "128", "--model.config.num_hidden_layers", "2",
+          "--model.config.num_attention_heads", "4", "--data.vocab_size", "512", "--data.block_size", "128",
+          "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "3", "--trainer.precision", "32-true"]
+
+
+def _direct_step_seconds(recipe_args: list[str], steps: int = 6) -> float:
+    """Median time of an optimizer step of the recipe's module in a plain loop, no Lightning: 3 accumulated
+    micro-batches (forward, loss, backward), gradient clipping, the optimizer (Muon + AdamW), the LR scheduler."""
+    import statistics
+    import time
+
+    import torch
+
+    from lm.lightning_cli import parse_recipe
+    from lm.modules import LanguageModel
+    from lm.optim import build_optimizer
+
+    module = LanguageModel(**parse_recipe(recipe_args).model.init_args.as_dict())
+    hp = module.hparams
+    optimizer = build_optimizer(module.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas), optimizer=hp.optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    tokens = torch.randint(0, 512, (4, 129))
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        for _ in range(3):
+            loss = module.compute_loss(module(tokens[:, :-1]), tokens[:, 1:]) / 3
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def test_cpu_plan_times_the_recipes_own_training_step(monkeypatch):
+    """On cpu without --mfu the plan's speed comes from a probe of the recipe's training step (Lightning's loop,
+    3 accumulated micro-batches per optimizer step here): the planned step is the probe's median step, and
+    that is within 2x of the same step timed directly in a plain loop (a probe that timed micro-batches,
+    the warm-up, or nothing would fall outside). One thread each, so another job on the machine slows both alike."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        before = _direct_step_seconds(PROBED)
+        plan = make_plan(PROBED, device_kind="cpu", peak_flops=1e10, probe_steps=5)
+        after = _direct_step_seconds(PROBED)
+    finally:
+        torch.set_num_threads(saved)
+    probe = plan.probe
+    assert plan.mfu_source == "probe" and probe is not None and probe.steps == 5 and probe.threads == 1
+    assert probe.precision == "32-true" and probe.callbacks == ("ExponentialMovingAverage",)  # the recipe's EMA ran
+    assert plan.speed.step_seconds == pytest.approx(probe.step_seconds)  # one process: the probed step is the plan's
+    assert plan.speed.tokens_per_second == pytest.approx(4 * 128 * 3 / probe.step_seconds)
+    flops = 4 * 128 * 3 * plan.recipe.model.flops_per_token + plan.recipe.model.optimizer_flops
+    assert plan.speed.mfu == pytest.approx(flops / (probe.step_seconds * 1e10))
+    direct = (before + after) / 2
+    assert 0.5 * direct < probe.step_seconds < 2.0 * direct, (probe.step_times, before, after)
+
+
+def test_probe_opt_outs_and_the_printed_source(capsys, monkeypatch):
+    """--mfu and --probe_steps 0 plan without a probe; the output says where the MFU came from; a multi-process
+    recipe is probed as one of its processes (the threads each gets) and the MFU applied per device."""
+    given = make_plan(PROBED, device_kind="cpu", peak_flops=1e10, mfu=0.3)
+    assert (given.mfu_source, given.probe, given.speed.mfu) == ("given", None, 0.3)
+    table = make_plan(PROBED, device_kind="cpu", peak_flops=1e10, probe_steps=0)
+    assert table.mfu_source == "assumed" and table.speed.mfu == table.device.default_mfu and table.probe is None
+    assert "--probe_steps 0" in table.probe_note
+    with pytest.raises(LMError, match="probe_steps"):
+        make_plan(PROBED, device_kind="cpu", peak_flops=1e10, probe_steps=-1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    main(["plan", *PROBED, "--device_kind", "cpu", "--probe_steps", "3", "--peak_flops", "1e10",
+          "--config", str(ROOT / "experiments/trainer/ddp.yaml")])
+    out = capsys.readouterr().out
+    assert "MFU measured by a 3-step probe" in out and "applied per device" in out and "DDP" in out
+    main(["plan", *PROBED, "--device_kind", "cpu", "--probe_steps", "0", "--peak_flops", "1e10"])
+    assert "assumed MFU       80%" in capsys.readouterr().out
+
+
+def test_probe_is_skipped_for_a_recipe_too_big_to_time():
+    from lm.plan.speed_probe import skip_reason
+
+    assert skip_reason(0.5, fits=True) is None
+    assert "30 s" in skip_reason(6.0, fits=True)  # 6 steps (3 warm-up + 3 timed) of 6 s
+    assert "memory" in skip_reason(0.5, fits=False)
+    big = make_plan(["--config", CPU_RECIPE, "--model.config.hidden_size", "4096", "--model.config.num_hidden_layers",
+                     "32", "--model.config.num_attention_heads", "32"], device_kind="cpu", peak_flops=1e11)
+    assert big.mfu_source == "assumed" and big.probe is None and big.probe_note.startswith("probe skipped")
+
+
+def test_logged_tokens_per_second_is_the_median_over_log_intervals_without_validation(tmp_path):
+    """The figure plan_check compares the plan with: lm fit's TensorBoard points, 10 steps of 2048 tokens apart."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lm.plan.probe import logged_tokens_per_second
+
+    writer = SummaryWriter(str(tmp_path))
+    times = [100.0, 110.0, 120.0, 135.0, 145.0, 155.0]  # 10 s per 10 steps, but validation runs within the 3rd
+    for i, wall in enumerate(times):
+        writer.add_scalar("train/loss", 5.0, 10 * i + 9, walltime=wall)
+        writer.add_scalar("train/tokens_per_step", 2048.0, 10 * i + 9, walltime=wall)
+    writer.add_scalar("val/loss", 5.0, 29, walltime=130.0)
+    writer.close()
+    result = logged_tokens_per_second(tmp_path)
+    assert result["intervals"] == pytest.approx([2048.0] * 4)  # 10 x 2048 tokens in 10 s; the 15 s one left out
+    assert result["tokens_per_second"] == pytest.approx(2048.0)

@@ -6,7 +6,10 @@
 - estimate.py: memory per device (itemized), communication per step, step time and throughput
 - advice.py: fits or not, and the smallest change that makes it fit
 - planner.py: make_plan (recipe + cluster -> Plan); report.py: format_plan (the printed text)
-- probe.py: MemoryProbe, a callback that measures a real run (resident memory, step times) for the check
+- speed_probe.py: on `cpu`, times the recipe's own training step here (Lightning's loop, a few steps on
+  random tokens): the MFU the plan uses unless `--mfu` is given
+- probe.py: MemoryProbe, a callback that measures a real run (resident memory, step times) for the check;
+  logged_tokens_per_second, the tokens/s an `lm fit` run reports (median over its log intervals)
 """
 
 from lm.plan.planner import Plan, make_plan

@@ -5,6 +5,9 @@
   `<output>.rank<R>.json` when training ends.
 - `measure_fit(args, workdir)`: runs `lm fit <args>` in a fresh process with the probe and returns what
   every rank recorded; `prepare_data(args)` tokenizes beforehand, so no measured run does it.
+- `logged_tokens_per_second(log_dir)`: the tokens/s a run reports, from its TensorBoard log: the median over
+  the intervals between `train/loss` log points, validation excluded (what `lm plan`'s speed is checked
+  against; the plan's own speed probe is lm/plan/speed_probe.py).
 
 Why resident memory after a step isolates the model/optimizer part: at that point the activations,
 logits and gathered FSDP units of the step are freed, and what is alive is the weights, gradients,
@@ -114,6 +117,36 @@ def measure_fit(args: list[str], workdir: Path, timeout: float = 900, env: Optio
         record["tokens_per_second"] = record["tokens_per_step"] / statistics.median(steady)
         record["model_rss"] = statistics.median(record["rss_after_step"][2:] or record["rss_after_step"])
     return records
+
+
+def logged_tokens_per_second(log_dir: Path) -> dict[str, Any]:
+    """The tokens/s `lm fit` reports, from a run's TensorBoard folder (logs/<experiment>/version_N): `train/loss`
+    is logged every `trainer.log_every_n_steps` steps; each interval between two consecutive log points
+    runs (step difference) x `train/tokens_per_step` tokens in the wall time between the two events; the
+    figure is the median over the intervals in which no validation ran (no `val/loss` event inside). The
+    first steps (before the first log point: start-up, warm-up) are in no interval; a checkpoint written at
+    a validation falls in an excluded interval; the median leaves out an interval slowed by anything rare
+    (a text sample every N steps, another process's burst). Returns `tokens_per_second` and the
+    `intervals` (tokens/s of each, in order)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    if "train/loss" not in tags or "train/tokens_per_step" not in tags:
+        raise RuntimeError(f"{log_dir} has no train/loss and train/tokens_per_step scalars: not an lm fit run's log.")
+    points = events.Scalars("train/loss")
+    tokens_per_step = {e.step: e.value for e in events.Scalars("train/tokens_per_step")}
+    validations = [e.wall_time for e in events.Scalars("val/loss")] if "val/loss" in tags else []
+    intervals = []
+    for a, b in zip(points, points[1:]):
+        if b.step <= a.step or any(a.wall_time < v <= b.wall_time for v in validations):
+            continue
+        tokens = (b.step - a.step) * tokens_per_step.get(b.step, tokens_per_step.get(a.step, 0.0))
+        intervals.append(tokens / max(b.wall_time - a.wall_time, 1e-9))
+    if not intervals:
+        raise RuntimeError(f"{log_dir}: fewer than two train/loss log points outside validation: train longer.")
+    return {"tokens_per_second": statistics.median(intervals), "intervals": intervals}
 
 
 def measure_gloo(world_size: int = 2, sizes: tuple[int, ...] = (1, 1 << 20, 4 << 20)) -> dict[str, float]:

@@ -62,8 +62,7 @@ def _speed(plan: Plan) -> list[str]:
     sp, s, d = plan.speed, plan.recipe.setup, plan.device
     dtype = "bf16" if "bf16" in s.precision else ("fp16" if "16" in s.precision else "fp32")
     measured = " (measured)" if "peak_flops" in d.measured else ""
-    lines = ["Speed",
-             f"  assumed MFU       {sp.mfu:.0%} of {_rate(sp.peak_flops, 'FLOP/s')} {dtype} peak{measured}",
+    lines = ["Speed", *_mfu(plan, f"{_rate(sp.peak_flops, 'FLOP/s')} {dtype} peak{measured}"),
              f"  compute per step  {_duration(sp.compute_seconds)}"
              + (f" (incl. the optimizer's {plan.recipe.model.optimizer_flops / 1e9:,.1f} GFLOP)"
                 if plan.recipe.model.optimizer_flops else "")]
@@ -89,6 +88,27 @@ def _speed(plan: Plan) -> list[str]:
     else:
         lines.append("  wall time         no trainer.max_steps in the recipe: pass --tokens N for a token budget")
     return lines + [""]
+
+
+def _mfu(plan: Plan, peak: str) -> list[str]:
+    """Where the MFU comes from: a probe of the recipe's step on this machine, --mfu, or the table."""
+    mfu, probe, s = plan.speed.mfu, plan.probe, plan.recipe.setup
+    if plan.mfu_source == "probe" and probe is not None:
+        with_callbacks = f", with {', '.join(probe.callbacks)}" if probe.callbacks else ""
+        lines = [f"  MFU measured by a {probe.steps}-step probe  {mfu:.1%} of {peak}",
+                 f"                    the recipe's training step timed here: {_duration(probe.step_seconds)} (median of "
+                 f"{probe.steps} after {probe.warmup_steps} warm-up steps),",
+                 f"                    1 process of {probe.threads} thread(s), {probe.precision}{with_callbacks}"]
+        if s.world_size > 1:
+            lines.append(f"                    applied per device: each of the {s.devices} processes per node gets "
+                         f"{probe.threads} thread(s)")
+        return lines
+    if plan.mfu_source == "given":
+        return [f"  MFU (--mfu)       {mfu:.0%} of {peak}"]
+    lines = [f"  assumed MFU       {mfu:.0%} of {peak}"]
+    if plan.probe_note:
+        lines.append(f"                    ({plan.probe_note}: the table's MFU, devices.yaml)")
+    return lines
 
 
 def _sources(plan: Plan) -> list[str]:
