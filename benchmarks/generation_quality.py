@@ -16,7 +16,8 @@ the distribution that was sampled (`lm eval`'s scoring: non-overlapping windows 
 
 Rows: the plain softmax (what `lm generate`, `lm predict` and `lm serve` sample by default) and, for a model
 trained with `context_cache: true`, the cache's mixture as calibrated (`--context_cache true`, the
-distribution `lm eval` and `lm test` score).
+distribution `lm eval` and `lm test` score), each without a repetition penalty and with the default one
+(`SamplingOptions.repetition_penalty`). The default is the plain softmax with the penalty.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def reference_pieces(text: str, tokenizer, length: int) -> list[str]:
     return [tokenizer.decode(ids[i:i + length]) for i in range(0, len(ids) - length + 1, length)]
 
 
-def sample_scores(model, tokenizer, prompts: list[str], seeds: int, max_new_tokens: int, context_cache: bool) -> dict:
-    options = SamplingOptions(max_new_tokens=max_new_tokens, context_cache=context_cache)  # lm generate's defaults
+def sample_scores(model, tokenizer, prompts: list[str], seeds: int, max_new_tokens: int, context_cache: bool,
+                  **overrides) -> dict:
+    options = SamplingOptions(max_new_tokens=max_new_tokens, context_cache=context_cache, **overrides)  # lm generate's defaults
     sampled = [text for seed in range(seeds) for text in generate_text(model, tokenizer, prompts, options, seed=seed)]
     greedy = generate_text(model, tokenizer, prompts, options, temperature=0)
     return {"sampled": _scores(sampled), "greedy": _scores(greedy), "example": sampled[0]}
@@ -89,22 +91,29 @@ def main() -> None:
     print(f"CPU: {describe_cpu()}\ncheckpoint: {args.checkpoint}\n{len(prompts)} prompts x {args.seeds} seeds x "
           f"{args.max_new_tokens} tokens at temperature 0.8 (top-k 50), and greedy\n")
     reference = repetition_scores(reference_pieces(text, tokenizer, args.max_new_tokens))
-    readings = [("plain softmax (lm generate/predict/serve default)", False)]
+    default_penalty = SamplingOptions().repetition_penalty
+    readings = [("plain softmax, no repetition penalty", False, 1.0),
+                (f"plain softmax, penalty {default_penalty:g} (the default)", False, default_penalty)]
     if getattr(model, "context_cache", None) is not None:
-        readings.append(("context cache as calibrated (--context_cache true)", True))
+        readings += [("context cache as calibrated, no penalty", True, 1.0),
+                     (f"context cache as calibrated, penalty {default_penalty:g}", True, default_penalty)]
     header = f"{'distribution sampled':<52} {'rep4 T0.8':>9} {'dist2 T0.8':>10} {'rep4 greedy':>11} {'test bpb':>8}"
     print(header)
     print(f"{'the test text itself (same-length pieces)':<52} {reference['repeated_4gram_share']:9.4f} "
           f"{reference['distinct_2']:10.4f} {'':>11} {'':>8}")
-    examples, default_share = [], None
-    for name, cache in readings:
+    examples, default_share, bpbs = [], None, {}
+    for name, cache, penalty in readings:
         start = time.perf_counter()
         with torch.inference_mode():
-            scores = sample_scores(model, tokenizer, prompts, args.seeds, args.max_new_tokens, cache)
+            scores = sample_scores(model, tokenizer, prompts, args.seeds, args.max_new_tokens, cache,
+                                   repetition_penalty=penalty)
             scored = model if cache else model.without_context_cache() if hasattr(model, "without_context_cache") else model
-            bpb = float("nan") if args.no_bpb else evaluate_text_file(scored, tokenizer, args.text_file)["bpb"]
+            if cache not in bpbs:  # the distribution's score; the penalty only changes sampling
+                bpbs[cache] = float("nan") if args.no_bpb else evaluate_text_file(scored, tokenizer, args.text_file)["bpb"]
+            bpb = bpbs[cache]
         sampled, greedy = scores["sampled"], scores["greedy"]
-        default_share = sampled["repeated_4gram_share"] if default_share is None else default_share
+        if not cache and penalty == default_penalty:
+            default_share = sampled["repeated_4gram_share"]
         print(f"{name:<52} {sampled['repeated_4gram_share']:9.4f} {sampled['distinct_2']:10.4f} "
               f"{greedy['repeated_4gram_share']:11.4f} {bpb:8.4f}   ({time.perf_counter() - start:.0f} s)")
         examples.append((name, prompts[0] + scores["example"]))

@@ -145,9 +145,10 @@ def test_generation_quality_prints_both_distributions_beside_the_test_text(tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line[:52].strip(): line[52:].split() for line in result.stdout.splitlines()
             if line.startswith(("the test text", "plain softmax", "context cache"))}
-    assert set(rows) == {"the test text itself (same-length pieces)", "plain softmax (lm generate/predict/serve default)",
-                         "context cache as calibrated (--context_cache true)"}
-    plain, cached = rows["plain softmax (lm generate/predict/serve default)"], rows["context cache as calibrated (--context_cache true)"]
+    assert set(rows) == {"the test text itself (same-length pieces)", "plain softmax, no repetition penalty",
+                         "plain softmax, penalty 1.2 (the default)", "context cache as calibrated, no penalty",
+                         "context cache as calibrated, penalty 1.2"}
+    plain, cached = rows["plain softmax, penalty 1.2 (the default)"], rows["context cache as calibrated, no penalty"]
     assert all(0.0 <= float(x) <= 1.0 for x in plain[:2] + cached[:2])  # greedy may end at once (nan)
     assert float(plain[3]) != float(cached[3])  # each row scores the distribution it sampled
     assert "bound 1.5" in result.stdout

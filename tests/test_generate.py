@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lm.data.tokenizer import EOT, Tokenizer
+from lm.errors import LMError
 from lm.model import (GPT, Decoder, GPTConfig, SamplingOptions, filter_logits, generate, generate_text,
                       sample_next_token, stream_generate, stream_text)
 
@@ -44,9 +45,10 @@ def test_greedy_equals_argmax_by_hand(overrides):
     model = make_model(**overrides)
     prompt = [5, 17, 33, 2]
     expected = greedy_by_hand(model, prompt, 12)
-    assert generate(model, [prompt], max_new_tokens=12, temperature=0)[0] == expected
-    assert generate(model, [prompt], max_new_tokens=12, temperature=0, use_cache=False)[0] == expected
-    out = generate(model, torch.tensor([prompt]), max_new_tokens=12, temperature=0)
+    plain = SamplingOptions(max_new_tokens=12, temperature=0, repetition_penalty=1.0)
+    assert generate(model, [prompt], plain)[0] == expected
+    assert generate(model, [prompt], plain, use_cache=False)[0] == expected
+    out = generate(model, torch.tensor([prompt]), plain)
     assert isinstance(out, torch.Tensor) and out.tolist() == [expected]
 
 
@@ -130,8 +132,9 @@ def test_batch_of_different_lengths_equals_each_alone(overrides):
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11], [12, 13, 14, 15, 16]]
     batch = generate(model, prompts, max_new_tokens=8, temperature=0)
     alone = [generate(model, [p], max_new_tokens=8, temperature=0)[0] for p in prompts]
-    assert batch == alone
-    assert batch == [greedy_by_hand(model, p, 8) for p in prompts]
+    assert batch == alone  # with the default repetition penalty too
+    plain = generate(model, prompts, max_new_tokens=8, temperature=0, repetition_penalty=1.0)
+    assert plain == [greedy_by_hand(model, p, 8) for p in prompts]
     assert generate(model, prompts, max_new_tokens=8, temperature=0, use_cache=False) == alone
 
 
@@ -223,7 +226,8 @@ def test_decoder_rows_joining_and_leaving_equal_each_alone(variant, use_cache, m
     done += rows
     assert (1, 3) in shifts and any(n == 2 and offset < 0 for n, offset in shifts), shifts
     for prompt, generated in done:
-        alone = generate(model, [prompt], max_new_tokens=len(generated), temperature=0, context_cache=context_cache)
+        alone = generate(model, [prompt], max_new_tokens=len(generated), temperature=0, context_cache=context_cache,
+                         repetition_penalty=1.0)  # the raw argmax the decoder was driven with
         assert prompt + generated == alone[0]
 
 
@@ -343,3 +347,23 @@ def test_generate_text_with_a_real_model(byte_tokenizer):
     with pytest.raises(ValueError, match="truncate"):
         generate_text(model, tok, ["hello " * 40], max_new_tokens=10)
     assert isinstance(generate_text(model, tok, ["hello " * 40], max_new_tokens=10, truncate=True)[0], str)
+
+
+def test_repetition_penalty_makes_recent_tokens_less_likely():
+    """CTRL's penalty over the last `repetition_window` tokens: positive logits divided, negative multiplied,
+    each token once; tokens outside the window and padding (-1) untouched; greedy escapes a loop with it."""
+    from lm.model.sampling import penalize_repeats, recent_tokens
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    recent = recent_tokens([[0, 0, 1]], window=4)
+    assert recent.tolist() == [[-1, 0, 0, 1]]
+    assert penalize_repeats(logits, recent, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    assert recent_tokens([[5, 6, 7]], window=2).tolist() == [[6, 7]]
+    with pytest.raises(LMError, match="repetition_penalty must be >= 1"):
+        SamplingOptions(repetition_penalty=0.9)
+    model = make_model()
+    prompt = [1, 2, 3, 4, 5, 6, 7]
+    looping = generate(model, [prompt], max_new_tokens=8, temperature=0, repetition_penalty=1.0)[0][7:]
+    assert len(set(looping)) < len(looping), "this tiny random model repeats itself greedily"
+    penalized = generate(model, [prompt], max_new_tokens=8, temperature=0, repetition_penalty=2.0)[0][7:]
+    assert len(set(penalized)) > len(set(looping))

@@ -30,7 +30,7 @@ def evaluate(
     context: Optional[int] = None,
     pairs_file: Optional[str] = None,
     template: Optional[str] = None,
-    sampling: SamplingOptions = SamplingOptions(temperature=0.0),
+    sampling: SamplingOptions = SamplingOptions(temperature=0.0, repetition_penalty=1.0),
     labelled_file: Optional[str] = None,
     batch_size: int = 8,
     output: Optional[str] = None,

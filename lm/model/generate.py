@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lm.errors import LMError
 from lm.model.decoder import Decoder, Prompts, fit_prompts
-from lm.model.sampling import SamplingOptions, filter_logits, sample_next_token, sampling_generator
+from lm.model.sampling import SamplingOptions, filter_logits, recent_tokens, sample_next_token, sampling_generator
 from lm.model.text_stream import TextAssembler, TextTokenizer
 
 # SamplingOptions, filter_logits and sample_next_token live in lm/model/sampling.py; importable from here too.
@@ -67,9 +67,11 @@ def _token_steps(model: nn.Module, rows: list[list[int]], options: SamplingOptio
                           context_cache=options.context_cache, use_cache=use_cache)
         finished = torch.zeros(len(rows), dtype=torch.bool, device=decoder.device)
         logits = decoder.admit(rows)
+        recent = recent_tokens(rows, options.repetition_window, decoder.device)  # for the repetition penalty
     for step in range(max_new_tokens):
         with mode():
-            tokens = sample_next_token(logits, options, generator)
+            tokens = sample_next_token(logits, options, generator, recent)
+            recent = torch.cat([recent[:, 1:], tokens[:, None]], dim=1)
             if eos_id is not None:
                 tokens = tokens.masked_fill(finished, eos_id)
                 finished |= tokens == eos_id

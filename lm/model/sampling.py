@@ -32,6 +32,12 @@ class SamplingOptions:
             (`GPTConfig.context_cache`). Off by default: the cache lowers the scored loss but, sampled,
             copies the model's own mistakes back into the text (repeated phrases; measured by
             benchmarks/generation_quality.py). `lm eval`, `lm test` and `lm validate` always score with it.
+        repetition_penalty: Make tokens of the last `repetition_window` tokens (prompt included) less likely:
+            a positive logit is divided by it, a negative one multiplied (CTRL, Keskar et al. 2019; HF's
+            `repetition_penalty`, llama.cpp's `repeat_penalty`). 1.0 is off. A small model sampled at
+            temperature 0.8 falls into loops that real text does not have; the default keeps its repetition
+            near the test text's (benchmarks/generation_quality.py). Sampling only: scores are unchanged.
+        repetition_window: How many of the latest tokens the penalty looks at.
     """
 
     max_new_tokens: int = 100
@@ -42,8 +48,14 @@ class SamplingOptions:
     stop: Union[str, list[str], None] = field(default=None)
     truncate: bool = False
     context_cache: bool = False
+    repetition_penalty: float = 1.2
+    repetition_window: int = 64
 
     def __post_init__(self) -> None:
+        if not self.repetition_penalty >= 1.0:
+            raise LMError(f"repetition_penalty must be >= 1 (1 is off), got {self.repetition_penalty}.")
+        if self.repetition_window < 1:
+            raise LMError(f"repetition_window must be a positive number of tokens, got {self.repetition_window}.")
         if self.max_new_tokens < 0:
             raise LMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
         if self.temperature < 0:
@@ -91,14 +103,36 @@ def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[f
     return logits
 
 
-def sample_next_token(logits: Tensor, options: SamplingOptions,
-                      generator: Optional[torch.Generator] = None) -> Tensor:
-    """Next token ids (B,) from last-position logits (B, V), with `options`' temperature, top-k, top-p.
+def penalize_repeats(logits: Tensor, recent: Tensor, penalty: float) -> Tensor:
+    """`logits` (B, V) with the tokens in `recent` (B, W; -1 = no token) made less likely: positive logits
+    divided by `penalty`, negative ones multiplied (each token once, however often it occurred)."""
+    seen = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    seen.scatter_add_(-1, recent.clamp(min=0), (recent >= 0).float())
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen > 0, penalized, logits)
+
+
+def recent_tokens(rows: list[list[int]], window: int, device: torch.device | str = "cpu") -> Tensor:
+    """(B, window) of each row's last `window` ids, right-aligned, -1 before a short row's first."""
+    recent = torch.full((len(rows), window), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tail = row[-window:]
+        if tail:
+            recent[i, window - len(tail):] = torch.tensor(tail, dtype=torch.long)
+    return recent.to(device)
+
+
+def sample_next_token(logits: Tensor, options: SamplingOptions, generator: Optional[torch.Generator] = None,
+                      recent: Optional[Tensor] = None) -> Tensor:
+    """Next token ids (B,) from last-position logits (B, V), with `options`' repetition penalty (over the
+    `recent` tokens (B, W), see `recent_tokens`), temperature, top-k, top-p.
 
     `temperature=0` is greedy (argmax; top-k/top-p do not change the argmax). Otherwise the logits are
     divided by the temperature, filtered by `filter_logits` and sampled in float32 (bf16 probabilities
     are too coarse for `multinomial`).
     """
+    if recent is not None and options.repetition_penalty != 1.0:
+        logits = penalize_repeats(logits.float(), recent, options.repetition_penalty)
     if options.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()

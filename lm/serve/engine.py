@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lm.errors import LMError
 from lm.model.decoder import Decoder, fit_prompts
-from lm.model.sampling import SamplingOptions, sample_next_token, sampling_generator
+from lm.model.sampling import SamplingOptions, recent_tokens, sample_next_token, sampling_generator
 from lm.model.text_stream import TextAssembler
 
 log = logging.getLogger("lm.serve")
@@ -83,6 +83,7 @@ class _Active:
     request: GenerationRequest
     assembler: TextAssembler
     generator: Optional[torch.Generator]
+    recent: Optional[Tensor] = None  # (1, repetition_window) latest ids, for the repetition penalty
     pending: int = -1  # sampled token not yet fed to the model
     generated: int = 0
     finish_reason: Optional[str] = None
@@ -209,7 +210,10 @@ class BatchEngine:
     def _take_token(self, row: _Active, logits: Tensor) -> None:
         """Sample a row's next token from its logits (1, V) with its own options and emit its text."""
         options = row.request.options
-        token = int(sample_next_token(logits, options, row.generator)[0])
+        if row.recent is None:
+            row.recent = recent_tokens([row.request.prompt_ids], options.repetition_window, self.device)
+        token = int(sample_next_token(logits, options, row.generator, row.recent)[0])
+        row.recent = torch.cat([row.recent[:, 1:], row.recent.new_tensor([[token]])], dim=1)
         row.generated += 1
         self.tokens_generated += 1
         piece = row.assembler.feed(token)
