@@ -227,6 +227,10 @@ CASES = [
     cli("missing prompts file", "Prompts file not found", "nope.txt", lambda w: gen(w, "--prompts_file", "nope.txt")),
     # ---- evaluation, reports, planning, fine-tuning
     cli("eval: nothing to evaluate", "Nothing to evaluate", "--text_files", lambda w: ["eval", "--ckpt_path", str(w.ckpt)]),
+    cli("eval: stride 0", "--stride must be a positive number", "or left out",
+        lambda w: ["eval", "--ckpt_path", str(w.ckpt), "--text_files", f"[{w.root / FILES['small']}]", "--stride", "0"]),
+    cli("generate: seed beyond 64 bits", "seed must be an integer in [0, 2^63)", "64-bit seeds",
+        lambda w: gen(w, "--prompt", "x", "--seed", str(2**64))),
     cli("eval: missing text file", "Text file not found", "--text_files",
         lambda w: ["eval", "--ckpt_path", str(w.ckpt), "--text_files", "[nope.txt]"]),
     cli("report: not a run folder", "Run folder not found", "logs/<experiment>/version_N",

@@ -104,6 +104,7 @@ def test_stream_reads_to_done_with_usage(server, client):
     ({"prompt": ""}, 400, "prompt"),
     ({"prompt": ["a", "b"]}, 400, "prompt"),
     ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "seed": 2**64}, 400, "seed"),  # beyond 64 bits: refused, not a 500
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"max_tokens": 5}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),

@@ -85,6 +85,8 @@ def evaluate(
 
 
 def _evaluate_texts(model, tokenizer, text_files, context, stride, batch_size) -> list[dict[str, Any]]:
+    if stride is not None and stride <= 0:  # 0 used to be read as "no stride", silently
+        raise LMError(f"--stride must be a positive number of tokens (or left out), got {stride}.")
     from lm.evaluate import evaluate_text_file, summarize
 
     files = [text_files] if isinstance(text_files, str) else list(text_files)

@@ -52,6 +52,8 @@ class SamplingOptions:
     repetition_window: int = 64
 
     def __post_init__(self) -> None:
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise LMError(f"seed must be an integer in [0, 2^63), got {self.seed}: torch's generators take 64-bit seeds.")
         if not self.repetition_penalty >= 1.0:
             raise LMError(f"repetition_penalty must be >= 1 (1 is off), got {self.repetition_penalty}.")
         if self.repetition_window < 1:

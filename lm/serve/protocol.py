@@ -66,7 +66,7 @@ class _SamplingFields(BaseModel):
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(None, ge=1)  # not in OpenAI's API; accepted as an extension
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)  # torch generators take 64-bit seeds (larger was a 500)
     stop: Union[str, list[str], None] = Field(None)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)  # one choice per request: send several requests for more
