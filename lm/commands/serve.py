@@ -133,15 +133,16 @@ def build_state(ckpt_path: str, *, model_name: Optional[str] = None, max_batch_s
             "parameters": sum(p.numel() for p in model.parameters()), "dtype": dtype, "device": device,
             "tokenizer": {"type": "byte-level BPE", "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id},
             "checkpoint": _checkpoint_info(path, read_checkpoint), "created": int(path.stat().st_mtime)}
+    defaults = sampling or SamplingOptions()
     return ServerState(
         engine=BatchEngine(model, tokenizer, max_batch_size=max_batch_size, max_waiting=max_waiting,
-                           context_cache=(sampling or SamplingOptions()).context_cache),
+                           context_cache=defaults.context_cache),
         tokenizer=tokenizer,
         limits=Limits(context=config.max_position_embeddings, max_tokens_cap=max_tokens,
                       max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
                       max_token_bytes=max(len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size))),
         model_name=model_name or f"{path.resolve().parent.name}/{path.stem}",
-        info=info, defaults=sampling or SamplingOptions(), output_filter=filter_,
+        info=info, defaults=defaults, output_filter=filter_,
         feedback=FeedbackLog(feedback_path) if feedback_path else None, api_key=api_key)
 
 

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from lm.errors import LMError
 from lm.model.decoder import Decoder, Prompts, fit_prompts
-from lm.model.sampling import SamplingOptions, filter_logits, recent_tokens, sample_next_token, sampling_generator
+from lm.model.sampling import (SamplingOptions, filter_logits, recent_tokens, sample_next_token,
+                               sampling_generator, with_latest)
 from lm.model.text_stream import TextAssembler, TextTokenizer
 
 # SamplingOptions, filter_logits and sample_next_token live in lm/model/sampling.py; importable from here too.
@@ -71,7 +72,7 @@ def _token_steps(model: nn.Module, rows: list[list[int]], options: SamplingOptio
     for step in range(max_new_tokens):
         with mode():
             tokens = sample_next_token(logits, options, generator, recent)
-            recent = torch.cat([recent[:, 1:], tokens[:, None]], dim=1)
+            recent = with_latest(recent, tokens)
             if eos_id is not None:
                 tokens = tokens.masked_fill(finished, eos_id)
                 finished |= tokens == eos_id

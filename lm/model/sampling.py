@@ -124,6 +124,11 @@ def recent_tokens(rows: list[list[int]], window: int, device: torch.device | str
     return recent.to(device)
 
 
+def with_latest(recent: Tensor, tokens: Tensor) -> Tensor:
+    """`recent` (B, W) with each row's new token (`tokens`, B) appended and its oldest one dropped."""
+    return torch.cat([recent[:, 1:], tokens.reshape(-1, 1).to(recent)], dim=1)
+
+
 def sample_next_token(logits: Tensor, options: SamplingOptions, generator: Optional[torch.Generator] = None,
                       recent: Optional[Tensor] = None) -> Tensor:
     """Next token ids (B,) from last-position logits (B, V), with `options`' repetition penalty (over the

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lm.errors import LMError
 from lm.model.decoder import Decoder, fit_prompts
-from lm.model.sampling import SamplingOptions, recent_tokens, sample_next_token, sampling_generator
+from lm.model.sampling import SamplingOptions, recent_tokens, sample_next_token, sampling_generator, with_latest
 from lm.model.text_stream import TextAssembler
 
 log = logging.getLogger("lm.serve")
@@ -212,8 +212,9 @@ class BatchEngine:
         options = row.request.options
         if row.recent is None:
             row.recent = recent_tokens([row.request.prompt_ids], options.repetition_window, self.device)
-        token = int(sample_next_token(logits, options, row.generator, row.recent)[0])
-        row.recent = torch.cat([row.recent[:, 1:], row.recent.new_tensor([[token]])], dim=1)
+        sampled = sample_next_token(logits, options, row.generator, row.recent)
+        row.recent = with_latest(row.recent, sampled)
+        token = int(sampled[0])
         row.generated += 1
         self.tokens_generated += 1
         piece = row.assembler.feed(token)
