@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import fine_tuning_run  # noqa: E402
-from lm.cli import main  # noqa: E402
-from lm.data.instruct import InstructionDataModule  # noqa: E402
+from lm.cli.main import main  # noqa: E402
+from lm.data.finetuning.instruction_data import InstructionDataModule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca-en-demo" / "alpaca_en_demo.json"

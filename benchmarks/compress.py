@@ -33,12 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lm.checkpoint import load_model, read_checkpoint, save_model  # noqa: E402
+from lm.io.checkpoints import load_model, read_checkpoint, save_model  # noqa: E402
 from lm.commands.compress import prune, quantize  # noqa: E402
 from lm.compress.quantize import linear_weight_bytes  # noqa: E402
-from lm.files import atomic_write_text  # noqa: E402
-from lm.hardware import describe_cpu  # noqa: E402
-from lm.model.generate import generate  # noqa: E402
+from lm.io.files import atomic_write_text  # noqa: E402
+from lm.runtime.hardware import describe_cpu  # noqa: E402
+from lm.model.generation import generate  # noqa: E402
 
 
 def build_variants(ckpt: Path, workdir: Path, students: dict[str, Optional[str]], compressed: bool = True) -> dict[str, Path]:

@@ -22,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lm.checkpoint import load_model  # noqa: E402
+from lm.io.checkpoints import load_model  # noqa: E402
 from lm.errors import LMError  # noqa: E402
-from lm.evaluate import evaluate_text_file  # noqa: E402
-from lm.hardware import describe_cpu  # noqa: E402
+from lm.evaluation.perplexity import evaluate_text_file  # noqa: E402
+from lm.runtime.hardware import describe_cpu  # noqa: E402
 
 WIKITEXT_TEST = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
 

@@ -1,4 +1,4 @@
-"""Decode speed of `lm.model.generate`: KV cache vs re-running the sequence, fp32 vs bf16, and the
+"""Decode speed of `lm.model.generation`: KV cache vs re-running the sequence, fp32 vs bf16, and the
 inference paths of `GPT.prepare_for_inference` (lm/model/inference.py: decode routes for the linear
 layers, bf16 prepacked weights, a compiled decode step).
 
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import add_model_arguments, model_config  # noqa: E402
-from lm.hardware import describe_cpu  # noqa: E402
+from lm.runtime.hardware import describe_cpu  # noqa: E402
 from lm.model import GPT, GPTConfig, generate, stream_generate  # noqa: E402
 
 PATHS = {

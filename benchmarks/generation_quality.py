@@ -9,7 +9,7 @@ blank line that follows them in the raw text), so the model writes an article it
 continued by `--max_new_tokens` tokens, at temperature 0.8 with `lm generate`'s other defaults (top-k 50),
 once per seed, and greedily once.
 
-Figures (lm.text_metrics.repetition_scores): the share of word 4-grams that repeat an earlier 4-gram of the
+Figures (lm.evaluation.generation_metrics.repetition_scores): the share of word 4-grams that repeat an earlier 4-gram of the
 same sample (loops), and distinct-2 (unique word bigrams / bigrams per sample). The reference row is the
 test text itself, cut into pieces of the same number of tokens. bpb is the test file's bits per byte under
 the distribution that was sampled (`lm eval`'s scoring: non-overlapping windows of the model's context).
@@ -33,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lm.checkpoint import load_model  # noqa: E402
+from lm.io.checkpoints import load_model  # noqa: E402
 from lm.errors import LMError  # noqa: E402
-from lm.evaluate import evaluate_text_file  # noqa: E402
-from lm.hardware import describe_cpu  # noqa: E402
+from lm.evaluation.perplexity import evaluate_text_file  # noqa: E402
+from lm.runtime.hardware import describe_cpu  # noqa: E402
 from lm.model import SamplingOptions, generate_text  # noqa: E402
-from lm.text_metrics import repetition_scores  # noqa: E402
+from lm.evaluation.generation_metrics import repetition_scores  # noqa: E402
 
 WIKITEXT_TEST = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
 BOUND = 1.5  # the default's repeated-4-gram share at temperature 0.8 may be at most 1.5x the test text's

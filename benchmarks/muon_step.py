@@ -5,7 +5,7 @@ lm's `Muon` with the iteration in fp32, and AdamW for scale.
     ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/muon_step.py      # what a CPU without AVX-512 / native bf16 sees
 
 Why: torch runs Muon's iteration in bf16, which a CPU without native bf16 multiplies with a reference
-kernel; `lm.optim.Muon` switches to fp32 there (its docstring has the figures). `ONEDNN_MAX_CPU_ISA=AVX2`
+kernel; `lm.modules.optimizers.Muon` switches to fp32 there (its docstring has the figures). `ONEDNN_MAX_CPU_ISA=AVX2`
 caps oneDNN at AVX2, the closest this machine gets to an AVX2-only CPU. Prints the CPU, the bf16 and fp32
 matmul speed, and the median seconds per step.
 """
@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import add_model_arguments, model_config  # noqa: E402
-from lm.hardware import describe_cpu  # noqa: E402
+from lm.runtime.hardware import describe_cpu  # noqa: E402
 from lm.model import GPT  # noqa: E402
-from lm.optim import Muon, parameter_groups  # noqa: E402
+from lm.modules.optimizers import Muon, parameter_groups  # noqa: E402
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
@@ -64,7 +64,7 @@ def main() -> None:
     print(f"{len(hidden)} hidden matrices, {sum(p.numel() for p in hidden) / 1e6:.1f}M parameters")
     rows = {
         "torch.optim.Muon (Newton-Schulz in bf16)": torch.optim.Muon(hidden, adjust_lr_fn="match_rms_adamw"),
-        "lm.optim.Muon, Newton-Schulz in fp32": Muon(hidden, adjust_lr_fn="match_rms_adamw", newton_schulz_dtype=torch.float32),
+        "lm.modules.optimizers.Muon, Newton-Schulz in fp32": Muon(hidden, adjust_lr_fn="match_rms_adamw", newton_schulz_dtype=torch.float32),
         "AdamW (fused), for scale": torch.optim.AdamW(hidden, fused=True),
     }
     for name, optimizer in rows.items():

@@ -60,7 +60,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lm.hardware import describe_cpu  # noqa: E402
+from lm.runtime.hardware import describe_cpu  # noqa: E402
 from lm.plan import make_plan  # noqa: E402
 from lm.plan.devices import GIB, cpu_threads_per_process, measure_cpu_peak  # noqa: E402
 from lm.plan.estimate import PRECISIONS  # noqa: E402

@@ -30,7 +30,7 @@ def seed_documents() -> list[str]:
     """Documents of every shared corpus found (articles, paragraphs, JSON records' text)."""
     import json
 
-    from lm.data.sources import read_text_documents
+    from lm.data.preparation.sources import read_text_documents
 
     docs: list[str] = []
     for name in ("wiki.valid.raw", "wiki.test.raw"):
@@ -103,11 +103,11 @@ def cpu_note() -> str:
 
 
 def bench_stages(corpus: Path, train_mb: float, vocab_size: int) -> None:
-    from lm.data.cache import ShardWriter, token_dtype
-    from lm.data.clean import CleaningOptions, CleaningReport, clean_documents
-    from lm.data.dedup import NearDeduplicator
-    from lm.data.encode import encode_to_shards
-    from lm.data.sources import FileSource
+    from lm.data.token_cache import ShardWriter, token_dtype
+    from lm.data.preparation.clean import CleaningOptions, CleaningReport, clean_documents
+    from lm.data.preparation.dedup import NearDeduplicator
+    from lm.data.preparation.encode import encode_to_shards
+    from lm.data.preparation.sources import FileSource
     from lm.data.tokenizer import Tokenizer
 
     source = FileSource((str(corpus),))
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="WikiText-2 cold/warm runs")
     parser.add_argument("--skip-wikitext", action="store_true")
     args = parser.parse_args()
-    from lm.hardware import describe_cpu
+    from lm.runtime.hardware import describe_cpu
 
     print(f"CPU: {describe_cpu()}, {os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.1f}")
     if not args.skip_wikitext:

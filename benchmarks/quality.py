@@ -14,7 +14,7 @@ The protocol (issue "Quality per CPU-minute"), fixed so runs compare:
   LR schedule is stretched over the wall-clock budget (LanguageModel's time-based schedule);
 - the checkpoint with the best validation loss is scored on `wiki.test.raw` as given: encoded whole with
   the checkpoint's tokenizer, non-overlapping windows of the model's context over the whole stream,
-  bits per byte = total NLL / ln 2 / the file's UTF-8 byte count (`lm eval`, lm/evaluate.py).
+  bits per byte = total NLL / ln 2 / the file's UTF-8 byte count (`lm eval`, lm/evaluation/perplexity.py).
 
 Prints per seed and as mean ± spread: test ppl and bpb, steps, tokens seen, epochs, the validation curve,
 the CPU (with or without native bf16), the precision the run used and the best checkpoint's path. Runs
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lm.hardware import describe_cpu  # noqa: E402
+from lm.runtime.hardware import describe_cpu  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1"
 ANCHOR_BPB = 2.185  # a well-known minimal GPT, best of three recipes, same protocol and budget (issue 10)
@@ -125,7 +125,7 @@ def training_record(log_dir: Path, best: Path) -> dict:
     events (read as `lm report` reads them)."""
     import torch
 
-    from lm.report import find_runs, read_run
+    from lm.evaluation.run_report import find_runs, read_run
 
     checkpoint = torch.load(best.parent / "last.ckpt", map_location="cpu", weights_only=True)
     data = checkpoint.get("datamodule_hyper_parameters", {})

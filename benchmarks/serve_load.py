@@ -346,7 +346,7 @@ def run_chaos(args) -> bool:
     """The --chaos run; True when the server survived and answered every well-formed request correctly."""
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    from lm.hardware import describe_cpu
+    from lm.runtime.hardware import describe_cpu
 
     print(f"CPU: {describe_cpu()}, load average {os.getloadavg()}, server threads {args.threads}")
     server = ServerProcess(Path(args.ckpt_path).resolve(), workdir, "--max_batch_size", str(args.clients),

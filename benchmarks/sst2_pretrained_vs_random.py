@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import fine_tuning_run  # noqa: E402
-from lm.cli import main  # noqa: E402
-from lm.data.tasks import read_labelled_file  # noqa: E402
+from lm.cli.main import main  # noqa: E402
+from lm.data.finetuning.classification_data import read_labelled_file  # noqa: E402
 from lm.modules.classifier import classification_metrics  # noqa: E402
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2-stsa-binary"
@@ -46,7 +46,7 @@ def run(backbone: str, pretrained: bool, seed: int, max_steps: int, workdir: Pat
     main(["finetune", "fit", *common, "--experiment", name, "--seed_everything", str(seed),
           "--model.init_args.backbone", backbone, "--model.init_args.pretrained", str(pretrained).lower(),
           "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(max_steps), *extra])
-    from lm.modules.classifier import evaluate_labelled_file
+    from lm.evaluation.labelled_file import evaluate_labelled_file
 
     scores = evaluate_labelled_file(str(workdir / "checkpoints" / name / "last.ckpt"), str(SST2 / "stsa.binary.test"))
     return {"variant": "pretrained" if pretrained else "random init", "seed": seed, "steps": max_steps,

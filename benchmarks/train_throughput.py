@@ -6,7 +6,7 @@
 
 For every precision (32-true, bf16-mixed = CPU autocast) x compile (off/on) it times:
 - `plain`: a hand-written loop with no Lightning: the same `GPT`, the loss of `LanguageModel.compute_loss`
-  (float32 log-softmax), the AdamW groups and warm-up + cosine schedule of lm/optim.py, gradient
+  (float32 log-softmax), the AdamW groups and warm-up + cosine schedule of lm/modules/optimizers.py, gradient
   clipping at 1.0, the same batches;
 - `lightning`: `LanguageModel` in a `Trainer` with `lm`'s defaults (TensorBoard logger, LearningRateMonitor,
   ModelCheckpoint of last.ckpt, progress bar, `log_every_n_steps` 10, gradient clipping at 1.0).
@@ -37,11 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import add_model_arguments, model_config  # noqa: E402
-from lm.allocator import keep_large_allocations_in_heap  # noqa: E402
+from lm.runtime.allocator import keep_large_allocations_in_heap  # noqa: E402
 from lm.callbacks import measure_matmul_flops  # noqa: E402
-from lm.hardware import auto_precision, describe_cpu  # noqa: E402
+from lm.runtime.hardware import auto_precision, describe_cpu  # noqa: E402
 from lm.model import GPT, GPTConfig  # noqa: E402
-from lm.optim import build_optimizer, warmup_cosine  # noqa: E402
+from lm.modules.optimizers import build_optimizer, warmup_cosine  # noqa: E402
 
 PEAK_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
 LR, MIN_LR_RATIO, WEIGHT_DECAY, BETAS, WARMUP_LR_STEPS, CLIP = 1e-3, 0.1, 0.1, (0.9, 0.95), 100, 1.0
@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--no-progress-bar", action="store_true", help="Lightning without its progress bar")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's mmap threshold alone (by default, as `lm fit` does, large "
-                             "allocations stay in the heap: lm/allocator.py)")
+                             "allocations stay in the heap: lm/runtime/allocator.py)")
     parser.add_argument("--no-overhead-probe", action="store_true",
                         help="skip the tiny-model measurement of Lightning's fixed per-step cost")
     parser.add_argument("--profile", choices=["plain", "lightning"], default=None,

@@ -1,3 +1,3 @@
-from lm.cli import main
+from lm.cli.main import main
 
 main()

@@ -74,7 +74,7 @@ def _freeze_at(marker: str) -> None:
 
 def _freeze_in_shard_write(marker: str) -> None:
     """`lm prepare`: half of the first token batch is in a shard file, no manifest yet."""
-    from lm.data import cache
+    from lm.data import token_cache as cache
 
     real_write = cache.ShardWriter.write
 
@@ -87,10 +87,10 @@ def _freeze_in_shard_write(marker: str) -> None:
 
 
 def _freeze_in_atomic_write(marker: str) -> None:
-    """`lm quantize` (and any `lm.files` writer): half the bytes are in the temporary file."""
-    import lm.files
+    """`lm quantize` (and any `lm.io.files` writer): half the bytes are in the temporary file."""
+    import lm.io.files
 
-    real = lm.files.atomic_write_with
+    real = lm.io.files.atomic_write_with
 
     def half_then_freeze(path, write) -> None:
         def half(f) -> None:
@@ -102,7 +102,7 @@ def _freeze_in_atomic_write(marker: str) -> None:
 
         real(path, half)
 
-    lm.files.atomic_write_with = half_then_freeze
+    lm.io.files.atomic_write_with = half_then_freeze
 
 
 def _freeze_in_export(marker: str) -> None:
@@ -119,7 +119,7 @@ FREEZES = {"shard_write": _freeze_in_shard_write, "atomic_write": _freeze_in_ato
 def run_frozen(freeze: str, marker: str, argv: list[str]) -> None:
     """`lm <argv>` that freezes at `freeze` (one of FREEZES); run as
     `python -c "from tests.crash_hooks import run_frozen; run_frozen(...)"`."""
-    from lm.cli import main
+    from lm.cli.main import main
 
     FREEZES[freeze](marker)
     main(argv)

@@ -23,7 +23,7 @@ ends the run; the exit status is 1 if anything failed or was skipped.
 The budget holds where bf16 is emulated (a CPU without AVX-512-BF16/AMX, or oneDNN capped with
 `ONEDNN_MAX_CPU_ISA=AVX2`: measured here, a 1024^2 bf16 matmul at 0.9 GFLOP/s against ~60 in fp32, and a
 training step of the recipe 16-20 s against 0.65 s): the bf16 run then trains 2 steps and evaluates on
-single batches, as `lm` itself decides it (`lm.optim.fast_bf16_matmul`). Every folder a run writes is named `smoke-P*` (checkpoints/,
+single batches, as `lm` itself decides it (`lm.modules.optimizers.fast_bf16_matmul`). Every folder a run writes is named `smoke-P*` (checkpoints/,
 logs/) and is removed, and only those, when that run starts.
 """
 
@@ -382,10 +382,10 @@ def _quote(arg: str) -> str:
 
 
 def fast_bf16() -> bool:
-    """Whether bf16 matmuls run in hardware here (as `lm` decides it: lm.optim.fast_bf16_matmul)."""
+    """Whether bf16 matmuls run in hardware here (as `lm` decides it: lm.modules.optimizers.fast_bf16_matmul)."""
     import torch
 
-    from lm.optim import fast_bf16_matmul
+    from lm.modules.optimizers import fast_bf16_matmul
 
     return fast_bf16_matmul(torch.device("cpu"))
 

@@ -135,7 +135,7 @@ def test_a_subclass_outside_the_package_trains_validates_reloads_and_generates(t
 
 # ------------------------------------------------------------------------------------- precision
 def test_auto_precision_follows_the_hardware(monkeypatch):
-    import lm.hardware as hardware
+    import lm.runtime.hardware as hardware
 
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
     assert hardware.auto_precision("cpu")[0] == "bf16-mixed"
@@ -145,8 +145,8 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
 
 
 def test_cli_picks_precision_visibly_and_an_explicit_value_wins(tmp_path, corpus_files, monkeypatch):
-    from lm.hardware import auto_precision
-    from lm.lightning_cli import run_lightning_cli
+    from lm.runtime.hardware import auto_precision
+    from lm.cli.lightning_cli import run_lightning_cli
 
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--experiment", "p", *tiny_model_flags(), *TINY_TRAINER, "--trainer.max_steps", "1",

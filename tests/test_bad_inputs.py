@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 
-from lm.cli import main
+from lm.cli.main import main
 from tests.conftest import make_corpus, write_corpus_files
 from tests.helpers import REPO_ROOT, TINY_MODEL, tiny_data
 
@@ -72,7 +72,7 @@ def world(tmp_path_factory) -> World:
 
 
 def _write_broken_files(w: World) -> None:
-    from lm.checkpoint import load_model, save_model
+    from lm.io.checkpoints import load_model, save_model
     from lm.data.tokenizer import Tokenizer
     from tests.tiny_checkpoint import tiny_gpt
 
@@ -408,16 +408,16 @@ def _snapshot(root: Path) -> dict[str, str]:
 def test_the_server_never_loads_a_path_from_a_request(world, client, monkeypatch):
     """Requests naming checkpoint files (as the model, in unknown fields, in the query) are answered without
     any file being loaded: the only model is the one `lm serve` loaded at start."""
-    import lm.checkpoint
+    import lm.io.checkpoints
 
     loads: list[str] = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(str(a[:1])) or real_load(*a, **k))
-    monkeypatch.setattr(lm.checkpoint, "read_checkpoint", lambda path: loads.append(str(path)))
+    monkeypatch.setattr(lm.io.checkpoints, "read_checkpoint", lambda path: loads.append(str(path)))
     other = str(world.root / FILES["weights"])
     bodies = [{"prompt": "x", "model": other}, {"prompt": "x", "model": "../" + other},
               {"prompt": "x", "ckpt_path": other, "max_tokens": 2}, {"prompt": FILES["weights"], "max_tokens": 2}]
     statuses = [client.post(f"/v1/completions?ckpt_path={other}", json=body).status_code for body in bodies]
     assert statuses == [404, 404, 200, 200] and loads == []
     sources = "".join(p.read_text() for p in (REPO_ROOT / "lm" / "serve").glob("*.py"))
-    assert "lm.checkpoint" not in sources and "torch.load" not in sources  # no code path to load one
+    assert "lm.io.checkpoints" not in sources and "torch.load" not in sources  # no code path to load one

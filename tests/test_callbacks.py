@@ -13,11 +13,11 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm.callbacks import NonFiniteGuard, TokenThroughputMonitor, batch_size, num_tokens
-from lm.cli import main
-from lm.lightning_cli import run_lightning_cli
+from lm.cli.main import main
+from lm.cli.lightning_cli import run_lightning_cli
 from lm.model import GPT, GPTConfig
 from lm.modules import LanguageModel
-from lm.optim import warmup_cosine
+from lm.modules.optimizers import warmup_cosine
 from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, run_lm, scalar_tags, tb_scalars, tiny_data
 
 OVERLAYS = REPO_ROOT / "experiments" / "trainer" / "callbacks"

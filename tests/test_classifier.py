@@ -1,4 +1,4 @@
-"""Sequence classification (lm/modules/classifier.py, lm/data/tasks.py, `lm finetune`): metrics on a
+"""Sequence classification (lm/modules/classifier.py, lm/data/finetuning/classification_data.py, `lm finetune`): metrics on a
 crafted set equal hand-computed values, a frozen backbone is unchanged after an epoch, pooling ignores
 padding, file formats and the seeded split, and an end-to-end `lm finetune fit` + `lm eval`."""
 
@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from lm.cli import main
-from lm.data.tasks import ClassificationDataModule, encode_sentences, read_labelled_file, seeded_split
+from lm.cli.main import main
+from lm.data.finetuning.classification_data import ClassificationDataModule, encode_sentences, read_labelled_file, seeded_split
 from lm.modules.classifier import SequenceClassifier, classification_metrics
 from tests.tiny_checkpoint import tiny_gpt, tiny_tokenizer, write_checkpoint
 
@@ -93,13 +93,13 @@ def test_finetune_cli_then_lm_eval(backbone, monkeypatch, capsys):
     main(["finetune", "fit", "--experiment", "clf",
           "--model", "lm.modules.classifier.SequenceClassifier", "--model.backbone", str(ckpt),
           "--model.learning_rate", "3e-3", "--model.warmup_steps", "2",
-          "--data", "lm.data.tasks.ClassificationDataModule", "--data.train_file", "stsa.train",
+          "--data", "lm.data.finetuning.classification_data.ClassificationDataModule", "--data.train_file", "stsa.train",
           "--data.val_file", "stsa.dev", "--data.test_file", "stsa.test", "--data.batch_size", "8",
           "--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--trainer.accelerator", "cpu",
           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     clf = tmp / "checkpoints" / "clf" / "last.ckpt"
     main(["finetune", "test", "--experiment", "clf_test", "--ckpt_path", str(clf),
-          "--data", "lm.data.tasks.ClassificationDataModule", "--data.train_file", "stsa.train",
+          "--data", "lm.data.finetuning.classification_data.ClassificationDataModule", "--data.train_file", "stsa.train",
           "--data.test_file", "stsa.test", "--trainer.enable_progress_bar", "false"])
     out = tmp / "eval.json"
     main(["eval", "--ckpt_path", str(clf), "--labelled_file", "stsa.test", "--output", str(out)])

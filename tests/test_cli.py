@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from lm.cli import main
+from lm.cli.main import main
 from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, run_lm, scalar_tags, tiny_data  # noqa: F401
 
 @pytest.fixture

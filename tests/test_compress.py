@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from lm.checkpoint import load_model, save_model
+from lm.io.checkpoints import load_model, save_model
 from lm.compress.prune import prune_mlp_channels, prune_unstructured, sparsity_of
 from lm.compress.quantize import Int8Embedding, Int8Linear, linear_weight_bytes, quantize_model
 from lm.data.tokenizer import Tokenizer
 from lm.errors import LMError
 from lm.model import GPT, GPTConfig
-from lm.model.generate import SamplingOptions, generate
+from lm.model.generation import SamplingOptions, generate
 from tests.conftest import make_corpus
 from tests.helpers import REPO_ROOT
 
@@ -271,7 +271,7 @@ def test_every_preset_on_the_base_recipe_exports_to_hf(tokenizer, tmp_path, vari
     (its context cache, QK-norm, ReLU², RoPE) is switched off, so `lm export --format hf` takes what it trains."""
     transformers = pytest.importorskip("transformers")
     from lm.export.hf import export_hf
-    from lm.lightning_cli import parse_recipe
+    from lm.cli.lightning_cli import parse_recipe
 
     recipe = parse_recipe(["--config", str(REPO_ROOT / "experiments" / "wikitext2_cpu.yaml"),
                            "--config", str(REPO_ROOT / "experiments" / "variants" / variant)])
@@ -354,8 +354,8 @@ def test_onnx_export_of_a_model_with_dropout_is_the_inference_graph(tokenizer, t
 def test_recovery_fine_tune_starts_from_pruned_weights_and_keeps_zeros(tmp_path, monkeypatch, corpus_files):
     """experiments/finetune_pruned.yaml: `--model.init_from` loads the pruned weights, training moves
     them, KeepPrunedZeros holds the pruned ones at zero."""
-    from lm.checkpoint import read_checkpoint
-    from lm.cli import main
+    from lm.io.checkpoints import read_checkpoint
+    from lm.cli.main import main
     from tests.helpers import REPO_ROOT, TINY_MODEL, tiny_data
     from tests.tiny_checkpoint import tiny_gpt as tiny_run_gpt, tiny_tokenizer
 

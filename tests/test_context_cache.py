@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from lm.checkpoint import load_model
-from lm.evaluate import evaluate_text_file
-from lm.metrics import token_nll
+from lm.io.checkpoints import load_model
+from lm.evaluation.perplexity import evaluate_text_file
+from lm.evaluation.token_metrics import token_nll
 from lm.model import GPT, GPTConfig
 from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, run_lm, tb_scalars, tiny_data
 

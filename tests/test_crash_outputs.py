@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.checkpoint import load_model
-from lm.cli import main
+from lm.io.checkpoints import load_model
+from lm.cli.main import main
 from lm.errors import LMError
 from lm.export.folder import write_folder
 from lm.export.safetensors import load_folder

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.cli import main
+from lm.cli.main import main
 
 from tests.crash_hooks import kill_when_frozen, start_frozen
 from tests.helpers import tb_scalars

@@ -16,15 +16,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lm.allocator import MALLOC_ENV, fast_allocator
+from lm.runtime.allocator import MALLOC_ENV, fast_allocator
 from lm.data import EOT, IGNORE_INDEX, RandomWindowDataset, SequentialWindowDataset, TextDataModule, Tokenizer
-from lm.data.cache import TokenShards, read_manifest, token_dtype
-from lm.data.clean import CleaningOptions, CleaningReport, clean_documents, normalize, redact_pii
-from lm.data.plan import make_plan
-from lm.data.prepare import PrepareOptions, TokenizerOptions, format_report, prepare
-from lm.data.sources import FileSource, HubSource, split_articles
-from lm.data.staging import StagedDocuments, carve_tail
-from lm.data.tokens import EpochDistributedSampler
+from lm.data.token_cache import TokenShards, read_manifest, token_dtype
+from lm.data.preparation.clean import CleaningOptions, CleaningReport, clean_documents, normalize, redact_pii
+from lm.data.preparation.split_plan import make_plan
+from lm.data.preparation.pipeline import PrepareOptions, TokenizerOptions, format_report, prepare
+from lm.data.preparation.sources import FileSource, HubSource, split_articles
+from lm.data.preparation.staging import StagedDocuments, carve_tail
+from lm.data.loading.windows import EpochDistributedSampler
 
 from tests.helpers import SHARED_DATA, WIKITEXT_DIR
 UNICODE_TEXT = "naïve café — 日本 🤖 Ωmega\n\n  indented\tand tabbed  \r\n<|endoftext|> after eot"
@@ -263,7 +263,7 @@ def test_carve_tail_on_staged_documents(tmp_path: Path) -> None:
 
 
 def test_token_shards_read_across_boundaries_and_pickle(tmp_path: Path) -> None:
-    from lm.data.cache import ShardWriter
+    from lm.data.token_cache import ShardWriter
 
     writer = ShardWriter(tmp_path, np.dtype(np.uint16), shard_tokens=7)
     writer.write(np.arange(10))
@@ -280,8 +280,8 @@ def test_token_shards_read_across_boundaries_and_pickle(tmp_path: Path) -> None:
 def test_cached_tokens_equal_the_tokenizers_own_encoding(tokenizer, tmp_path, monkeypatch) -> None:
     """Batched, multi-process encoding (any allocator, tiktoken fast path or HF) writes exactly encode(doc) + EOT
     per document."""
-    from lm.data import encode
-    from lm.data.cache import ShardWriter
+    from lm.data.preparation import encode
+    from lm.data.token_cache import ShardWriter
 
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 300))) for _ in range(60)]
@@ -316,8 +316,8 @@ TRICKY_TEXTS = [
 
 @pytest.mark.parametrize("vocab_size", [300, 400, 2000])
 def test_tiktoken_fast_path_gives_the_hf_ids(vocab_size: int) -> None:
-    """The fast encoder (lm/data/fast_bpe.py) equals HF tokenizers on Unicode, digits, whitespace, apostrophes, emoji."""
-    from lm.data.fast_bpe import fast_encoder
+    """The fast encoder (lm/data/preparation/fast_bpe.py) equals HF tokenizers on Unicode, digits, whitespace, apostrophes, emoji."""
+    from lm.data.preparation.fast_bpe import fast_encoder
 
     rng = random.Random(vocab_size)
     texts = TRICKY_TEXTS + [" ".join(rng.choice(WORDS) for _ in range(200)) for _ in range(20)] + [wikitext_corpus(3)]
@@ -329,9 +329,9 @@ def test_tiktoken_fast_path_gives_the_hf_ids(vocab_size: int) -> None:
 
 
 def test_encoding_falls_back_to_hf_when_the_fast_path_disagrees(tokenizer, tmp_path, monkeypatch, caplog) -> None:
-    from lm.data import encode
-    from lm.data.cache import ShardWriter
-    from lm.data.fast_bpe import FastBPE
+    from lm.data.preparation import encode
+    from lm.data.token_cache import ShardWriter
+    from lm.data.preparation.fast_bpe import FastBPE
 
     monkeypatch.setattr(FastBPE, "encode_batch", lambda self, texts: [[1] for _ in texts])
     pieces = [(t, True) for t in TRICKY_TEXTS]
@@ -345,7 +345,7 @@ def test_encoding_falls_back_to_hf_when_the_fast_path_disagrees(tokenizer, tmp_p
 
 
 def test_encode_workers_share_the_cores_and_pick_the_allocator(monkeypatch, tmp_path) -> None:
-    from lm.data import encode
+    from lm.data.preparation import encode
 
     monkeypatch.setattr(encode, "usable_cpus", lambda: 4)
     monkeypatch.setenv(MALLOC_ENV, "system")
@@ -416,7 +416,7 @@ def test_prepare_without_lightning_report_and_interrupted_build_is_redone(corpus
     plan = make_plan(data_dir=None, files={"train": [str(corpus["train"])], "val": None, "test": None},
                      hub_name="x", hub_config=None, val_fraction=0.25)  # fmt: skip
     options = PrepareOptions(tmp_path / "cache", tokenizer=TokenizerOptions(vocab_size=300), shard_tokens=500)
-    import lm.data.prepare as prepare_module
+    import lm.data.preparation.pipeline as prepare_module
 
     real_commit = prepare_module.commit
 
@@ -635,7 +635,7 @@ def test_lightning_fit_uses_epoch_sampler(corpus, tmp_path) -> None:
 
 def test_litdata_chunks_same_windows_and_loss_and_resume(corpus, tmp_path) -> None:
     pytest.importorskip("litdata", reason="litdata not installed (make venv installs it)")
-    from lm.data.litdata_chunks import streaming_dataset, streaming_loader
+    from lm.data.loading.litdata_chunks import streaming_dataset, streaming_loader
 
     dm = make_dm(tmp_path, train_files=[str(corpus["train"])], loader="litdata", batch_size=4)
     dm.prepare_data()
@@ -690,7 +690,7 @@ def test_wikitext2_offline_protocol(tmp_path, caplog) -> None:
 
 
 def test_lm_prepare_prints_the_report_and_fit_reuses_the_cache(tmp_path, capsys) -> None:
-    from lm.cli import main
+    from lm.cli.main import main
 
     rows = [{"text": f"Document {i}: " + " ".join(random.Random(i).choice(WORDS) for _ in range(80))} for i in range(30)]
     rows += [rows[0], {"text": "write to someone@example.org please " * 3}]  # an exact duplicate, an e-mail
@@ -726,7 +726,7 @@ def test_lm_prepare_prints_the_report_and_fit_reuses_the_cache(tmp_path, capsys)
 def test_the_cleaning_overlay_cleans_on_top_of_the_raw_bytes_recipe(tmp_path, capsys) -> None:
     """experiments/data/jsonl_cleaned.yaml's own command: the base recipe says `clean: false` (WikiText is scored
     raw), the overlay asks for dedup and PII redaction, and the overlay wins (issue 25: it cleaned nothing)."""
-    from lm.cli import main
+    from lm.cli.main import main
 
     rng = random.Random(25)
     unique = [f"Document {i}: " + " ".join(rng.choice(WORDS) for _ in range(90)) for i in range(100)]

@@ -43,7 +43,7 @@ def test_sharded_runs_refuse_the_average_and_the_fsdp_overlays_drop_it():
 
     from lm.callbacks import ExponentialMovingAverage
     from lm.errors import LMError
-    from lm.lightning_cli import parse_recipe
+    from lm.cli.lightning_cli import parse_recipe
 
     trainer = SimpleNamespace(strategy=ModelParallelStrategy.__new__(ModelParallelStrategy))
     with pytest.raises(LMError, match="drop the callback for sharded runs"):

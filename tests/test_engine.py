@@ -17,7 +17,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from lm.cli import main
+from lm.cli.main import main
 
 from tests.helpers import REPO_ROOT, tb_scalars, tiny_data, tiny_model_flags
 TRAINER_DIR = REPO_ROOT / "experiments" / "trainer"

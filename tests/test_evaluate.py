@@ -1,4 +1,4 @@
-"""`lm eval` perplexity / bits-per-byte (lm/evaluate.py): window arithmetic, stride = context equals
+"""`lm eval` perplexity / bits-per-byte (lm/evaluation/perplexity.py): window arithmetic, stride = context equals
 non-overlapping windows, independence of batch size, bits-per-byte over the raw file's bytes, and
 the command's JSON and table."""
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lm.commands.eval import evaluate
-from lm.evaluate import evaluate_text_file, score_windows, text_stream, window_spans
+from lm.evaluation.perplexity import evaluate_text_file, score_windows, text_stream, window_spans
 from tests.conftest import make_corpus
 from tests.tiny_checkpoint import tiny_gpt, tiny_tokenizer, write_checkpoint
 

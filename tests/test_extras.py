@@ -72,7 +72,7 @@ def test_require_says_what_a_broken_install_lacks(tmp_path, monkeypatch):
 
 def lm_without(module: str, *args: str) -> subprocess.CompletedProcess:
     """`lm <args>` in a fresh process where `module` cannot be imported."""
-    script = f"import sys; sys.modules[{module!r}] = None; from lm.cli import main; main(sys.argv[1:])"
+    script = f"import sys; sys.modules[{module!r}] = None; from lm.cli.main import main; main(sys.argv[1:])"
     env = {k: v for k, v in os.environ.items() if k != "LM_DEBUG"}
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120, env=env,
                           cwd=REPO)
@@ -113,7 +113,7 @@ def test_lora_without_peft(monkeypatch):
 
 @pytest.mark.parametrize("option, module", [("fix_encoding", "ftfy"), ("near_dedup", "datasketch")])
 def test_cleaning_options_without_their_library(monkeypatch, option, module):
-    from lm.data.clean import CleaningOptions, clean_documents
+    from lm.data.preparation.clean import CleaningOptions, clean_documents
 
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(LMError) as error:  # when the config is read, before any data
@@ -136,8 +136,8 @@ def test_onnx_export_without_onnxscript(monkeypatch, tmp_path):
 def test_speed_ups_of_the_data_extra_are_just_skipped(monkeypatch):
     import importlib.metadata
 
-    import lm.allocator as allocator
-    from lm.data.fast_bpe import fast_encoder
+    import lm.runtime.allocator as allocator
+    from lm.data.preparation.fast_bpe import fast_encoder
     from tests.tiny_checkpoint import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lm.checkpoint import load_model
-from lm.cli import main
+from lm.io.checkpoints import load_model
+from lm.cli.main import main
 from lm.model import generate_text
 from tests.conftest import write_corpus_files
 from tests.helpers import TINY_MODEL, TINY_TRAINER, run_lm, tiny_data

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm.checkpoint import read_checkpoint
-from lm.cli import main
+from lm.io.checkpoints import read_checkpoint
+from lm.cli.main import main
 from lm.data.tokenizer import Tokenizer
 from tests.conftest import make_corpus
 from tests.helpers import TINY_MODEL, tiny_data

@@ -1,4 +1,4 @@
-"""Instruction tuning (lm/data/instruct.py, lm/modules/instruct.py, lm/modules/lora.py): the loss mask
+"""Instruction tuning (lm/data/finetuning/instruction_data.py, lm/modules/instruct.py, lm/modules/lora.py): the loss mask
 covers exactly the prompt tokens, right padding leaves real tokens' logits unchanged, LoRA trains only
 adapter parameters and the merged model gives the adapted model's logits, `lm merge` + `lm generate
 --template alpaca`, and BLEU / ROUGE of identical strings are perfect and of disjoint strings zero."""
@@ -11,12 +11,12 @@ import lightning as L
 import pytest
 import torch
 
-from lm.checkpoint import load_model
-from lm.cli import main
-from lm.data.instruct import IGNORE_INDEX, InstructionDataModule, encode_example, pad_batch
-from lm.data.templates import alpaca_prompt
+from lm.io.checkpoints import load_model
+from lm.cli.main import main
+from lm.data.finetuning.instruction_data import IGNORE_INDEX, InstructionDataModule, encode_example, pad_batch
+from lm.data.finetuning.templates import alpaca_prompt
 from lm.modules.instruct import InstructionTuner
-from lm.text_metrics import text_scores
+from lm.evaluation.generation_metrics import text_scores
 from tests.tiny_checkpoint import tiny_gpt, tiny_tokenizer, write_checkpoint
 
 ROWS = [{"instruction": "Name the river.", "input": "", "output": "The river was built in 1854 ."},
@@ -86,7 +86,7 @@ def test_finetune_merge_and_generate_with_template(setup, monkeypatch, capsys):
     monkeypatch.chdir(tmp)
     main(["finetune", "fit", "--experiment", "alpaca", "--model", "lm.modules.instruct.InstructionTuner",
           "--model.backbone", str(ckpt), "--model.lora_rank", "4", "--model.learning_rate", "1e-2",
-          "--data", "lm.data.instruct.InstructionDataModule", "--data.data_file", str(data), "--data.batch_size", "6",
+          "--data", "lm.data.finetuning.instruction_data.InstructionDataModule", "--data.data_file", str(data), "--data.batch_size", "6",
           "--trainer.max_steps", "3", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
           "--trainer.enable_model_summary", "false"])
     main(["merge", "--ckpt_path", "checkpoints/alpaca/last.ckpt", "--output", "merged.ckpt"])
@@ -111,7 +111,7 @@ def test_bleu_rouge_of_identical_and_disjoint_strings():
 
 def test_serve_feedback_lines_are_instruction_data(tmp_path):
     """`lm serve`'s feedback file (JSON lines with extra keys) is read as Alpaca examples."""
-    from lm.data.instruct import read_alpaca
+    from lm.data.finetuning.instruction_data import read_alpaca
     from lm.errors import LMError
 
     feedback = tmp_path / "feedback.jsonl"
@@ -128,7 +128,7 @@ def test_serve_feedback_lines_are_instruction_data(tmp_path):
 
 def test_repetition_scores_count_loops_within_each_text():
     from lm.errors import LMError
-    from lm.text_metrics import repetition_scores
+    from lm.evaluation.generation_metrics import repetition_scores
 
     looping = "a b c d a b c d a b c d"  # 9 4-grams, the last 5 repeat the first 4
     fresh = "one two three four five six"  # 3 4-grams, none repeated; 5 distinct bigrams of 5

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from lm.cli import main
+from lm.cli.main import main
 from tests.helpers import OFFLINE_WIKITEXT_YAML, REPO_ROOT, WIKITEXT_DIR, scalar_tags
 
 pytestmark = pytest.mark.skipif(

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
-from lm.metrics import LanguageModelingMetrics
+from lm.evaluation.token_metrics import LanguageModelingMetrics
 from lm.model import GPT, GPTConfig
-from lm.optim import build_optimizer, lr_multiplier, parameter_groups, warmup_cosine
+from lm.modules.optimizers import build_optimizer, lr_multiplier, parameter_groups, warmup_cosine
 
 
 def test_perplexity_over_unequal_batches_is_token_weighted():
@@ -158,7 +158,7 @@ def test_muon_fp32_path_is_torchs_update_with_the_iteration_in_fp32(nesterov, mo
     """On a CPU without native bf16, lm's Muon runs torch's update with Newton-Schulz in fp32. Forced to
     bf16 through the same code, it matches torch.optim.Muon bit for bit (same update rule); in fp32 it
     stays within bf16 rounding of it; the momentum buffer is never modified by the iteration."""
-    from lm import optim
+    from lm.modules import optimizers as optim
 
     torch.manual_seed(0)
     shapes = [(24, 8), (8, 24), (16, 16)]
@@ -170,7 +170,7 @@ def test_muon_fp32_path_is_torchs_update_with_the_iteration_in_fp32(nesterov, mo
                   "ours_fp32": optim.Muon(twins["ours_fp32"], **kwargs)}
     optimizers["ours_bf16"].step = torch.no_grad()(lambda: [optimizers["ours_bf16"]._step_group(g, torch.bfloat16)
                                                             for g in optimizers["ours_bf16"].param_groups])
-    monkeypatch.setattr("lm.hardware.cpu_has_native_bf16", lambda: False)  # the fp32 choice of an AVX2 CPU
+    monkeypatch.setattr("lm.runtime.hardware.cpu_has_native_bf16", lambda: False)  # the fp32 choice of an AVX2 CPU
     expected_buffers = [torch.zeros(s) for s in shapes]
     for step in range(3):
         grads = [torch.randn(s) for s in shapes]
@@ -187,14 +187,14 @@ def test_muon_fp32_path_is_torchs_update_with_the_iteration_in_fp32(nesterov, mo
 
 
 def test_muon_picks_bf16_only_where_it_is_fast(monkeypatch):
-    from lm import optim
+    from lm.modules import optimizers as optim
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr("lm.hardware.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("lm.runtime.hardware.cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr("lm.model.inference.onednn_bf16_supported", lambda: True)
     assert optim.fast_bf16_matmul(cpu) and optim.fast_bf16_matmul(torch.device("cuda"))
     monkeypatch.setattr("lm.model.inference.onednn_bf16_supported", lambda: False)  # ONEDNN_MAX_CPU_ISA=AVX2
     assert not optim.fast_bf16_matmul(cpu)
     monkeypatch.setattr("lm.model.inference.onednn_bf16_supported", lambda: True)
-    monkeypatch.setattr("lm.hardware.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("lm.runtime.hardware.cpu_has_native_bf16", lambda: False)
     assert not optim.fast_bf16_matmul(cpu)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lm.callbacks import NonFiniteLossError
-from lm.cli import main
+from lm.cli.main import main
 from lm.modules import LanguageModel
 
 from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, tb_scalars, tiny_data

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from lightning.pytorch import Callback
 
-import lm.files
-from lm.callbacks.checkpoint import CheckpointSaveError
-from lm.cli import main
+import lm.io.files
+from lm.callbacks.checkpointing import CheckpointSaveError
+from lm.cli.main import main
 from lm.errors import LMError
 
 from tests.helpers import TINY_MODEL, TINY_TRAINER, tiny_data
@@ -24,7 +24,7 @@ from tests.helpers import TINY_MODEL, TINY_TRAINER, tiny_data
 
 @pytest.fixture(autouse=True)
 def raise_lm_errors(monkeypatch):
-    """`lm.cli.main` raises the LMError (instead of printing it and exiting) so the test can read it."""
+    """`lm.cli.main.main` raises the LMError (instead of printing it and exiting) so the test can read it."""
     monkeypatch.setenv("LM_DEBUG", "1")
 
 
@@ -89,7 +89,7 @@ def test_a_file_where_an_output_folder_should_be(tmp_path, monkeypatch, corpus_f
 
 def test_not_enough_free_space_for_the_checkpoints(tmp_path, monkeypatch, corpus_files):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(lm.files, "free_bytes", lambda folder: 100_000)  # a nearly full disk
+    monkeypatch.setattr(lm.io.files, "free_bytes", lambda folder: 100_000)  # a nearly full disk
     with pytest.raises(LMError) as error:
         main(fit_args(tmp_path, corpus_files))
     # 2 layers x 32 wide, vocab 300: ~36k parameters x (4 bytes + 8 of AdamW) x 3 files kept or in flight.

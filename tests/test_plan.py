@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lm.cli import main
+from lm.cli.main import main
 from lm.errors import LMError
 from lm.commands.plan import prepare_args
 from lm.plan import make_plan
@@ -195,7 +195,7 @@ def test_a_model_too_big_for_the_node_is_sent_to_fsdp_over_more_nodes():
 
 def test_precision_null_is_planned_as_lm_fit_runs_it(monkeypatch):
     """`precision: null` (the CPU recipe's): on `cpu` the plan follows lm fit's choice for this machine."""
-    from lm import hardware
+    from lm.runtime import hardware
     from lm.plan.estimate import PRECISIONS
 
     for native, expected in [(True, "bf16-mixed"), (False, "32-true")]:
@@ -306,9 +306,9 @@ def _direct_step_seconds(recipe_args: list[str], steps: int = 6) -> float:
 
     import torch
 
-    from lm.lightning_cli import parse_recipe
+    from lm.cli.lightning_cli import parse_recipe
     from lm.modules import LanguageModel
-    from lm.optim import build_optimizer
+    from lm.modules.optimizers import build_optimizer
 
     module = LanguageModel(**parse_recipe(recipe_args).model.init_args.as_dict())
     hp = module.hparams

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lm.cli import main
+from lm.cli.main import main
 from lm.model import GPT, GPTConfig
 from tests.helpers import TINY_MODEL, TINY_TRAINER, tiny_data
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.cli import main
+from lm.cli.main import main
 
 from tests.helpers import tb_scalars, tiny_data, tiny_model_flags
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from lm.checkpoint import load_model
+from lm.io.checkpoints import load_model
 from lm.model import generate_text
 from lm.serve.filters import Blocklist
 from tests.serve_support import ServerProcess, make_tiny_checkpoint

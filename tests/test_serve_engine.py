@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from lm.checkpoint import load_model
+from lm.io.checkpoints import load_model
 from lm.model import Decoder, SamplingOptions, generate_text, stream_text
 from lm.serve.engine import BatchEngine, Failed, Finished, GenerationRequest, Piece
 from tests.serve_support import make_tiny_checkpoint

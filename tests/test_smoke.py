@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lm.cli import FUNCTION_VERBS, LIGHTNING_VERBS
+from lm.cli.main import FUNCTION_VERBS, LIGHTNING_VERBS
 from tests import smoke
 from tests.helpers import REPO_ROOT
 
@@ -109,7 +109,7 @@ def test_verdicts(tmp_path):
 
 
 def test_fit_command_parses_as_lm_fit_does(monkeypatch):
-    from lm.lightning_cli import parse_recipe
+    from lm.cli.lightning_cli import parse_recipe
 
     monkeypatch.chdir(REPO_ROOT)
     fit = _plan("bf16-mixed")["fit"]

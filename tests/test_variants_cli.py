@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from lm.checkpoint import load_model
-from lm.cli import main
+from lm.io.checkpoints import load_model
+from lm.cli.main import main
 from lm.model import generate_text
 from tests import extension_example
 from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, scalar_tags, tiny_data
@@ -83,7 +83,7 @@ def test_subclassed_model_from_outside_the_package(tmp_path, monkeypatch, corpus
     model, _ = load_model(best)
     assert isinstance(model.layers[0].attn, extension_example.ScaledAttention)
     # `--ckpt_path` alone restores the subclass and its own saved arguments (not their defaults)...
-    from lm.lightning_cli import run_lightning_cli
+    from lm.cli.lightning_cli import run_lightning_cli
 
     data = tiny_data(corpus_files, tmp_path / "cache")
     cli = run_lightning_cli(["validate", "--experiment", "custom_again", "--ckpt_path", str(best), *TINY_TRAINER[:4], *data])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lm.checkpoint import save_model
+from lm.io.checkpoints import save_model
 from lm.data.tokenizer import Tokenizer
 from lm.model import GPT, GPTConfig
 from tests.conftest import make_corpus
@@ -25,5 +25,5 @@ def tiny_gpt(vocab_size: int, seed: int = 0, **overrides) -> GPT:
 
 
 def write_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer) -> Path:
-    """The layout `lm.checkpoint.load_model` reads (and `lm fit` writes)."""
+    """The layout `lm.io.checkpoints.load_model` reads (and `lm fit` writes)."""
     return save_model(path, model, tokenizer)

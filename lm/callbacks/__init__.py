@@ -1,7 +1,7 @@
 """Training callbacks for `lm fit`, one file each, each selectable from YAML (overlays in
 experiments/trainer/callbacks/, appended with `callbacks+:` so they combine).
 
-- `LastStepCheckpoint` (checkpoint.py): ModelCheckpoint whose `last.ckpt` holds a finished fit's final step, validated.
+- `LastStepCheckpoint` (checkpointing.py): ModelCheckpoint whose `last.ckpt` holds a finished fit's final step, validated.
 - `RNGStateCheckpoint` (rng_state.py): saves the random generators in checkpoints, restores them on resume.
 - `TokenThroughputMonitor` (throughput.py): tokens/s, FLOP/s and MFU; `measure_matmul_flops` for the peak.
 - `TextSampler` (text_sampler.py): completions of fixed prompts every N steps, logged as text.
@@ -13,7 +13,7 @@ experiments/trainer/callbacks/, appended with `callbacks+:` so they combine).
            --config experiments/trainer/callbacks/text_sampler.yaml
 """
 
-from lm.callbacks.checkpoint import LastStepCheckpoint, last_good_checkpoint
+from lm.callbacks.checkpointing import LastStepCheckpoint, last_good_checkpoint
 from lm.callbacks.ema import ExponentialMovingAverage
 from lm.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
 from lm.callbacks.prediction_writer import PredictionWriter

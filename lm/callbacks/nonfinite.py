@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lm.callbacks.checkpoint import last_good_checkpoint
+from lm.callbacks.checkpointing import last_good_checkpoint
 from lm.errors import LMError
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lm.files import atomic_write_text
+from lm.io.files import atomic_write_text
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -52,7 +52,7 @@ class TextSampler(Callback):
         self._last_sampled_step = -1
 
     def sample(self, pl_module: LightningModule) -> list[str]:
-        from lm.model.generate import generate_text
+        from lm.model.generation import generate_text
 
         tokenizer = getattr(pl_module, "tokenizer", None)
         if tokenizer is None:

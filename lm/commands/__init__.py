@@ -1,4 +1,4 @@
-"""Verbs of the `lm` command that are plain typed functions (see `FUNCTION_VERBS` in lm/cli.py).
+"""Verbs of the `lm` command that are plain typed functions (see `FUNCTION_VERBS` in lm/cli/main.py).
 
 jsonargparse builds each verb's command line from its function's signature and docstring, so a
 verb gets `--help`, `--config file.yaml` and type checking for free. A module may also define

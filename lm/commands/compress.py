@@ -1,5 +1,5 @@
 """`lm quantize` and `lm prune`: a checkpoint in, a smaller checkpoint out (read by `lm generate`
-and `lm.checkpoint.load_model` like any other).
+and `lm.io.checkpoints.load_model` like any other).
 
     lm quantize --ckpt_path checkpoints/wikitext2_cpu/last.ckpt --output checkpoints/wikitext2_cpu/int8.ckpt
     lm prune --ckpt_path .../last.ckpt --output .../pruned50.ckpt --method unstructured --sparsity 0.5
@@ -16,7 +16,7 @@ from lm.errors import LMError
 
 
 def _load(ckpt_path: Optional[str], output: Optional[str]):
-    from lm.checkpoint import load_model, read_checkpoint
+    from lm.io.checkpoints import load_model, read_checkpoint
 
     if not ckpt_path or not output:
         raise LMError("Pass both --ckpt_path (a checkpoint written by `lm fit`) and --output (the new file to write).")
@@ -38,14 +38,14 @@ def quantize(ckpt_path: Optional[str] = None, output: Optional[str] = None, over
     """Quantize a checkpoint's linear layers to int8 (per-row weight scales, dynamic int8 activations).
 
     The tied embedding / LM head matrix is quantized once and serves both; norms, positions and biases
-    stay fp32. The output is read by `lm generate --ckpt_path` and `lm.checkpoint.load_model`.
+    stay fp32. The output is read by `lm generate --ckpt_path` and `lm.io.checkpoints.load_model`.
 
     Args:
         ckpt_path: A float checkpoint written by `lm fit` (or `lm prune`).
         output: Where to write the int8 checkpoint (a new file).
         overwrite: Replace `output` if it exists.
     """
-    from lm.checkpoint import save_model
+    from lm.io.checkpoints import save_model
     from lm.compress.quantize import METHOD, QUANTIZATION_KEY, linear_weight_bytes, quantize_model
 
     model, tokenizer, hparams = _load(ckpt_path, output)
@@ -72,7 +72,7 @@ def prune(ckpt_path: Optional[str] = None, output: Optional[str] = None, method:
         sparsity: Fraction removed: of the block weights (unstructured) or of each layer's MLP channels.
         overwrite: Replace `output` if it exists.
     """
-    from lm.checkpoint import save_model
+    from lm.io.checkpoints import save_model
     from lm.compress.prune import prune_heads, prune_mlp_channels, prune_unstructured, sparsity_of
     from lm.model import GPT
 

@@ -4,11 +4,11 @@
     lm eval --ckpt_path ckpt --pairs_file qa.jsonl --template alpaca --max_new_tokens 48   # BLEU / ROUGE
     lm eval --ckpt_path classifier.ckpt --labelled_file stsa.binary.test      # accuracy / macro-F1
 
-- text files: perplexity and bits-per-byte of the raw files (lm/evaluate.py), with non-overlapping
+- text files: perplexity and bits-per-byte of the raw files (lm/evaluation/perplexity.py), with non-overlapping
   windows and, with `--stride`, the strided sliding window next to them;
 - pairs: a JSONL of {"prompt", "reference"} (or Alpaca {"instruction", "input", "output"}) rows;
   answers are generated with `SamplingOptions` (greedy by default) and scored with torchmetrics' BLEU
-  and ROUGE (lm/text_metrics.py);
+  and ROUGE (lm/evaluation/generation_metrics.py);
 - labelled file: `<label> <sentence>` lines scored by a classifier checkpoint (lm/modules/classifier.py).
 """
 
@@ -46,7 +46,7 @@ def evaluate(
         context: Window length in tokens (default: the model's context).
         pairs_file: JSONL of {"prompt", "reference"} or Alpaca {"instruction", "input", "output"} rows:
             generate an answer per prompt and report BLEU and ROUGE against the references.
-        template: Prompt template for the pairs (`alpaca`, see lm/data/templates.py); default: the raw prompt.
+        template: Prompt template for the pairs (`alpaca`, see lm/data/finetuning/templates.py); default: the raw prompt.
         sampling: How answers are generated (`SamplingOptions`; greedy by default). Fields may be
             given bare: `--max_new_tokens 48` is `--sampling.max_new_tokens 48`.
         labelled_file: `<label> <sentence>` lines: accuracy, macro-F1 and confusion matrix of a classifier.
@@ -64,18 +64,18 @@ def evaluate(
         torch.set_num_threads(threads)
     results: dict[str, Any] = {"checkpoint": str(ckpt_path)}
     if labelled_file:
-        from lm.modules.classifier import evaluate_labelled_file
+        from lm.evaluation.labelled_file import evaluate_labelled_file
 
         results["classification"] = evaluate_labelled_file(ckpt_path, labelled_file, batch_size=batch_size)
         _print_classification(results["classification"])
     if text_files or pairs_file:
-        from lm.checkpoint import load_model
+        from lm.io.checkpoints import load_model
 
         model, tokenizer = load_model(ckpt_path)
         if text_files:
             results["text"] = _evaluate_texts(model, tokenizer, text_files, context, stride, batch_size)
         if pairs_file:
-            from lm.text_metrics import evaluate_pairs_file
+            from lm.evaluation.generation_metrics import evaluate_pairs_file
 
             results["generation"] = evaluate_pairs_file(model, tokenizer, pairs_file, sampling, template, batch_size)
             print(_table(["metric", "value"], [[k, _fmt(v)] for k, v in results["generation"]["scores"].items()]))
@@ -87,7 +87,7 @@ def evaluate(
 def _evaluate_texts(model, tokenizer, text_files, context, stride, batch_size) -> list[dict[str, Any]]:
     if stride is not None and stride <= 0:  # 0 used to be read as "no stride", silently
         raise LMError(f"--stride must be a positive number of tokens (or left out), got {stride}.")
-    from lm.evaluate import evaluate_text_file, summarize
+    from lm.evaluation.perplexity import evaluate_text_file, summarize
 
     files = [text_files] if isinstance(text_files, str) else list(text_files)
     methods = [("non-overlapping", None)] + ([(f"stride {stride}", stride)] if stride else [])
@@ -124,6 +124,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from lm.files import atomic_write_text
+    from lm.io.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

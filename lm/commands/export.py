@@ -30,7 +30,7 @@ def export(ckpt_path: Optional[str] = None, output: Optional[str] = None,
             `lm generate` samples by default). Default: kept where the format can carry it; `hf` always
             exports the plain softmax (transformers has no context cache) and says so.
     """
-    from lm.checkpoint import load_model, read_checkpoint
+    from lm.io.checkpoints import load_model, read_checkpoint
     from lm.model import GPT
 
     if not ckpt_path or not output:

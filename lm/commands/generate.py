@@ -63,7 +63,7 @@ def generate(
         threads: CPU threads for torch (default: torch's choice, one per core). On a busy machine
             1 thread can decode much faster than 2 competing for the same cores.
         template: Wrap each prompt in this instruction template before generating (`alpaca`: the
-            format of experiments/finetune/alpaca.yaml, lm/data/templates.py); the output shows the
+            format of experiments/finetune/alpaca.yaml, lm/data/finetuning/templates.py); the output shows the
             prompt as given.
     """
     if not ckpt_path:
@@ -76,15 +76,15 @@ def generate(
         stream = len(prompts) == 1 and format == "text"
     model, tokenizer = _load(ckpt_path, device, dtype, compile, threads)
     write = _writer(sys.stdout, format, echo_prompt)
-    from lm.data.templates import apply_template
+    from lm.data.finetuning.templates import apply_template
 
     if stream:
-        from lm.model.generate import stream_text
+        from lm.model.generation import stream_text
 
         for i, text in enumerate(prompts):
             write(i, text, stream_text(model, tokenizer, apply_template(template, text), sampling.for_batch(i)))
         return
-    from lm.model.generate import generate_text
+    from lm.model.generation import generate_text
 
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
@@ -97,7 +97,7 @@ def generate(
 def _load(ckpt_path: str, device: str, dtype: str, compile: bool, threads: Optional[int]):
     import torch
 
-    from lm.checkpoint import load_model
+    from lm.io.checkpoints import load_model
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -36,7 +36,7 @@ def build_parser(prog: str = "lm prepare") -> Any:
 
 
 def main(args: list[str], prog: str = "lm prepare") -> None:
-    from lm.data.prepare import format_report
+    from lm.data.preparation.pipeline import format_report
 
     from jsonargparse import ArgumentError
 
@@ -44,7 +44,7 @@ def main(args: list[str], prog: str = "lm prepare") -> None:
     try:
         datamodule = parser.instantiate_classes(parser.parse_args(args)).data
     except ArgumentError as error:
-        from lm.config_errors import explain_argument_error
+        from lm.cli.config_errors import explain_argument_error
 
         raise explain_argument_error(str(error), parser, args, prog) from error
     _show_data_logs()

@@ -1,4 +1,4 @@
-"""`lm report`: plots and a Markdown summary of one or more runs (lm/report.py).
+"""`lm report`: plots and a Markdown summary of one or more runs (lm/evaluation/run_report.py).
 
     lm report logs/wikitext2_cpu/version_0 logs/wikitext2_cpu/version_1 --output reports/compare
     lm report logs/wikitext2_cpu            # every version of the experiment
@@ -38,8 +38,8 @@ def report(runs: list[str], output: str = "reports/latest") -> None:
     from lm.extras import require
 
     require("report", "lm report")  # matplotlib draws the plots
-    from lm.files import atomic_write_text
-    from lm.report import find_runs, plot_runs, read_run, run_names, summary_markdown
+    from lm.io.files import atomic_write_text
+    from lm.evaluation.run_report import find_runs, plot_runs, read_run, run_names, summary_markdown
 
     folders = find_runs(list(runs))
     loaded = [read_run(folder, name) for folder, name in zip(folders, run_names(folders))]

@@ -114,7 +114,7 @@ def build_state(ckpt_path: str, *, model_name: Optional[str] = None, max_batch_s
     """Load the checkpoint and build the server's `ServerState` (engine not started yet)."""
     import torch
 
-    from lm.checkpoint import load_model, read_checkpoint
+    from lm.io.checkpoints import load_model, read_checkpoint
     from lm.serve.app import ServerState
     from lm.serve.engine import BatchEngine
     from lm.serve.feedback import FeedbackLog

@@ -14,7 +14,7 @@
   head is the embedding of token i, and the scales are per row), so tying survives quantization and
   the matrix is stored once, in int8.
 - `quantize_model(model)` swaps them in; `QUANTIZATION_KEY` in a checkpoint's hyper-parameters tells
-  `lm.checkpoint.load_model` to do the same swap before loading the int8 state dict. The checkpoint
+  `lm.io.checkpoints.load_model` to do the same swap before loading the int8 state dict. The checkpoint
   holds int8 values and scales only: the route is chosen where it is loaded, not where it was made.
 - `quantize(...)`: the `lm quantize` verb: checkpoint in, quantized checkpoint out.
 
@@ -55,7 +55,7 @@ METHOD = "int8-dynamic"
 def int8_route() -> tuple[Optional[str], bool]:
     """(quantized engine, reduce_range) for eager int8 products on this machine; engine None = no int8
     kernel (dequantize + F.linear). "x86" is torch's default engine on x86 (fbgemm for linear layers)."""
-    from lm.hardware import cpu_has_avx512_vnni
+    from lm.runtime.hardware import cpu_has_avx512_vnni
 
     engines = torch.backends.quantized.supported_engines
     engine = next((e for e in ("x86", "fbgemm") if e in engines), None)

@@ -1,8 +1,12 @@
 """Data layer: sources -> cleaning -> tokenizer -> sharded token cache -> windows -> the Lightning DataModule.
 
-Rooms: plan.py (which split comes from where), sources.py, clean.py + dedup.py, tokenizer.py +
-tokenizer_train.py, staging.py, encode.py, cache.py, prepare.py (all of it, no Lightning),
-tokens.py (windows, samplers, resumable loader), litdata_chunks.py, datamodule.py (TextDataModule).
+Three jobs, three rooms, and what they share beside them:
+
+- `tokenizer.py` + `tokenizer_training.py`: the tokenizer and how each kind is trained;
+- `token_cache.py`: the sharded token cache, written by preparation and read by loading;
+- `preparation/`: offline, no Lightning: sources -> cleaning -> tokenizer -> token cache + report;
+- `loading/`: training-time windows, samplers and the `TextDataModule`;
+- `finetuning/`: instruction and classification datasets and their prompt templates.
 
 Exports are resolved lazily (PEP 562) so that ``from lm.data import Tokenizer`` costs only the
 ``tokenizers`` import, not torch + Lightning (~5 s): CLI verbs that only tokenize or print help stay fast.
@@ -14,18 +18,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lm.data.datamodule import TextDataModule
+    from lm.data.finetuning.classification_data import ClassificationDataModule
+    from lm.data.finetuning.instruction_data import InstructionDataModule
+    from lm.data.loading.datamodule import TextDataModule
     from lm.data.tokenizer import EOT, Tokenizer
-    from lm.data.tokens import IGNORE_INDEX, EpochDistributedSampler, RandomWindowDataset, SequentialWindowDataset
+    from lm.data.loading.windows import IGNORE_INDEX, EpochDistributedSampler, RandomWindowDataset, SequentialWindowDataset
 
 _EXPORTS = {
     "EOT": "lm.data.tokenizer",
     "Tokenizer": "lm.data.tokenizer",
-    "IGNORE_INDEX": "lm.data.tokens",
-    "RandomWindowDataset": "lm.data.tokens",
-    "SequentialWindowDataset": "lm.data.tokens",
-    "EpochDistributedSampler": "lm.data.tokens",
-    "TextDataModule": "lm.data.datamodule",
+    "IGNORE_INDEX": "lm.data.loading.windows",
+    "RandomWindowDataset": "lm.data.loading.windows",
+    "SequentialWindowDataset": "lm.data.loading.windows",
+    "EpochDistributedSampler": "lm.data.loading.windows",
+    "TextDataModule": "lm.data.loading.datamodule",
+    "ClassificationDataModule": "lm.data.finetuning.classification_data",
+    "InstructionDataModule": "lm.data.finetuning.instruction_data",
 }
 
 __all__ = list(_EXPORTS)

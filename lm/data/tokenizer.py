@@ -6,7 +6,7 @@ This is the only module in ``lm`` that imports Hugging Face ``tokenizers``: ever
 Every kind works on the byte-level alphabet (GPT-2's 256 printable stand-ins for the bytes), and the
 256 byte tokens are always in the vocabulary, so *any* text encodes without an ``<unk>`` and decodes
 back to exactly the same string; the kinds differ only in which longer tokens they add (merges, whole
-characters, whole words, Unigram pieces: see lm/data/tokenizer_train.py).
+characters, whole words, Unigram pieces: see lm/data/tokenizer_training.py).
 That lossless round trip is what makes two things in this framework exact rather than approximate:
 
 * bits-per-byte: :meth:`Tokenizer.token_byte_lengths` tells how many UTF-8 bytes each token stands
@@ -27,19 +27,11 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders
 
 from lm.errors import LMError, MissingFileError
-from lm.files import atomic_write_text
+from lm.data.tokenizer_training import NUM_BYTE_TOKENS, TOKENIZER_KINDS, minimum_vocab_size, train_backend
+from lm.io.files import atomic_write_text
 
 EOT = "<|endoftext|>"
 """Document separator: appended after every document in the token stream (GPT-2 convention)."""
-
-NUM_BYTE_TOKENS = 256
-TOKENIZER_KINDS = ("bpe", "char", "word", "unigram")
-
-
-def minimum_vocab_size(special_tokens: Sequence[str]) -> int:
-    """The one vocabulary minimum: the 256 byte tokens plus the special tokens."""
-    return NUM_BYTE_TOKENS + len(list(special_tokens))
-
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-character table used by the ByteLevel pre-tokenizer.
@@ -63,7 +55,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-_BYTE_DECODER: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
+BYTE_DECODER: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 class Tokenizer:
@@ -97,8 +89,6 @@ class Tokenizer:
         The result may be smaller than ``vocab_size`` on a small corpus; size model embeddings from
         the *requested* vocabulary size.
         """
-        from lm.data.tokenizer_train import train_backend
-
         return cls(train_backend(texts, kind, vocab_size, min_frequency, list(special_tokens)))
 
     @classmethod
@@ -192,7 +182,7 @@ class Tokenizer:
             elif i in specials:
                 table.append(token.encode("utf-8"))
             else:
-                table.append(bytes(_BYTE_DECODER[c] for c in token))
+                table.append(bytes(BYTE_DECODER[c] for c in token))
         return table
 
     def __repr__(self) -> str:

@@ -7,12 +7,12 @@
 
 Generation is split by job: sampling.py (SamplingOptions, sampling), decoder.py (Decoder: the decode
 engine that `generate*`, `stream_*` and `lm serve` all run), text_stream.py (TextAssembler: UTF-8 safe
-pieces, stop strings), generate.py (the token and text API).
+pieces, stop strings), generation.py (the token and text API).
 """
 
 from lm.model.config import GPTConfig
 from lm.model.decoder import Decoder
-from lm.model.generate import generate, generate_text, stream_generate, stream_text
+from lm.model.generation import generate, generate_text, stream_generate, stream_text
 from lm.model.gpt import GPT
 from lm.model.layers import KVCache
 from lm.model.sampling import SamplingOptions, filter_logits, sample_next_token

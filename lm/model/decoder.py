@@ -1,5 +1,5 @@
 """`Decoder`: the one decode engine of `lm`. `generate`, `stream_generate`, `generate_text`,
-`stream_text` (lm/model/generate.py) and the `lm serve` batch engine (lm/serve/engine.py) all run
+`stream_text` (lm/model/generation.py) and the `lm serve` batch engine (lm/serve/engine.py) all run
 the model through it; they add sampling, stopping, text and scheduling, not decoding.
 
 How rows share one KV cache: the cache has `capacity` rows and `max_length` columns. Every step

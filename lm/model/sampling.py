@@ -1,6 +1,6 @@
 """How the next token is chosen: `SamplingOptions` (the one typed source of sampling settings),
 `filter_logits` (top-k / top-p), `sample_next_token` (greedy or sampled) and `sampling_generator` (the
-random stream a seed gives). Used by `lm.model.generate` and the `lm serve` batch engine alike.
+random stream a seed gives). Used by `lm.model.generation` and the `lm serve` batch engine alike.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lm.errors import LMError
 
 @dataclass
 class SamplingOptions:
-    """How to sample: the one typed source of these settings for every caller (`lm.model.generate`,
+    """How to sample: the one typed source of these settings for every caller (`lm.model.generation`,
     `lm generate`, `lm predict`, the `TextSampler` callback, the server). Same defaults, same checks.
 
     Args:

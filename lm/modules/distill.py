@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lm.errors import LMError
-from lm.metrics import IGNORE_INDEX
+from lm.evaluation.token_metrics import IGNORE_INDEX
 from lm.modules.language_model import LanguageModel
 
 
@@ -73,7 +73,7 @@ class Distiller(LanguageModel):
             self.set_teacher(*self._load_teacher())
 
     def _load_teacher(self):
-        from lm.checkpoint import load_model
+        from lm.io.checkpoints import load_model
 
         if not self.teacher_ckpt:
             raise LMError("Distiller needs a teacher: pass --model.init_args.teacher_ckpt PATH (a checkpoint written by `lm fit`).")

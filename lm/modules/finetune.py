@@ -5,7 +5,7 @@
   checkpoint's tokenizer, which the task DataModule then tokenizes with;
 - self-contained checkpoints: the backbone's config goes into the hyper-parameters (`config`) and the
   tokenizer into the checkpoint, so a fine-tuned `.ckpt` reloads without the backbone file;
-- AdamW (decay on linear weights only, lm/optim.py) over the parameters left trainable, with linear
+- AdamW (decay on linear weights only, lm/modules/optimizers.py) over the parameters left trainable, with linear
   warm-up and cosine decay.
 """
 
@@ -20,7 +20,7 @@ import torch
 from lm.errors import LMError
 from lm.model import GPT, GPTConfig
 from lm.modules.language_model import attached_trainer
-from lm.optim import build_optimizer, warmup_cosine
+from lm.modules.optimizers import build_optimizer, warmup_cosine
 
 
 class FinetuneModule(L.LightningModule):

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from lm.checkpoint import read_checkpoint
+from lm.io.checkpoints import read_checkpoint
 from lm.errors import LMError
 from lm.model import GPTConfig
 

@@ -1,13 +1,13 @@
 """`LanguageModel`: the LightningModule for pre-training a GPT.
 
 It wires four things and nothing else: the hand-written `GPT` (lm/model), the training objective,
-token-weighted loss / perplexity / bits-per-byte (lm/metrics.py) and AdamW with warm-up + cosine
-decay (lm/optim.py). The tokenizer travels inside every checkpoint, so a `.ckpt` file alone is
+token-weighted loss / perplexity / bits-per-byte (lm/evaluation/token_metrics.py) and AdamW with warm-up + cosine
+decay (lm/modules/optimizers.py). The tokenizer travels inside every checkpoint, so a `.ckpt` file alone is
 enough to evaluate or generate.
 
 Objective vs metrics: `compute_loss` is the objective training minimizes, and a subclass may change
 it (label smoothing, z-loss, ...). Validation and test metrics never use it: `val/*` and `test/*` are
-always the plain token negative log-likelihood of the logits (`lm.metrics.token_nll`), so perplexity
+always the plain token negative log-likelihood of the logits (`lm.evaluation.token_metrics.token_nll`), so perplexity
 and bits-per-byte stay comparable between runs whatever they trained on. With a context cache
 (`GPTConfig.context_cache`), each validation also calibrates it on the validation batches: `val/*` are then
 the calibrated model's (the one saved and tested) and `val/plain_loss` the softmax alone's.
@@ -29,9 +29,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lm.errors import LMError
-from lm.metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
+from lm.evaluation.token_metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
 from lm.model import GPT, GPTConfig, SamplingOptions, generate_text
-from lm.optim import OptimizerName, Schedule, build_optimizer, lr_multiplier, step_progress
+from lm.modules.optimizers import OptimizerName, Schedule, build_optimizer, lr_multiplier, step_progress
 
 
 class LanguageModel(L.LightningModule):
@@ -49,11 +49,11 @@ class LanguageModel(L.LightningModule):
         weight_decay: Decoupled weight decay for linear weights (norms, biases and embeddings get none).
         betas: AdamW betas.
         optimizer: `adamw`, or `muon`: Muon for the hidden weight matrices and AdamW for the rest, at the
-            same learning rate (`lm.optim.MuonWithAdamW`).
+            same learning rate (`lm.modules.optimizers.MuonWithAdamW`).
         warmup_steps: Optimizer steps of linear warm-up.
         max_steps: Steps over which the LR decays; default: the Trainer's total optimizer steps.
         schedule: After warm-up, `cosine` decay or `wsd` (warmup-stable-decay: constant, then a linear
-            cooldown over the last `cooldown_fraction` of the run). See `lm.optim.lr_multiplier`.
+            cooldown over the last `cooldown_fraction` of the run). See `lm.modules.optimizers.lr_multiplier`.
         cooldown_fraction: `wsd`: the share of the run spent cooling down, in (0, 1]; 1.0 is a linear decay
             from the peak right after warm-up.
             A run bounded by `trainer.max_time` decays by wall-clock: the schedule reaches its end when the

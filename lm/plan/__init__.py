@@ -5,7 +5,7 @@
   the training setup (Setup: precision, strategy, world size, micro-batch, accumulation, checkpointing)
 - estimate.py: memory per device (itemized), communication per step, step time and throughput
 - advice.py: fits or not, and the smallest change that makes it fit
-- planner.py: make_plan (recipe + cluster -> Plan); report.py: format_plan (the printed text)
+- planner.py: make_plan (recipe + cluster -> Plan); printout.py: format_plan (the printed text)
 - speed_probe.py: on `cpu`, times the recipe's own training step here (Lightning's loop, a few steps on
   random tokens): the MFU the plan uses unless `--mfu` is given
 - probe.py: MemoryProbe, a callback that measures a real run (resident memory, step times) for the check;
@@ -13,6 +13,6 @@
 """
 
 from lm.plan.planner import Plan, make_plan
-from lm.plan.report import format_plan
+from lm.plan.printout import format_plan
 
 __all__ = ["Plan", "make_plan", "format_plan"]

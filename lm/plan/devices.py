@@ -18,7 +18,7 @@ from typing import Optional
 import yaml
 
 from lm.errors import LMError
-from lm.hardware import usable_cpus
+from lm.runtime.hardware import usable_cpus
 
 DEVICES_FILE = Path(__file__).with_name("devices.yaml")
 GIB = 2 ** 30

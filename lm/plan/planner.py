@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
 from lm.errors import LMError
-from lm.hardware import auto_precision
+from lm.runtime.hardware import auto_precision
 from lm.plan.advice import Change, needed_bytes, smallest_fitting_change, usable_bytes
 from lm.plan.devices import DeviceSpec, device_spec, host_memory_bytes
 from lm.plan.estimate import PRECISIONS, Speed, memory_per_device, speed, steps_for
@@ -50,7 +50,7 @@ class Plan:
 
 def default_precision(device_kind: str) -> str:
     """What `trainer.precision: null` becomes: on `cpu` (this machine) what `lm fit` picks here (bf16-mixed
-    with native bf16, else 32-true: lm.hardware.auto_precision); on the GPU kinds bf16-mixed."""
+    with native bf16, else 32-true: lm.runtime.hardware.auto_precision); on the GPU kinds bf16-mixed."""
     return auto_precision("cpu")[0] if device_kind.lower() == "cpu" else "bf16-mixed"
 
 

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lm.files import atomic_write_text
+from lm.io.files import atomic_write_text
 
 MEASURE_ENV = {"LM_DEFAULT_MALLOC": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
 
@@ -87,7 +87,7 @@ def prepare_data(args: list[str]) -> None:
     """Train the tokenizer and write the token cache of `lm fit <args>` here, before any measured run:
     the run that tokenizes keeps ~30 MiB more resident memory afterwards (seen in plan_check.py)."""
     from lm.data import TextDataModule
-    from lm.lightning_cli import parse_recipe
+    from lm.cli.lightning_cli import parse_recipe
 
     TextDataModule(**parse_recipe(args).data.as_dict()).prepare_data()
 

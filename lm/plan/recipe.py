@@ -1,7 +1,7 @@
 """A recipe as `lm plan` sees it: the model's shape (built on the meta device) and the training setup.
 
 - `read_recipe(args)`: parse `--config a.yaml --config b.yaml --trainer.x y ...` with `lm fit`'s own
-  LightningCLI parser (`lm.lightning_cli.parse_recipe`: same merging, links and defaults, nothing
+  LightningCLI parser (`lm.cli.lightning_cli.parse_recipe`: same merging, links and defaults, nothing
   instantiated), then build the LightningModule on the meta device (no memory, no weights) and read
   the network's own counts: `num_parameters`, `flops_per_token` (the formula the throughput callback
   uses), and the size of the largest FSDP unit (a transformer `Block`, or the root: embeddings,
@@ -82,7 +82,7 @@ class Recipe:
 def read_recipe(args: list[str], devices: Optional[int] = None, nodes: Optional[int] = None,
                 default_precision: str = "bf16-mixed") -> Recipe:
     """The recipe given by `lm fit`-style arguments; `devices`/`nodes` override the Trainer's."""
-    from lm.lightning_cli import parse_recipe
+    from lm.cli.lightning_cli import parse_recipe
 
     config = parse_recipe(args)
     trainer, data = config.trainer, config.get("data")
@@ -108,9 +108,9 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
     """Build the LightningModule of `model_config` (class_path + init_args) on the meta device and measure it."""
     import torch
 
-    from lm.checkpoint import import_class
+    from lm.io.class_paths import import_class
     from lm.model.layers import Block
-    from lm.optim import newton_schulz_flops
+    from lm.modules.optimizers import newton_schulz_flops
 
     init_args = model_config.init_args.as_dict()
     with torch.device("meta"):  # shapes only: no memory is allocated, no weights initialized

@@ -19,7 +19,7 @@ the way `lm fit` runs it, in this process, and returns its time (`StepProbe`):
   and `LearningRateMonitor` as `lm fit` has, and the recipe's per-step callbacks (weight averaging such as
   the EMA, `NonFiniteGuard`, `TokenThroughputMonitor`); no validation, no checkpoints, no progress bar;
 - the threads Lightning gives one of the node's processes (`cpu_threads_per_process`) and the glibc
-  allocator settings `lm fit` applies (`lm.allocator.keep_large_allocations_in_heap`).
+  allocator settings `lm fit` applies (`lm.runtime.allocator.keep_large_allocations_in_heap`).
 It runs `warmup` optimizer steps (first-touch allocations, autocast caches, optimizer state), then times
 optimizer steps (wall time from the end of one to the end of the next: forward, backward, optimizer,
 callbacks, logging, data) until `steps` are timed or `budget` seconds have passed (at least `MIN_STEPS`),
@@ -97,8 +97,8 @@ def probe_training_step(recipe_args: list[str], precision: str, micro_batch: int
     threads one of `processes` processes gets."""
     import torch
 
-    from lm.allocator import keep_large_allocations_in_heap
-    from lm.lightning_cli import parse_recipe
+    from lm.runtime.allocator import keep_large_allocations_in_heap
+    from lm.cli.lightning_cli import parse_recipe
     from lm.plan.devices import cpu_threads_per_process
 
     if steps < 1 or warmup < 1:
@@ -133,7 +133,7 @@ def probe_training_step(recipe_args: list[str], precision: str, micro_batch: int
 
 def _build_module(model_config: Any):
     """The recipe's LightningModule with real weights, as `lm fit` instantiates it (`init_from` dropped)."""
-    from lm.checkpoint import import_class
+    from lm.io.class_paths import import_class
 
     init_args = model_config.init_args.as_dict()
     if init_args.get("init_from"):
@@ -145,7 +145,7 @@ def _per_step_callbacks(callbacks: Any) -> list:
     """Instances of the recipe's callbacks that work on every training step (`PER_STEP_CALLBACKS`); those
     that act at validation, at checkpoints or every N steps are left out (the figure the probe predicts is a
     median over log intervals, which leaves such rare intervals out too)."""
-    from lm.checkpoint import import_class
+    from lm.io.class_paths import import_class
 
     chosen = []
     for callback in callbacks or []:

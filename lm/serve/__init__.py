@@ -4,7 +4,7 @@
 - protocol.py    request bodies, limits, the chat template, OpenAI-shaped errors
 - app.py         the FastAPI app: endpoints, streaming (SSE), API key, feedback, playground
 - middleware.py  body-size cap, request log
-- metrics.py     Prometheus metrics
+- prometheus.py  Prometheus metrics
 - feedback.py    feedback -> append-only Alpaca JSONL
 - filters.py     output filters (the moderation plug-in point): NoFilter, Blocklist
 - static/        the playground page

@@ -39,7 +39,7 @@ from lm.model.sampling import SamplingOptions
 from lm.serve.engine import BatchEngine, EngineBusy, Event, Finished, GenerationRequest, Piece
 from lm.serve.feedback import FeedbackLog, RecentResponses, ServedResponse
 from lm.serve.filters import NoFilter, OutputFilter
-from lm.serve.metrics import ServerMetrics
+from lm.serve.prometheus import ServerMetrics
 from lm.serve.middleware import BodySizeLimit, RequestLog
 from lm.serve.protocol import (CHAT_STOP, ApiError, ChatRequest, CompletionRequest, FeedbackRequest, Limits,
                                error_body, render_chat)

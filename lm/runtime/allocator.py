@@ -12,7 +12,7 @@ Set LM_DEFAULT_MALLOC=1 to leave glibc's defaults alone. No-op where libc is not
 
 The tokenizer is the other allocation-bound step: `tokenizers` spends more than half its cycles in
 glibc's malloc/free (a small string per token), so `lm prepare`'s encode workers, fresh processes,
-start with mimalloc preloaded (:func:`fast_allocator`, used by lm/data/encode.py): ~1.5x the
+start with mimalloc preloaded (:func:`fast_allocator`, used by lm/data/preparation/encode.py): ~1.5x the
 encoding speed. An allocator can't be swapped inside a running process, hence workers only.
 """
 

@@ -5,7 +5,7 @@ What this file does:
 - `window_spans`: the windows that cover the stream, non-overlapping (stride = context) or strided
   (the standard sliding-window perplexity: each token is scored once, with the most context a
   window of `context` tokens can give it);
-- `score_windows`: the plain token negative log-likelihood (`lm.metrics.token_nll`, nats) of those
+- `score_windows`: the plain token negative log-likelihood (`lm.evaluation.token_metrics.token_nll`, nats) of those
   windows, batched, token-weighted and accumulated in float64, so the result does not depend on batch size;
 - `evaluate_text_file`: one file -> {tokens, bytes, nll, loss, ppl, bpb}.
 
@@ -13,7 +13,7 @@ Bits-per-byte is `total NLL / ln 2 / bytes of the file as given`: the byte count
 not the tokens' bytes, so it is the figure papers report on raw test text. The first token has no
 context in the file; it is scored after `<|endoftext|>` (the document separator the model was
 trained with) when the tokenizer has one, so every byte of the file is predicted. `lm test` and this
-file share `lm.metrics.token_nll`: the same plain NLL, independent of a training objective.
+file share `lm.evaluation.token_metrics.token_nll`: the same plain NLL, independent of a training objective.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lm.errors import LMError, MissingFileError
-from lm.metrics import IGNORE_INDEX, token_nll
+from lm.evaluation.token_metrics import IGNORE_INDEX, token_nll
 
 
 @dataclass(frozen=True)

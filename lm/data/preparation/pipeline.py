@@ -1,7 +1,7 @@
 """Prepare data without Lightning: sources -> cleaning -> tokenizer -> sharded token cache + report.
 
 :func:`prepare` is what ``TextDataModule.prepare_data`` and ``lm prepare`` run; it works on a
-:class:`~lm.data.plan.DataPlan` and :class:`PrepareOptions` alone, so it is usable (and tested)
+:class:`~lm.data.preparation.split_plan.DataPlan` and :class:`PrepareOptions` alone, so it is usable (and tested)
 without a Trainer. Each split is cached under a key of everything that determines its ids::
 
     cache_dir/tokenizers/<key>/tokenizer.json    trained on the training split only
@@ -9,7 +9,7 @@ without a Trainer. Each split is cached under a key of everything that determine
     cache_dir/reports/<key>.json                 the data report of the last prepare of these splits
 
 A warm run reads manifests and opens memory maps, nothing else. A cold run streams each needed
-source once through cleaning into a staging file (lm/data/staging.py), trains the tokenizer from it
+source once through cleaning into a staging file (lm/data/preparation/staging.py), trains the tokenizer from it
 if needed, and encodes each split into bounded shards: memory holds batches, never the corpus.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lm.data.cache import (
+from lm.data.token_cache import (
     DEFAULT_SHARD_TOKENS,
     ShardWriter,
     TokenShards,
@@ -35,13 +35,13 @@ from lm.data.cache import (
     start_build,
     token_dtype,
 )
-from lm.data.clean import CleaningOptions, CleaningReport, clean_documents
-from lm.data.encode import encode_to_shards
-from lm.data.plan import DataPlan
-from lm.data.staging import Span, StagedDocuments, carve_tail
+from lm.data.preparation.clean import CleaningOptions, CleaningReport, clean_documents
+from lm.data.preparation.encode import encode_to_shards
+from lm.data.preparation.split_plan import DataPlan
+from lm.data.preparation.staging import Span, StagedDocuments, carve_tail
 from lm.data.tokenizer import EOT, Tokenizer
 from lm.errors import LMError
-from lm.files import atomic_write_text
+from lm.io.files import atomic_write_text
 
 logger = logging.getLogger("lm.data")
 

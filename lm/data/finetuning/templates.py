@@ -1,4 +1,4 @@
-"""Prompt templates for instruction following: one place, shared by training (lm/data/instruct.py),
+"""Prompt templates for instruction following: one place, shared by training (lm/data/finetuning/instruction_data.py),
 `lm generate --template` and `lm eval --pairs_file --template`.
 
 `alpaca` (the Stanford Alpaca format, word for word, so the model sees one fixed layout):

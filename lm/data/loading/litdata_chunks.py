@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lm.data.cache import TokenShards
+from lm.data.token_cache import TokenShards
 from lm.errors import LMError
 
 logger = logging.getLogger("lm.data")

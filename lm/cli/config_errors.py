@@ -234,7 +234,7 @@ def _known_keys(parser: Any, outer: str, class_path: Optional[str]) -> list[str]
         if class_path:
             from jsonargparse import ArgumentParser
 
-            from lm.checkpoint import import_class
+            from lm.io.class_paths import import_class
 
             parser = ArgumentParser(exit_on_error=False)
             parser.add_class_arguments(import_class(class_path), outer)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from lm.errors import LMError, MissingFileError
+from lm.io.class_paths import import_class
 from lm.model import GPT, GPTConfig
 
 
@@ -67,18 +68,6 @@ def require_training_checkpoint(checkpoint: dict[str, Any], path: str | Path) ->
 _STOCK_CLASS_PATHS = {None, "lm.modules.LanguageModel", "lm.modules.language_model.LanguageModel"}
 
 
-def import_class(class_path: str) -> type:
-    """The class a checkpoint names in `hyper_parameters["_class_path"]` (a `LanguageModel` subclass)."""
-    import importlib
-
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise LMError(f"The checkpoint was trained with {class_path}, which cannot be imported ({error}): "
-                         f"run from the directory of its package or add it to PYTHONPATH.") from error
-
-
 def _build_network(hparams: dict[str, Any]) -> torch.nn.Module:
     """An untrained network of the checkpoint's architecture: a plain `GPT`, or, for a checkpoint of a
     `LanguageModel` subclass (`--model my_pkg.MyModel`), whatever its `build_model` returns (the
@@ -97,7 +86,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     subclass's `build_model` made."""
     from lm.data.tokenizer import Tokenizer
 
-    from lm.hardware import check_device
+    from lm.runtime.hardware import check_device
 
     device = check_device(device)
     checkpoint = read_checkpoint(path)
@@ -137,7 +126,7 @@ def save_model(path: str | Path, model: torch.nn.Module, tokenizer, hparams: Opt
     with `overwrite=False` an existing file is an error instead."""
     import io
 
-    from lm.files import atomic_write_bytes
+    from lm.io.files import atomic_write_bytes
 
     path = Path(path)
     if path.exists() and not overwrite:

@@ -7,7 +7,7 @@ piece boundary may differ.
 
 Encoder: for the default byte-level BPE, ``tiktoken`` built from the tokenizer's own merges (~3x HF's
 speed per core), used only after it gave HF's exact ids on the corpus's first batch (the equivalence
-argument is in lm/data/fast_bpe.py); otherwise, and for the other tokenizer kinds, HF ``tokenizers``.
+argument is in lm/data/preparation/fast_bpe.py); otherwise, and for the other tokenizer kinds, HF ``tokenizers``.
 
 Where the time goes in HF (``perf`` on the tokenizer alone): the ``tokenizers`` encoder itself, and in it
 more than half of the cycles in ``malloc``/``free`` (a ``String`` per token, a
@@ -26,7 +26,7 @@ without oversubscribing them, and from a faster allocator in the worker processe
 * Workers run with mimalloc preloaded when it is installed (the ``cmeel-mimalloc`` package, in
   the ``data`` extra on x86-64 Linux, or a system ``libmimalloc``): ~1.5x the encoder's
   speed of glibc's allocator. ``LM_ENCODE_MALLOC`` overrides: ``system`` keeps the C library's
-  allocator, a path preloads that library (lm/allocator.py). The allocator changes speed only, never
+  allocator, a path preloads that library (lm/runtime/allocator.py). The allocator changes speed only, never
   the ids.
 """
 
@@ -42,15 +42,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lm.allocator import fast_allocator
-from lm.data.fast_bpe import BatchEncoder, fast_encoder
+from lm.runtime.allocator import fast_allocator
+from lm.data.preparation.fast_bpe import BatchEncoder, fast_encoder
 from lm.data.tokenizer import Tokenizer
-from lm.hardware import usable_cpus
+from lm.runtime.hardware import usable_cpus
 
 if TYPE_CHECKING:  # numpy is imported where the shards are written, not in the workers (half their start-up)
     import numpy as np
 
-    from lm.data.cache import ShardWriter
+    from lm.data.token_cache import ShardWriter
 
 logger = logging.getLogger("lm.data")
 BATCH_CHARS = 1 << 18  # text per task sent to a worker; in-process batches hold 4x this per core
@@ -95,7 +95,7 @@ def encode_batch(
 ) -> tuple[array, int]:
     """Ids of a batch (end-of-text after each finished document) in one flat ``array`` of ``typecode``
     (``numpy.dtype.char``: ``H`` uint16, ``I`` uint32), and the batch's UTF-8 byte count.
-    ``fast``: a verified exact encoder (lm/data/fast_bpe.py) used instead of ``tokenizer``'s own."""
+    ``fast``: a verified exact encoder (lm/data/preparation/fast_bpe.py) used instead of ``tokenizer``'s own."""
     eot = [] if tokenizer.eot_id is None else [tokenizer.eot_id]
     flat = array(typecode)
     for (_, ends_doc), ids in zip(batch, (fast or tokenizer).encode_batch([text for text, _ in batch])):

@@ -1,9 +1,9 @@
 """``TextDataModule``: a thin Lightning layer from a prepared token cache to loaders.
 
-All the work happens in :func:`lm.data.prepare.prepare` (Lightning-free): ``prepare_data`` (one
+All the work happens in :func:`lm.data.preparation.pipeline.prepare` (Lightning-free): ``prepare_data`` (one
 process per node) runs it; ``setup`` (every rank) only opens what it wrote, so DDP ranks never race
 or disagree. Training reads random windows from memory-mapped shards, or, with ``loader: litdata``,
-streams LitData chunks (lm/data/litdata_chunks.py); validation and test read every token once.
+streams LitData chunks (lm/data/loading/litdata_chunks.py); validation and test read every token once.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lm.data.clean import CleaningOptions
-from lm.data.plan import DataPlan, file_list, make_plan
-from lm.data.prepare import PrepareOptions, TokenizerOptions, known_tokenizer, prepare
+from lm.data.preparation.clean import CleaningOptions
+from lm.data.preparation.split_plan import DataPlan, file_list, make_plan
+from lm.data.preparation.pipeline import PrepareOptions, TokenizerOptions, known_tokenizer, prepare
 from lm.data.tokenizer import EOT, Tokenizer, minimum_vocab_size
-from lm.data.tokens import (EpochDistributedSampler, EvalDistributedSampler, RandomWindowDataset, ResumableDataLoader,
+from lm.data.loading.windows import (EpochDistributedSampler, EvalDistributedSampler, RandomWindowDataset, ResumableDataLoader,
                             SequentialWindowDataset, check_token_count)  # fmt: skip
 from lm.errors import LMError, MissingFileError
 
@@ -163,7 +163,7 @@ class TextDataModule(L.LightningDataModule):
             elif split == "val" or stage == "test":
                 setattr(self, f"{split}_dataset", SequentialWindowDataset(tokens, self.block_size, pad_id=pad_id))
         if stage == "fit" and self.hparams.loader == "litdata":
-            from lm.data.litdata_chunks import streaming_dataset
+            from lm.data.loading.litdata_chunks import streaming_dataset
 
             self.train_dataset = streaming_dataset(self._litdata_dir(prepared), self.block_size, self.hparams.seed)
 
@@ -176,7 +176,7 @@ class TextDataModule(L.LightningDataModule):
         for split, ready in prepared.splits.items():
             self.num_tokens[split], self.num_bytes[split] = ready.manifest["num_tokens"], ready.manifest["num_bytes"]
         if build and self.hparams.loader == "litdata" and "train" in prepared.splits:
-            from lm.data.litdata_chunks import write_chunks
+            from lm.data.loading.litdata_chunks import write_chunks
 
             write_chunks(prepared.splits["train"], self._litdata_dir(prepared), self.block_size)
         return prepared
@@ -192,7 +192,7 @@ class TextDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             raise LMError("train_dataloader() called before setup('fit').")
         if self.hparams.loader == "litdata":
-            from lm.data.litdata_chunks import streaming_loader
+            from lm.data.loading.litdata_chunks import streaming_loader
 
             return streaming_loader(self.train_dataset, self.batch_size, self.hparams.num_workers)
         # Our own DistributedSampler: Lightning keeps it instead of injecting one, and set_epoch reaches the dataset.

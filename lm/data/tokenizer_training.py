@@ -14,13 +14,20 @@ the same string, and each token stands for a known number of bytes (exact bits-p
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from lm.data.tokenizer import TOKENIZER_KINDS, minimum_vocab_size
 from lm.errors import LMError
+
+NUM_BYTE_TOKENS = 256
+TOKENIZER_KINDS = ("bpe", "char", "word", "unigram")
+
+
+def minimum_vocab_size(special_tokens: Sequence[str]) -> int:
+    """The one vocabulary minimum: the 256 byte tokens plus the special tokens."""
+    return NUM_BYTE_TOKENS + len(list(special_tokens))
 
 
 def train_backend(

@@ -23,7 +23,7 @@ import numpy as np
 from lm.extras import require
 
 if TYPE_CHECKING:
-    from lm.data.clean import CleaningOptions
+    from lm.data.preparation.clean import CleaningOptions
 
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: mixes word order into n-gram hashes
 _INVERSE = np.uint64(pow(0x9E3779B97F4A7C15, -1, 1 << 64))

@@ -17,10 +17,10 @@ What it adds to Lightning's CLI:
 - `predict` writes `{prompt, completion}` lines to logs/NAME/predictions.jsonl and prints them.
 - `parse_recipe(argv)`: the config `lm fit argv` would run, parsed by the same parser and nothing built
   (`lm plan` reads recipes with it).
-- Bad input stops before anything runs, as an `LMError` (lm/run_checks.py): validate/test/predict
+- Bad input stops before anything runs, as an `LMError` (lm/cli/run_checks.py): validate/test/predict
   without `--ckpt_path` (unless `--random_weights true`), an empty or reused `--experiment` name, a
   checkpoint that is a folder or not an `lm fit` one, `data.block_size` above the model's context; a
-  command-line or YAML mistake is explained by lm/config_errors.py.
+  command-line or YAML mistake is explained by lm/cli/config_errors.py.
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lm.callbacks import LastStepCheckpoint, PredictionWriter, RNGStateCheckpoint
-from lm.callbacks.checkpoint import check_run_outputs, use_durable_checkpoint_io
-from lm.checkpoint import import_class, read_checkpoint, require_training_checkpoint
+from lm.callbacks.checkpointing import check_run_outputs, use_durable_checkpoint_io
+from lm.io.checkpoints import read_checkpoint, require_training_checkpoint
+from lm.io.class_paths import import_class
 from lm.data import TextDataModule
 from lm.errors import LMError
-from lm.hardware import auto_precision
+from lm.runtime.hardware import auto_precision
 from lm.modules import LanguageModel
-from lm.run_checks import check_context, check_run_folders, checked_ckpt_path
+from lm.cli.run_checks import check_context, check_run_folders, checked_ckpt_path
 
 log = logging.getLogger("lm")
 
@@ -81,7 +82,7 @@ class LMCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as error:
-            from lm.config_errors import explain_argument_error
+            from lm.cli.config_errors import explain_argument_error
 
             argv = list(sys.argv[1:] if args is None else args)
             subcommands = getattr(self, "_subcommand_parsers", {})  # none when only parsing (lm plan)
@@ -148,7 +149,7 @@ class LMCLI(LightningCLI):
         except ValueError as error:  # jsonargparse: a class of the config refused its arguments (e.g. GPTConfig)
             if isinstance(error, LMError) or "Does not validate" not in str(error):
                 raise
-            from lm.config_errors import explain_build_error
+            from lm.cli.config_errors import explain_build_error
 
             raise explain_build_error(error) from error
         if self.subcommand in ("fit", "validate", "test"):
@@ -209,11 +210,11 @@ def run_lightning_cli(argv: Optional[list[str]] = None, cli_class: type[LMCLI] =
                       datamodule_class: type = TextDataModule, subclass_mode_data: bool = False) -> LMCLI:
     """Run `lm <verb> ...`. `argv` None (the `lm` command) lets Lightning read `sys.argv`, which
     multi-process strategies re-run in their child processes; tests pass `argv` instead. `lm finetune`
-    passes its own classes (lm/finetune_cli.py)."""
+    passes its own classes (lm/cli/finetune_cli.py)."""
     _show_lm_logs()
-    from lm.allocator import keep_large_allocations_in_heap
+    from lm.runtime.allocator import keep_large_allocations_in_heap
 
-    keep_large_allocations_in_heap()  # faster CPU steps (see lm/allocator.py); LM_DEFAULT_MALLOC=1: off
+    keep_large_allocations_in_heap()  # faster CPU steps (see lm/runtime/allocator.py); LM_DEFAULT_MALLOC=1: off
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:

@@ -15,7 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lm.errors import LMError
-from lm.files import atomic_write_with, check_writable_folder
+from lm.io.files import atomic_write_with, check_writable_folder
 
 # AdamW keeps two fp32 moments per parameter (exp_avg, exp_avg_sq) beside the fp32 weights.
 ADAMW_STATE_PER_PARAMETER = 2
@@ -88,7 +88,7 @@ class CheckpointSaveError(LMError):
 class DurableCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, minus its silence: Lightning's `_atomic_save` swallows a
     `PermissionError` (a read-only or immutable folder), so a run trained to the end, saved nothing and
-    exited 0. Here the file goes through `lm.files.atomic_write_with` (temporary file in the same folder,
+    exited 0. Here the file goes through `lm.io.files.atomic_write_with` (temporary file in the same folder,
     fsync, rename: a kill leaves the old checkpoint or the new one) and any OS error stops the run with
     `CheckpointSaveError`. Remote paths (`s3://...`) keep Lightning's writer."""
 

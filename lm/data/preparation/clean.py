@@ -1,7 +1,7 @@
 """Document cleaning: every step optional (``data.cleaning`` in YAML) and counted in the data report.
 
 Order, per document: normalize -> drop empty -> length and repetition filters -> exact dedup ->
-near dedup (lm/data/dedup.py) -> PII redaction. Deduplication compares normalized text and runs
+near dedup (lm/data/preparation/dedup.py) -> PII redaction. Deduplication compares normalized text and runs
 after the filters, so a removed document is counted once, by the first step that removed it.
 
 Normalization (:func:`normalize`):
@@ -253,7 +253,7 @@ def clean_documents(
     Memory: exact dedup keeps a 16-byte digest per kept document, near dedup its MinHash-LSH entries
     (~0.5 KB at 128 permutations); never the texts.
     """
-    from lm.data.dedup import ExactDeduplicator, NearDeduplicator
+    from lm.data.preparation.dedup import ExactDeduplicator, NearDeduplicator
 
     report = report if report is not None else CleaningReport()
     exact = ExactDeduplicator() if options is not None and options.exact_dedup else None

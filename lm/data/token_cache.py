@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from lm.files import atomic_write_text
+from lm.io.files import atomic_write_text
 
 logger = logging.getLogger("lm.data")
 

@@ -98,7 +98,7 @@ def fast_bf16_matmul(device: torch.device) -> bool:
     """Whether bf16 matrix products are fast on `device`: CUDA and other accelerators yes; a CPU only with
     native bf16 (AVX-512-BF16, AMX) that oneDNN uses (not capped by `ONEDNN_MAX_CPU_ISA`), elsewhere torch
     falls back to a reference kernel."""
-    from lm.hardware import cpu_has_native_bf16
+    from lm.runtime.hardware import cpu_has_native_bf16
     from lm.model.inference import onednn_bf16_supported
 
     return device.type != "cpu" or (cpu_has_native_bf16() and onednn_bf16_supported())

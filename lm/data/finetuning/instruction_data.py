@@ -2,7 +2,7 @@
 
 The file is a JSON list, or JSON lines with a `.jsonl` name (what `lm serve` writes as feedback).
 
-- prompt = the `alpaca` template (lm/data/templates.py), response = output + `<|endoftext|>` (so the
+- prompt = the `alpaca` template (lm/data/finetuning/templates.py), response = output + `<|endoftext|>` (so the
   model learns to stop);
 - labels are -100 on every prompt token: the loss is on the response only;
 - examples longer than the context keep the whole prompt if they can and cut the response (an
@@ -25,10 +25,10 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from lm.data.tasks import TaskDataModule
-from lm.data.templates import alpaca_prompt
+from lm.data.finetuning.classification_data import TaskDataModule
+from lm.data.finetuning.templates import alpaca_prompt
 from lm.errors import LMError, MissingFileError
-from lm.metrics import IGNORE_INDEX
+from lm.evaluation.token_metrics import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lm.errors import LMError, MissingFileError
-from lm.files import atomic_write_bytes
+from lm.io.files import atomic_write_bytes
 
 Series = list[tuple[int, float, float]]  # (step, value, wall time)
 

@@ -9,7 +9,7 @@ Priority, per split:
   the WikiText-2 preset by default), optionally streamed.
 
 With ``val_fraction > 0`` the validation split is carved off the end of the cleaned training text
-instead (see :func:`lm.data.staging.carve_tail`).
+instead (see :func:`lm.data.preparation.staging.carve_tail`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm.data.sources import FileSource, HubSource, TextSource, wikitext_file
+from lm.data.preparation.sources import FileSource, HubSource, TextSource, wikitext_file
 from lm.errors import LMError, MissingFileError
 
 SPLITS = ("train", "val", "test")

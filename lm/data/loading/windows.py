@@ -2,7 +2,7 @@
 the training loader whose position inside an epoch goes into checkpoints.
 
 The token stream is anything 1-D and sliceable: a ``numpy`` array, a memmap, or the shards of a
-prepared split (:class:`lm.data.cache.TokenShards`).
+prepared split (:class:`lm.data.token_cache.TokenShards`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.errors import LMError
-from lm.metrics import IGNORE_INDEX  # noqa: F401  (targets the loss skips; re-exported for lm.data)
+from lm.evaluation.token_metrics import IGNORE_INDEX  # noqa: F401  (targets the loss skips; re-exported for lm.data)
 
 logger = logging.getLogger("lm.data")
 

@@ -2,7 +2,7 @@
 
 The same CLI as `lm fit` (experiment names, logs/, checkpoints/, TensorBoard, `--ckpt_path` reloads,
 YAML configs) with two differences: the model *and* the DataModule are chosen by `class_path` (e.g.
-`lm.modules.classifier.SequenceClassifier` + `lm.data.tasks.ClassificationDataModule`), and there is
+`lm.modules.classifier.SequenceClassifier` + `lm.data.ClassificationDataModule`), and there is
 no `data.vocab_size` link: the vocabulary is the backbone checkpoint's.
 
     lm finetune fit  --config experiments/finetune/sst2.yaml --model.init_args.backbone pretrain.ckpt
@@ -14,7 +14,7 @@ from __future__ import annotations
 import lightning as L
 
 from lm.errors import LMError
-from lm.lightning_cli import LMCLI, run_lightning_cli
+from lm.cli.lightning_cli import LMCLI, run_lightning_cli
 
 VERBS = ("fit", "validate", "test")
 

@@ -18,7 +18,7 @@ Why the ids are the same (and how we make sure):
   a token can be formed by two pairs (``ab+c`` vs ``a+bc``) and the non-merge pair appears — rare
   but not excluded, so this is not a proof for every vocabulary.
 * hence :func:`fast_encoder` returns an encoder only for exactly this configuration (no normalizer,
-  no dropout, no subword prefix/suffix, no byte fallback), and lm/data/encode.py compares it with HF
+  no dropout, no subword prefix/suffix, no byte fallback), and lm/data/preparation/encode.py compares it with HF
   on the corpus's first batch, falling back to HF with a log line on any difference; the tests
   compare both on Unicode, digits, whitespace runs, apostrophes and emoji.
 
@@ -31,7 +31,7 @@ import json
 import logging
 from typing import Any, Protocol
 
-from lm.data.tokenizer import _BYTE_DECODER, Tokenizer
+from lm.data.tokenizer import BYTE_DECODER, Tokenizer
 
 logger = logging.getLogger("lm.data")
 
@@ -71,7 +71,7 @@ def fast_encoder(tokenizer: Tokenizer) -> FastBPE | None:
         return None
     special = {t["content"]: t["id"] for t in spec["added_tokens"]}
     vocab: dict[str, int] = spec["model"]["vocab"]
-    ranks = {bytes(_BYTE_DECODER[c] for c in token): i for token, i in vocab.items() if token not in special}
+    ranks = {bytes(BYTE_DECODER[c] for c in token): i for token, i in vocab.items() if token not in special}
     return FastBPE(ranks, special)
 
 
@@ -88,7 +88,7 @@ def _unsupported(spec: dict[str, Any]) -> str | None:
         return "added tokens with strip/word/normalized options"
     special = {t["content"] for t in spec.get("added_tokens", [])}
     vocab: dict[str, int] = model["vocab"]
-    if any(c not in _BYTE_DECODER for token in vocab if token not in special for c in token):
+    if any(c not in BYTE_DECODER for token in vocab if token not in special for c in token):
         return "tokens outside the byte-level alphabet"
     return _merge_order_problem(vocab, model.get("merges", []), special)
 

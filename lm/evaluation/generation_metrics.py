@@ -58,8 +58,8 @@ def read_pairs(path: str | Path) -> list[dict[str, str]]:
 def evaluate_pairs_file(model, tokenizer, path: str | Path, options: SamplingOptions, template: Optional[str] = None,
                         batch_size: int = 8) -> dict[str, Any]:
     """Generate an answer for every prompt of `path` and score it against its reference."""
-    from lm.data.templates import apply_template
-    from lm.model.generate import generate_text
+    from lm.data.finetuning.templates import apply_template
+    from lm.model.generation import generate_text
 
     pairs = read_pairs(path)
     prompts = [apply_template(template, p["prompt"], p["input"]) if template else p["prompt"] for p in pairs]

@@ -7,7 +7,7 @@
 
 Bad input raises `lm.errors.LMError`, whose message says what was wrong and what to do: it is printed as
 one line and `lm` exits with status 2 (set LM_DEBUG=1 to see the traceback). A command-line or YAML
-mistake caught by jsonargparse becomes one too (lm/config_errors.py). Any other exception is a bug and
+mistake caught by jsonargparse becomes one too (lm/cli/config_errors.py). Any other exception is a bug and
 keeps its traceback.
 """
 
@@ -59,11 +59,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     verb = argv[0]
     try:
         if verb in LIGHTNING_VERBS:
-            from lm.lightning_cli import run_lightning_cli
+            from lm.cli.lightning_cli import run_lightning_cli
 
             run_lightning_cli(None if from_shell else argv)
         elif verb == "finetune":
-            from lm.finetune_cli import run_finetune_cli
+            from lm.cli.finetune_cli import run_finetune_cli
 
             run_finetune_cli(argv[1:])
         elif verb in FUNCTION_VERBS:
@@ -97,7 +97,7 @@ def _run_function(function, args: list[str], prog: str, given: Optional[list[str
     try:
         CLI(function, args=args, prog=prog, exit_on_error=False, allow_abbrev=False)
     except ArgumentError as error:
-        from lm.config_errors import explain_argument_error
+        from lm.cli.config_errors import explain_argument_error
 
         parser = capture_parser(lambda: CLI(function, args=[], prog=prog, exit_on_error=False, allow_abbrev=False))
         raise explain_argument_error(str(error), parser, args if given is None else given, prog) from error
