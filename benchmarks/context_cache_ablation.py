@@ -39,21 +39,21 @@ def main() -> None:
         model, tokenizer = load_model(args.checkpoint)
     except LMError as error:  # a missing or foreign file: say so, without a traceback
         sys.exit(str(error))
-    cache = getattr(model, "context_cache", None)
-    if cache is None:
+    if not getattr(model, "accepts_context_cache", False):
         sys.exit(f"{args.checkpoint} has no context cache (its config has context_cache: false): nothing to ablate.")
+    cache = model.context_cache
     sharpness, weight, temperature = float(cache.sharpness), float(cache.weight), float(cache.temperature)
     print(f"CPU: {describe_cpu()}\ncheckpoint: {args.checkpoint}\ncalibrated on validation: sharpness {sharpness:g}, "
           f"weight {weight:g}, temperature {temperature:g}\n")
     rows = [("plain softmax (the transformer alone)", 0.0, 1.0), ("temperature only", 0.0, temperature),
-            ("copy distribution only", weight, 1.0), ("both (as saved; lm eval)", weight, temperature)]
+            ("copy distribution only", weight, 1.0), ("both (as saved; lm eval's cache row)", weight, temperature)]
     print(f"{'reading':<40} {'loss':>7} {'ppl':>8} {'bpb':>7}")
     for name, w, t in rows:
         cache.weight.fill_(w)
         cache.temperature.fill_(t)
         try:
             with torch.inference_mode():
-                scores = evaluate_text_file(model, tokenizer, args.text_file)
+                scores = evaluate_text_file(model, tokenizer, args.text_file, context_cache=True)
         except LMError as error:  # e.g. the text file is missing or not UTF-8
             sys.exit(str(error))
         print(f"{name:<40} {scores['loss']:7.4f} {scores['ppl']:8.2f} {scores['bpb']:7.4f}")

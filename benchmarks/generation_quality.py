@@ -94,7 +94,7 @@ def main() -> None:
     default_penalty = SamplingOptions().repetition_penalty
     readings = [("plain softmax, no repetition penalty", False, 1.0),
                 (f"plain softmax, penalty {default_penalty:g} (the default)", False, default_penalty)]
-    if getattr(model, "context_cache", None) is not None:
+    if getattr(model, "accepts_context_cache", False):
         readings += [("context cache as calibrated, no penalty", True, 1.0),
                      (f"context cache as calibrated, penalty {default_penalty:g}", True, default_penalty)]
     header = f"{'distribution sampled':<52} {'rep4 T0.8':>9} {'dist2 T0.8':>10} {'rep4 greedy':>11} {'test bpb':>8}"
@@ -107,9 +107,9 @@ def main() -> None:
         with torch.inference_mode():
             scores = sample_scores(model, tokenizer, prompts, args.seeds, args.max_new_tokens, cache,
                                    repetition_penalty=penalty)
-            scored = model if cache else model.without_context_cache() if hasattr(model, "without_context_cache") else model
             if cache not in bpbs:  # the distribution's score; the penalty only changes sampling
-                bpbs[cache] = float("nan") if args.no_bpb else evaluate_text_file(scored, tokenizer, args.text_file)["bpb"]
+                bpbs[cache] = float("nan") if args.no_bpb else evaluate_text_file(model, tokenizer, args.text_file,
+                                                                                 context_cache=cache)["bpb"]
             bpb = bpbs[cache]
         sampled, greedy = scores["sampled"], scores["greedy"]
         if not cache and penalty == default_penalty:

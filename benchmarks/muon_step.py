@@ -5,7 +5,7 @@ lm's `Muon` with the iteration in fp32, and AdamW for scale.
     ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/muon_step.py      # what a CPU without AVX-512 / native bf16 sees
 
 Why: torch runs Muon's iteration in bf16, which a CPU without native bf16 multiplies with a reference
-kernel; `lm.modules.optimizers.Muon` switches to fp32 there (its docstring has the figures). `ONEDNN_MAX_CPU_ISA=AVX2`
+kernel; `lm.modules.optimizers.Muon` switches to fp32 there (figures: docs/results/figures.md). `ONEDNN_MAX_CPU_ISA=AVX2`
 caps oneDNN at AVX2, the closest this machine gets to an AVX2-only CPU. Prints the CPU, the bf16 and fp32
 matmul speed, and the median seconds per step.
 """

@@ -16,7 +16,8 @@ The protocol (issue "Quality per CPU-minute"), fixed so runs compare:
   the checkpoint's tokenizer, non-overlapping windows of the model's context over the whole stream,
   bits per byte = total NLL / ln 2 / the file's UTF-8 byte count (`lm eval`, lm/evaluation/perplexity.py).
 
-Prints per seed and as mean ± spread: test ppl and bpb, steps, tokens seen, epochs, the validation curve,
+Prints per seed and as mean ± spread: test ppl and bpb (the network's own softmax, and for a model with a
+context cache the mixture's beside it), steps, tokens seen, epochs, the validation curve,
 the CPU (with or without native bf16), the precision the run used and the best checkpoint's path. Runs
 write into checkpoints/ and logs/ under `--workdir` (default: the project root, like `lm fit`).
 """
@@ -140,12 +141,16 @@ def training_record(log_dir: Path, best: Path) -> dict:
 def test_scores(best: Path, test_file: str) -> dict:
     from lm.commands.eval import evaluate
 
-    row = evaluate(ckpt_path=str(best), text_files=[test_file])["text"][0]
-    return {"test_ppl": row["ppl"], "test_bpb": row["bpb"], "test_tokens": row["tokens"], "test_bytes": row["bytes"]}
+    rows = evaluate(ckpt_path=str(best), text_files=[test_file])["text"]
+    network = next(r for r in rows if not r["context_cache"])  # the model's own softmax
+    cache = next((r for r in rows if r["context_cache"]), None)  # the context cache's mixture, if it has one
+    return {"test_ppl": network["ppl"], "test_bpb": network["bpb"], "test_tokens": network["tokens"],
+            "test_bytes": network["bytes"], "test_cache_bpb": cache["bpb"] if cache else None}
 
 
 def print_run(r: dict) -> None:
-    print(f"seed {r['seed']}: test ppl {r['test_ppl']:.1f}, bpb {r['test_bpb']:.4f} | {r['steps']} steps, "
+    cache = f", with the context cache {r['test_cache_bpb']:.4f}" if r.get("test_cache_bpb") is not None else ""
+    print(f"seed {r['seed']}: test ppl {r['test_ppl']:.1f}, bpb {r['test_bpb']:.4f}{cache} | {r['steps']} steps, "
           f"{r['tokens_seen'] / 1e6:.2f}M tokens seen, epoch {r['epochs']}, fit {r['fit_seconds']} s wall "
           f"(incl. data preparation and start-up)\n  precision: {r['precision']}\n  best checkpoint: {r['best_checkpoint']}")
     print("  validation loss by step: " + ", ".join(f"{s}: {v}" for s, v in r["val_curve"]))
@@ -159,6 +164,10 @@ def print_summary(args: argparse.Namespace, results: list[dict]) -> None:
     print(f"test bpb over seeds {args.seeds}: mean {mean:.4f} (spread {spread:.1f}%), "
           f"ppl mean {statistics.mean(r['test_ppl'] for r in results):.1f}; anchor {ANCHOR_BPB} "
           f"({(mean / ANCHOR_BPB - 1) * 100:+.1f}%)")
+    cached = [r["test_cache_bpb"] for r in results if r.get("test_cache_bpb") is not None]
+    if cached:
+        cache_mean = statistics.mean(cached)
+        print(f"with the context cache: mean {cache_mean:.4f} (anchor {(cache_mean / ANCHOR_BPB - 1) * 100:+.1f}%)")
     out = Path(args.workdir) / "logs" / f"{args.name}_quality.json"
     out.write_text(json.dumps({"cpu": describe_cpu(), "argv": sys.argv[1:], "runs": results}, indent=2) + "\n")
     print(f"results: {out}")

@@ -5,7 +5,8 @@
 checkpoints, validates and generates with no change to `lm`:
 - `ScaledAttention` subclasses the stock attention and overrides `attend`: a learned temperature per
   head multiplies the queries (a distinctive parameter, `head_scale`, in every checkpoint);
-- `build_model` passes it to `GPT(attention_class=...)`;
+- `build_model` passes it to `build_gpt(config, attention_class=...)` (a `GPT`, or with the recipe's context cache a
+  `GPTWithContextCache`);
 - `compute_loss` adds label smoothing to the training objective (validation keeps the plain NLL, so
   val/loss stays comparable with the stock model's).
 The class counters let a test check that this code, not the stock one, ran.
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lm.model import GPT, GPTConfig
+from lm.model import GPTConfig, build_gpt
 from lm.model.layers import CausalSelfAttention
 from lm.modules import LanguageModel
 from lm.modules.language_model import IGNORE_INDEX
@@ -51,7 +52,7 @@ class ScaledAttentionModel(LanguageModel):
         self.label_smoothing = label_smoothing
 
     def build_model(self, config: GPTConfig) -> nn.Module:
-        return GPT(config, attention_class=ScaledAttention)
+        return build_gpt(config, attention_class=ScaledAttention)
 
     def compute_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         type(self).loss_calls += 1

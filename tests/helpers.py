@@ -34,9 +34,10 @@ TINY_TRAINER = [
 
 def tiny_data(files: dict[str, Path], cache_dir: Path, *, test: bool = True, batch_size: int = 8,
               samples_per_epoch: int | None = None) -> list[str]:
-    """`--data.*` flags for the corpus files of `conftest.corpus_files`: vocab 300, windows of 16 tokens."""
+    """`--data.*` flags for the corpus files of `conftest.corpus_files`: vocab 300; the windows are the model's
+    context (`lm fit` links data.block_size to model.config.max_position_embeddings)."""
     flags = ["--data.train_files", f"[{files['train']}]", "--data.val_files", f"[{files['valid']}]",
-             "--data.vocab_size", "300", "--data.block_size", "16", "--data.batch_size", str(batch_size),
+             "--data.vocab_size", "300", "--data.batch_size", str(batch_size),
              "--data.cache_dir", str(cache_dir)]
     if test:
         flags += ["--data.test_files", f"[{files['test']}]"]

@@ -56,7 +56,8 @@ class World:
 FILES = {"plain": "plain.pt", "pickled": "pickled.ckpt", "truncated": "truncated.ckpt", "weights": "weights.ckpt",
          "altered": "altered.ckpt", "wrong_tok": "wrong_tokenizer.ckpt", "qk": "qk_norm.ckpt", "marker": "pwned",
          "bad_yaml": "bad.yaml", "unknown_yaml": "unknown.yaml", "empty": "empty.txt", "binary": "binary.bin",
-         "latin1": "latin1.txt", "no_text": "no_text.jsonl", "small": "small.txt", "big_corpus": "wiki.train.raw"}
+         "latin1": "latin1.txt", "no_text": "no_text.jsonl", "small": "small.txt", "big_corpus": "wiki.train.raw",
+         "block_yaml": "block_size.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,7 @@ def _write_broken_files(w: World) -> None:
     save_model(root / FILES["qk"], tiny_gpt(tokenizer.vocab_size, qk_norm=True), tokenizer)
     (root / FILES["bad_yaml"]).write_text("model:\n  config: {hidden_size: 32\n")
     (root / FILES["unknown_yaml"]).write_text("model:\n  config:\n    hiden_size: 32\n")
+    (root / FILES["block_yaml"]).write_text("data:\n  block_size: 64\n")  # the context, on the wrong side
     (root / FILES["empty"]).write_text("")
     (root / FILES["binary"]).write_bytes(bytes(range(256)) * 8)
     (root / FILES["latin1"]).write_bytes("Un caf\u00e9 au lait.\n".encode("latin-1") * 50)
@@ -136,15 +138,20 @@ CASES = [
     cli("unknown key in YAML", "model.config.hiden_size", "Valid keys of model.config",
         lambda w: fit(w, "--config", w.unknown_yaml)),
     cli("unknown top-level key", "Unknown option foo", "Valid keys at the top level", lambda w: fit(w, "--foo", "1")),
-    cli("wrong type", "data.block_size", "int", lambda w: fit(w, "--data.block_size", "many")),
+    cli("wrong type", "data.batch_size", "int", lambda w: fit(w, "--data.batch_size", "many")),
     cli("not a choice", "model.config.position", "one of 'learned', 'sinusoidal', 'rope'",
         lambda w: fit(w, "--model.config.position", "bogus")),
     cli("impossible dimensions", "num_attention_heads=5 does not divide hidden_size=32", "Pick a divisor",
         lambda w: fit(w, "--model.config.num_attention_heads", "5")),
     cli("negative learning rate", "learning_rate must be positive", "--model.learning_rate 1e-3",
         lambda w: fit(w, "--model.learning_rate", "-0.1")),
-    cli("context shorter than block size", "data.block_size=64", "at most 32",
+    cli("block size given: the context sets it", "data.block_size is set on the command line",
+        "as model.config.max_position_embeddings (e.g. --model.config.max_position_embeddings 64)",
         lambda w: fit(w, "--data.block_size", "64")),
+    cli("block size given in YAML", "block_size.yaml, but lm cuts its windows at the model's context",
+        "--model.config.max_position_embeddings 64", lambda w: fit(w, "--config", w.block_yaml)),
+    cli("block size given to validate", "data.block_size is set on the command line", "max_position_embeddings",
+        lambda w: ["validate", "--ckpt_path", str(w.ckpt), *w.data, "--data.block_size", "16"]),
     cli("YAML syntax error", "bad.yaml: YAML syntax error at line 3", "Fix the file",
         lambda w: fit(w, "--config", w.bad_yaml)),
     cli("missing config file", "nope.yaml", "Check the path", lambda w: fit(w, "--config", "nope.yaml")),
@@ -162,10 +169,12 @@ CASES = [
     cli("invalid UTF-8", "not valid UTF-8", "Convert it to UTF-8", lambda w: ["prepare", *data_flags(w, w.latin1)]),
     cli("JSONL without the text field", "no 'text' field", "--data.text_field",
         lambda w: ["prepare", *data_flags(w, w.no_text)]),
-    cli("corpus smaller than one block", "too few for block_size=16", "smaller --data.block_size",
+    cli("corpus smaller than one block", "too few for block_size=32", "smaller --model.config.max_position_embeddings",
         lambda w: fit(w, "--data.train_files", f"[{w.small}]")),
     cli("vocabulary too small", "vocab_size=100", "at least 257",
         lambda w: ["prepare", *data_flags(w, w.big_corpus), "--data.vocab_size", "100"]),
+    cli("prepare: block size given", "data.block_size is set on the command line", "model.config.max_position_embeddings",
+        lambda w: ["prepare", *data_flags(w, w.big_corpus), "--data.block_size", "64"]),
     cli("prepare: unknown option", "data.vocab_sise", "did you mean data.vocab_size",
         lambda w: ["prepare", *data_flags(w, w.big_corpus), "--data.vocab_sise", "300"]),
     cli("prepare: a nested key given at the top", "Unknown option vocab_size", "did you mean data.vocab_size?",

@@ -63,7 +63,7 @@ def test_quality_benchmark_trains_for_its_budget_and_scores_the_raw_test_file(tm
         pytest.skip(f"WikiText-2 raw files not found in {WIKITEXT_DIR}")
     tiny = ["--model.config.hidden_size", "32", "--model.config.num_hidden_layers", "1",
             "--model.config.num_attention_heads", "2", "--model.config.max_position_embeddings", "32",
-            "--data.block_size", "32", "--data.vocab_size", "512", "--trainer.val_check_interval", "20",
+            "--data.vocab_size", "512", "--trainer.val_check_interval", "20",
             "--data.cache_dir", str(tmp_path / "cache")]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--budget", "15", "--name", "q",
                              "--workdir", str(tmp_path), "--", *tiny], capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -115,9 +115,9 @@ def test_throughput_overlay_logs_tokens_per_sec_and_mfu(workdir, corpus_files):
     tokens_per_sec = tags["train/device/items_per_sec"]
     assert tokens_per_sec and all(v > 0 for v in tokens_per_sec)
     samples_per_sec = tags["train/device/samples_per_sec"]
-    assert tokens_per_sec[-1] == pytest.approx(16 * samples_per_sec[-1], rel=1e-6)  # block_size 16
+    assert tokens_per_sec[-1] == pytest.approx(32 * samples_per_sec[-1], rel=1e-6)  # windows: the context, 32
     flops_per_token = GPT(GPTConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    max_position_embeddings=32)).flops_per_token(16)
+                                    max_position_embeddings=32)).flops_per_token(32)
     assert tags["train/device/flops_per_sec"][-1] == pytest.approx(flops_per_token * tokens_per_sec[-1], rel=1e-6)
     mfu = tags["train/device/mfu"]
     assert mfu[-1] == pytest.approx(tags["train/device/flops_per_sec"][-1] / monitor.available_flops, rel=1e-5)

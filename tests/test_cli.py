@@ -43,7 +43,9 @@ def test_fit_writes_checkpoint_and_tensorboard_events(trained_run):
     assert "tokenizer" in checkpoint and json.loads(checkpoint["tokenizer"])["model"]["type"] == "BPE"
     config = checkpoint["hyper_parameters"]["config"]
     assert config["hidden_size"] == 32 and config["vocab_size"] == 300  # linked from data.vocab_size
-    assert (workdir / "logs" / "tiny" / "version_0" / "config.yaml").is_file()  # resolved config saved
+    assert checkpoint["datamodule_hyper_parameters"]["block_size"] == config["max_position_embeddings"] == 32  # linked
+    saved = yaml.safe_load((workdir / "logs" / "tiny" / "version_0" / "config.yaml").read_text())  # resolved config
+    assert "block_size" not in saved["data"]  # a link's target is left out: the saved config can be run again
 
 
 def test_validate_with_checkpoint_reproduces_val_loss(trained_run):
@@ -100,6 +102,7 @@ def test_every_experiment_yaml_parses(yaml_path, monkeypatch, capsys):
         assert target == value, key
     if "vocab_size" in resolved["data"]:  # pre-training data (a fine-tuning task's vocabulary is the backbone's)
         assert resolved["data"]["vocab_size"] > 256
+    assert "block_size" not in _scalar_leaves(written.get("data") or {})  # the context is stated on the model only
 
 
 def _documented_command(yaml_path: str) -> list[str]:
@@ -144,9 +147,9 @@ def test_unknown_key_and_wrong_type_get_jsonargparse_messages(tmp_path):
     result = run_lm("fit", "--config", "experiments/wikitext2_cpu.yaml", "--model.config.hiden_size", "12",
                     "--print_config", cwd=REPO_ROOT)
     assert result.returncode != 0 and "hiden_size" in result.stderr and "Traceback" not in result.stderr
-    result = run_lm("fit", "--config", "experiments/wikitext2_cpu.yaml", "--data.block_size", "many",
+    result = run_lm("fit", "--config", "experiments/wikitext2_cpu.yaml", "--data.batch_size", "many",
                     "--print_config", cwd=REPO_ROOT)
-    assert result.returncode != 0 and "block_size" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode != 0 and "batch_size" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_input_errors_are_clear(tmp_path, corpus_files):
@@ -156,8 +159,7 @@ def test_bad_input_errors_are_clear(tmp_path, corpus_files):
                   "num_attention_heads=5 does not divide hidden_size=32"),
         "vocab": (["fit", *data, "--data.vocab_size", "200", *TINY_TRAINER, *TINY_MODEL],
                   "vocab_size"),
-        "missing file": (["fit", "--data.train_files", f"[{tmp_path / 'nope.txt'}]", "--data.block_size", "16",
-                          *TINY_TRAINER, *TINY_MODEL],
+        "missing file": (["fit", "--data.train_files", f"[{tmp_path / 'nope.txt'}]", *TINY_TRAINER, *TINY_MODEL],
                          str(tmp_path / "nope.txt")),
         "missing ckpt": (["validate", *data, "--ckpt_path", str(tmp_path / "missing.ckpt")], "missing.ckpt"),
     }
@@ -173,3 +175,76 @@ def test_lm_help_lists_verbs():
     assert result.returncode == 0
     for verb in ("fit", "validate", "test", "predict", "generate"):
         assert verb in result.stdout
+
+
+# ------------------------------------------------------------------ the context, stated once
+CPU_RECIPE = "experiments/wikitext2_cpu.yaml"
+
+
+def test_the_context_reaches_the_data_windows():
+    """`model.config.max_position_embeddings` is the one place of the context: `data.block_size` follows it,
+    from the recipe or from the command line."""
+    from lm.cli.lightning_cli import parse_recipe
+
+    recipe = yaml.safe_load((REPO_ROOT / CPU_RECIPE).read_text())
+    assert "block_size" not in recipe["data"]
+    config = parse_recipe(["--config", str(REPO_ROOT / CPU_RECIPE)])
+    assert config.data.block_size == config.model.init_args.config.max_position_embeddings \
+        == recipe["model"]["config"]["max_position_embeddings"]
+    config = parse_recipe(["--config", str(REPO_ROOT / CPU_RECIPE), "--model.config.max_position_embeddings", "64"])
+    assert config.data.block_size == config.model.init_args.config.max_position_embeddings == 64
+
+
+def test_a_checkpoints_context_cuts_the_evaluation_windows(trained_run):
+    """`--ckpt_path` configures the model from the checkpoint; the link then cuts the data at its context
+    (32), whatever the command line asked for the model."""
+    from lm.cli.lightning_cli import run_lightning_cli
+
+    workdir, data = trained_run
+    cli = run_lightning_cli(["validate", "--experiment", "ctx_eval", "--ckpt_path",
+                             str(workdir / "checkpoints" / "tiny" / "last.ckpt"), *TINY_TRAINER[:4], *data,
+                             "--model.config.max_position_embeddings", "64"])
+    assert cli.model.config.max_position_embeddings == cli.datamodule.block_size == 32
+
+
+@pytest.mark.parametrize("where", ["flag", "flag=", "yaml", "data", "print_config"])
+def test_setting_the_block_size_is_refused_in_one_line(where, tmp_path):
+    """`data.block_size` is the link's target: set anywhere, it is refused with one line naming the key to
+    set instead (jsonargparse alone refuses the flag tersely and drops a YAML value silently)."""
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("data:\n  block_size: 64\n")
+    args = {"flag": ["--data.block_size", "64", "--trainer.max_steps", "1"],
+            "flag=": ["--data.block_size=64", "--trainer.max_steps", "1"],
+            "yaml": ["--config", str(overlay), "--trainer.max_steps", "1"],
+            "data": ["--data", "{block_size: 64}", "--trainer.max_steps", "1"],
+            "print_config": ["--data.block_size", "64", "--print_config"]}[where]
+    result = run_lm("fit", "--config", CPU_RECIPE, *args, cwd=REPO_ROOT)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("lm fit: error: data.block_size is set ") and "Traceback" not in result.stderr
+    assert "state it once, as model.config.max_position_embeddings (e.g. --model.config.max_position_embeddings 64)" \
+        in lines[0], lines
+    assert lines[1:] == ["(set LM_DEBUG=1 to see the traceback)"], lines
+    if where == "yaml":
+        assert str(overlay) in lines[0]
+
+
+def test_lm_prepare_reads_the_context_as_lm_fit_does(monkeypatch):
+    """`lm prepare` cuts (LitData) windows at the context `lm fit` would train with: merged across config
+    files (a later overlay's model section does not drop the base's context) and linked."""
+    from lm.commands import prepare
+    from lm.data import TextDataModule
+
+    seen = []
+
+    def stop(datamodule):
+        seen.append(datamodule.block_size)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(TextDataModule, "prepare_data", stop)
+    monkeypatch.chdir(REPO_ROOT)
+    for extra, expected in (([], 512), (["--config", "experiments/distill.yaml"], 512),
+                            (["--model.config.max_position_embeddings", "64"], 64)):
+        with pytest.raises(SystemExit):
+            prepare.main(["--config", CPU_RECIPE, *extra])
+        assert seen[-1] == expected, extra

@@ -1,5 +1,6 @@
-"""The context cache (lm/model/context_cache.py): its mixture, its calibration grid, generation with it,
-and its calibration on the validation text during `lm fit` (saved in the checkpoint, EMA or not)."""
+"""The context cache (lm/model/context_cache.py), an extension of the plain GPT: its mixture, its calibration
+grid, generation with it, and its calibration on the validation text during `lm fit`
+(lm/callbacks/context_cache_calibration.py; saved in the checkpoint, EMA or not)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ import torch
 from lm.io.checkpoints import load_model
 from lm.evaluation.perplexity import evaluate_text_file
 from lm.evaluation.token_metrics import token_nll
-from lm.model import GPT, GPTConfig
+from lm.model import GPT, ContextKVCache, GPTConfig, GPTWithContextCache, KVCache, build_gpt
+from lm.model.context_cache import cache_inputs
 from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, run_lm, tb_scalars, tiny_data
 
 
-def _model(**overrides) -> GPT:
+def _model(**overrides) -> GPTWithContextCache:
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        max_position_embeddings=32, position="rope", context_cache=True, **overrides)
-    return GPT(config).eval()
+    return build_gpt(config).eval()
 
 
 def _set(model: GPT, sharpness: float, weight: float, temperature: float) -> None:
@@ -34,9 +36,10 @@ def test_mixture_is_a_distribution_that_copies_from_the_window():
     model = _model()
     ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])
     plain = torch.log_softmax(model.head(model(ids, return_hidden=True)), -1)
-    assert torch.allclose(model(ids), plain, atol=1e-6)  # weight 0, temperature 1: the plain softmax
+    assert torch.allclose(model(ids, context_cache=True), plain, atol=1e-6)  # weight 0, temperature 1: the plain softmax
     _set(model, sharpness=8.0, weight=0.5, temperature=1.0)
-    mixed = model(ids)
+    assert torch.allclose(model(ids), model.head(model(ids, return_hidden=True)))  # unasked: the network's logits
+    mixed = model(ids, context_cache=True)
     assert torch.allclose(mixed.exp().sum(-1), torch.ones(1, ids.shape[1]), atol=1e-5)
     assert torch.allclose(mixed[:, 0], plain[:, 0], atol=1e-6)  # nothing to copy yet at position 0
     # At position 4 (token 9) the only earlier keys are 0-3, followed by 6, 7, 8, 9: all the copy mass is on them.
@@ -47,7 +50,7 @@ def test_mixture_is_a_distribution_that_copies_from_the_window():
     gain = mixed[0, 5:-1].gather(-1, targets[:, None]) - plain[0, 5:-1].gather(-1, targets[:, None])
     assert (gain > 0).all()
     model.train()
-    assert torch.allclose(model(ids), model.head(model(ids, return_hidden=True)))  # training: the plain logits
+    assert torch.allclose(model(ids, context_cache=True), model.head(model(ids, return_hidden=True)))  # training: plain
 
 
 @torch.no_grad()
@@ -59,12 +62,12 @@ def test_grid_nll_matches_the_forward_at_every_probed_point():
     targets[1, :4] = -100  # unscored targets count in neither
     hidden = model(inputs, return_hidden=True)
     cache = model.context_cache
-    grid = cache.grid_nll(model.head(hidden), hidden, *model.context_cache_inputs(hidden, inputs), targets)
+    grid = cache.grid_nll(model.head(hidden), hidden, *cache_inputs(hidden, inputs), targets)
     assert grid.shape == cache.grid_shape()
     for index in (0, 17, grid.numel() // 2, grid.numel() - 1):
         values = cache.set_from_grid(index)
         assert [float(cache.sharpness), float(cache.weight), float(cache.temperature)] == pytest.approx(values)
-        nll, _ = token_nll(model(inputs), targets)
+        nll, _ = token_nll(model(inputs, context_cache=True), targets)
         assert float(nll) == pytest.approx(float(grid.flatten()[index]), rel=1e-5)
 
 
@@ -73,15 +76,16 @@ def test_generation_sees_the_same_distribution_with_a_kv_cache_and_left_padding(
     model = _model()
     _set(model, sharpness=6.0, weight=0.3, temperature=1.1)
     ids = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4, 9, 3, 4, 5, 3, 4]])
-    full = model(ids)
-    kv = model.new_kv_cache(1)
-    steps = [model(ids[:, :5], kv_cache=kv)] + [model(ids[:, t:t + 1], kv_cache=kv) for t in range(5, ids.shape[1])]
+    full = model(ids, context_cache=True)
+    kv = model.new_kv_cache(1, context_cache=True)
+    steps = [model(ids[:, :5], kv_cache=kv, context_cache=True)] + [
+        model(ids[:, t:t + 1], kv_cache=kv, context_cache=True) for t in range(5, ids.shape[1])]
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
     # The same row left-padded by 3 in a batch: padding is neither copied from nor attended to.
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(padded, position_ids=positions, attention_mask=mask)
+    out = model(padded, position_ids=positions, attention_mask=mask, context_cache=True)
     assert torch.allclose(out[:, 3:], full, atol=1e-5)
 
 
@@ -96,20 +100,17 @@ def test_every_path_runs_under_bf16_autocast(dtype):
     torch.manual_seed(2)
     ids = torch.randint(0, 12, (2, 17))
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    reference = model(inputs)
-    grid_reference = model.context_cache.grid_nll(model.head(model(inputs, return_hidden=True)),
-                                                  model(inputs, return_hidden=True),
-                                                  *model.context_cache_inputs(model(inputs, return_hidden=True), inputs),
-                                                  targets)
+    reference = model(inputs, context_cache=True)
+    hidden = model(inputs, return_hidden=True)
+    grid_reference = model.context_cache.grid_nll(model.head(hidden), hidden, *cache_inputs(hidden, inputs), targets)
     model = model.to(dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        full = model(inputs)
-        kv = model.new_kv_cache(2)
-        steps = torch.cat([model(inputs[:, :4], kv_cache=kv)] + [model(inputs[:, t:t + 1], kv_cache=kv)
-                                                                 for t in range(4, inputs.shape[1])], 1)
+        full = model(inputs, context_cache=True)
+        kv = model.new_kv_cache(2, context_cache=True)
+        steps = torch.cat([model(inputs[:, :4], kv_cache=kv, context_cache=True)] + [
+            model(inputs[:, t:t + 1], kv_cache=kv, context_cache=True) for t in range(4, inputs.shape[1])], 1)
         hidden = model(inputs, return_hidden=True)
-        grid = model.context_cache.grid_nll(model.head(hidden), hidden, *model.context_cache_inputs(hidden, inputs),
-                                            targets)
+        grid = model.context_cache.grid_nll(model.head(hidden), hidden, *cache_inputs(hidden, inputs), targets)
     assert full.dtype == steps.dtype == torch.float32
     assert torch.allclose(full.exp(), reference.exp(), atol=3e-2)
     assert torch.allclose(steps.exp(), full.exp(), atol=3e-2)
@@ -136,10 +137,10 @@ def test_generation_samples_the_plain_softmax_unless_asked():
     mixed = generate(model, prompt, greedy, context_cache=True)[0][12:]
     assert mixed[:3] == [5, 6, 7], "with the cache dominating, greedy decoding copies the repeated pattern"
     assert mixed != plain
-    kv = model.new_kv_cache(1, context_cache=False)
-    assert kv.hidden is None
+    kv = model.new_kv_cache(1)
+    assert type(kv) is KVCache and isinstance(model.new_kv_cache(1, context_cache=True), ContextKVCache)
     with pytest.raises(Exception, match="context_cache=True"):
-        model(ids, kv_cache=kv)
+        model(ids, kv_cache=kv, context_cache=True)
 
 
 def test_fit_calibrates_on_validation_and_the_checkpoint_keeps_it(tmp_path, corpus_files):
@@ -154,8 +155,9 @@ def test_fit_calibrates_on_validation_and_the_checkpoint_keeps_it(tmp_path, corp
     assert result.returncode == 0, result.stderr[-2000:]
     scalars = tb_scalars(tmp_path / "logs" / "cc")
     last = max(scalars["val/loss"])
-    calibrated, plain = scalars["val/loss"][last], scalars["val/plain_loss"][last]
+    calibrated, plain = scalars["val/cache_loss"][last], scalars["val/loss"][last]
     assert calibrated <= plain + 1e-6  # the grid includes the plain softmax (weight 0, temperature 1)
+    assert scalars["val/cache_bpb"][last] < scalars["val/bpb"][last]
     weight, temperature = scalars["val/cache_weight"][last], scalars["val/cache_temperature"][last]
     checkpoint = torch.load(tmp_path / "checkpoints" / "cc" / "last.ckpt", weights_only=True)
     assert float(checkpoint["state_dict"]["model.context_cache.weight"]) == pytest.approx(weight)
@@ -164,12 +166,81 @@ def test_fit_calibrates_on_validation_and_the_checkpoint_keeps_it(tmp_path, corp
     # The ablation benchmark reads the same checkpoint four ways; its last row is the model as saved.
     model, tokenizer = load_model(tmp_path / "checkpoints" / "cc" / "last.ckpt")
     assert float(model.context_cache.weight) == pytest.approx(weight)
-    as_saved = evaluate_text_file(model, tokenizer, corpus_files["test"])["bpb"]
+    as_saved = evaluate_text_file(model, tokenizer, corpus_files["test"], context_cache=True)["bpb"]
     out = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "context_cache_ablation.py"),
                           str(tmp_path / "checkpoints" / "cc" / "last.ckpt"), "--text_file", str(corpus_files["test"])],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line[:40].strip(): [float(x) for x in line[40:].split()] for line in out.stdout.splitlines()
             if line.startswith(("plain", "temperature only", "copy", "both"))}
-    assert len(rows) == 4 and rows["both (as saved; lm eval)"][2] == pytest.approx(as_saved, abs=1e-4)
+    assert len(rows) == 4 and rows["both (as saved; lm eval's cache row)"][2] == pytest.approx(as_saved, abs=1e-4)
     assert math.isfinite(rows["plain softmax (the transformer alone)"][2])
+
+
+def test_the_plain_network_knows_nothing_of_the_cache():
+    """GPT and KVCache carry no cache state; the extension adds exactly its three scalars and the history."""
+    config = GPTConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       max_position_embeddings=32, context_cache=True)
+    with pytest.raises(Exception, match="build_gpt"):
+        GPT(config)
+    model = _model()
+    plain = model.without_context_cache()
+    assert type(plain) is GPT and not plain.config.context_cache
+    extra = set(model.state_dict()) - set(plain.state_dict())
+    assert extra == {"context_cache.sharpness", "context_cache.weight", "context_cache.temperature"}
+    ids = torch.randint(0, 40, (2, 9))
+    assert torch.equal(plain(ids), model(ids))
+    assert not hasattr(plain.new_kv_cache(1), "hidden")
+
+
+def test_lm_test_and_lm_eval_report_the_network_and_the_cache_under_their_own_names(tmp_path, corpus_files):
+    data = tiny_data(corpus_files, tmp_path / "cache")
+    trainer = list(TINY_TRAINER)
+    fit = run_lm("fit", "--experiment", "cc", *data, *TINY_MODEL, *trainer, "--model.config.context_cache", "true",
+                 cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    ckpt = tmp_path / "checkpoints" / "cc" / "last.ckpt"
+    test = run_lm("test", "--experiment", "cc_test", "--ckpt_path", str(ckpt), *data, *trainer[:4], cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-2000:]
+    tags = tb_scalars(tmp_path / "logs" / "cc_test")
+    model, tokenizer = load_model(ckpt)
+    plain = evaluate_text_file(model, tokenizer, corpus_files["test"])
+    assert plain["bpb"] == pytest.approx(evaluate_text_file(model.without_context_cache(), tokenizer,
+                                                            corpus_files["test"])["bpb"], rel=1e-6)
+    assert {"test/bpb", "test/cache_bpb"} <= set(tags)
+    out = run_lm("eval", "--ckpt_path", str(ckpt), "--text_files", str(corpus_files["test"]), "--output",
+                 str(tmp_path / "eval.json"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+    rows = json.loads((tmp_path / "eval.json").read_text())["text"]
+    assert [r["context_cache"] for r in rows] == [False, True]
+    assert rows[0]["bpb"] == pytest.approx(plain["bpb"], rel=1e-5)
+    assert rows[1]["bpb"] == pytest.approx(evaluate_text_file(model, tokenizer, corpus_files["test"],
+                                                              context_cache=True)["bpb"], rel=1e-5)
+
+
+def test_calibration_reads_the_steps_own_hidden_states(tmp_path, corpus_files):
+    """The calibration hooks the final norm: each validation batch runs the blocks once, not twice, and the
+    grid it fills gives the same figures as a second forward would."""
+    import lightning as L
+
+    from lm.data import TextDataModule
+    from lm.modules import LanguageModel
+
+    data = TextDataModule(train_files=str(corpus_files["train"]), val_files=str(corpus_files["valid"]), vocab_size=300,
+                          block_size=16, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    module = LanguageModel(GPTConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=16, context_cache=True))
+    calls = []
+    module.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    hooked = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert len(calls) == trainer.num_val_batches[0] > 0
+    module.model.norm._forward_hooks.clear()  # as if the hook saw nothing: the callback runs the batch again
+    module.model.norm.register_forward_hook = lambda *a, **k: type("H", (), {"remove": lambda self: None})()
+    again = trainer.validate(module, datamodule=data, verbose=False)[0]
+    for name in ("val/loss", "val/cache_loss", "val/cache_bpb", "val/cache_weight"):
+        assert again[name] == pytest.approx(hooked[name], rel=1e-5), name
+    assert hooked["val/cache_loss"] <= hooked["val/loss"] + 1e-6

@@ -76,3 +76,58 @@ def test_the_offline_protocol_described_is_the_overlay():
         percents = set(re.findall(r"last (\d+)%", text))
         assert percents <= {f"{fraction * 100:g}"}, percents
         assert f"val_fraction 0." not in text or f"val_fraction {fraction:g}" in text
+
+
+DOCS = {path.relative_to(REPO_ROOT).as_posix(): path.read_text(encoding="utf-8")
+        for path in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]}
+
+
+def _recipe(path: str) -> dict:
+    return yaml.safe_load((REPO_ROOT / "experiments" / path).read_text())
+
+
+def test_the_context_is_documented_on_the_model():
+    """The context is stated once, as model.config.max_position_embeddings (lm fit links data.block_size to
+    it and refuses it given): no recipe, README row or documented command sets data.block_size, except the
+    bad-input page showing it refused."""
+    for path in (REPO_ROOT / "experiments").rglob("*.yaml"):
+        data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+        assert "block_size" not in {**data, **(data.get("init_args") or {})}, path
+    assert "| `data.block_size` |" not in README
+    for name, text in DOCS.items():
+        for line in text.splitlines():
+            if "--data.block_size" in line or re.search(r"^\s*block_size:", line):
+                assert name == "docs/bad-input.md" and "names the key to set" in line, (name, line)
+
+
+def test_the_bad_input_counts_are_the_suite():
+    from tests.test_bad_inputs import CASES
+
+    commands = sum(case.argv is not None for case in CASES)
+    requests = sum(case.request is not None for case in CASES)
+    text = " ".join(DOCS["docs/bad-input.md"].split())
+    assert f"one table of {len(CASES)} such cases ({commands} commands, {requests} HTTP requests" in text
+    assert len(CASES) > 100 and "over 100 such mistakes" in DOCS["docs/using.md"]
+
+
+def test_the_alpaca_held_out_share_is_the_recipe():
+    fraction = _recipe("finetune/alpaca.yaml")["data"]["init_args"]["val_fraction"]
+    text = " ".join(DOCS["docs/evaluation.md"].split())
+    assert f"{fraction * 100:g}% is held out" in text and f"held-out {fraction * 100:g}%" in text
+    assert "held_out_pairs()" in text  # the command that writes held_out.jsonl, before `--pairs_file held_out.jsonl`
+
+
+def test_the_accumulation_overlay_comment_is_the_arithmetic():
+    base, overlay = _recipe("wikitext2_cpu.yaml"), _recipe("trainer/accumulate.yaml")
+    header = (REPO_ROOT / "experiments" / "trainer" / "accumulate.yaml").read_text()
+    batch, context = base["data"]["batch_size"], base["model"]["config"]["max_position_embeddings"]
+    accumulate = overlay["trainer"]["accumulate_grad_batches"]
+    assert f"{batch} * {context} * {accumulate} * 1 = {batch * context * accumulate} tokens per step" in header
+    interval = base["trainer"]["val_check_interval"]
+    assert overlay["trainer"]["val_check_interval"] == interval * accumulate
+    assert f"= {interval} optimizer steps, as in the base recipe" in header
+
+
+def test_docs_name_no_path_outside_the_repository():
+    for name, text in DOCS.items():
+        assert "/work/" not in text and "/home/" not in text, name

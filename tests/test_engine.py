@@ -129,9 +129,9 @@ def test_ddp_two_processes_match_one_process_with_double_batch(parallel_runs):
     assert ddp_val[STEPS - 1] == pytest.approx(single_val[STEPS - 1], abs=1e-4)
     # The context cache's calibration under DDP: the grid is summed over both ranks, so the softmax alone
     # scores what the single process scored, and the calibrated loss can only be lower.
-    cache_plain = scalars(root / "ddp_cache" / "logs", "val/plain_loss")[STEPS - 1]
+    cache_plain = scalars(root / "ddp_cache" / "logs", "val/loss")[STEPS - 1]
     assert cache_plain == pytest.approx(single_val[STEPS - 1], abs=1e-4)
-    assert scalars(root / "ddp_cache" / "logs", "val/loss")[STEPS - 1] <= cache_plain + 1e-6
+    assert scalars(root / "ddp_cache" / "logs", "val/cache_loss")[STEPS - 1] <= cache_plain + 1e-6
     # Effective batch in tokens: 2 ranks x 4 windows x 16 tokens = 1 x 8 x 16.
     for name in ("single", "ddp"):
         assert set(scalars(root / name / "logs", "train/tokens_per_step").values()) == {128.0}
@@ -168,7 +168,7 @@ def test_fsdp2_trains_sharded_and_its_checkpoint_reloads_in_one_process(parallel
     monkeypatch.chdir(root / "fsdp2")
     main(["validate", "--experiment", "reload", "--ckpt_path", str(checkpoint_path), "--trainer.accelerator", "cpu",
           "--trainer.devices", "1", "--data.val_files", f"[{files['valid']}]", "--data.vocab_size", "300",
-          "--data.block_size", "16", "--data.batch_size", "8", "--data.cache_dir", str(root / "cache"),
+          "--data.batch_size", "8", "--data.cache_dir", str(root / "cache"),
           "--trainer.enable_progress_bar", "false"])
     reloaded = scalars(root / "fsdp2" / "logs" / "reload", "val/loss")
     single_val = scalars(root / "single" / "logs", "val/loss")

@@ -12,7 +12,7 @@ from torch import nn
 
 from lm.data.tokenizer import EOT, Tokenizer
 from lm.errors import LMError
-from lm.model import (GPT, Decoder, GPTConfig, SamplingOptions, filter_logits, generate, generate_text,
+from lm.model import (GPT, Decoder, GPTConfig, SamplingOptions, build_gpt, filter_logits, generate, generate_text,
                       sample_next_token, stream_generate, stream_text)
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=48)
@@ -22,7 +22,7 @@ LLAMA = dict(position="rope", norm="rmsnorm", activation="swiglu", num_key_value
 
 def make_model(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+    return build_gpt(GPTConfig(**{**TINY, **overrides})).eval()
 
 
 @pytest.fixture(scope="module")

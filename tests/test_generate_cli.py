@@ -96,11 +96,15 @@ def test_seeded_sampling_and_stop_strings(trained):
 
 
 def test_predict_uses_the_same_sampling(trained):
-    """`lm predict` and `lm generate` go through SamplingOptions + generate_text: same greedy text."""
+    """`lm predict` and `lm generate` go through SamplingOptions + generate_text: same greedy text (in the
+    same precision: `lm generate` runs float32 weights, `precision: null` may pick bf16 autocast for predict,
+    and a tiny model's greedy choices can flip on bf16 rounding)."""
     workdir, ckpt, data = trained
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
         main(["predict", "--experiment", "pred", "--ckpt_path", str(ckpt), *TINY_TRAINER[:4], *data,
+              "--trainer.precision", "32-true",
+              "--trainer.precision", "32-true",  # as `lm generate` runs: null would pick bf16 on a bf16 CPU
               "--data.prompts", "[The river, A small town was]", "--model.sampling.max_new_tokens", "8",
               "--model.sampling.temperature", "0", "--model.sampling.stop", "[' =']"])
     predictions = workdir / "logs" / "pred" / "predictions.jsonl"

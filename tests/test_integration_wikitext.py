@@ -33,7 +33,7 @@ def offline_protocol_flags() -> list[str]:
 def test_offline_protocol_trains_and_tests(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     common = ["--experiment", "wt2"]
-    data = [*offline_protocol_flags(), "--data.vocab_size", "2048", "--data.block_size", "64",
+    data = [*offline_protocol_flags(), "--data.vocab_size", "2048",
             "--data.batch_size", "16", "--data.cache_dir", str(tmp_path / "cache")]
     model = ["--model.config.hidden_size", "64", "--model.config.num_hidden_layers", "2",
              "--model.config.num_attention_heads", "2", "--model.config.max_position_embeddings", "64",

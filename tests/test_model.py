@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lm.errors import LMError
-from lm.model import GPT, GPTConfig
+from lm.model import GPT, GPTConfig, build_gpt
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
 
@@ -30,7 +30,7 @@ VARIANTS = {
 
 def make_model(variant: str = "gpt2", seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**TINY, **VARIANTS[variant], **overrides})).eval()
+    model = build_gpt(GPTConfig(**{**TINY, **VARIANTS[variant], **overrides})).eval()
     if model.config.residual_scalars:  # away from their (identity) start, so the tests see the x0 mix
         with torch.no_grad():
             for i, block in enumerate(model.layers):
@@ -41,7 +41,7 @@ def make_model(variant: str = "gpt2", seed: int = 0, **overrides) -> GPT:
 
 def twin(model: GPT, **overrides) -> GPT:
     """Same weights, different config values (e.g. attention implementation)."""
-    other = GPT(GPTConfig(**{**model.config.to_dict(), **overrides})).eval()
+    other = build_gpt(GPTConfig(**{**model.config.to_dict(), **overrides})).eval()
     other.load_state_dict(model.state_dict())
     return other
 

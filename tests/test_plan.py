@@ -50,7 +50,8 @@ def test_param_and_flop_counts_equal_the_models_own(overlay):
     model = GPT(config)
     assert recipe.model.parameters == model.num_parameters()
     assert recipe.model.non_embedding_parameters == model.num_parameters(exclude_embeddings=True)
-    assert recipe.model.flops_per_token == model.flops_per_token(data["block_size"])
+    assert recipe.model.flops_per_token == model.flops_per_token(context)  # windows of the context (linked)
+    assert recipe.model.sequence_length == context
     assert recipe.model.kv_size == (32 if overlay else 64)
     assert recipe.setup.micro_batch == data["batch_size"] and recipe.setup.strategy == "single"
 
@@ -251,7 +252,7 @@ def test_plan_matches_the_measured_model_and_optimizer_memory_of_a_real_run(tmp_
                 "--model.config.num_attention_heads", "4",
                 "--model.config.max_position_embeddings", "32", "--model.config.dropout", "0.0",
                 "--data.train_files", f"[{corpus_files['train']}]", "--data.vocab_size", "4096",
-                "--data.block_size", "32", "--data.batch_size", "2", "--data.cache_dir", str(tmp_path / "cache"),
+                "--data.batch_size", "2", "--data.cache_dir", str(tmp_path / "cache"),
                 "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
                 "false", "--trainer.enable_model_summary", "false", "--trainer.devices", "1"]
 
@@ -294,8 +295,9 @@ def test_measured_link_figures_override_the_table():
 
 # A model where compute, not Lightning's per-step bookkeeping, dominates a step, yet a step takes ~10-30 ms.
 PROBED = ["--config", CPU_RECIPE, "--model.config.hidden_size", "128", "--model.config.num_hidden_layers", "2",
-          "--model.config.num_attention_heads", "4", "--data.vocab_size", "512", "--data.block_size", "128",
-          "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "3", "--trainer.precision", "32-true"]
+          "--model.config.num_attention_heads", "4", "--model.config.max_position_embeddings", "128",
+          "--data.vocab_size", "512", "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "3",
+          "--trainer.precision", "32-true"]
 
 
 def _direct_step_seconds(recipe_args: list[str], steps: int = 6) -> float:

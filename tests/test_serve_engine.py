@@ -64,9 +64,9 @@ def with_context_cache(model):
     """The same weights with a calibrated context cache: the engine must move its hidden states and ids too."""
     from dataclasses import replace
 
-    from lm.model import GPT
+    from lm.model import build_gpt
 
-    cached = GPT(replace(model.config, context_cache=True))
+    cached = build_gpt(replace(model.config, context_cache=True))
     cached.load_state_dict(model.state_dict(), strict=False)
     cached.context_cache.weight.fill_(0.3), cached.context_cache.temperature.fill_(1.1)
     return cached.eval()

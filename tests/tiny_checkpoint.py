@@ -9,7 +9,7 @@ import torch
 
 from lm.io.checkpoints import save_model
 from lm.data.tokenizer import Tokenizer
-from lm.model import GPT, GPTConfig
+from lm.model import GPT, GPTConfig, build_gpt
 from tests.conftest import make_corpus
 
 
@@ -21,7 +21,7 @@ def tiny_gpt(vocab_size: int, seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     fields = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=32)
-    return GPT(GPTConfig(**{**fields, **overrides})).eval()
+    return build_gpt(GPTConfig(**{**fields, **overrides})).eval()
 
 
 def write_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer) -> Path:

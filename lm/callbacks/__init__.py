@@ -8,12 +8,15 @@ experiments/trainer/callbacks/, appended with `callbacks+:` so they combine).
 - `NonFiniteGuard` (nonfinite.py): stops at the first NaN/inf loss or gradient, naming the last good checkpoint.
 - `ExponentialMovingAverage` (ema.py): validate, save and finish with the weights' moving average.
 - `PredictionWriter` (prediction_writer.py): `lm predict`'s JSON-lines output.
+- `ContextCacheCalibration` (context_cache_calibration.py): a context cache's scalars fitted on each validation
+  (added by `LanguageModel.configure_callbacks` when the model has one; no recipe lists it).
 
     lm fit --config experiments/wikitext2_cpu.yaml --config experiments/trainer/callbacks/throughput.yaml \\
            --config experiments/trainer/callbacks/text_sampler.yaml
 """
 
 from lm.callbacks.checkpointing import LastStepCheckpoint, last_good_checkpoint
+from lm.callbacks.context_cache_calibration import ContextCacheCalibration
 from lm.callbacks.ema import ExponentialMovingAverage
 from lm.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
 from lm.callbacks.prediction_writer import PredictionWriter
@@ -28,6 +31,7 @@ from lm.callbacks.throughput import (
 )
 
 __all__ = [
+    "ContextCacheCalibration",
     "ExponentialMovingAverage",
     "LastStepCheckpoint",
     "last_good_checkpoint",

@@ -139,7 +139,7 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 def _set_peak_flops(monitor: ThroughputMonitor, peak: float) -> None:
-    """The one private Lightning access of `lm`: `ThroughputMonitor` takes its peak FLOP/s only from
+    """A private Lightning access (the other is `LMCLI._parse_ckpt_path`): `ThroughputMonitor` takes its peak FLOP/s only from
     Lightning's table of GPUs, with no argument to give one, and keeps a `Throughput` per stage in its
     private `_throughputs`. On CPU (no table) MFU needs our measured or given peak, so it is set there."""
     monitor.available_flops = peak

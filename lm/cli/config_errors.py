@@ -19,7 +19,11 @@ import shlex
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import yaml
+from jsonargparse import ArgumentParser
+
 from lm.errors import LMError, MissingFileError
+from lm.io.class_paths import import_class
 
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
 _UNKNOWN = (
@@ -49,8 +53,6 @@ def _yaml_syntax(message: str, parser: Any, args: list[str], prog: str) -> Optio
     """jsonargparse reads a YAML file as a string and says `in "<unicode string>"`: find the file."""
     if "Problems parsing config" not in message and "<unicode string>" not in message:
         return None
-    import yaml
-
     for path in config_files(args):
         try:
             yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -193,8 +195,6 @@ def _take_values(args: list[str]) -> list[str]:
 def _as_list(value: str) -> list[str]:
     """`[a, b]` (a list written as YAML, as jsonargparse would take it) -> ["a", "b"]; anything else as is."""
     if value.lstrip().startswith("["):
-        import yaml
-
         try:
             loaded = yaml.safe_load(value)
         except yaml.YAMLError:
@@ -232,10 +232,6 @@ def _known_keys(parser: Any, outer: str, class_path: Optional[str]) -> list[str]
     try:
         links = [action.target[0] for action in getattr(getattr(parser, "_links_group", None), "_group_actions", [])]
         if class_path:
-            from jsonargparse import ArgumentParser
-
-            from lm.io.class_paths import import_class
-
             parser = ArgumentParser(exit_on_error=False)
             parser.add_class_arguments(import_class(class_path), outer)
         keys = [key for key in (parser.get_defaults().keys() if parser is not None else []) if key not in links]

@@ -2,8 +2,9 @@
 
 The same CLI as `lm fit` (experiment names, logs/, checkpoints/, TensorBoard, `--ckpt_path` reloads,
 YAML configs) with two differences: the model *and* the DataModule are chosen by `class_path` (e.g.
-`lm.modules.classifier.SequenceClassifier` + `lm.data.ClassificationDataModule`), and there is
-no `data.vocab_size` link: the vocabulary is the backbone checkpoint's.
+`lm.modules.classifier.SequenceClassifier` + `lm.data.ClassificationDataModule`), and neither of
+`lm fit`'s links: the vocabulary and the context are the backbone checkpoint's (the model hands the task's
+DataModule its tokenizer and context in `setup`).
 
     lm finetune fit  --config experiments/finetune/sst2.yaml --model.init_args.backbone pretrain.ckpt
     lm finetune test --config experiments/finetune/sst2.yaml --ckpt_path checkpoints/sst2/last.ckpt
@@ -21,6 +22,7 @@ VERBS = ("fit", "validate", "test")
 
 class FinetuneCLI(LMCLI):
     LINK_VOCAB = False
+    LINK_CONTEXT = False
 
 
 def run_finetune_cli(argv: list[str]) -> FinetuneCLI:

@@ -3,7 +3,12 @@
 What it adds to Lightning's CLI:
 - `--experiment NAME` names the run: TensorBoard logs go to logs/NAME/version_N and checkpoints to
   checkpoints/NAME (a new version never overwrites an older one's logs).
-- `data.vocab_size` is linked to `model.config.vocab_size`: set it once, on the data.
+- Two links, so a recipe states each size once: the vocabulary on the data (`data.vocab_size` ->
+  `model.config.vocab_size`: the tokenizer is trained up to it) and the context on the model
+  (`model.config.max_position_embeddings` -> `data.block_size`: the windows are cut at it). The context goes
+  from the model to the data because it is the model's architecture: a checkpoint's context (`--ckpt_path`)
+  then also cuts the evaluation windows. A `data.block_size` given anyway is refused in one line naming
+  the key to set (`refuse_block_size`, lm/cli/run_checks.py).
 - Defaults: TensorBoardLogger, `LastStepCheckpoint` (best `val/loss` + `last.ckpt`), LearningRateMonitor,
   `RNGStateCheckpoint`, seed 1234.
 - `trainer.precision: null` (the CPU recipe's) picks the precision for this machine and says why in
@@ -19,8 +24,8 @@ What it adds to Lightning's CLI:
   (`lm plan` reads recipes with it).
 - Bad input stops before anything runs, as an `LMError` (lm/cli/run_checks.py): validate/test/predict
   without `--ckpt_path` (unless `--random_weights true`), an empty or reused `--experiment` name, a
-  checkpoint that is a folder or not an `lm fit` one, `data.block_size` above the model's context; a
-  command-line or YAML mistake is explained by lm/cli/config_errors.py.
+  checkpoint that is a folder or not an `lm fit` one, a `data.block_size` given; a command-line or YAML
+  mistake is explained by lm/cli/config_errors.py.
 """
 
 from __future__ import annotations
@@ -31,18 +36,23 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lm.callbacks import LastStepCheckpoint, PredictionWriter, RNGStateCheckpoint
 from lm.callbacks.checkpointing import check_run_outputs, use_durable_checkpoint_io
+from lm.cli.config_errors import explain_argument_error, explain_build_error
+from lm.cli.run_checks import check_run_folders, checked_ckpt_path, refuse_block_size
+from lm.data import TextDataModule
+from lm.data.tokenizer import Tokenizer
+from lm.errors import LMError
 from lm.io.checkpoints import read_checkpoint, require_training_checkpoint
 from lm.io.class_paths import import_class
-from lm.data import TextDataModule
-from lm.errors import LMError
-from lm.runtime.hardware import auto_precision
 from lm.modules import LanguageModel
-from lm.cli.run_checks import check_context, check_run_folders, checked_ckpt_path
+from lm.runtime.allocator import keep_large_allocations_in_heap
+from lm.runtime.hardware import auto_precision
 
 log = logging.getLogger("lm")
 
@@ -50,6 +60,7 @@ log = logging.getLogger("lm")
 class LMCLI(LightningCLI):
     _checkpoint: Optional[dict[str, Any]] = None  # the --ckpt_path file, read once
     LINK_VOCAB = True  # pre-training: the DataModule's vocab_size is the model's (fine-tuning: the backbone's)
+    LINK_CONTEXT = True  # pre-training: the windows are the model's context (fine-tuning: the task data's own)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="default",
@@ -59,6 +70,8 @@ class LMCLI(LightningCLI):
                                  "(a baseline); without this flag a missing --ckpt_path is an error.")
         if self.LINK_VOCAB:
             parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size")
+        if self.LINK_CONTEXT:  # a model without config.max_position_embeddings leaves data.block_size at its default
+            parser.link_arguments("model.init_args.config.max_position_embeddings", "data.block_size")
         parser.add_lightning_class_args(LastStepCheckpoint, "checkpoint")
         parser.set_defaults({
             "model": {"class_path": "lm.modules.LanguageModel"},  # `--model my_pkg.MyModel` swaps it
@@ -77,25 +90,24 @@ class LMCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Lightning's parsing; a command-line or YAML mistake becomes one `LMError` naming the key and the fix."""
-        from jsonargparse import ArgumentError
-
+        argv = list(sys.argv[1:] if args is None else args)
+        if self.LINK_CONTEXT:
+            refuse_block_size(argv)  # before jsonargparse, which refuses the flag tersely and drops a YAML value
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as error:
-            from lm.cli.config_errors import explain_argument_error
-
-            argv = list(sys.argv[1:] if args is None else args)
             subcommands = getattr(self, "_subcommand_parsers", {})  # none when only parsing (lm plan)
             verb = next((a for a in argv if a in subcommands), None)
             raise explain_argument_error(str(error), subcommands.get(verb, parser), argv,
                                          f"lm {verb or ''}".strip()) from error
 
     def _parse_ckpt_path(self) -> None:
-        """The one private Lightning method `lm` overrides. Lightning's version (called between parsing
-        and instantiation, with no public hook there) loads the whole checkpoint and applies every saved
-        hyper-parameter as is. Here the file is read once (memory-mapped) and kept for the tokenizer, and
-        only the arguments the model class still takes are applied: a checkpoint of an older `lm`
-        (which saved, e.g., sampling options) still loads."""
+        """Overrides a private LightningCLI method, because Lightning offers no public hook between parsing
+        and instantiation, where the checkpoint must configure the model. Lightning's version loads the
+        whole checkpoint and applies every saved hyper-parameter as is. Here the file is read once
+        (memory-mapped) and kept for the tokenizer, and only the arguments the model class still takes are
+        applied: a checkpoint of an older `lm` (which saved, e.g., sampling options) still loads. Parsing
+        them applies the links again, so the checkpoint's context also cuts the data's windows."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path == "last":  # `fit --ckpt_path last`: the run's own last.ckpt
@@ -149,21 +161,15 @@ class LMCLI(LightningCLI):
         except ValueError as error:  # jsonargparse: a class of the config refused its arguments (e.g. GPTConfig)
             if isinstance(error, LMError) or "Does not validate" not in str(error):
                 raise
-            from lm.cli.config_errors import explain_build_error
-
             raise explain_build_error(error) from error
-        if self.subcommand in ("fit", "validate", "test"):
-            check_context(self.model, self.datamodule, from_checkpoint=self._checkpoint is not None)
         config = self.run_config
         checkpoint = self._checkpoint
         init_from = self.model.hparams.get("init_from") if self.subcommand == "fit" else None
         if checkpoint is None and init_from and not self.datamodule.hparams.get("tokenizer_path"):
             checkpoint = read_checkpoint(init_from)  # continued pre-training tokenizes with the initial weights' tokenizer
         if checkpoint is not None and "tokenizer" in checkpoint:
-            from lm.data.tokenizer import Tokenizer
-
-            # Continue / evaluate with the tokenizer the checkpoint was trained with. The model takes
-            # the DataModule's tokenizer in its setup(): this is the one place a tokenizer is handed over.
+            # Continue / evaluate with the tokenizer the checkpoint was trained with: given to the DataModule,
+            # it reaches the model too, which takes the DataModule's tokenizer in its setup().
             self.datamodule.set_tokenizer(Tokenizer.from_str(checkpoint["tokenizer"]))
         if self.subcommand == "predict":
             self.trainer.callbacks.append(PredictionWriter(f"logs/{config.experiment}/predictions.jsonl"))
@@ -212,11 +218,7 @@ def run_lightning_cli(argv: Optional[list[str]] = None, cli_class: type[LMCLI] =
     multi-process strategies re-run in their child processes; tests pass `argv` instead. `lm finetune`
     passes its own classes (lm/cli/finetune_cli.py)."""
     _show_lm_logs()
-    from lm.runtime.allocator import keep_large_allocations_in_heap
-
     keep_large_allocations_in_heap()  # faster CPU steps (see lm/runtime/allocator.py); LM_DEFAULT_MALLOC=1: off
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
     try:
         return cli_class(model_class, datamodule_class, args=argv, subclass_mode_data=subclass_mode_data,
                          **_cli_options())

@@ -3,7 +3,10 @@
 - `fit`, `validate`, `test`, `predict` go to LightningCLI: `--config experiments/x.yaml` (repeatable:
   later files override earlier ones), `--print_config`, any field as `--model.config.hidden_size 512`.
 - Other verbs (`generate`, ...) are typed functions that jsonargparse turns into CLIs, so they take
-  `--config` and `--help` alike. They are imported only when called, which keeps `lm --help` fast.
+  `--config` and `--help` alike.
+
+Each verb's module is named in a table below ("module:function") and imported by name only when that
+verb runs, which keeps `lm --help` fast and one verb's dependencies out of another's.
 
 Bad input raises `lm.errors.LMError`, whose message says what was wrong and what to do: it is printed as
 one line and `lm` exits with status 2 (set LM_DEBUG=1 to see the traceback). A command-line or YAML
@@ -16,23 +19,29 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
+from jsonargparse import ArgumentError, CLI, capture_parser
+
+from lm.cli.config_errors import explain_argument_error
 from lm.errors import LMError
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
-# verb -> "module:function"; each function's signature and docstring are its CLI.
-FUNCTION_VERBS = {
-    "generate": "lm.commands.generate:generate",
-    "serve": "lm.commands.serve:serve",
-    "prepare": "lm.commands.prepare:main",  # a `main(args, prog)` builds its own parser
-    "plan": "lm.commands.plan:plan",
-    "eval": "lm.commands.eval:evaluate",
-    "report": "lm.commands.report:report",
-    "merge": "lm.commands.merge:merge",
-    "quantize": "lm.commands.compress:quantize",
-    "prune": "lm.commands.compress:prune",
-    "export": "lm.commands.export:export",
+RUN_LIGHTNING_CLI = "lm.cli.lightning_cli:run_lightning_cli"  # the Lightning verbs (LightningCLI parses argv)
+RUN_FINETUNE_CLI = "lm.cli.finetune_cli:run_finetune_cli"  # `lm finetune fit|validate|test`
+# verb -> ("module:function",) or ("module:function", "module:prepare_args"). Each function's signature and
+# docstring are its CLI; the optional second part normalizes the raw arguments first (`args -> args`).
+FUNCTION_VERBS: dict[str, tuple[str, ...]] = {
+    "generate": ("lm.commands.generate:generate", "lm.commands.generate:prepare_args"),  # bare sampling flags
+    "serve": ("lm.commands.serve:serve",),
+    "prepare": ("lm.commands.prepare:main",),  # a `main(args, prog)` builds its own parser
+    "plan": ("lm.commands.plan:plan", "lm.commands.plan:prepare_args"),  # the recipe's flags as one list
+    "eval": ("lm.commands.eval:evaluate", "lm.commands.generate:prepare_args"),  # bare sampling flags, as generate
+    "report": ("lm.commands.report:report", "lm.commands.report:prepare_args"),  # run folders as positionals
+    "merge": ("lm.commands.merge:merge",),
+    "quantize": ("lm.commands.compress:quantize",),
+    "prune": ("lm.commands.compress:prune",),
+    "export": ("lm.commands.export:export",),
 }
 
 USAGE = f"""usage: lm <verb> [--config FILE.yaml ...] [--key value ...]
@@ -59,23 +68,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     verb = argv[0]
     try:
         if verb in LIGHTNING_VERBS:
-            from lm.cli.lightning_cli import run_lightning_cli
-
-            run_lightning_cli(None if from_shell else argv)
+            resolve(RUN_LIGHTNING_CLI)(None if from_shell else argv)
         elif verb == "finetune":
-            from lm.cli.finetune_cli import run_finetune_cli
-
-            run_finetune_cli(argv[1:])
+            resolve(RUN_FINETUNE_CLI)(argv[1:])
         elif verb in FUNCTION_VERBS:
-            module_name, function_name = FUNCTION_VERBS[verb].split(":")
-            module = importlib.import_module(module_name)
+            target, *prepare = FUNCTION_VERBS[verb]
             given = args = argv[1:]
-            if hasattr(module, "prepare_args"):  # optional: the verb normalizes its raw arguments
-                args = module.prepare_args(args)
-            if function_name == "main":
-                module.main(args, prog=f"lm {verb}")
+            for prepare_args in prepare:
+                args = resolve(prepare_args)(args)
+            if target.endswith(":main"):
+                resolve(target)(args, prog=f"lm {verb}")
             else:
-                _run_function(getattr(module, function_name), args, f"lm {verb}", given)
+                _run_function(resolve(target), args, f"lm {verb}", given)
         else:
             print(f"lm: unknown verb {verb!r}.\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)
@@ -86,19 +90,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
 
 
+def resolve(target: str) -> Callable:
+    """The function named by `"module:function"`, its module imported now (not when `lm` starts)."""
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
 def _run_function(function, args: list[str], prog: str, given: Optional[list[str]] = None) -> None:
     """jsonargparse's CLI of a typed function; a parse error becomes an `LMError` naming the key and the fix,
     in terms of `given` (the arguments as typed, before the verb's `prepare_args`).
 
     Flags must be written in full: argparse's abbreviations are off, so a near miss (`--temp 0`) is an
     unknown option with a suggestion, not silently another option (`--template`)."""
-    from jsonargparse import ArgumentError, CLI, capture_parser
-
     try:
         CLI(function, args=args, prog=prog, exit_on_error=False, allow_abbrev=False)
     except ArgumentError as error:
-        from lm.cli.config_errors import explain_argument_error
-
         parser = capture_parser(lambda: CLI(function, args=[], prog=prog, exit_on_error=False, allow_abbrev=False))
         raise explain_argument_error(str(error), parser, args if given is None else given, prog) from error
 

@@ -5,8 +5,10 @@ Each one catches a mistake that used to run to the end silently or fail late wit
 - `check_run_folders`: validate/test/predict without a checkpoint (random weights, unless
   `--random_weights true` says so), an empty or escaping `--experiment` name, and a new `lm fit`
   into a checkpoint folder that already holds checkpoints (its `last.ckpt` would go stale);
-- `check_context`: `data.block_size` longer than the model's context (found at the first forward pass
-  otherwise, with advice about prompts).
+- `refuse_block_size`: `data.block_size` given on the command line or in a YAML file. `lm fit` cuts its
+  windows at the model's context, `model.config.max_position_embeddings` (a jsonargparse link), so the
+  context is stated once; jsonargparse itself refuses the flag with a bare message and drops a YAML
+  value without a word.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
+from lm.cli.config_errors import config_files
 from lm.errors import LMError, MissingFileError
+
+CONTEXT_KEY = "model.config.max_position_embeddings"  # the source of the link; data.block_size its target
 
 
 def checked_ckpt_path(ckpt_path: Optional[str], subcommand: str) -> bool:
@@ -70,14 +77,56 @@ def _check_fresh_checkpoint_folder(dirpath: Path, ckpt_path: Optional[str], name
                   f"--ckpt_path last, or start a new run with another --experiment name (or delete {dirpath}/ first).")
 
 
-def check_context(model: Any, datamodule: Any, from_checkpoint: bool) -> None:
-    """`data.block_size` must fit in the model's context (`model.config.max_position_embeddings`)."""
-    config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None)
-    block_size = getattr(datamodule, "block_size", None)
-    if not isinstance(context, int) or not isinstance(block_size, int) or block_size <= context:
-        return
-    fix = "" if from_checkpoint else " or raise --model.config.max_position_embeddings"
-    source = " (the checkpoint's)" if from_checkpoint else ""
-    raise LMError(f"data.block_size={block_size} is longer than the model's context, model.config.max_position_embeddings="
-                  f"{context}{source}: lower --data.block_size to at most {context}{fix}.")
+def refuse_block_size(args: list[str]) -> None:
+    """An `LMError` naming `model.config.max_position_embeddings` if `args` (a command line) or a YAML file
+    it passes to `--config` or `--data` sets `data.block_size`, which `lm fit` takes from the model."""
+    given = _block_sizes_given(args)
+    if given:
+        where, value = given[0]
+        example = value if isinstance(value, int) and not isinstance(value, bool) else "N"
+        raise LMError(f"data.block_size is set {where}, but lm cuts its windows at the model's context: state it "
+                      f"once, as {CONTEXT_KEY} (e.g. --{CONTEXT_KEY} {example}), and drop data.block_size.")
+
+
+def _block_sizes_given(args: list[str]) -> list[tuple[str, Any]]:
+    """(where, value) of each `data.block_size` the arguments set: a flag, a config file, a `--data` value."""
+    found: list[tuple[str, Any]] = []
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in ("--data.block_size", "--data.init_args.block_size"):
+            given = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            found.append(("on the command line", int(given) if given.isdigit() else given))
+        elif name == "--data" and (eq or i + 1 < len(args)):
+            given = value if eq else args[i + 1]
+            text, where = _read(given), f"in {given}"
+            if text is None:
+                text, where = given, "in --data"
+            data = _load_yaml(text)
+            if isinstance(data, dict) and _data_block_size(data) is not None:
+                found.append((where, _data_block_size(data)))
+    for path in config_files(args):
+        recipe = _load_yaml(_read(path) or "")
+        data = recipe.get("data") if isinstance(recipe, dict) else None
+        if isinstance(data, dict) and _data_block_size(data) is not None:
+            found.append((f"in {path}", _data_block_size(data)))
+    return found
+
+
+def _read(path: str) -> Optional[str]:
+    """The text of the file `path`, or None if it is no readable file (a value given inline)."""
+    try:
+        return Path(path).read_text(encoding="utf-8") if Path(path).is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None  # the parser reports an unreadable file
+
+
+def _data_block_size(data: dict) -> Any:
+    init_args = data.get("init_args")
+    return data.get("block_size", init_args.get("block_size") if isinstance(init_args, dict) else None)
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError):
+        return None  # a broken file is reported by the parser, with its line and column

@@ -12,12 +12,14 @@ import copy
 from pathlib import Path
 from typing import Literal, Optional
 
+from lm.compress.prune import prune_heads, prune_mlp_channels, prune_unstructured, sparsity_of
+from lm.compress.quantize import METHOD, QUANTIZATION_KEY, linear_weight_bytes, quantize_model
 from lm.errors import LMError
+from lm.io.checkpoints import load_model, read_checkpoint, save_model
+from lm.model import GPT
 
 
 def _load(ckpt_path: Optional[str], output: Optional[str]):
-    from lm.io.checkpoints import load_model, read_checkpoint
-
     if not ckpt_path or not output:
         raise LMError("Pass both --ckpt_path (a checkpoint written by `lm fit`) and --output (the new file to write).")
     if Path(output).resolve() == Path(ckpt_path).resolve():
@@ -45,9 +47,6 @@ def quantize(ckpt_path: Optional[str] = None, output: Optional[str] = None, over
         output: Where to write the int8 checkpoint (a new file).
         overwrite: Replace `output` if it exists.
     """
-    from lm.io.checkpoints import save_model
-    from lm.compress.quantize import METHOD, QUANTIZATION_KEY, linear_weight_bytes, quantize_model
-
     model, tokenizer, hparams = _load(ckpt_path, output)
     before = linear_weight_bytes(model)
     quantize_model(model)
@@ -72,10 +71,6 @@ def prune(ckpt_path: Optional[str] = None, output: Optional[str] = None, method:
         sparsity: Fraction removed: of the block weights (unstructured) or of each layer's MLP channels.
         overwrite: Replace `output` if it exists.
     """
-    from lm.io.checkpoints import save_model
-    from lm.compress.prune import prune_heads, prune_mlp_channels, prune_unstructured, sparsity_of
-    from lm.model import GPT
-
     model, tokenizer, hparams = _load(ckpt_path, output)
     if not isinstance(model, GPT):
         raise LMError(f"{ckpt_path} holds a {type(model).__name__}, not a GPT: pruning knows the GPT's layers only.")

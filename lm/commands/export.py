@@ -40,7 +40,7 @@ def export(ckpt_path: Optional[str] = None, output: Optional[str] = None,
     model, tokenizer = load_model(ckpt_path)
     if not isinstance(model, GPT):
         raise LMError(f"{ckpt_path} holds a {type(model).__name__}, not a GPT: only the GPT's layout can be exported.")
-    if getattr(model, "context_cache", None) is not None:
+    if getattr(model, "accepts_context_cache", False):
         if context_cache is None:
             context_cache = format != "hf"
         if context_cache and format == "hf":

@@ -17,7 +17,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+import torch
+import yaml
+
+from lm.data.finetuning.templates import apply_template
 from lm.errors import LMError, MissingFileError
+from lm.io.checkpoints import load_model
+from lm.model.generation import generate_text, stream_text
 from lm.model.sampling import SamplingOptions
 
 # Sampling flags may be given bare (`--temperature 0`) as well as `--sampling.temperature 0`.
@@ -76,16 +82,10 @@ def generate(
         stream = len(prompts) == 1 and format == "text"
     model, tokenizer = _load(ckpt_path, device, dtype, compile, threads)
     write = _writer(sys.stdout, format, echo_prompt)
-    from lm.data.finetuning.templates import apply_template
-
     if stream:
-        from lm.model.generation import stream_text
-
         for i, text in enumerate(prompts):
             write(i, text, stream_text(model, tokenizer, apply_template(template, text), sampling.for_batch(i)))
         return
-    from lm.model.generation import generate_text
-
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         completions = generate_text(model, tokenizer, [apply_template(template, p) for p in batch],
@@ -95,10 +95,6 @@ def generate(
 
 
 def _load(ckpt_path: str, device: str, dtype: str, compile: bool, threads: Optional[int]):
-    import torch
-
-    from lm.io.checkpoints import load_model
-
     if threads is not None:
         torch.set_num_threads(threads)
     model, tokenizer = load_model(ckpt_path, device=device, dtype=getattr(torch, dtype))
@@ -149,8 +145,6 @@ def prepare_args(args: list[str]) -> list[str]:
     `- item` or `null` as YAML. Here each value is kept verbatim, except a value written as a list
     (`--prompt '[a, b]'`), which jsonargparse parses as before.
     """
-    import yaml
-
     def canonical(flag: str) -> str:
         return f"--sampling.{flag[2:]}" if flag[2:] in _SAMPLING_FIELDS else flag
 

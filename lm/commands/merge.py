@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from lm.errors import LMError
+from lm.io.checkpoints import read_checkpoint, save_model
+from lm.modules.instruct import InstructionTuner
 
 
 def merge(ckpt_path: Optional[str] = None, output: Optional[str] = None) -> None:
@@ -27,9 +29,6 @@ def merge(ckpt_path: Optional[str] = None, output: Optional[str] = None) -> None
         raise LMError("Pass --ckpt_path (an `lm finetune fit` checkpoint) and --output (the file to write).")
     if Path(output).resolve() == Path(ckpt_path).resolve():
         raise LMError("--output must differ from --ckpt_path: the training checkpoint is kept as it is.")
-    from lm.io.checkpoints import read_checkpoint, save_model
-    from lm.modules.instruct import InstructionTuner
-
     hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
     if "lora_rank" not in hparams:
         raise LMError(f"{ckpt_path} is not an instruction-tuning checkpoint (written by `lm finetune fit` with "

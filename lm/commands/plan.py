@@ -14,11 +14,13 @@ tokens (the speed probe, lm/plan/speed_probe.py), unless `--mfu` or `--probe_ste
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 from typing import Optional
 
 from lm.errors import LMError
+from lm.plan import format_plan, make_plan
 
 
 def plan(
@@ -71,8 +73,6 @@ def plan(
             probe in ~30 s or does not fit in memory; a multi-process recipe is probed as one of its
             processes and that MFU applied per device.
     """
-    from lm.plan import format_plan, make_plan
-
     if not recipe:
         raise LMError("No recipe given: pass it as to lm fit, e.g. lm plan --config experiments/wikitext2_cpu.yaml "
                          "--device_kind cpu.")
@@ -91,8 +91,6 @@ def prepare_args(args: list[str]) -> list[str]:
     else (`--config`, `--trainer.devices 2`, ...) to the recipe, verbatim, as one JSON list. A near miss
     of an own flag (`--device_knd`, `--mfuu`) stays here too, so its error suggests the flag it missed
     instead of listing the recipe's keys."""
-    import difflib
-
     own_names = [flag[2:] for flag in _OWN_FLAGS]
     own: list[str] = []
     recipe: list[str] = []

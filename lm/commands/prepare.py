@@ -3,8 +3,9 @@
     lm prepare --config experiments/wikitext2_cpu.yaml --config experiments/data/wikitext2_offline.yaml
     lm prepare --config experiments/data/jsonl_cleaned.yaml --data.cleaning.near_dedup true
 
-Takes the same `--config` files as `lm fit` (their `data:` section is used; `model:`, `trainer:` and the
-other sections of a recipe are accepted and ignored) and the same `--data.*` overrides. Cleans,
+Takes the same `--config` files as `lm fit` (their `data:` section is used, and the model's context, which
+cuts the windows of LitData chunks as it does in `lm fit`; `trainer:` and the other sections of a recipe are
+accepted and ignored) and the same `--data.*` overrides (`data.block_size` is refused, as by `lm fit`). Cleans,
 trains or loads the tokenizer and tokenizes every split into the token cache (`data.cache_dir`), then
 prints the report (documents in/out, removed per cleaning step, PII replacements, tokens, bytes per
 token, time per stage), also saved as JSON under `<cache_dir>/reports/`. A later `lm fit` with the
@@ -17,36 +18,40 @@ import logging
 import sys
 from typing import Any, Optional
 
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+
+from lm.cli.config_errors import explain_argument_error
+from lm.cli.lightning_cli import parse_recipe
+from lm.cli.run_checks import refuse_block_size
+from lm.data import TextDataModule
+from lm.data.preparation.pipeline import format_report
+
 _IGNORED_SECTIONS = ("experiment", "seed_everything", "trainer", "model", "ckpt_path", "optimizer", "lr_scheduler")
 
 
 def build_parser(prog: str = "lm prepare") -> Any:
     """`--config` + every `--data.*` option of TextDataModule; a recipe's other sections are ignored."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from lm.data import TextDataModule
-
     parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0], default_env=False, exit_on_error=False,
                             allow_abbrev=False)  # a near miss (--data.vocab 300) is an error, not another option
     parser.add_argument("--config", action=ActionConfigFile, help="experiment YAML (repeatable; later files win)")
     parser.add_class_arguments(TextDataModule, "data")
     for section in _IGNORED_SECTIONS:  # the rest of a training recipe: accepted, not used here
-        parser.add_argument(f"--{section}", type=Optional[Any], default=None, help="(ignored by lm prepare)")
+        used = "only its context is read, as lm fit merges it" if section == "model" else "ignored by lm prepare"
+        parser.add_argument(f"--{section}", type=Optional[Any], default=None, help=f"({used})")
     return parser
 
 
 def main(args: list[str], prog: str = "lm prepare") -> None:
-    from lm.data.preparation.pipeline import format_report
-
-    from jsonargparse import ArgumentError
-
+    refuse_block_size(args)
     parser = build_parser(prog)
     try:
-        datamodule = parser.instantiate_classes(parser.parse_args(args)).data
+        config = parser.parse_args(args)
     except ArgumentError as error:
-        from lm.cli.config_errors import explain_argument_error
-
         raise explain_argument_error(str(error), parser, args, prog) from error
+    # The windows' length is the model's context, merged and linked exactly as `lm fit` does it (this parser
+    # keeps a recipe's model section as an opaque value: a later file would replace it, not merge into it).
+    config.data.block_size = parse_recipe(args).data.block_size
+    datamodule = parser.instantiate_classes(config).data
     _show_data_logs()
     datamodule.prepare_data()
     print(format_report(datamodule.report))

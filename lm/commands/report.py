@@ -9,13 +9,16 @@ against steps and against tokens seen, runs overlaid) and `<output>/report.md`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from lm.evaluation.run_report import find_runs, plot_runs, read_run, run_names, summary_markdown
+from lm.extras import require
+from lm.io.files import atomic_write_text
 
 
 def prepare_args(args: list[str]) -> list[str]:
     """`lm report a b --output x` -> `'["a", "b"]' --output x`: every run folder is a positional argument."""
-    import json
-
     positional, rest, i = [], [], 0
     while i < len(args):
         if args[i].startswith("--"):
@@ -35,12 +38,7 @@ def report(runs: list[str], output: str = "reports/latest") -> None:
         runs: Run folders (logs/<experiment>/version_N), or experiment folders (all their versions).
         output: Folder for the PNG plots and report.md (created; files in it are replaced).
     """
-    from lm.extras import require
-
     require("report", "lm report")  # matplotlib draws the plots
-    from lm.io.files import atomic_write_text
-    from lm.evaluation.run_report import find_runs, plot_runs, read_run, run_names, summary_markdown
-
     folders = find_runs(list(runs))
     loaded = [read_run(folder, name) for folder, name in zip(folders, run_names(folders))]
     out_dir = Path(output)

@@ -18,9 +18,15 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
+import torch
+
 from lm.errors import LMError
 from lm.extras import require
+from lm.io.checkpoints import load_model, read_checkpoint
 from lm.model.sampling import SamplingOptions
+from lm.serve.engine import BatchEngine
+from lm.serve.feedback import FeedbackLog
+from lm.serve.filters import Blocklist, NoFilter
 
 log = logging.getLogger("lm.serve")
 
@@ -88,9 +94,9 @@ def serve(
         raise LMError(f"Refusing to listen on {host} without an API key (anyone who can reach the port could use "
                       f"the model): set one with LM_API_KEY=<secret> or --api_key <secret>, or listen on "
                       f"127.0.0.1 only (the default).")
-    import uvicorn
+    import uvicorn  # the serve extra: imported once `require` has checked it, so `lm serve --help` needs none
 
-    from lm.serve.app import create_app
+    from lm.serve.app import create_app  # FastAPI at its top: the serve extra
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     state = build_state(ckpt_path, model_name=model_name, max_batch_size=max_batch_size, max_waiting=max_waiting,
@@ -112,14 +118,8 @@ def build_state(ckpt_path: str, *, model_name: Optional[str] = None, max_batch_s
                 blocklist: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
                 threads: Optional[int] = None):
     """Load the checkpoint and build the server's `ServerState` (engine not started yet)."""
-    import torch
-
-    from lm.io.checkpoints import load_model, read_checkpoint
-    from lm.serve.app import ServerState
-    from lm.serve.engine import BatchEngine
-    from lm.serve.feedback import FeedbackLog
-    from lm.serve.filters import Blocklist, NoFilter
-    from lm.serve.protocol import Limits
+    from lm.serve.app import ServerState  # FastAPI at its top: the serve extra
+    from lm.serve.protocol import Limits  # pydantic at its top: installed with the serve extra (fastapi)
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from lm.errors import LMError
-from lm.model import GPT
+from lm.model import GPT, build_gpt
 
 
 def block_linears(model: GPT) -> list[tuple[str, nn.Linear]]:
@@ -84,7 +84,7 @@ def prune_mlp_channels(model: GPT, sparsity: float) -> GPT:
     for i, block in enumerate(model.layers):
         keep = _channel_scores(block.mlp).topk(kept).indices.sort().values
         _slice_mlp(state, f"layers.{i}.mlp.", keep, size, config.activation == "swiglu")
-    smaller = GPT(replace(config, intermediate_size=kept))
+    smaller = build_gpt(replace(config, intermediate_size=kept))
     smaller.load_state_dict(state)
     return smaller.to(model.embed_tokens.weight.dtype).eval()
 

@@ -21,16 +21,13 @@
 Norms, position tables and biases stay fp32 (a few KB; quantizing them saves nothing and costs accuracy).
 
 Why the quantized engine through `torch.ops.quantized` (the kernels behind the deprecated
-`torch.ao.quantization.quantize_dynamic`) and not torchao: measured with torch 2.13 / torchao 0.18,
-1 thread, batch-1 decoding of the 4x256 / vocab 8192 model, on an AMD EPYC Zen 5 (AVX-512 VNNI and
-bf16): torchao's `Int8WeightOnlyConfig` ran at 0.58x fp32 eager (0.95x compiled) and
-`Int8DynamicActivationInt8WeightConfig` at 0.44x (1.08x compiled) -- their CPU kernels
-(`_weight_int8pack_mm`, `_int_mm`) are slow for one row -- while this module decoded that checkpoint
-at 1.91x fp32 eager, and the default recipe's 6x384 checkpoint at 1.90x with 2 threads (3.20x with
-the compiled step; README results); the previous
-machine (Zen 3, AVX2) showed the same ranking. The "x86" and "fbgemm"
-engines measured the same, "onednn" 1.8x slower. If a future torch drops the quantized ops,
-`Int8Linear` falls back to dequantize + `F.linear` (same results, no speed-up).
+`torch.ao.quantization.quantize_dynamic`) and not torchao: decoding multiplies one row at a time, and
+torchao's CPU int8 kernels (`_weight_int8pack_mm`, `_int_mm`) are built for many rows: at batch 1 they
+decoded slower than fp32, where the quantized engine's dynamic kernel decodes faster, eager and compiled,
+with and without AVX-512 VNNI. "x86" (torch's default engine, fbgemm for linear layers) is chosen over
+"onednn", which was slower. The figures, with the commands and CPUs: docs/results/compression.md. If a
+future torch drops the quantized ops, `Int8Linear` falls back to dequantize + `F.linear` (same results,
+no speed-up).
 """
 
 from __future__ import annotations
@@ -45,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.model.inference import one_row_multiply_sum
+from lm.runtime import hardware
 
 _LINEAR_DYNAMIC = getattr(getattr(torch.ops.quantized, "linear_dynamic", None), "default", None)
 QUANTIZATION_KEY = "quantization"  # hyper_parameters[QUANTIZATION_KEY] = {"method": "int8", ...}
@@ -53,15 +51,13 @@ METHOD = "int8-dynamic"
 
 @lru_cache(maxsize=1)
 def int8_route() -> tuple[Optional[str], bool]:
-    """(quantized engine, reduce_range) for eager int8 products on this machine; engine None = no int8
+    """(quantized engine, reduce_range) for eager int8 products on the CPU this runs on; engine None = no int8
     kernel (dequantize + F.linear). "x86" is torch's default engine on x86 (fbgemm for linear layers)."""
-    from lm.runtime.hardware import cpu_has_avx512_vnni
-
     engines = torch.backends.quantized.supported_engines
     engine = next((e for e in ("x86", "fbgemm") if e in engines), None)
     if _LINEAR_DYNAMIC is None or not hasattr(torch, "_make_per_channel_quantized_tensor"):
         engine = None
-    return engine, not cpu_has_avx512_vnni()
+    return engine, not hardware.cpu_has_avx512_vnni()
 
 
 @contextmanager
@@ -125,8 +121,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # The hot path of eager decoding (every linear layer, every token): is the packed copy current,
-        # then the kernel. At batch 1 the kernel takes ~15 us for a 384x384 layer; the checks around it
-        # once took another ~6 us, a sizeable part of the int8 model's decode step.
+        # then the kernel. At batch 1 the kernel's cost is small and fixed, so Python work around it is a
+        # visible share of a decode step: one identity/version check, then the resolved overload directly.
         packed = self._packed
         if packed is not None and x.dtype == torch.float32 and not torch.compiler.is_compiling():
             (w, s, b, wv, sv, bv), bias = packed[1], self.bias

@@ -1,7 +1,8 @@
 """The tokenizer: byte-level BPE (default), character-level, word-level or Unigram, all HF ``tokenizers``.
 
-This is the only module in ``lm`` that imports Hugging Face ``tokenizers``: everything else talks to
-:class:`Tokenizer`, so swapping the backend later touches one file.
+Hugging Face ``tokenizers`` is imported here and in lm/data/tokenizer_training.py (which trains the
+vocabularies) and nowhere else: everything else talks to :class:`Tokenizer`, so swapping the backend
+touches those two files.
 
 Every kind works on the byte-level alphabet (GPT-2's 256 printable stand-ins for the bytes), and the
 256 byte tokens are always in the vocabulary, so *any* text encodes without an ``<unk>`` and decodes
@@ -146,7 +147,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts; the Rust backend spreads them over threads."""
-        # encode_batch_fast skips character offsets we never use (~30% faster); tokenizers >= 0.20.
+        # encode_batch_fast skips computing character offsets, which lm never reads; tokenizers >= 0.20.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 

@@ -19,15 +19,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
+from torchmetrics.text import BLEUScore, ROUGEScore
+
+from lm.data.finetuning.templates import apply_template
 from lm.errors import LMError, MissingFileError
+from lm.model.generation import generate_text
 from lm.model.sampling import SamplingOptions
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
 def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from torchmetrics.text import BLEUScore, ROUGEScore
-
     if len(predictions) != len(references) or not predictions:
         raise LMError(f"Need as many predictions as references (got {len(predictions)} and {len(references)}).")
     scores = {"bleu": float(BLEUScore(n_gram=4)(predictions, [[r] for r in references]))}
@@ -58,9 +60,6 @@ def read_pairs(path: str | Path) -> list[dict[str, str]]:
 def evaluate_pairs_file(model, tokenizer, path: str | Path, options: SamplingOptions, template: Optional[str] = None,
                         batch_size: int = 8) -> dict[str, Any]:
     """Generate an answer for every prompt of `path` and score it against its reference."""
-    from lm.data.finetuning.templates import apply_template
-    from lm.model.generation import generate_text
-
     pairs = read_pairs(path)
     prompts = [apply_template(template, p["prompt"], p["input"]) if template else p["prompt"] for p in pairs]
     options = replace(options, truncate=True)  # a prompt too long for the context keeps its end

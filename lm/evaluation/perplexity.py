@@ -60,14 +60,17 @@ def window_spans(num_tokens: int, context: int, stride: Optional[int] = None) ->
 
 
 @torch.no_grad()
-def score_windows(model: nn.Module, stream: Tensor, spans: list[WindowSpan], batch_size: int = 8) -> tuple[float, int]:
-    """Summed NLL (float64 nats) and number of scored tokens of `spans` over the 1-D `stream`.
+def score_windows(model: nn.Module, stream: Tensor, spans: list[WindowSpan], batch_size: int = 8,
+                  context_cache: bool = False) -> tuple[float, int]:
+    """Summed NLL (float64 nats) and number of scored tokens of `spans` over the 1-D `stream`;
+    `context_cache`: of a `GPTWithContextCache`'s mixture rather than its network's softmax.
 
     Windows shorter than the longest in a batch are right-padded: padding comes after the real
     tokens, so under causal attention it changes nothing they see, and its targets are ignored."""
     if batch_size <= 0:
         raise LMError(f"batch_size must be positive, got {batch_size}.")
     device = next(model.parameters()).device
+    options = {"context_cache": True} if context_cache else {}
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(spans), batch_size):
         batch = spans[start:start + batch_size]
@@ -78,7 +81,7 @@ def score_windows(model: nn.Module, stream: Tensor, spans: list[WindowSpan], bat
             n = s.end - s.begin
             inputs[row, :n] = stream[s.begin:s.end]
             targets[row, s.score_from:n] = stream[s.begin + 1 + s.score_from:s.end + 1]
-        nll, count = token_nll(model(inputs.to(device)), targets.to(device))
+        nll, count = token_nll(model(inputs.to(device), **options), targets.to(device))
         total_nll += float(nll.double())
         total_tokens += int(count)
     return total_nll, total_tokens
@@ -110,12 +113,15 @@ def summarize(nll: float, tokens: int, num_bytes: int) -> dict[str, float]:
 
 
 def evaluate_text_file(model: nn.Module, tokenizer, path: str | Path, context: Optional[int] = None,
-                       stride: Optional[int] = None, batch_size: int = 8) -> dict[str, float]:
-    """Score one raw text file; `context` defaults to the model's (`max_position_embeddings`)."""
+                       stride: Optional[int] = None, batch_size: int = 8, context_cache: bool = False) -> dict[str, float]:
+    """Score one raw text file; `context` defaults to the model's (`max_position_embeddings`); `context_cache`:
+    the mixture of a model that has one (`GPTWithContextCache`)."""
     max_context = model.config.max_position_embeddings
     context = context or max_context
     if context > max_context:
         raise LMError(f"context={context} is longer than the model's {max_context} positions: use at most {max_context}.")
     stream, num_bytes = text_stream(path, tokenizer)
-    nll, tokens = score_windows(model, stream, window_spans(len(stream), context, stride), batch_size)
+    if context_cache and not getattr(model, "accepts_context_cache", False):
+        raise LMError("This model has no context cache (its config has context_cache: false): score it without one.")
+    nll, tokens = score_windows(model, stream, window_spans(len(stream), context, stride), batch_size, context_cache)
     return summarize(nll, tokens, num_bytes)

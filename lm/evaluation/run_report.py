@@ -19,8 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from lm.errors import LMError, MissingFileError
 from lm.io.files import atomic_write_bytes
+from lm.model import GPTConfig, build_gpt
 
 Series = list[tuple[int, float, float]]  # (step, value, wall time)
 
@@ -73,9 +78,6 @@ def find_runs(folders: list[str]) -> list[Path]:
 
 
 def read_run(folder: Path, name: str) -> Run:
-    import yaml
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every point
     events.Reload()
     scalars = {tag: [(e.step, e.value, e.wall_time) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
@@ -164,13 +166,9 @@ def parameter_count(run: Run) -> Optional[int]:
         gpt_config["vocab_size"] = (data.get("init_args") or data)["vocab_size"]
     if not gpt_config:
         return None
-    import torch
-
-    from lm.model import GPT, GPTConfig
-
     try:
         with torch.device("meta"):
-            return GPT(GPTConfig.from_dict(gpt_config)).num_parameters()
+            return build_gpt(GPTConfig.from_dict(gpt_config)).num_parameters()
     except (ValueError, TypeError):
         return None
 

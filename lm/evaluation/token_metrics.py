@@ -39,7 +39,7 @@ class LanguageModelingMetrics(Metric):
 
     def __init__(self, grid_shape: tuple[int, ...] = (), **kwargs) -> None:
         """`grid_shape`: sum the NLL of a grid of model settings at once (each update passes that shape;
-        the context cache's calibration, lm/model/context_cache.py); `compute` reports the best point."""
+        the context cache's calibration, lm/callbacks/context_cache_calibration.py); `compute` reports the best point."""
         super().__init__(**kwargs)
         self.add_state("nll_sum", default=torch.zeros(grid_shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("num_tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")

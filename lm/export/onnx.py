@@ -22,14 +22,15 @@ from lm.model.layers import CausalSelfAttention
 
 
 class _Logits(nn.Module):
-    """`GPT.forward` with only the argument the graph has."""
+    """`GPT.forward` with only the argument the graph has: for a `GPTWithContextCache`, its mixture."""
 
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
+        self.options = {"context_cache": True} if getattr(model, "accepts_context_cache", False) else {}
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return self.model(input_ids)
+        return self.model(input_ids, **self.options)
 
 
 def export_onnx(model: GPT, tokenizer, output: str | Path, overwrite: bool = False) -> Path:

@@ -11,6 +11,7 @@ a tokenizer with more tokens than the model's vocabulary is an `LMError` saying 
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 from pathlib import Path
@@ -18,9 +19,13 @@ from typing import Any, Optional
 
 import torch
 
+from lm.compress.quantize import quantize_model
+from lm.data.tokenizer import Tokenizer
 from lm.errors import LMError, MissingFileError
 from lm.io.class_paths import import_class
-from lm.model import GPT, GPTConfig
+from lm.io.files import atomic_write_bytes
+from lm.model import GPT, GPTConfig, build_gpt
+from lm.runtime.hardware import check_device
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -74,7 +79,7 @@ def _build_network(hparams: dict[str, Any]) -> torch.nn.Module:
     subclass is imported and constructed from the saved hyper-parameters, which needs Lightning)."""
     class_path = hparams.get("_class_path")
     if class_path in _STOCK_CLASS_PATHS:
-        return GPT(GPTConfig.from_dict(hparams["config"]))
+        return build_gpt(GPTConfig.from_dict(hparams["config"]))
     init_args = {k: v for k, v in hparams.items() if not k.startswith("_")}
     return import_class(class_path)(**init_args).model
 
@@ -84,10 +89,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     The model is the network the LightningModule trained (`LanguageModel.model`): a `GPT`, or what a
     subclass's `build_model` made."""
-    from lm.data.tokenizer import Tokenizer
-
-    from lm.runtime.hardware import check_device
-
     device = check_device(device)
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters", {})
@@ -96,8 +97,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                       f"pass one written by `lm fit` (checkpoints/<experiment>/last.ckpt).")
     model = _build_network(hparams)
     if hparams.get("quantization"):  # written by `lm quantize`: int8 modules before the int8 weights
-        from lm.compress.quantize import quantize_model
-
         quantize_model(model, skeleton=True)
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
@@ -124,10 +123,6 @@ def save_model(path: str | Path, model: torch.nn.Module, tokenizer, hparams: Opt
     `lm quantize` / `lm prune`. `hparams` default to `{"config": model.config}`; a quantized or pruned
     model passes the source's, with its markers. Atomic: written to a temporary file, then renamed;
     with `overwrite=False` an existing file is an error instead."""
-    import io
-
-    from lm.io.files import atomic_write_bytes
-
     path = Path(path)
     if path.exists() and not overwrite:
         raise LMError(f"{path} already exists: choose another --output, or pass --overwrite true to replace it.")

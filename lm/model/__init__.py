@@ -11,6 +11,7 @@ pieces, stop strings), generation.py (the token and text API).
 """
 
 from lm.model.config import GPTConfig
+from lm.model.context_cache import ContextKVCache, GPTWithContextCache, build_gpt
 from lm.model.decoder import Decoder
 from lm.model.generation import generate, generate_text, stream_generate, stream_text
 from lm.model.gpt import GPT
@@ -21,6 +22,9 @@ from lm.model.text_stream import TextAssembler
 __all__ = [
     "GPT",
     "GPTConfig",
+    "build_gpt",
+    "GPTWithContextCache",
+    "ContextKVCache",
     "KVCache",
     "SamplingOptions",
     "generate",

@@ -62,10 +62,11 @@ class GPTConfig:
             the stream becomes `residual_scale * x + embedding_scale * x0`, where x0 is the (dropped-out)
             embedding the first block read. They start at 1 and 0 (the plain residual stream), so a deep
             block can keep reading the tokens themselves and each block can weigh the stream it gets.
-        context_cache: In evaluation, mix a copy distribution over the window's earlier tokens into the
-            softmax (a neural cache, Grave et al. 2017, limited to the model's own context), with a
-            softmax temperature; both are calibrated on the validation text whenever `lm fit` validates
-            (lm/model/context_cache.py). Training is unchanged. Until calibrated: the plain softmax.
+        context_cache: Opt into the context cache extension (lm/model/context_cache.py; `build_gpt` then makes
+            a `GPTWithContextCache`): a copy distribution over the window's earlier tokens mixed into the
+            softmax on request (a neural cache, Grave et al. 2017, limited to the model's own context), with
+            a softmax temperature, both calibrated on the validation text whenever `lm fit` validates.
+            Training and the network's own figures are unchanged; the mixture's are `val/cache_*`.
     """
 
     vocab_size: int = 8192

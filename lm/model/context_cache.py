@@ -14,22 +14,34 @@ the model predicts with its softmax alone.
 
 The three scalars are calibration, not weights. They are not trained by gradient descent on the
 training text: a model that fits its training text is confident there (its training loss sits far below
-its validation loss), so it would learn it needs no cache and no softening. `LanguageModel` fits them on
-the held-out validation text instead, each time it validates: every batch's NLL is summed over a grid of
-(sharpness, weight, temperature), and the best point is kept, the way the best checkpoint is kept. They
-are buffers, saved in every checkpoint. Until fitted, weight 0 and temperature 1: the plain softmax.
-The cache is used in evaluation only (`GPT.forward` outside training), so training is unchanged; `lm eval`,
-`lm test`, generation (the KV cache keeps the hidden states it copies from) and `lm serve` read the same
-mixture. `lm validate` fits it again on the data it is given; the fine-tuning modules keep the backbone's.
+its validation loss), so it would learn it needs no cache and no softening. They are fitted on the
+held-out validation text instead, each time `lm fit` validates (lm/callbacks/context_cache_calibration.py):
+every batch's NLL is summed over a grid of (sharpness, weight, temperature), and the best point is kept.
+They are buffers, saved in every checkpoint. Until fitted, weight 0 and temperature 1: the plain softmax.
+
+An extension, not part of the network: `GPT` and `KVCache` know nothing of it. A recipe opts in with
+`config.context_cache: true`; `build_gpt` then makes a `GPTWithContextCache`, whose forward is the plain
+GPT's unless asked for the mixture (`context_cache=True`), and whose KV cache (`ContextKVCache`) also keeps
+the hidden states and ids it copies from. Training, `val/loss` and `test/loss` are the plain network's; the
+mixture's figures are `val/cache_*` and `test/cache_*`; `lm eval` reports both; generation samples the
+plain softmax unless `SamplingOptions.context_cache`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lm.errors import LMError
+from lm.model.config import GPTConfig
+from lm.model.gpt import GPT
+from lm.model.layers import KVCache
 
 
 def _float32(device: torch.device) -> contextlib.AbstractContextManager:
@@ -105,7 +117,7 @@ class ContextCache(nn.Module):
     def grid_nll(self, logits: Tensor, hidden: Tensor, keys: Tensor, next_ids: Tensor, key_mask: Tensor,
                  targets: Tensor, ignore_index: int = -100) -> Tensor:
         """Summed NLL (float64, shape `grid_shape()`) of `targets` (B, T) at every grid point, for plain
-        `logits` (B, T, V) and the arguments `forward` takes (`GPT.context_cache_inputs` makes them)."""
+        `logits` (B, T, V) and the arguments `forward` takes (`cache_inputs` makes them)."""
         with _float32(logits.device):
             return self._grid_nll(logits, hidden, keys, next_ids, key_mask, targets, ignore_index)
 
@@ -125,3 +137,106 @@ class ContextCache(nn.Module):
                 mixed = self.mix(target_log_probs, copy, torch.tensor(weight, device=copy.device), history)
                 result[s, w] = -(mixed * scored).sum(dim=(1, 2), dtype=torch.float64)
         return result
+
+
+# ------------------------------------------------------------------------------ the extension
+def cache_inputs(hidden: Tensor, input_ids: Tensor, past: int = 0, history: Optional[tuple[Tensor, Tensor]] = None,
+                 attention_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(keys, next_ids, key_mask) of the context cache for positions past..past+T (see ContextCache.forward).
+    Key i (an earlier position) offers the token that followed it, i + 1; query t may use keys i < t.
+    `history`: the hidden states and ids of every position so far, from a `ContextKVCache` (generation
+    then sees the same distribution as `lm eval`); without it, those of `hidden` and `input_ids`."""
+    B, T = input_ids.shape
+    hidden_all, ids_all = history if history is not None else (hidden, input_ids)
+    total = past + T
+    keys, next_ids = hidden_all[:, :total - 1], ids_all[:, 1:total]
+    query_positions = torch.arange(past, total, device=input_ids.device)
+    key_mask = torch.arange(total - 1, device=input_ids.device)[None, :] < query_positions[:, None]  # (T, total-1)
+    key_mask = key_mask.expand(B, T, total - 1)
+    if attention_mask is not None:  # a key and the token after it must both be real
+        real = attention_mask[:, :total].bool()
+        key_mask = key_mask & (real[:, :-1] & real[:, 1:])[:, None, :]
+    return keys, next_ids, key_mask
+
+
+class ContextKVCache(KVCache):
+    """A KV cache that also keeps every position's final hidden state and token id: the history the
+    context cache copies from while decoding."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_length: Optional[int] = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__(config, batch_size, max_length, device=device, dtype=dtype)
+        self.hidden = torch.zeros(batch_size, self.max_length, config.hidden_size, device=device, dtype=dtype)
+        self.ids = torch.zeros(batch_size, self.max_length, dtype=torch.long, device=device)
+
+    def per_position(self) -> list[tuple[Tensor, int]]:
+        return super().per_position() + [(self.hidden, 1), (self.ids, 1)]
+
+    def narrow(self, rows: slice, start: int, length: Optional[int] = None) -> "ContextKVCache":
+        view = super().narrow(rows, start, length)
+        view.hidden, view.ids = self.hidden[rows, start:], self.ids[rows, start:]
+        return view
+
+    def write_history(self, start: int, hidden: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the hidden states (B, T, D) and ids (B, T) of positions start..; return those of every
+        position so far."""
+        end = start + ids.shape[1]
+        self.hidden[:, start:end] = hidden
+        self.ids[:, start:end] = ids
+        return self.hidden[:, :end], self.ids[:, :end]
+
+
+class GPTWithContextCache(GPT):
+    """`GPT` plus a `ContextCache`: the plain network's forward, and its mixture when asked for.
+
+    The state dict is the GPT's plus `context_cache.{sharpness,weight,temperature}`."""
+
+    accepts_context_cache = True
+
+    def __init__(self, config: GPTConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.context_cache = ContextCache()
+
+    def forward(self, input_ids: Tensor, kv_cache: Optional[KVCache] = None, position_ids: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, return_hidden: bool = False,
+                context_cache: bool = False) -> Tensor:
+        """`GPT.forward`; `context_cache=True` (outside training): the log of the cache's mixture instead of
+        the logits (a softmax of it gives the mixture, so it is used as logits everywhere)."""
+        past = kv_cache.length if kv_cache is not None else 0
+        hidden = super().forward(input_ids, kv_cache, position_ids, attention_mask, return_hidden=True)
+        if return_hidden:
+            return hidden
+        logits = self.head(hidden)
+        if not context_cache or self.training:
+            if isinstance(kv_cache, ContextKVCache):  # keep the history whole for a later mixture step
+                kv_cache.write_history(past, hidden, input_ids)
+            return logits
+        history = None
+        if kv_cache is not None:
+            if not isinstance(kv_cache, ContextKVCache):
+                raise LMError("This KV cache holds no history for the context cache: make it with "
+                              "new_kv_cache(..., context_cache=True), or pass context_cache=False.")
+            history = kv_cache.write_history(past, hidden, input_ids)
+        return self.context_cache(logits, hidden, *cache_inputs(hidden, input_ids, past, history, attention_mask))
+
+    def new_kv_cache(self, batch_size: int, max_length: Optional[int] = None, context_cache: bool = False) -> KVCache:
+        """An empty KV cache; `context_cache=True`: one that keeps the history the mixture copies from."""
+        if not context_cache:
+            return super().new_kv_cache(batch_size, max_length)
+        weight = self.embed_tokens.weight
+        return ContextKVCache(self.config, batch_size, max_length, device=weight.device, dtype=weight.dtype)
+
+    def without_context_cache(self) -> GPT:
+        """The plain network (a `GPT`, `config.context_cache` off) with these weights: what an export to a
+        format with no context cache carries."""
+        plain = copy.deepcopy(self)
+        del plain.context_cache
+        plain.__class__ = GPT  # the same modules and buffers, less the cache: exactly a GPT's layout
+        plain.config = dataclasses.replace(self.config, context_cache=False)
+        return plain
+
+
+def build_gpt(config: GPTConfig, *args, **kwargs) -> GPT:
+    """The network `config` describes: a `GPT`, or a `GPTWithContextCache` when `config.context_cache` is set.
+    Extra arguments go to the constructor (`block_class`, `attention_class`)."""
+    return (GPTWithContextCache if config.context_cache else GPT)(config, *args, **kwargs)

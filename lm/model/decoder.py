@@ -106,8 +106,8 @@ class Decoder:
         if capacity <= 0:
             raise LMError(f"A decoder needs at least one row, got capacity={capacity}.")
         self.model = model
-        self.cache_kwargs: dict[str, Any] = ({"context_cache": context_cache}
-                                             if getattr(model, "context_cache", None) is not None else {})
+        self.cache_kwargs: dict[str, Any] = ({"context_cache": True}  # GPTWithContextCache's mixture
+                                             if context_cache and getattr(model, "accepts_context_cache", False) else {})
         self.decode = getattr(model, "decode", model)  # GPT.decode: compiled after prepare_for_inference
         self.device = next(model.parameters()).device
         self.capacity = capacity

@@ -7,21 +7,19 @@ Notable features (each a `GPTConfig` value, see config.py):
 - GELU, ReLU² or SwiGLU MLP; tied or untied embeddings; bias on/off; dropout (and AWD-LSTM's dropout of
   whole token types from the input embedding); optional logit soft-capping;
 - optional learned residual scalars: each block reads a learned mix of the stream and the embedding;
-- an optional context cache (context_cache.py): in evaluation, a copy distribution over the window's
-  earlier tokens is mixed into the softmax, with a temperature, both calibrated on validation text;
 - GPT-2 initialization: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers) so the
   residual stream's variance does not grow with depth (or zero, so every block starts as the identity);
 - a preallocated KV cache for generation (prefill once, then one token per step);
 - `prepare_for_inference()`: CPU decode speed-ups (faster linear routes, a compiled decode step),
   kept out of the model in inference.py.
 
-`GPT(config)(input_ids)` returns logits of shape (batch, time, vocab). No Lightning here.
+`GPT(config)(input_ids)` returns logits of shape (batch, time, vocab). No Lightning here. The context
+cache is an extension built on top of this class (context_cache.py: `GPTWithContextCache`, chosen by
+`build_gpt` when `config.context_cache` is set); nothing here knows of it.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from typing import Optional
 
@@ -31,7 +29,6 @@ from torch import Tensor, nn
 from lm.errors import LMError
 from lm.model import inference
 from lm.model.config import GPTConfig
-from lm.model.context_cache import ContextCache
 from lm.model.layers import (Block, CausalSelfAttention, KVCache, LearnedPositions, RotaryPositions,
                              SinusoidalPositions, make_norm)
 
@@ -41,10 +38,14 @@ class GPT(nn.Module):
     `CausalSelfAttention` (same constructor arguments) without copying this class."""
 
     decode_step = None  # the compiled forward, set by prepare_for_inference(compile=True)
+    accepts_context_cache = False  # True in the extension that implements `config.context_cache`
 
     def __init__(self, config: GPTConfig, block_class: type[Block] = Block,
                  attention_class: type[CausalSelfAttention] = CausalSelfAttention):
         super().__init__()
+        if config.context_cache and not self.accepts_context_cache:
+            raise LMError("config.context_cache is set but GPT is the plain network: build it with "
+                          "lm.model.build_gpt(config, ...) (same arguments), which adds the context cache.")
         self.config = config = config.resolved()  # None fields -> the variant's defaults
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # Absolute positions are added to the embeddings; rotary ones are applied inside attention.
@@ -58,7 +59,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.context_cache = ContextCache() if config.context_cache else None
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -74,7 +74,7 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, kv_cache: Optional[KVCache] = None,
                 position_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                return_hidden: bool = False, context_cache: bool = True) -> Tensor:
+                return_hidden: bool = False) -> Tensor:
         """Logits (B, T, vocab) for `input_ids` (B, T).
 
         Args:
@@ -85,9 +85,6 @@ class GPT(nn.Module):
             attention_mask: (B, past + T) with 1 for real tokens, 0 for padding keys to ignore.
             return_hidden: return the final-norm hidden states (B, T, hidden) instead of logits: the
                 features a task head (e.g. a classifier) reads.
-            context_cache: with a context cache, outside training, return the log of the cache's mixture
-                (a softmax of it gives the mixture, so it is used as logits everywhere). False: the plain
-                logits, as generation uses by default (SamplingOptions.context_cache).
         """
         if input_ids.dim() != 2:
             raise LMError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}.")
@@ -114,43 +111,14 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         x = self.norm(x)
-        if return_hidden:
-            return x
-        logits = self.head(x)
-        if self.context_cache is not None and context_cache and not self.training:
-            if kv_cache is not None and kv_cache.hidden is None:
-                raise LMError("This KV cache holds no history for the context cache: make it with "
-                              "new_kv_cache(..., context_cache=True), or pass context_cache=False.")
-            logits = self.context_cache(logits, x, *self.context_cache_inputs(x, input_ids, kv_cache, past, attention_mask))
-        return logits
+        return x if return_hidden else self.head(x)
 
     def head(self, hidden: Tensor) -> Tensor:
-        """The LM head's logits (B, T, vocab) for final hidden states: `forward` without the context cache."""
+        """The LM head's logits (B, T, vocab) for final hidden states (what `forward` returns)."""
         logits = self.lm_head(hidden)
         if self.config.logit_softcap is not None:  # smooth bound: cap * tanh(logits / cap)
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         return logits
-
-    def context_cache_inputs(self, hidden: Tensor, input_ids: Tensor, kv_cache: Optional[KVCache] = None, past: int = 0,
-                             attention_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(keys, next_ids, key_mask) of the context cache for these positions (see ContextCache.forward).
-        Key i (an earlier position) offers the token that followed it, i + 1; query t may use keys i < t.
-        With a KV cache, the earlier positions' hidden states and ids come from it (generation sees the same
-        distribution as `lm eval`)."""
-        B, T = input_ids.shape
-        if kv_cache is not None:
-            hidden_all, ids_all = kv_cache.write_context(past, hidden, input_ids)
-        else:
-            hidden_all, ids_all = hidden, input_ids
-        total = past + T
-        keys, next_ids = hidden_all[:, :total - 1], ids_all[:, 1:total]
-        query_positions = torch.arange(past, total, device=input_ids.device)
-        key_mask = torch.arange(total - 1, device=input_ids.device)[None, :] < query_positions[:, None]  # (T, total-1)
-        key_mask = key_mask.expand(B, T, total - 1)
-        if attention_mask is not None:  # a key and the token after it must both be real
-            real = attention_mask[:, :total].bool()
-            key_mask = key_mask & (real[:, :-1] & real[:, 1:])[:, None, :]
-        return keys, next_ids, key_mask
 
     def _embedding_keep_scale(self, input_ids: Tensor) -> Tensor:
         """(B, T, 1) factors of `embedding_dropout`: 0 for the token types dropped this step, 1 / (1 - p)
@@ -160,32 +128,22 @@ class GPT(nn.Module):
         scale = torch.empty(weight.shape[0], device=weight.device, dtype=weight.dtype).bernoulli_(keep) / keep
         return scale[input_ids].unsqueeze(-1)
 
-    def without_context_cache(self) -> "GPT":
-        """A copy that computes the plain softmax (`config.context_cache` off, the cache's scalars gone): what
-        generation samples by default, and what an export to a format with no context cache carries."""
-        plain = copy.deepcopy(self)
-        plain.context_cache = None
-        plain.config = dataclasses.replace(plain.config, context_cache=False)
-        return plain
-
     def prepare_for_inference(self, compile: bool = False) -> "GPT":
         """Faster CPU decoding, logits unchanged to float rounding (see lm/model/inference.py); returns
         the model. `compile=True` also compiles the step `decode` runs. Training it stays correct."""
         return inference.prepare_for_inference(self, compile=compile)
 
     def decode(self, input_ids: Tensor, kv_cache: KVCache, position_ids: Optional[Tensor] = None,
-               attention_mask: Optional[Tensor] = None, context_cache: bool = True) -> Tensor:
+               attention_mask: Optional[Tensor] = None, **forward_options) -> Tensor:
         """`forward` for generation's one-token steps: compiled after `prepare_for_inference(compile=True)`."""
         step = self.decode_step or self.forward
         return step(input_ids, kv_cache=kv_cache, position_ids=position_ids, attention_mask=attention_mask,
-                    context_cache=context_cache)
+                    **forward_options)
 
-    def new_kv_cache(self, batch_size: int, max_length: Optional[int] = None, context_cache: bool = True) -> KVCache:
-        """An empty cache on the model's device and dtype. `context_cache=False`: no room for the context
-        cache's history (hidden states, ids), for decoding with the plain softmax."""
+    def new_kv_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
+        """An empty cache on the model's device and dtype."""
         weight = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_length, device=weight.device, dtype=weight.dtype,
-                       context_cache=context_cache and self.context_cache is not None)
+        return KVCache(self.config, batch_size, max_length, device=weight.device, dtype=weight.dtype)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied head is counted once); optionally without embedding tables."""

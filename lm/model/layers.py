@@ -6,6 +6,7 @@ Lightning.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -131,8 +132,7 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_length: Optional[int] = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 context_cache: Optional[bool] = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         max_length = max_length or config.max_position_embeddings
         if max_length > config.max_position_embeddings:
             raise LMError(
@@ -143,12 +143,6 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_length = max_length
         self.length = 0
-        # The context cache (config.context_cache) copies from earlier positions: it keeps their final
-        # hidden states and token ids (unless `context_cache=False`: decoding with the plain softmax).
-        keep_history = config.context_cache if context_cache is None else context_cache
-        self.hidden = torch.zeros(batch_size, max_length, config.hidden_size, device=device, dtype=dtype) \
-            if keep_history else None
-        self.ids = torch.zeros(batch_size, max_length, dtype=torch.long, device=device) if keep_history else None
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new keys/values (B, kv_heads, T, head_dim) after the cached ones; return all of them."""
@@ -160,34 +154,21 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def per_position(self) -> list[tuple[Tensor, int]]:
-        """Every tensor that holds one entry per row and position, with its position dimension: keys and
-        values (B, kv_heads, positions, head_dim), and the context cache's hidden states and ids (B, positions, ...).
-        For code that moves positions or rows around (`lm.model.decoder.Decoder`)."""
-        pairs = [(t, 2) for t in (*self.keys, *self.values)]
-        if self.hidden is not None:
-            pairs += [(self.hidden, 1), (self.ids, 1)]
-        return pairs
+        """Every tensor that holds one entry per row and position, with its position dimension: here keys and
+        values (B, kv_heads, positions, head_dim); a subclass adds its own. For code that moves positions or
+        rows around (`lm.model.decoder.Decoder`)."""
+        return [(t, 2) for t in (*self.keys, *self.values)]
 
     def narrow(self, rows: slice, start: int, length: Optional[int] = None) -> "KVCache":
         """A cache that shares this one's memory: rows `rows`, positions `start`.. (its position 0 is this
         one's `start`), `length` of them written (default: those this cache has past `start`). What a
         forward writes into it lands here; its own `length` advances, this one's does not."""
-        view = object.__new__(KVCache)
+        view = copy.copy(self)  # the same class, so a subclass's extra per-position tensors are narrowed below
         view.keys = [k[rows, :, start:] for k in self.keys]
         view.values = [v[rows, :, start:] for v in self.values]
-        view.hidden = None if self.hidden is None else self.hidden[rows, start:]
-        view.ids = None if self.ids is None else self.ids[rows, start:]
         view.max_length = self.max_length - start
         view.length = max(self.length - start, 0) if length is None else length
         return view
-
-    def write_context(self, start: int, hidden: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the final hidden states (B, T, D) and ids (B, T) of positions start.. for the context
-        cache; return those of every position so far."""
-        end = start + ids.shape[1]
-        self.hidden[:, start:end] = hidden
-        self.ids[:, start:end] = ids
-        return self.hidden[:, :end], self.ids[:, :end]
 
 
 # ------------------------------------------------------------------------------------ attention

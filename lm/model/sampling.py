@@ -31,7 +31,7 @@ class SamplingOptions:
         context_cache: Sample from the context cache's mixture, for a model that has one
             (`GPTConfig.context_cache`). Off by default: the cache lowers the scored loss but, sampled,
             copies the model's own mistakes back into the text (repeated phrases; measured by
-            benchmarks/generation_quality.py). `lm eval`, `lm test` and `lm validate` always score with it.
+            benchmarks/generation_quality.py). `lm eval`, `lm test` and `lm validate` score it beside the network.
         repetition_penalty: Make tokens of the last `repetition_window` tokens (prompt included) less likely:
             a positive logit is divided by it, a negative one multiplied (CTRL, Keskar et al. 2019; HF's
             `repetition_penalty`, llama.cpp's `repeat_penalty`). 1.0 is off. A small model sampled at

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lm.errors import LMError
 from lm.evaluation.token_metrics import IGNORE_INDEX
+from lm.io.checkpoints import load_model
 from lm.modules.language_model import LanguageModel
 
 
@@ -60,6 +61,7 @@ class Distiller(LanguageModel):
             raise LMError(f"temperature must be positive, got {temperature}.")
         self.teacher_ckpt, self.alpha, self.temperature = teacher_ckpt, alpha, temperature
         self.teacher: Optional[torch.nn.Module] = None
+        self.teacher_options: dict[str, bool] = {}  # forward options of the teacher (see set_teacher)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "teacher":  # a plain attribute, not a submodule: never trained, saved or counted
@@ -73,8 +75,6 @@ class Distiller(LanguageModel):
             self.set_teacher(*self._load_teacher())
 
     def _load_teacher(self):
-        from lm.io.checkpoints import load_model
-
         if not self.teacher_ckpt:
             raise LMError("Distiller needs a teacher: pass --model.init_args.teacher_ckpt PATH (a checkpoint written by `lm fit`).")
         return load_model(self.teacher_ckpt)
@@ -92,11 +92,13 @@ class Distiller(LanguageModel):
                              f"set --data.vocab_size {teacher_vocab}.")
         teacher.eval().requires_grad_(False)
         self.teacher = teacher.to(self.device)
+        # A teacher with a context cache teaches its mixture: its best prediction of the next token.
+        self.teacher_options = {"context_cache": True} if getattr(teacher, "accepts_context_cache", False) else {}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         input_ids, targets = batch
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids)
+            teacher_logits = self.teacher(input_ids, **self.teacher_options)
         loss, kl, ce = distillation_loss(self(input_ids), teacher_logits, targets, self.alpha,
                                          self.temperature)
         self.log("train/loss", loss, on_step=True, prog_bar=True)

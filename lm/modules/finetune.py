@@ -17,8 +17,10 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
+from lm.data.tokenizer import Tokenizer
 from lm.errors import LMError
-from lm.model import GPT, GPTConfig
+from lm.model import GPT, GPTConfig, build_gpt
+from lm.modules.init_from import checkpoint_parts
 from lm.modules.language_model import attached_trainer
 from lm.modules.optimizers import build_optimizer, warmup_cosine
 
@@ -29,8 +31,6 @@ class FinetuneModule(L.LightningModule):
 
     def _init_backbone(self, backbone: Optional[str], config: Optional[dict], pretrained: bool,
                        dropout: Optional[float]) -> GPT:
-        from lm.modules.init_from import checkpoint_parts
-
         self.tokenizer = None
         parts = None
         if config is None:  # a new run: read the backbone checkpoint (a reload has `config` and its own weights)
@@ -42,13 +42,11 @@ class FinetuneModule(L.LightningModule):
         if dropout is not None:
             gpt_config.dropout = dropout
         self.hparams["config"] = gpt_config.to_dict()  # plain types: checkpoints load with weights_only=True
-        model = GPT(gpt_config)
+        model = build_gpt(gpt_config)
         if parts is not None:
             if pretrained:
                 model.load_state_dict(parts.state_dict)
             if parts.tokenizer_json is not None:
-                from lm.data.tokenizer import Tokenizer
-
                 self.tokenizer = Tokenizer.from_str(parts.tokenizer_json)
         return model
 
@@ -74,8 +72,6 @@ class FinetuneModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "tokenizer" in checkpoint:
-            from lm.data.tokenizer import Tokenizer
-
             self.tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
 
     def configure_optimizers(self):

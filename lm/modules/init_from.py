@@ -18,8 +18,9 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from lm.io.checkpoints import read_checkpoint
+from lm.data.tokenizer import Tokenizer
 from lm.errors import LMError
+from lm.io.checkpoints import read_checkpoint
 from lm.model import GPTConfig
 
 # Fields that change parameter shapes or what the weights mean; dropout / init / attention kernel don't.
@@ -58,8 +59,6 @@ def tokenizer_difference(run_json: Optional[str], checkpoint_json: Optional[str]
     """Why two tokenizers differ (None if they are the same or either is unknown)."""
     if run_json is None or checkpoint_json is None or run_json == checkpoint_json:
         return None
-    from lm.data.tokenizer import Tokenizer
-
     a, b = Tokenizer.from_str(run_json), Tokenizer.from_str(checkpoint_json)
     if a.vocab_size != b.vocab_size:
         return f"tokenizer: this run's has {a.vocab_size} tokens, the checkpoint's {b.vocab_size}"
@@ -97,6 +96,4 @@ def load_initial_weights(module: Any, path: str | Path) -> None:
     check_fits(path, module.model, module.config, parts, tokenizer.to_str() if tokenizer is not None else None)
     module.model.load_state_dict(parts.state_dict, strict=False)
     if tokenizer is None and parts.tokenizer_json is not None and hasattr(module, "set_tokenizer"):
-        from lm.data.tokenizer import Tokenizer
-
         module.set_tokenizer(Tokenizer.from_str(parts.tokenizer_json))

@@ -1,16 +1,16 @@
 """`LanguageModel`: the LightningModule for pre-training a GPT.
 
 It wires four things and nothing else: the hand-written `GPT` (lm/model), the training objective,
-token-weighted loss / perplexity / bits-per-byte (lm/evaluation/token_metrics.py) and AdamW with warm-up + cosine
-decay (lm/modules/optimizers.py). The tokenizer travels inside every checkpoint, so a `.ckpt` file alone is
+token-weighted loss / perplexity / bits-per-byte (lm/evaluation/token_metrics.py) and the optimizer with its
+schedule (lm/modules/optimizers.py: Muon + AdamW or AdamW, WSD or warm-up + cosine). The tokenizer travels inside every checkpoint, so a `.ckpt` file alone is
 enough to evaluate or generate.
 
 Objective vs metrics: `compute_loss` is the objective training minimizes, and a subclass may change
 it (label smoothing, z-loss, ...). Validation and test metrics never use it: `val/*` and `test/*` are
 always the plain token negative log-likelihood of the logits (`lm.evaluation.token_metrics.token_nll`), so perplexity
 and bits-per-byte stay comparable between runs whatever they trained on. With a context cache
-(`GPTConfig.context_cache`), each validation also calibrates it on the validation batches: `val/*` are then
-the calibrated model's (the one saved and tested) and `val/plain_loss` the softmax alone's.
+(`GPTConfig.context_cache`), `configure_callbacks` adds its calibration (lm/callbacks/context_cache_calibration.py),
+which logs the mixture's figures as `val/cache_*` and `test/cache_*`; `val/*` and `test/*` stay the network's.
 
 Hooks meant for subclasses (select one with `--model my_pkg.MyModel` or `class_path` in YAML):
 - `build_model(config)`: return your own `nn.Module` (e.g. a GPT with a custom attention);
@@ -28,9 +28,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lm.callbacks.context_cache_calibration import ContextCacheCalibration
 from lm.errors import LMError
 from lm.evaluation.token_metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
-from lm.model import GPT, GPTConfig, SamplingOptions, generate_text
+from lm.model import GPT, GPTConfig, SamplingOptions, build_gpt, generate_text
 from lm.modules.optimizers import OptimizerName, Schedule, build_optimizer, lr_multiplier, step_progress
 
 
@@ -101,15 +102,13 @@ class LanguageModel(L.LightningModule):
         self.register_buffer("token_bytes", torch.zeros(self.config.vocab_size, dtype=torch.long), persistent=False)
         self.val_metrics = LanguageModelingMetrics()
         self.test_metrics = LanguageModelingMetrics()
-        cache = getattr(self.model, "context_cache", None)  # calibrated on the validation text (lm/model/context_cache.py)
-        self.val_cache_metrics = LanguageModelingMetrics(cache.grid_shape()) if cache is not None else None
         self._compiled = False
         self._sharded = False
 
     # ------------------------------------------------------------------------------ subclass hooks
     def build_model(self, config: GPTConfig) -> nn.Module:
         """The network: any module mapping ids (B, T) to logits (B, T, vocab)."""
-        return GPT(config)
+        return build_gpt(config)
 
     def compute_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The training objective: here the mean token cross-entropy over the scored targets.
@@ -210,25 +209,15 @@ class LanguageModel(L.LightningModule):
         # From the (checkpointed) step counter, so it survives a resume; exact while the batch shape is fixed.
         self.log("train/tokens_seen", float(trainer.global_step * tokens_per_step), on_step=True, on_epoch=False)
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: LanguageModelingMetrics,
-                   calibrate_cache: bool = False) -> Tensor:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: LanguageModelingMetrics) -> Tensor:
         input_ids, targets = batch
-        valid = targets != IGNORE_INDEX
-        num_bytes = self.token_bytes[targets.clamp(min=0)][valid].sum()
-        if calibrate_cache:  # the plain softmax's logits, and the cache's NLL at every grid point
-            hidden = self.model(input_ids, return_hidden=True)
-            logits = self.model.head(hidden)
-            cache_inputs = self.model.context_cache_inputs(hidden, input_ids)
-            grid = self.model.context_cache.grid_nll(logits, hidden, *cache_inputs, targets, IGNORE_INDEX)
-            self.val_cache_metrics.update(grid, valid.sum(), num_bytes)
-        else:
-            logits = self(input_ids)
-        nll, num_tokens = token_nll(logits, targets)  # never the (overridable) objective
+        num_bytes = self.token_bytes[targets.clamp(min=0)][targets != IGNORE_INDEX].sum()
+        nll, num_tokens = token_nll(self(input_ids), targets)  # never the (overridable) objective
         metrics.update(nll, num_tokens, num_bytes)
         return nll / num_tokens.clamp(min=1)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._eval_step(batch, self.val_metrics, calibrate_cache=self.val_cache_metrics is not None)
+        return self._eval_step(batch, self.val_metrics)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._eval_step(batch, self.test_metrics)
@@ -240,25 +229,14 @@ class LanguageModel(L.LightningModule):
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_cache_metrics is None:
-            self._log_metrics("val", self.val_metrics)
-            return
-        # With a context cache `val/*` are the calibrated model's (the one saved and tested); the plain
-        # softmax's loss is `val/plain_loss`. Choosing 3 scalars on the validation text is like choosing
-        # the checkpoint on it: the test text stays unseen.
-        plain = self.val_metrics.compute()
-        self.val_metrics.reset()
-        calibrated = self.val_cache_metrics.compute()
-        self.val_cache_metrics.reset()
-        sharpness, weight, temperature = self.model.context_cache.set_from_grid(calibrated.pop("index"))
-        for name, value in calibrated.items():
-            self.log(f"val/{name}", value, prog_bar=name == "loss")
-        self.log("val/plain_loss", plain["loss"])
-        for name, value in (("sharpness", sharpness), ("weight", weight), ("temperature", temperature)):
-            self.log(f"val/cache_{name}", value)
+        self._log_metrics("val", self.val_metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The callbacks this model needs whatever the recipe lists: a context cache's calibration."""
+        return [ContextCacheCalibration()] if getattr(self.model, "accepts_context_cache", False) else []
 
     # -------------------------------------------------------------------------------- prediction
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, str]]:

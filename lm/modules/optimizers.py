@@ -17,6 +17,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lm.model import inference
+from lm.runtime import hardware
+
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: decay for nn.Linear weights, none for norms, biases and embeddings.
@@ -98,22 +101,20 @@ def fast_bf16_matmul(device: torch.device) -> bool:
     """Whether bf16 matrix products are fast on `device`: CUDA and other accelerators yes; a CPU only with
     native bf16 (AVX-512-BF16, AMX) that oneDNN uses (not capped by `ONEDNN_MAX_CPU_ISA`), elsewhere torch
     falls back to a reference kernel."""
-    from lm.runtime.hardware import cpu_has_native_bf16
-    from lm.model.inference import onednn_bf16_supported
-
-    return device.type != "cpu" or (cpu_has_native_bf16() and onednn_bf16_supported())
+    # Looked up on the modules at each call, so a probe can be replaced (tests stand in an AVX2-only CPU).
+    return device.type != "cpu" or (hardware.cpu_has_native_bf16() and inference.onednn_bf16_supported())
 
 
 class Muon(torch.optim.Muon):
     """`torch.optim.Muon` whose Newton-Schulz iterations run in fp32 where bf16 matrix products are slow.
 
     torch runs them in bf16, right on GPUs and on CPUs with native bf16. On a CPU without it (AVX2) a
-    bf16 product takes torch's reference kernel: measured on this project's 2-core machine with oneDNN
-    capped at AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`), 0.87 GFLOP/s against 182 in fp32, and torch's Newton-Schulz
-    over the default recipe's 24 hidden matrices took 20.2 s per optimizer step instead of 0.52 s in fp32
-    (0.26 s in bf16 with native bf16; benchmarks/muon_step.py). There, `step` runs the same update as torch's (momentum, Nesterov,
-    the quintic iteration, the LR adjustment, decoupled weight decay) with the iteration in fp32; state
-    dicts are torch's. `newton_schulz_dtype` forces a dtype (None: bf16 where fast, else fp32).
+    bf16 product takes torch's reference kernel, some hundred times slower than fp32, and Muon's iteration
+    is nothing but such products: a step would cost more than the forward and backward passes it follows
+    (benchmarks/muon_step.py; figures in docs/results/figures.md). There, `step` runs the same update as
+    torch's (momentum, Nesterov, the quintic iteration, the LR adjustment, decoupled weight decay) with the
+    iteration in fp32; state dicts are torch's. `newton_schulz_dtype` forces a dtype (None: bf16 where
+    fast, else fp32).
     """
 
     def __init__(self, params, *, newton_schulz_dtype: torch.dtype | None = None, **kwargs):

@@ -15,8 +15,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
+from lm.callbacks import measure_matmul_flops
 from lm.errors import LMError
 from lm.runtime.hardware import usable_cpus
 
@@ -100,10 +102,6 @@ def cpu_threads_per_process(processes: int) -> int:
 
 def measure_cpu_peak(compute_dtype: str, processes: int = 1, seconds: float = 1.0) -> float:
     """Best matmul FLOP/s in `compute_dtype` with the threads one of `processes` processes gets."""
-    import torch
-
-    from lm.callbacks import measure_matmul_flops
-
     before = torch.get_num_threads()
     torch.set_num_threads(cpu_threads_per_process(processes))
     try:

@@ -7,7 +7,7 @@ benchmarks/plan_check.py calls it to compare plans with measured runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from lm.errors import LMError
 from lm.runtime.hardware import auto_precision
@@ -15,9 +15,7 @@ from lm.plan.advice import Change, needed_bytes, smallest_fitting_change, usable
 from lm.plan.devices import DeviceSpec, device_spec, host_memory_bytes
 from lm.plan.estimate import PRECISIONS, Speed, memory_per_device, speed, steps_for
 from lm.plan.recipe import Recipe, read_recipe
-
-if TYPE_CHECKING:
-    from lm.plan.speed_probe import StepProbe
+from lm.plan.speed_probe import DEFAULT_STEPS, StepProbe, probe_mfu, probe_training_step, skip_reason
 
 
 @dataclass(frozen=True)
@@ -108,8 +106,6 @@ def _probed_mfu(recipe_args: list[str], recipe: Recipe, device: DeviceSpec, head
     The MFU is the step's FLOPs as the plan counts them (model FLOPs of the micro-batches without
     activation checkpointing's recomputation, which `speed` adds, plus the optimizer's) over the probed
     step time and the measured peak: planned with it, one process's compute time is the probed step."""
-    from lm.plan.speed_probe import DEFAULT_STEPS, probe_mfu, probe_training_step, skip_reason
-
     if steps == 0:
         return None, None, "no probe (--probe_steps 0)"
     model, setup = recipe.model, recipe.setup

@@ -32,8 +32,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from lightning.pytorch import Callback, LightningModule, Trainer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lm.cli.lightning_cli import parse_recipe
+from lm.data import TextDataModule
 from lm.io.files import atomic_write_text
 
 MEASURE_ENV = {"LM_DEFAULT_MALLOC": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
@@ -86,9 +92,6 @@ class MemoryProbe(Callback):
 def prepare_data(args: list[str]) -> None:
     """Train the tokenizer and write the token cache of `lm fit <args>` here, before any measured run:
     the run that tokenizes keeps ~30 MiB more resident memory afterwards (seen in plan_check.py)."""
-    from lm.data import TextDataModule
-    from lm.cli.lightning_cli import parse_recipe
-
     TextDataModule(**parse_recipe(args).data.as_dict()).prepare_data()
 
 
@@ -128,8 +131,6 @@ def logged_tokens_per_second(log_dir: Path) -> dict[str, Any]:
     a validation falls in an excluded interval; the median leaves out an interval slowed by anything rare
     (a text sample every N steps, another process's burst). Returns `tokens_per_second` and the
     `intervals` (tokens/s of each, in order)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
@@ -161,8 +162,6 @@ def measure_gloo(world_size: int = 2, sizes: tuple[int, ...] = (1, 1 << 20, 4 <<
       was 0.8-4.0 ms against 0.3-1.4 ms idle (mostly more, not always): the fixed cost per collective
       that devices.yaml's cpu entry records and the plan charges.
     `python -c "from lm.plan.probe import measure_gloo; print(measure_gloo())"`."""
-    import torch.multiprocessing as mp
-
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     port = 29400 + os.getpid() % 1000
@@ -184,9 +183,6 @@ def measure_gloo(world_size: int = 2, sizes: tuple[int, ...] = (1, 1 << 20, 4 <<
 
 def _gloo_worker(rank: int, world_size: int, port: int, sizes: tuple[int, ...], queue, repeats: int = 10,
                  rounds_of: int = 5) -> None:
-    import torch
-    import torch.distributed as dist
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -215,8 +211,6 @@ def _gloo_worker(rank: int, world_size: int, port: int, sizes: tuple[int, ...], 
 
 def _matmuls_for(seconds: float) -> int:
     """How many 256 x 256 matmuls take `seconds` on this process's thread."""
-    import torch
-
     a = torch.randn(256, 256)
     a @ a
     start = time.perf_counter()
@@ -228,8 +222,6 @@ def _matmuls_for(seconds: float) -> int:
 def _after_compute(collective, barrier, matmuls: int, rounds: int = 30) -> float:
     """Median time of `collective` issued right after `matmuls` 256 x 256 matmuls on every rank, as FSDP's
     and DDP's collectives come between chunks of a training step's compute (each round starts together)."""
-    import torch
-
     a = torch.randn(256, 256)
     collective()
     times = []

@@ -16,7 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
+
+from lm.cli.lightning_cli import parse_recipe
 from lm.errors import LMError
+from lm.io.class_paths import import_class
+from lm.model.layers import Block
+from lm.modules.optimizers import newton_schulz_flops
 
 STRATEGIES = ("single", "ddp", "fsdp", "fsdp2")
 SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP")  # FSDP1's ZeRO-3 and ZeRO-2; fsdp2 is always FULL_SHARD
@@ -31,7 +37,7 @@ class ModelShape:
     parameters: int                 # unique (a tied head counted once)
     non_embedding_parameters: int
     flops_per_token: int            # training (forward + backward) at `sequence_length`
-    sequence_length: int
+    sequence_length: int            # tokens per training window: the model's context
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -82,12 +88,10 @@ class Recipe:
 def read_recipe(args: list[str], devices: Optional[int] = None, nodes: Optional[int] = None,
                 default_precision: str = "bf16-mixed") -> Recipe:
     """The recipe given by `lm fit`-style arguments; `devices`/`nodes` override the Trainer's."""
-    from lm.cli.lightning_cli import parse_recipe
-
     config = parse_recipe(args)
     trainer, data = config.trainer, config.get("data")
-    block_size = _get(data, "block_size") or config.model.init_args.config.max_position_embeddings
-    model = model_shape(config.model, int(block_size))
+    context = _get(data, "block_size")  # the model's context: the parser links data.block_size to it
+    model = model_shape(config.model, int(context))
     devices = devices if devices is not None else _device_count(trainer.devices)
     nodes = nodes if nodes is not None else int(trainer.num_nodes or 1)
     if devices < 1 or nodes < 1:
@@ -106,12 +110,6 @@ def read_recipe(args: list[str], devices: Optional[int] = None, nodes: Optional[
 
 def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
     """Build the LightningModule of `model_config` (class_path + init_args) on the meta device and measure it."""
-    import torch
-
-    from lm.io.class_paths import import_class
-    from lm.model.layers import Block
-    from lm.modules.optimizers import newton_schulz_flops
-
     init_args = model_config.init_args.as_dict()
     with torch.device("meta"):  # shapes only: no memory is allocated, no weights initialized
         module = import_class(model_config.class_path)(**init_args)
@@ -120,7 +118,7 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
         raise LMError(f"{model_config.class_path} builds a {type(net).__name__}: lm plan needs a network with "
                          f"num_parameters() and flops_per_token() (as lm.model.GPT has).")
     c = net.config
-    block_sizes = [sum(p.numel() for p in m.parameters()) for m in net.modules() if isinstance(m, Block)]
+    block_parameter_counts = [sum(p.numel() for p in m.parameters()) for m in net.modules() if isinstance(m, Block)]
     in_blocks = {id(p) for m in net.modules() if isinstance(m, Block) for p in m.parameters()}
     root = sum(p.numel() for p in net.parameters() if id(p) not in in_blocks)
     states, optimizer_flops = 2.0, 0.0
@@ -136,8 +134,8 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
         num_heads=c.num_attention_heads, kv_size=c.num_key_value_heads * c.head_dim,
         intermediate_size=c.intermediate_size, activation=c.activation, attention=c.attention, position=c.position,
-        qk_norm=c.qk_norm, dropout=c.dropout, attention_dropout=c.attention_dropout, largest_unit_parameters=max(block_sizes + [root]),
-        optimizer_states=states, optimizer_flops=optimizer_flops, num_units=len(block_sizes) + 1,
+        qk_norm=c.qk_norm, dropout=c.dropout, attention_dropout=c.attention_dropout, largest_unit_parameters=max(block_parameter_counts + [root]),
+        optimizer_states=states, optimizer_flops=optimizer_flops, num_units=len(block_parameter_counts) + 1,
         residual_scalars=c.residual_scalars,
     )
 

@@ -41,7 +41,16 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from lightning.pytorch import Callback
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, Dataset
+
+from lm.cli.lightning_cli import parse_recipe
+from lm.io.class_paths import import_class
+from lm.plan.devices import cpu_threads_per_process
+from lm.runtime.allocator import keep_large_allocations_in_heap
 
 MIN_STEPS = 3                # timed optimizer steps a probe needs, whatever its budget
 DEFAULT_STEPS = 10           # timed optimizer steps (after the warm-up) when the budget allows
@@ -95,12 +104,6 @@ def probe_training_step(recipe_args: list[str], precision: str, micro_batch: int
     """Time `steps` optimizer steps of `lm fit <recipe_args>`'s training step in this process (see the module
     docstring), with `precision`, `micro_batch` sequences of `block_size` tokens and `accumulation`, on the
     threads one of `processes` processes gets."""
-    import torch
-
-    from lm.runtime.allocator import keep_large_allocations_in_heap
-    from lm.cli.lightning_cli import parse_recipe
-    from lm.plan.devices import cpu_threads_per_process
-
     if steps < 1 or warmup < 1:
         raise ValueError(f"A probe needs steps >= 1 and warmup >= 1 (the first step's start is not timed), "
                          f"got steps={steps}, warmup={warmup}.")
@@ -133,8 +136,6 @@ def probe_training_step(recipe_args: list[str], precision: str, micro_batch: int
 
 def _build_module(model_config: Any):
     """The recipe's LightningModule with real weights, as `lm fit` instantiates it (`init_from` dropped)."""
-    from lm.io.class_paths import import_class
-
     init_args = model_config.init_args.as_dict()
     if init_args.get("init_from"):
         init_args["init_from"] = None  # the speed does not depend on which weights
@@ -145,8 +146,6 @@ def _per_step_callbacks(callbacks: Any) -> list:
     """Instances of the recipe's callbacks that work on every training step (`PER_STEP_CALLBACKS`); those
     that act at validation, at checkpoints or every N steps are left out (the figure the probe predicts is a
     median over log intervals, which leaves such rare intervals out too)."""
-    from lm.io.class_paths import import_class
-
     chosen = []
     for callback in callbacks or []:
         if not hasattr(callback, "get"):  # an instance given in Python
@@ -161,10 +160,6 @@ def _per_step_callbacks(callbacks: Any) -> list:
 
 
 def _trainer(trainer_config: Any, folder: str, precision: str, accumulation: int, callbacks: list, max_steps: int):
-    from lightning.pytorch import Trainer
-    from lightning.pytorch.callbacks import LearningRateMonitor
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     return Trainer(
         accelerator="cpu", devices=1, precision=precision, max_steps=max_steps, max_epochs=-1,
         accumulate_grad_batches=accumulation, gradient_clip_val=trainer_config.get("gradient_clip_val"),
@@ -177,9 +172,6 @@ def _trainer(trainer_config: Any, folder: str, precision: str, accumulation: int
 
 def _random_batches(count: int, micro_batch: int, block_size: int, vocab_size: int):
     """A DataLoader of `count` (input_ids, targets) batches of random token ids, as the recipe's windows are shaped."""
-    import torch
-    from torch.utils.data import DataLoader, Dataset
-
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab_size, (count * micro_batch, block_size + 1), generator=generator)
 

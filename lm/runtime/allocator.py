@@ -2,18 +2,19 @@
 
 glibc serves allocations above its mmap threshold (32 MB at most) with a new `mmap` and unmaps them on
 free. A training step allocates and frees several such tensors (the (batch*time, vocab) logits, their
-gradient, the log-softmax), so every step page-faults them in again from zeroed pages: `make train`
-showed ~90 M minor page faults and 12% of its CPU time in the kernel. With mmap off and trimming
-raised, freed blocks stay in the heap and the next step reuses warm pages (benchmarks/
-train_throughput.py: plain fp32 loop 1354 -> 1490 tokens/s on the 6x384 model here).
+gradient, the log-softmax), so every step page-faults them in again from zeroed pages, and the kernel's
+page-fault work becomes a visible share of the step. With mmap off and trimming raised, freed blocks stay
+in the heap and the next step reuses warm pages (the effect on `make train` and on
+benchmarks/train_throughput.py: docs/results/figures.md).
 
 The cost is that the process keeps its peak heap until exit, which is what a training run does anyway.
 Set LM_DEFAULT_MALLOC=1 to leave glibc's defaults alone. No-op where libc is not glibc.
 
 The tokenizer is the other allocation-bound step: `tokenizers` spends more than half its cycles in
 glibc's malloc/free (a small string per token), so `lm prepare`'s encode workers, fresh processes,
-start with mimalloc preloaded (:func:`fast_allocator`, used by lm/data/preparation/encode.py): ~1.5x the
-encoding speed. An allocator can't be swapped inside a running process, hence workers only.
+start with mimalloc preloaded (:func:`fast_allocator`, used by lm/data/preparation/encode.py), whose
+per-thread free lists make those small allocations cheap (figures: docs/data.md). An allocator can't be
+swapped inside a running process, hence workers only.
 """
 
 from __future__ import annotations

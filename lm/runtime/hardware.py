@@ -12,6 +12,8 @@ import platform
 from functools import lru_cache
 from pathlib import Path
 
+from lm.errors import LMError
+
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of hardware bf16 matmuls
 
 
@@ -52,7 +54,7 @@ def cpu_has_avx512_vnni() -> bool:
 
 def describe_cpu() -> str:
     """One line for logs and benchmark output, e.g. 'AMD EPYC (AVX2, no native bf16), 2 threads'."""
-    import torch  # here, not at the top: usable_cpus() serves processes that never load torch
+    import torch  # here, not at the top: usable_cpus() serves lm.data's tokenizing workers, which never load torch
 
     name, _ = _cpuinfo()
     capability = torch.backends.cpu.get_cpu_capability()
@@ -63,7 +65,7 @@ def describe_cpu() -> str:
 
 def auto_precision(accelerator: str) -> tuple[str, str]:
     """(Trainer precision, the reason) for an `accelerator` setting ("cpu", "gpu", "cuda", "auto")."""
-    import torch
+    import torch  # here, not at the top: see describe_cpu
 
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if on_gpu:
@@ -78,9 +80,7 @@ def auto_precision(accelerator: str) -> tuple[str, str]:
 def check_device(device: "str | torch.device") -> "torch.device":
     """`device` as a `torch.device` that exists on this machine, else an `LMError` saying what does: asking
     for cuda (or mps) where there is none otherwise fails deep inside torch, after the checkpoint is read."""
-    import torch
-
-    from lm.errors import LMError
+    import torch  # here, not at the top: see describe_cpu
 
     try:
         resolved = torch.device(device)

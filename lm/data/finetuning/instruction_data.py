@@ -11,7 +11,7 @@ The file is a JSON list, or JSON lines with a `.jsonl` name (what `lm serve` wri
   padding after it, so no attention mask is needed and the logits of real tokens equal an unpadded
   run's (tested);
 - a seeded `val_fraction` (default 10%) is held out: it is the validation split and the set BLEU /
-  ROUGE are measured on (`held_out_pairs`, written by `lm eval`-ready `write_pairs`).
+  ROUGE are measured on (`held_out_pairs`: the rows `lm eval --pairs_file` reads, see docs/evaluation.md).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from lm.data.preparation.clean import CleaningOptions
 from lm.data.preparation.split_plan import DataPlan, file_list, make_plan
 from lm.data.preparation.pipeline import PrepareOptions, TokenizerOptions, known_tokenizer, prepare
 from lm.data.tokenizer import EOT, Tokenizer, minimum_vocab_size
+from lm.data.loading.litdata_chunks import streaming_dataset, streaming_loader, write_chunks
 from lm.data.loading.windows import (EpochDistributedSampler, EvalDistributedSampler, RandomWindowDataset, ResumableDataLoader,
                             SequentialWindowDataset, check_token_count)  # fmt: skip
 from lm.errors import LMError, MissingFileError
@@ -57,7 +58,7 @@ class TextDataModule(L.LightningDataModule):
             promised raw bytes changed.
         tokenizer_kind: ``bpe`` (byte-level BPE), ``char``, ``word`` or ``unigram``.
         tokenizer_path: A ``tokenizer.json`` to use instead of training one on the training split.
-        vocab_size: Vocabulary size of the model; the tokenizer is trained up to it. Link the model's to it.
+        vocab_size: Vocabulary size of the model; the tokenizer is trained up to it (`lm fit` links the model's to it).
         min_frequency: Minimum count of a merge (bpe) or of a character/word (char/word) to enter the vocabulary.
         special_tokens: Special tokens; ``<|endoftext|>`` ends every document.
         cache_dir: Where tokenizers, token shards and reports are cached.
@@ -66,7 +67,8 @@ class TextDataModule(L.LightningDataModule):
         loader: ``memmap`` (random windows from the shards) or ``litdata`` (LitData chunks, streamed).
         litdata_dir: Where LitData chunks are written and streamed from (a folder or an ``s3://`` URL);
             default: next to the training shards.
-        block_size: Tokens per training/evaluation window (the context length).
+        block_size: Tokens per training/evaluation window. `lm fit` and `lm prepare` set it to the model's
+            context (linked from ``model.config.max_position_embeddings``) and refuse it given.
         batch_size: Training batch size (per device).
         eval_batch_size: Validation/test batch size (per device); defaults to ``batch_size``.
         samples_per_epoch: Random windows per training epoch (over all devices); default about one pass.
@@ -163,8 +165,6 @@ class TextDataModule(L.LightningDataModule):
             elif split == "val" or stage == "test":
                 setattr(self, f"{split}_dataset", SequentialWindowDataset(tokens, self.block_size, pad_id=pad_id))
         if stage == "fit" and self.hparams.loader == "litdata":
-            from lm.data.loading.litdata_chunks import streaming_dataset
-
             self.train_dataset = streaming_dataset(self._litdata_dir(prepared), self.block_size, self.hparams.seed)
 
     def _prepare(self, stage: str | None, *, build: bool) -> Any:
@@ -176,8 +176,6 @@ class TextDataModule(L.LightningDataModule):
         for split, ready in prepared.splits.items():
             self.num_tokens[split], self.num_bytes[split] = ready.manifest["num_tokens"], ready.manifest["num_bytes"]
         if build and self.hparams.loader == "litdata" and "train" in prepared.splits:
-            from lm.data.loading.litdata_chunks import write_chunks
-
             write_chunks(prepared.splits["train"], self._litdata_dir(prepared), self.block_size)
         return prepared
 
@@ -192,8 +190,6 @@ class TextDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             raise LMError("train_dataloader() called before setup('fit').")
         if self.hparams.loader == "litdata":
-            from lm.data.loading.litdata_chunks import streaming_loader
-
             return streaming_loader(self.train_dataset, self.batch_size, self.hparams.num_workers)
         # Our own DistributedSampler: Lightning keeps it instead of injecting one, and set_epoch reaches the dataset.
         num_replicas, rank = self._rank_split()

@@ -72,7 +72,8 @@ def check_token_count(num_tokens: int, block_size: int, split: str, source: str 
         where = f"; source: {source}" if source else ""
         raise LMError(
             f"The {split} split has {num_tokens} tokens, too few for block_size={block_size} "
-            f"(need at least {minimum}{where}). Use more text or a smaller --data.block_size."
+            f"(need at least {minimum}{where}). Use more text or shorter windows (under lm fit: a smaller "
+            f"--model.config.max_position_embeddings, the context data.block_size is set from)."
         )
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from lm.data.preparation.dedup import ExactDeduplicator, NearDeduplicator
 from lm.errors import LMError
 from lm.extras import require
 
@@ -253,8 +254,6 @@ def clean_documents(
     Memory: exact dedup keeps a 16-byte digest per kept document, near dedup its MinHash-LSH entries
     (~0.5 KB at 128 permutations); never the texts.
     """
-    from lm.data.preparation.dedup import ExactDeduplicator, NearDeduplicator
-
     report = report if report is not None else CleaningReport()
     exact = ExactDeduplicator() if options is not None and options.exact_dedup else None
     near = NearDeduplicator(options) if options is not None and options.near_dedup else None

@@ -5,9 +5,10 @@ where a document ends. Long documents are encoded in line-aligned pieces (one mu
 would run on one core and hold all its ids at once); decoding is unaffected, only merges across a
 piece boundary may differ.
 
-Encoder: for the default byte-level BPE, ``tiktoken`` built from the tokenizer's own merges (~3x HF's
-speed per core), used only after it gave HF's exact ids on the corpus's first batch (the equivalence
-argument is in lm/data/preparation/fast_bpe.py); otherwise, and for the other tokenizer kinds, HF ``tokenizers``.
+Encoder: for the default byte-level BPE, ``tiktoken`` built from the tokenizer's own merges (faster per
+core than HF: it works on byte slices, not a string object per token), used only after it gave HF's exact
+ids on the corpus's first batch (the equivalence argument is in lm/data/preparation/fast_bpe.py); otherwise,
+and for the other tokenizer kinds, HF ``tokenizers``. The measured speeds are in docs/data.md.
 
 Where the time goes in HF (``perf`` on the tokenizer alone): the ``tokenizers`` encoder itself, and in it
 more than half of the cycles in ``malloc``/``free`` (a ``String`` per token, a
@@ -17,15 +18,15 @@ without oversubscribing them, and from a faster allocator in the worker processe
 
 * ``num_proc == 1`` encodes in this process: with HF, ``encode_batch`` lets the Rust backend spread
   each batch of documents (about 1 MB of text per core) over all usable cores; the tiktoken fast path
-  runs on one thread (still ~2x HF on two cores).
+  runs on one thread and still outpaces HF on two cores (docs/data.md); ``num_proc > 1`` spreads it.
 * ``num_proc > 1`` starts that many worker processes (spawned) and gives each
   ``cores // num_proc`` Rust threads (one each when there are as many workers as cores), sends them
   batches of about ``BATCH_CHARS`` characters and writes the results in order. At most
   ``4 * num_proc`` batches are in flight, so memory stays bounded whatever the corpus size; batches
   of about 1 MB keep every worker busy to the end even on a small corpus.
 * Workers run with mimalloc preloaded when it is installed (the ``cmeel-mimalloc`` package, in
-  the ``data`` extra on x86-64 Linux, or a system ``libmimalloc``): ~1.5x the encoder's
-  speed of glibc's allocator. ``LM_ENCODE_MALLOC`` overrides: ``system`` keeps the C library's
+  the ``data`` extra on x86-64 Linux, or a system ``libmimalloc``), since the encoder's many small
+  allocations are where glibc's allocator is slow. ``LM_ENCODE_MALLOC`` overrides: ``system`` keeps the C library's
   allocator, a path preloads that library (lm/runtime/allocator.py). The allocator changes speed only, never
   the ids.
 """

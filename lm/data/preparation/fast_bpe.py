@@ -1,8 +1,9 @@
 """An exact, faster encoder for the default byte-level BPE tokenizer: ``tiktoken`` built from its own merges.
 
-Why: HF ``tokenizers`` is the ceiling of ``lm prepare``'s encoding (~4.5 MB per CPU-second with
-mimalloc on an AMD EPYC: a ``String`` per token, a ``NormalizedString`` per word). ``tiktoken`` runs
-the same algorithm on byte slices and measured ~12 MB per CPU-second on the same text (1 thread).
+Why: HF ``tokenizers`` is the ceiling of ``lm prepare``'s encoding: it allocates a ``String`` per token
+and a ``NormalizedString`` per word, and most of its time goes to those allocations. ``tiktoken`` runs
+the same algorithm on byte slices, several times faster per CPU-second on the same text (the figures
+and their commands: docs/data.md).
 
 Why the ids are the same (and how we make sure):
 
