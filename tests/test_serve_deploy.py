@@ -18,8 +18,10 @@ import json
 import os
 import posixpath
 import re
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -492,3 +494,38 @@ def test_kubernetes_grace_period_is_set_and_explained():
     lines = (DEPLOY / "k8s.yaml").read_text().splitlines()
     at = next(i for i, line in enumerate(lines) if "terminationGracePeriodSeconds" in line)
     assert lines[at - 1].strip().startswith("#"), "terminationGracePeriodSeconds needs a comment above it"
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_then_exits_without_a_traceback(tmp_path):
+    """What the grace periods above (and compose.yaml's stop_grace_period) leave time for: on SIGTERM the image's
+    `lm serve` (uvicorn) stops taking connections at once, runs a stream in flight to its [DONE], shuts the app
+    down and exits with the signal's own status (143 in a shell: uvicorn raises the signal again once its
+    graceful shutdown is done), with no traceback."""
+    entrypoint = json.loads(dockerfile_instruction("ENTRYPOINT"))
+    ckpt = make_tiny_checkpoint(tmp_path / "model.ckpt", steps=1, context=4096)
+    server = ServerProcess(ckpt, tmp_path, "--max_tokens", "3000", "--feedback_path", str(tmp_path / "feedback.jsonl"),
+                           command=(*entrypoint[:2], "--config", str(DEPLOY / "serve.yaml")), env={"LM_API_KEY": ""})
+    try:
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                          json={"prompt": "The", "max_tokens": 3000, "stream": True}) as response:
+            events = (line[len("data: "):] for line in response.iter_lines() if line.startswith("data: "))
+            chunks = [json.loads(next(events))]  # the stream is in flight
+            server.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # new connections are refused while the stream goes on
+                try:
+                    httpx.get(server.url + "/health", timeout=1)
+                    time.sleep(0.05)
+                except httpx.ConnectError:
+                    break
+            else:
+                pytest.fail("the server still accepted connections 10 s after SIGTERM")
+            rest = list(events)
+        assert rest[-1] == "[DONE]"
+        chunks += [json.loads(event) for event in rest[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["usage"]["completion_tokens"] == 3000
+        assert server.proc.wait(30) == -signal.SIGTERM
+        assert "Traceback" not in server.output() and "Finished server process" in server.output()
+    finally:
+        server.stop()

@@ -8,6 +8,8 @@ experiments/trainer/callbacks/, appended with `callbacks+:` so they combine).
 - `NonFiniteGuard` (nonfinite.py): stops at the first NaN/inf loss or gradient, naming the last good checkpoint.
 - `ExponentialMovingAverage` (ema.py): validate, save and finish with the weights' moving average.
 - `PredictionWriter` (prediction_writer.py): `lm predict`'s JSON-lines output.
+- `PreemptionCheckpoint` (preemption.py): on SIGTERM, stop at the next step boundary with a resumable `last.ckpt`
+  and exit 143 (on by default in every `lm fit`; no recipe lists it).
 - `ContextCacheCalibration` (context_cache_calibration.py): a context cache's scalars fitted on each validation
   (added by `LanguageModel.configure_callbacks` when the model has one; no recipe lists it).
 
@@ -20,6 +22,7 @@ from lm.callbacks.context_cache_calibration import ContextCacheCalibration
 from lm.callbacks.ema import ExponentialMovingAverage
 from lm.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
 from lm.callbacks.prediction_writer import PredictionWriter
+from lm.callbacks.preemption import PREEMPTED_EXIT_STATUS, PreemptionCheckpoint
 from lm.callbacks.rng_state import RNGStateCheckpoint
 from lm.callbacks.text_sampler import TextSampler
 from lm.callbacks.throughput import (
@@ -37,7 +40,9 @@ __all__ = [
     "last_good_checkpoint",
     "NonFiniteGuard",
     "NonFiniteLossError",
+    "PREEMPTED_EXIT_STATUS",
     "PredictionWriter",
+    "PreemptionCheckpoint",
     "RNGStateCheckpoint",
     "TextSampler",
     "TokenThroughputMonitor",

@@ -10,7 +10,9 @@ What it adds to Lightning's CLI:
   then also cuts the evaluation windows. A `data.block_size` given anyway is refused in one line naming
   the key to set (`refuse_block_size`, lm/cli/run_checks.py).
 - Defaults: TensorBoardLogger, `LastStepCheckpoint` (best `val/loss` + `last.ckpt`), LearningRateMonitor,
-  `RNGStateCheckpoint`, seed 1234.
+  `RNGStateCheckpoint`, `PreemptionCheckpoint`, seed 1234.
+- SIGTERM (a preemption: SLURM, Kubernetes, spot instances) stops `fit` at the next step boundary with a
+  resumable `last.ckpt` (`PreemptionCheckpoint`) and exits 143, not Lightning's 0.
 - `trainer.precision: null` (the CPU recipe's) picks the precision for this machine and says why in
   one log line: bf16-mixed where the hardware has native bf16, else 32-true. A value given wins.
 - With `--ckpt_path`, the checkpoint is read once: its model class and saved hyper-parameters
@@ -40,8 +42,10 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lm.callbacks import LastStepCheckpoint, PredictionWriter, RNGStateCheckpoint
+from lm.callbacks import (PREEMPTED_EXIT_STATUS, LastStepCheckpoint, PredictionWriter, PreemptionCheckpoint,
+                          RNGStateCheckpoint)
 from lm.callbacks.checkpointing import check_run_outputs, use_durable_checkpoint_io
 from lm.cli.config_errors import explain_argument_error, explain_build_error
 from lm.cli.run_checks import check_run_folders, checked_ckpt_path, refuse_block_size
@@ -224,6 +228,8 @@ def run_lightning_cli(argv: Optional[list[str]] = None, cli_class: type[LMCLI] =
                          **_cli_options())
     except MisconfigurationException as error:  # Lightning refusing a setting (e.g. trainer.max_steps -5)
         raise LMError(f"{str(error).strip()} Fix that setting in the YAML or on the command line.") from error
+    except SIGTERMException:  # a bare SystemExit (status 0): a preempted job must not look finished to its scheduler
+        sys.exit(PREEMPTED_EXIT_STATUS)  # PreemptionCheckpoint has saved last.ckpt and said how to resume
 
 
 def _cli_options() -> dict[str, Any]:
@@ -231,7 +237,8 @@ def _cli_options() -> dict[str, Any]:
     return dict(
         subclass_mode_model=True,
         seed_everything_default=1234,
-        trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step"), RNGStateCheckpoint()]},
+        trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step"), RNGStateCheckpoint(),
+                                        PreemptionCheckpoint()]},
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "lm", "default_env": False, "exit_on_error": False},  # errors: LMCLI.parse_arguments
         auto_configure_optimizers=False,
