@@ -13,6 +13,8 @@ from __future__ import annotations
 import builtins
 import hashlib
 import io
+import subprocess
+import sys
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -57,11 +59,21 @@ FILES = {"plain": "plain.pt", "pickled": "pickled.ckpt", "truncated": "truncated
          "altered": "altered.ckpt", "wrong_tok": "wrong_tokenizer.ckpt", "qk": "qk_norm.ckpt", "marker": "pwned",
          "bad_yaml": "bad.yaml", "unknown_yaml": "unknown.yaml", "empty": "empty.txt", "binary": "binary.bin",
          "latin1": "latin1.txt", "no_text": "no_text.jsonl", "small": "small.txt", "big_corpus": "wiki.train.raw",
-         "block_yaml": "block_size.yaml"}
+         "block_yaml": "block_size.yaml", "dup_yaml": "duplicate_key.yaml", "other_tok": "other_tokenizer.json",
+         "int_parquet": "int_text.parquet", "latin1_jsonl": "latin1.jsonl", "a_file": "a_file"}
+BUSY = "busy"  # an experiment whose lock another process holds for the whole module
+HOLD_LOCK = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `lm fit` of the experiment holds it
+os.write(fd, json.dumps({"pid": os.getpid(), "command": "lm fit", "started": time.strftime("%H:%M:%S")}).encode())
+print("held", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
+def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
     data = tiny_data(write_corpus_files(root, train_docs=30), root / "cache")
     with pytest.MonkeyPatch.context() as mp:
@@ -69,10 +81,18 @@ def world(tmp_path_factory) -> World:
         main(["fit", "--experiment", "tiny", *TINY_MODEL, *TRAINER, *data])
     world = World(root, data, root / "checkpoints" / "tiny" / "last.ckpt")
     _write_broken_files(world)
-    return world
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(root / "checkpoints" / f".{BUSY}.lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    assert holder.stdout.readline().strip() == "held"  # a real second process runs experiment BUSY
+    yield world
+    holder.stdin.close()
+    holder.wait(timeout=60)
 
 
 def _write_broken_files(w: World) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from lm.io.checkpoints import load_model, save_model
     from lm.data.tokenizer import Tokenizer
     from tests.tiny_checkpoint import tiny_gpt
@@ -97,6 +117,12 @@ def _write_broken_files(w: World) -> None:
     (root / FILES["latin1"]).write_bytes("Un caf\u00e9 au lait.\n".encode("latin-1") * 50)
     (root / FILES["no_text"]).write_text('{"body": "a document"}\n{"body": "another"}\n')
     (root / FILES["small"]).write_text("A tiny corpus.\n")
+    (root / FILES["dup_yaml"]).write_text("model:\n  config:\n    hidden_size: 32\n    hidden_size: 64\n")
+    Tokenizer.train([make_corpus(30, 3)], vocab_size=280).save(root / FILES["other_tok"])
+    pq.write_table(pa.table({"text": [1, 2, 3], "body": ["a", "b", "c"]}), root / FILES["int_parquet"])
+    (root / FILES["latin1_jsonl"]).write_bytes('{"text": "Un caf\u00e9"}\n'.encode("latin-1"))
+    (root / FILES["a_file"]).write_text("a file where a folder is expected\n")
+    (root / "logs" / "blocked").write_text("a file where the log folder of experiment 'blocked' goes\n")
 
 
 @dataclass
@@ -124,6 +150,11 @@ def fit(w: World, *args: str) -> list[str]:
 def data_flags(w: World, train: str) -> list[str]:
     return ["--data.train_files", f"[{train}]", "--data.val_files", "null", "--data.test_files", "null",
             "--data.vocab_size", "300", "--data.cache_dir", str(w.root / "cache")]
+
+
+def without_vocab_size(data: list[str]) -> list[str]:
+    at = data.index("--data.vocab_size") if "--data.vocab_size" in data else len(data)
+    return data[:at] + data[at + 2:]
 
 
 def gen(w: World, *args: str, ckpt: Optional[str] = None) -> list[str]:
@@ -162,6 +193,24 @@ CASES = [
     cli("reused experiment name", "already holds checkpoints", "--ckpt_path last",
         lambda w: fit(w, "--experiment", "tiny")),
     cli("experiment name escaping logs/", "outside logs/", "plain name", lambda w: fit(w, "--experiment", "../up")),
+    cli("a key given twice in YAML", "duplicate_key.yaml: the key model.config.hidden_size is given twice, at lines 3 "
+        "and 4", "Keep one of them", lambda w: fit(w, "--config", w.dup_yaml)),  # was: the last one, silently
+    cli("a second run of a running experiment", f"Experiment '{BUSY}' is in use by another run (lm fit, pid",
+        "give this one another --experiment name", lambda w: fit(w, "--experiment", BUSY)),  # was: both ran
+    cli("validate while the experiment runs", f"Experiment '{BUSY}' is in use", "another --experiment name",
+        lambda w: ["validate", "--experiment", BUSY, "--ckpt_path", str(w.ckpt), *TRAINER[:4], *w.data]),
+    cli("resume: an architecture option the checkpoint overrides", "--model.config.hidden_size 64 is given, but the "
+        "checkpoint checkpoints/tiny/last.ckpt was trained with 32", "Drop it",
+        lambda w: fit(w, "--experiment", "tiny", "--ckpt_path", "last", "--model.config.hidden_size", "64")),
+    cli("resume with another vocabulary", "data.vocab_size is 400 on the command line, but the checkpoint",
+        "Pass --data.vocab_size 300", lambda w: fit(w, "--experiment", "tiny", "--ckpt_path", "last",
+                                                    "--data.vocab_size", "400")),  # was: a state_dict traceback
+    cli("resume a mistyped experiment", "--ckpt_path last: checkpoints/tinyy/ does not exist", "Experiments with a "
+        "last.ckpt in checkpoints/: tiny. Check --experiment", lambda w: fit(w, "--experiment", "tinyy", "--ckpt_path",
+                                                                             "last")),  # was: trained from scratch
+    cli("context longer than the corpus (the data report stays)", "too few for block_size=32768",
+        "smaller --model.config.max_position_embeddings",  # was: the run rewrote .cache/lm/reports/<key>.json
+        lambda w: fit(w, "--model.config.max_position_embeddings", "32768")),
     # ---- data
     cli("missing data file", "nope.txt", "--data.train_files", lambda w: ["prepare", *data_flags(w, "nope.txt")]),
     cli("empty file", "empty.txt is empty", "remove it", lambda w: ["prepare", *data_flags(w, w.empty)]),
@@ -183,6 +232,20 @@ CASES = [
         lambda w: ["prepare", *data_flags(w, w.big_corpus), "--data.vocab", "300"]),
     cli("prepare: a recipe file without --config", "Unexpected value", "`lm prepare --config experiments/x.yaml`",
         lambda w: ["prepare", "experiments/x.yaml"]),
+    cli("Parquet text column of integers", "column 'text' holds int64 values, not text",
+        "--data.text_field to a column of strings ('body')", lambda w: ["prepare", *data_flags(w, w.int_parquet)]),
+    cli("JSONL not in UTF-8", "latin1.jsonl is not valid UTF-8 text", "Convert it to UTF-8",
+        lambda w: ["prepare", *data_flags(w, w.latin1_jsonl)]),
+    cli("cache_dir is a file", "The data cache folder a_file cannot be created: a_file is a file", "--data.cache_dir DIR",
+        lambda w: ["prepare", *data_flags(w, w.big_corpus), "--data.cache_dir", FILES["a_file"]]),
+    cli("litdata_dir is a file", "The LitData folder a_file cannot be created", "--data.litdata_dir DIR",
+        lambda w: ["prepare", *data_flags(w, w.big_corpus), "--data.loader", "litdata", "--data.litdata_dir",
+                   FILES["a_file"]]),
+    cli("tokenizer_path of a file that is no tokenizer.json", "last.ckpt is not a tokenizer.json (not UTF-8 text",
+        "Pass the tokenizer.json", lambda w: ["prepare", *data_flags(w, w.big_corpus), "--data.tokenizer_path",
+                                              str(w.ckpt)]),  # was: a UnicodeDecodeError traceback
+    cli("predict: a prompts file not in UTF-8", "prompts_file latin1.txt is not valid UTF-8 text", "Convert it to UTF-8",
+        lambda w: ["predict", "--ckpt_path", str(w.ckpt), *TRAINER[:4], *w.data, "--data.prompts_file", FILES["latin1"]]),
     cli("cleaning steps under clean: false", "data.clean is false", "--data.clean true",
         lambda w: ["prepare", *data_flags(w, w.big_corpus), "--data.clean", "false", "--data.cleaning.redact_pii",
                    "true"]),
@@ -213,6 +276,19 @@ CASES = [
         lambda w: gen(w, "--prompt", "x", ckpt=w.altered)),
     cli("tokenizer of another vocabulary", "its tokenizer has", "as `lm fit` wrote it",
         lambda w: ["eval", "--ckpt_path", w.wrong_tok, "--text_files", f"[{w.small}]"]),
+    cli("validate with the default vocabulary", "data.vocab_size is 8192 (its default), but the checkpoint",
+        "Pass --data.vocab_size 300.", lambda w: ["validate", "--ckpt_path", str(w.ckpt), *TRAINER[:4],
+                                                   *without_vocab_size(w.data)]),  # was: a state_dict traceback
+    cli("validate with another tokenizer file", "data.tokenizer_path other_tokenizer.json is not the tokenizer this "
+        "model was trained with", "Drop --data.tokenizer_path",  # was: ignored silently
+        lambda w: ["validate", "--ckpt_path", str(w.ckpt), *TRAINER[:4], *w.data, "--data.tokenizer_path",
+                   FILES["other_tok"]]),
+    cli("validate --ckpt_path last of a mistyped experiment", "checkpoints/tinyy/ does not exist (experiment 'tinyy'), so "
+        "lm validate would run random weights", "Check --experiment, or pass --ckpt_path FILE",
+        lambda w: ["validate", "--experiment", "tinyy", "--ckpt_path", "last", *TRAINER[:4], *w.data]),
+    cli("predict into a log folder that is a file", "The log folder logs/blocked cannot be created: logs/blocked is a "
+        "file", "Move or rename that file", lambda w: ["predict", "--experiment", "blocked", "--ckpt_path", str(w.ckpt),
+                                                       *TRAINER[:4], *w.data, "--data.prompts", "[The river]"]),
     cli("weights_only false", "--weights_only false is refused", "Leave the option out",
         lambda w: ["validate", "--ckpt_path", str(w.ckpt), "--weights_only", "false", *TRAINER[:4], *w.data]),
     # ---- generation
@@ -278,6 +354,8 @@ CASES = [
         lambda w: ["prune", "--ckpt_path", str(w.ckpt), "--output", "pruned.ckpt", "--sparsity", "1.5"]),
     cli("prune: unsupported method", "attention heads is not supported", "--method mlp_channels",
         lambda w: ["prune", "--ckpt_path", str(w.ckpt), "--output", "pruned.ckpt", "--method", "heads"]),
+    cli("quantize under a file", "Cannot write a_file/q.ckpt: a_file is a file, not a folder", "write elsewhere",
+        lambda w: ["quantize", "--ckpt_path", str(w.ckpt), "--output", f"{FILES['a_file']}/q.ckpt"]),
     cli("quantize onto its input", "is the input checkpoint", "new file",
         lambda w: ["quantize", "--ckpt_path", str(w.ckpt), "--output", str(w.ckpt)]),
     cli("export: unknown format", "format", "one of 'safetensors', 'hf', 'onnx'",
@@ -332,6 +410,23 @@ CASES = [
          json={"messages": [{"role": "robot", "content": "hi"}]}),
     http("too many stop strings", 400, "At most 4 stop sequences", "got 5", "POST", "/v1/completions",
          json={"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
+    http("logprobs asked for", 400, "logprobs=2 asks for token log-probabilities", "Leave logprobs out", "POST",
+         "/v1/completions", json={"prompt": "x", "logprobs": 2}),  # was: ignored
+    http("echo asked for", 400, "echo=true asks for the prompt echoed", "Leave echo out", "POST", "/v1/completions",
+         json={"prompt": "x", "echo": True}),
+    http("chat logprobs asked for", 400, "logprobs=true", "Leave logprobs out", "POST", "/v1/chat/completions",
+         json={"messages": [{"role": "user", "content": "hi"}], "logprobs": True}),
+    http("an OpenAI penalty asked for", 400, "presence_penalty=0.5 asks for OpenAI's presence penalty",
+         "Leave presence_penalty out (or send null, 0)", "POST", "/v1/completions",
+         json={"prompt": "x", "presence_penalty": 0.5}),
+    http("JSON output asked for", 400, "response_format={\"type\": \"json_object\"}", "Leave response_format out",
+         "POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                               "response_format": {"type": "json_object"}}),
+    http("unknown field", 400, "Unknown field 'max_token' (did you mean max_tokens?)", "it would be ignored, so it is "
+         "refused", "POST", "/v1/completions", json={"prompt": "x", "max_token": 3}),  # was: ignored
+    http("unknown field in a chat message", 400, "Unknown field 'messages.0.nmae' (did you mean name?)",
+         "Fields: content, name, role", "POST", "/v1/chat/completions",
+         json={"messages": [{"role": "user", "content": "hi", "nmae": "bob"}]}),
     http("feedback for an unknown response", 404, "No recent response", "keeps the last", "POST", "/v1/feedback",
          json={"id": "cmpl-nope", "rating": "up"}),
 ]
@@ -409,9 +504,11 @@ def _error_message(output: str) -> str:
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file under the watched folders."""
+    """sha256 of every file under the watched folders, but lock files (`*.lock`: who runs an experiment or
+    builds a cache entry, rewritten by each process that takes the lock; never an output)."""
     return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for folder in WATCHED for path in sorted((root / folder).rglob("*")) if path.is_file()}
+            for folder in WATCHED for path in sorted((root / folder).rglob("*"))
+            if path.is_file() and path.suffix != ".lock"}
 
 
 def test_the_server_never_loads_a_path_from_a_request(world, client, monkeypatch):
@@ -427,6 +524,6 @@ def test_the_server_never_loads_a_path_from_a_request(world, client, monkeypatch
     bodies = [{"prompt": "x", "model": other}, {"prompt": "x", "model": "../" + other},
               {"prompt": "x", "ckpt_path": other, "max_tokens": 2}, {"prompt": FILES["weights"], "max_tokens": 2}]
     statuses = [client.post(f"/v1/completions?ckpt_path={other}", json=body).status_code for body in bodies]
-    assert statuses == [404, 404, 200, 200] and loads == []
+    assert statuses == [404, 404, 400, 200] and loads == []  # an unknown field (ckpt_path) is refused, unread
     sources = "".join(p.read_text() for p in (REPO_ROOT / "lm" / "serve").glob("*.py"))
     assert "lm.io.checkpoints" not in sources and "torch.load" not in sources  # no code path to load one

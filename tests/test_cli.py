@@ -195,16 +195,53 @@ def test_the_context_reaches_the_data_windows():
     assert config.data.block_size == config.model.init_args.config.max_position_embeddings == 64
 
 
-def test_a_checkpoints_context_cuts_the_evaluation_windows(trained_run):
+def test_a_checkpoints_context_cuts_the_evaluation_windows(trained_run, tmp_path, lm_warnings):
     """`--ckpt_path` configures the model from the checkpoint; the link then cuts the data at its context
-    (32), whatever the command line asked for the model."""
+    (32), whatever a recipe asked for the model (said in a warning); asked on the command line, it is refused."""
     from lm.cli.lightning_cli import run_lightning_cli
+    from lm.errors import LMError
 
     workdir, data = trained_run
-    cli = run_lightning_cli(["validate", "--experiment", "ctx_eval", "--ckpt_path",
-                             str(workdir / "checkpoints" / "tiny" / "last.ckpt"), *TINY_TRAINER[:4], *data,
-                             "--model.config.max_position_embeddings", "64"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  config:\n    max_position_embeddings: 64\n")
+    validate = ["validate", "--experiment", "ctx_eval", "--ckpt_path", str(workdir / "checkpoints" / "tiny" / "last.ckpt"),
+                *TINY_TRAINER[:4], *data]
+    cli = run_lightning_cli([*validate, "--config", str(recipe)])
     assert cli.model.config.max_position_embeddings == cli.datamodule.block_size == 32
+    assert [line for line in lm_warnings() if line.startswith(f"model.config.max_position_embeddings is 64 in {recipe}, "
+            "but the checkpoint") and line.endswith("has 32: the checkpoint's value is used.")]
+    with pytest.raises(LMError, match=r"--model.config.max_position_embeddings 64 is given, but the checkpoint .* was "
+                                      r"trained with 32: the model is evaluated with the checkpoint's architecture"):
+        run_lightning_cli([*validate, "--model.config.max_position_embeddings", "64"])
+
+
+@pytest.fixture
+def lm_warnings(monkeypatch, caplog):
+    """The WARNING lines of the `lm` logger (which `lm` prints on stderr, not through the root logger)."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("lm"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="lm")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "lm" and r.levelno == logging.WARNING]
+
+
+def test_options_a_resumed_run_cannot_use_are_named(trained_run, lm_warnings):
+    """On `lm fit --ckpt_path last`, a training option of the model that differs from the checkpoint's (the
+    optimizer and schedule resume as saved) and a tokenizer-training flag (the checkpoint's tokenizer is used)
+    are each a warning naming what is used instead; an equal value, or an option a run may change (a
+    run-time one), is not; the verbs that do not train are not warned about training options."""
+    from lm.cli.run_checks import check_command_line
+
+    resume = ["--experiment", "tiny", "--ckpt_path", "last", *TINY_MODEL]  # the flags it was trained with: equal
+    check_command_line(["fit", *resume, "--model.learning_rate", "1e-2", "--model.compile", "true",
+                        "--data.tokenizer_kind", "char", "--data.vocab_size", "300"])
+    warnings = lm_warnings()
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("model.learning_rate 1e-2 (on the command line) is not used: the run resumes with "
+                                  "the checkpoint's 0.003") and "--model.init_from checkpoints/tiny/last.ckpt" in warnings[0]
+    assert warnings[1] == "--data.tokenizer_kind is not used: the checkpoint's own tokenizer is."
+    check_command_line(["validate", *resume, "--model.learning_rate", "1e-2", "--data.vocab_size", "300"])
+    assert len(lm_warnings()) == 2
 
 
 @pytest.mark.parametrize("where", ["flag", "flag=", "yaml", "data", "print_config"])

@@ -447,6 +447,24 @@ def test_prepare_without_lightning_report_and_interrupted_build_is_redone(corpus
     assert np.array_equal(np.asarray(again.splits["train"].tokens()), np.asarray(train.tokens()))
 
 
+def test_a_warm_prepare_leaves_the_report_of_the_build(corpus, tmp_path) -> None:
+    """The report describes the prepare that built the splits: a cache hit (e.g. of a run that then fails on
+    bad input) leaves it byte for byte; a missing report is written again; a rebuild rewrites it."""
+    plan = make_plan(data_dir=None, files={"train": [str(corpus["train"])], "val": None, "test": None},
+                     hub_name="x", hub_config=None, val_fraction=0.25)  # fmt: skip
+    options = PrepareOptions(tmp_path / "cache", tokenizer=TokenizerOptions(vocab_size=300))
+    built = prepare(plan, ["train", "val"], options)
+    written = built.report_file.read_bytes()
+    warm = prepare(plan, ["train", "val"], options)
+    assert warm.report_file == built.report_file and warm.report_file.read_bytes() == written
+    assert warm.report["seconds"] != json.loads(written)["seconds"]  # the hit's own times: printed, not saved
+    built.report_file.unlink()
+    assert prepare(plan, ["train", "val"], options).report_file.is_file()
+    (built.splits["train"].folder / "manifest.json").unlink()  # the split is rebuilt: its report too
+    rebuilt = prepare(plan, ["train", "val"], options)
+    assert json.loads(rebuilt.report_file.read_text())["seconds"] == rebuilt.report["seconds"]
+
+
 def test_two_processes_encode_the_same_ids(corpus, tmp_path) -> None:
     plan = make_plan(data_dir=None, files={"train": [str(corpus["train"])], "val": None, "test": None},
                      hub_name="x", hub_config=None)  # fmt: skip

@@ -108,12 +108,41 @@ def test_stream_reads_to_done_with_usage(server, client):
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"max_tokens": 5}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "logprobs": 1}, 400, "logprobs"),  # OpenAI fields not implemented: refused, not ignored
+    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "suffix": "end"}, 400, "suffix"),
+    ({"prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"prompt": "x", "logit_bias": {"50256": -100}}, 400, "logit_bias"),
+    ({"prompt": "x", "frequency_penalty": 1.0}, 400, "frequency_penalty"),
+    ({"prompt": "x", "max_token": 5}, 400, "max_token"),  # a typo: refused, as OpenAI does
+    ({"prompt": "x", "max_tokens": 5, "max_completion_tokens": 6}, 400, None),
 ])
 def test_each_validation_error_is_an_openai_error(client, body, status, param):
     r = client.post("/v1/completions", json=body)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_openai_fields_at_their_off_value_are_accepted(server, client):
+    """What some OpenAI clients send by default (null logprobs, echo false, zero penalties, an empty logit_bias,
+    best_of 1, stream_options, user) asks for nothing and is accepted; `max_completion_tokens`, OpenAI's newer
+    name, is `max_tokens`. Asking for a field the server does not implement is a 400 naming it."""
+    body = {"prompt": "The river", "max_completion_tokens": 5, "temperature": 0, "logprobs": None, "echo": False,
+            "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 1, "suffix": None,
+            "stream_options": {"include_usage": True}, "user": "u1"}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 5 and r.json()["choices"][0]["text"] == greedy(server, "The river", 5)
+    chat = {"messages": [{"role": "user", "content": "Hi", "name": "ann"}], "max_tokens": 3, "tools": [],
+            "response_format": {"type": "text"}, "tool_choice": "none", "top_logprobs": 0}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+
+    openai = pytest.importorskip("openai")
+    oa = openai.OpenAI(base_url=server[0].url + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as error:
+        oa.completions.create(model="tiny", prompt="The river", max_tokens=3, logprobs=2)
+    assert "logprobs=2 asks for token log-probabilities" in str(error.value)
 
 
 def test_prompts_that_are_not_text_or_far_too_long_are_refused_before_tokenizing(client):

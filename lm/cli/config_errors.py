@@ -8,6 +8,11 @@ next to it; for a wrong value, the expected type; for a YAML syntax error, the f
 A positional argument (`runs` of `lm report`) is not an option: `--runs x` is answered with the command
 written without the flag, and positional names are neither suggested nor listed as valid keys. A value
 with no flag before it (`lm export model.ckpt`) is named as such, with the flag it probably lacks.
+
+A key given twice in one YAML mapping (PyYAML keeps the last one without a word) is refused, naming the
+key and both lines: importing this module registers, with `jsonargparse.set_loader`, a YAML loader that
+checks for it before jsonargparse's own loader runs, so every `--config` file and YAML value of every
+verb is checked; `refuse_duplicate_keys` says it with the file's name.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, get_loader, set_loader
 
 from lm.errors import LMError, MissingFileError
 from lm.io.class_paths import import_class
@@ -37,16 +42,95 @@ _MISSING_FILE = re.compile(r"File does not exist: '([^']+)'")
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)':\s*\n\s*(No module named [^\n]+|[^\n]*has no attribute[^\n]+)")
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping."""
+
+
+def duplicate_keys(text: str) -> list[tuple[str, int, int]]:
+    """(dotted key, line of its first value, line of the repeat) of every key given twice in one mapping of
+    the YAML `text` (1-based lines); [] for text that is no YAML (its own error is reported elsewhere)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        nodes = [(yaml.compose(text, Loader=loader), "")]
+    except yaml.YAMLError:
+        return []
+    found = []
+    while nodes:
+        node, path = nodes.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = f"{path}.{key_node.value}" if path else str(key_node.value)
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    found.append((key, seen[key_node.value], line))
+                seen.setdefault(key_node.value, line)
+                nodes.append((value_node, key))
+        elif isinstance(node, yaml.SequenceNode):
+            nodes += [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+    return sorted(found, key=lambda item: item[2])
+
+
+def refuse_duplicate_keys(paths: list[str]) -> None:
+    """An `LMError` naming the first key given twice in the YAML files `paths`, with both lines."""
+    for path in paths:
+        try:
+            repeats = duplicate_keys(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue  # the parser reports an unreadable file
+        if repeats:
+            key, first, again = repeats[0]
+            more = f" (and {len(repeats) - 1} more key(s) given twice)" if len(repeats) > 1 else ""
+            raise LMError(f"{path}: the key {key} is given twice, at lines {first} and {again}{more}: YAML would keep "
+                          f"the last value without a word. Keep one of them.")
+
+
+_JSONARGPARSE_YAML_LOAD = getattr(get_loader("yaml"), "wrapped", get_loader("yaml"))
+
+
+def _load_yaml_refusing_duplicates(value: str) -> Any:
+    """jsonargparse's YAML loader, after a check that no mapping gives a key twice."""
+    if ":" in value:  # only a mapping can repeat a key
+        repeats = duplicate_keys(value)
+        if repeats:
+            key, first, again = repeats[0]
+            raise DuplicateKeyError(f"the key {key} is given twice, at lines {first} and {again}")
+    return _JSONARGPARSE_YAML_LOAD(value)
+
+
+_load_yaml_refusing_duplicates.wrapped = _JSONARGPARSE_YAML_LOAD  # type: ignore[attr-defined]
+set_loader("yaml", _load_yaml_refusing_duplicates, (yaml.YAMLError,))
+
+
 def explain_argument_error(message: str, parser: Any, args: list[str], prog: str) -> LMError:
     """The `LMError` for a jsonargparse parse failure `message` of `prog` (e.g. "lm fit") run with `args`;
     `parser` (the verb's own, or None) lists the valid keys."""
     explainers: tuple[Callable[..., Optional[LMError]], ...] = (
-        _yaml_syntax, _positional_as_option, _missing_file, _class_path, _unknown_key, _stray_value, _wrong_value)
+        _duplicate_key, _yaml_syntax, _positional_as_option, _missing_file, _class_path, _unknown_key, _stray_value,
+        _wrong_value)
     for explain in explainers:
         error = explain(message, parser, args, prog)
         if error is not None:
             return error
     return LMError(f"{_last_lines(message)} (`{prog} --help` lists every option).")
+
+
+def _duplicate_key(message: str, parser: Any, args: list[str], prog: str) -> Optional[LMError]:
+    """A key given twice: in a `--config` file (named, with both lines), or in a YAML value of a flag."""
+    if "is given twice" not in message:
+        return None
+    values = [arg.partition("=")[2] if arg.startswith("--") else arg for arg in args]
+    files = [v for v in values if v.lower().endswith((".yaml", ".yml")) and Path(v).is_file()]  # --config, --data ...
+    try:
+        refuse_duplicate_keys(files)
+    except LMError as error:
+        return error
+    match = re.search(r"the key (\S+) is given twice", message)
+    key = f" {match.group(1)}" if match else ""
+    return LMError(f"A YAML value of {prog} gives the key{key} twice: YAML would keep the last value without a "
+                   f"word. Keep one of them.")
 
 
 def _yaml_syntax(message: str, parser: Any, args: list[str], prog: str) -> Optional[LMError]:

@@ -9,7 +9,9 @@ accepted and ignored) and the same `--data.*` overrides (`data.block_size` is re
 trains or loads the tokenizer and tokenizes every split into the token cache (`data.cache_dir`), then
 prints the report (documents in/out, removed per cleaning step, PII replacements, tokens, bytes per
 token, time per stage), also saved as JSON under `<cache_dir>/reports/`. A later `lm fit` with the
-same data settings finds the cache and says so ("Token cache hit").
+same data settings finds the cache and says so ("Token cache hit"). Two preparations of the same data at
+once (two `lm prepare`, or `lm fit` runs started together) build it once: the second logs that it waits
+for the first (its pid), then uses what the first wrote (lm/data/preparation/pipeline.py).
 """
 
 from __future__ import annotations

@@ -24,12 +24,14 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lm.io.files import atomic_write_text
+from lm.io.files import atomic_write_text, describe_holder, release_lock, wait_lock
 
 logger = logging.getLogger("lm.data")
 
@@ -100,6 +102,23 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+@contextmanager
+def cache_lock(cache_dir: Path, name: str) -> Iterator[None]:
+    """Hold the lock `cache_dir/.locks/<name>.lock` (one per cache key: a tokenizer, a split, a chunk folder)
+    while building what it names; if another process holds it, log that this one waits for it, and wait."""
+    path = cache_dir / ".locks" / f"{name}.lock"
+
+    def waiting(holder: dict[str, Any]) -> None:
+        logger.info("Another process (%s) is preparing the same data (%s) in %s: waiting for it to finish, "
+                    "then using what it wrote ...", describe_holder(holder), name, cache_dir)
+
+    fd = wait_lock(path, on_wait=waiting)
+    try:
+        yield
+    finally:
+        release_lock(fd)
 
 
 def start_build(folder: Path) -> None:

@@ -101,7 +101,12 @@ class Tokenizer:
                 f"Tokenizer file not found: {path}. Pass the tokenizer.json written by a previous run "
                 "(or leave tokenizer_path unset to train one on the training split)."
             )
-        return cls.from_str(path.read_text(encoding="utf-8"))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise LMError(f"{path} is not a tokenizer.json (not UTF-8 text: {err.reason} at byte {err.start}). Pass the "
+                          "tokenizer.json written by a previous run.") from err
+        return cls.from_str(text)
 
     @classmethod
     def from_str(cls, json_str: str) -> Tokenizer:

@@ -5,7 +5,8 @@ Endpoints (OpenAI-compatible where OpenAI has one):
   chunk per text piece, the last with `finish_reason` and `usage`, then `data: [DONE]`.
 - GET /v1/models, GET /info (config, parameters, tokenizer, checkpoint, engine, limits),
   GET /health, GET /metrics (Prometheus), POST /v1/feedback, GET / (the playground page).
-Errors are OpenAI-shaped (`{"error": {...}}`): 400 bad parameters, 401 missing/wrong API key,
+Errors are OpenAI-shaped (`{"error": {...}}`): 400 bad parameters (an unknown field, or an OpenAI field
+this server does not implement, named: lm/serve/protocol.py), 401 missing/wrong API key,
 404 unknown model or response id, 413 body too large, 429 queue full, 500 a failed generation
 (the server keeps serving). A client that disconnects mid-stream cancels its request: its batch
 slot is freed at the next decode step.
@@ -23,6 +24,7 @@ is FastAPI + uvicorn.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import hmac
 import json
 import time
@@ -41,8 +43,8 @@ from lm.serve.feedback import FeedbackLog, RecentResponses, ServedResponse
 from lm.serve.filters import NoFilter, OutputFilter
 from lm.serve.prometheus import ServerMetrics
 from lm.serve.middleware import BodySizeLimit, RequestLog
-from lm.serve.protocol import (CHAT_STOP, ApiError, ChatRequest, CompletionRequest, FeedbackRequest, Limits,
-                               error_body, render_chat)
+from lm.serve.protocol import (CHAT_STOP, ApiError, ChatMessage, ChatRequest, CompletionRequest, FeedbackRequest,
+                               Limits, error_body, render_chat)
 
 
 @dataclass
@@ -243,7 +245,11 @@ def _add_error_handlers(app: FastAPI) -> None:
                        f"send one JSON object, e.g. {{\"prompt\": \"Hello\"}}.")
             return JSONResponse(error_body(message), status_code=400)
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"Invalid request: {param + ': ' if param else ''}{first.get('msg', 'malformed body')}."
+        if first.get("type") == "extra_forbidden" and param:
+            return JSONResponse(error_body(_unknown_field(request.url.path, param), param=param,
+                                           code="unknown_parameter"), status_code=400)
+        problem = str(first.get("msg", "malformed body")).removeprefix("Value error, ")  # a validator's own words
+        message = f"Invalid request: {param + ': ' if param else ''}{problem}."
         return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(Exception)
@@ -251,15 +257,33 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(f"Internal error: {error}", type="server_error"), status_code=500)
 
 
+_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest, "/v1/feedback": FeedbackRequest}
+
+
+def _unknown_field(path: str, param: str) -> str:
+    """The message for a field the endpoint's body does not have (OpenAI refuses them too): its name, the
+    closest field (`max_token`: did you mean max_tokens?) and every field the body takes."""
+    parent, _, name = param.rpartition(".")
+    body = _BODIES.get(path)
+    if body is None:
+        return f"Invalid request: unknown field {param!r}."
+    fields = sorted(ChatMessage.model_fields if parent.startswith("messages") else body.model_fields)
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    guess = f" (did you mean {close[0]}?)" if close else ""
+    return f"Unknown field {param!r}{guess}: it would be ignored, so it is refused. Fields: {', '.join(fields)}."
+
+
 def _add_generation_routes(app: FastAPI, state: ServerState, guarded: list) -> None:
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        body.refuse_unsupported()
         _check_model(state, body.model)
         prompt = body.prompt_text()
         return await _respond(_Generation(state, request, "text", prompt, prompt, body), body.stream)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        body.refuse_unsupported()
         _check_model(state, body.model)
         prompt, instruction = render_chat(body.messages)
         gen = _Generation(state, request, "chat", prompt, instruction, body, extra_stop=[CHAT_STOP])

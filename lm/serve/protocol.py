@@ -3,7 +3,13 @@
 What this file does:
 - `CompletionRequest` / `ChatRequest` / `FeedbackRequest`: pydantic bodies of the endpoints, with
   the range checks of the OpenAI API (temperature in [0, 2], top_p in (0, 1], n = 1, <= 4 stops).
-  Unknown fields are ignored, as OpenAI clients send some we don't use (penalties, logprobs, ...).
+  No field is ignored without a word: an unknown one (`max_token`, a typo) is a 400 naming it, as
+  OpenAI's API answers; an OpenAI field this server does not implement (`logprobs`, `echo`, penalties,
+  `logit_bias`, `suffix`, `best_of`, `response_format`, tools: `UNSUPPORTED`) is accepted only at the
+  value that asks for nothing (null, false, 0, empty: what some clients send by default) and otherwise a
+  400 naming it (`refuse_unsupported`). `max_completion_tokens` (the newer name) is `max_tokens`;
+  `stream_options`, `metadata`, `store`, `service_tier`, `parallel_tool_calls` and a message's `name` are
+  bookkeeping that changes no output, accepted and unused (the last chunk of a stream always has `usage`).
 - `Limits.sampling_options`: a request's fields on top of the server's `SamplingOptions` (the one
   place sampling defaults live), checked against the prompt-length and `max_tokens` caps.
 - `render_chat`: the chat template (below), so instruction-tuned checkpoints answer chat requests.
@@ -26,10 +32,11 @@ response, and generation stops at the next `### ` heading:
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lm.model.sampling import SamplingOptions
 
@@ -50,16 +57,42 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def json_value(value: Any) -> str:
+    """A value as the client wrote it in JSON (true, null, {"type": "json_object"})."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
                code: Optional[str] = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 # ------------------------------------------------------------------------------------- bodies
+# OpenAI fields this server does not implement: field -> (what it would ask for, the values that ask for nothing)
+UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "logprobs": ("token log-probabilities, which this server does not return", (None, False, 0)),
+    "top_logprobs": ("token log-probabilities, which this server does not return", (None, 0)),
+    "echo": ("the prompt echoed before the completion", (None, False)),
+    "suffix": ("text after the insertion point (insertion is not supported)", (None, "")),
+    "best_of": ("several completions ranked server-side (send several requests)", (None, 1)),
+    "logit_bias": ("a per-token bias (the server's sampling has none)", (None, {})),
+    "presence_penalty": ("OpenAI's presence penalty (the server applies its own repetition penalty)", (None, 0)),
+    "frequency_penalty": ("OpenAI's frequency penalty (the server applies its own repetition penalty)", (None, 0)),
+    "response_format": ("a structured output format", (None, {"type": "text"})),
+    "tools": ("tool calls", (None, [])),
+    "tool_choice": ("tool calls", (None, "none")),
+    "functions": ("function calls", (None, [])),
+    "function_call": ("function calls", (None, "none")),
+}
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by both generation endpoints. None means "the server's default"."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -70,7 +103,46 @@ class _SamplingFields(BaseModel):
     stop: Union[str, list[str], None] = Field(None)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)  # one choice per request: send several requests for more
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name of max_tokens
     user: Optional[str] = None
+    # accepted, unused: bookkeeping that changes no output (a stream's last chunk always carries usage)
+    stream_options: Optional[dict[str, Any]] = None
+    metadata: Optional[dict[str, Any]] = None
+    store: Optional[bool] = None
+    service_tier: Optional[str] = None
+    parallel_tool_calls: Optional[bool] = None
+    # OpenAI fields not implemented here: refused unless at a value that asks for nothing (refuse_unsupported)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self) -> "_SamplingFields":
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError(f"max_tokens={self.max_tokens} and max_completion_tokens="
+                                 f"{self.max_completion_tokens} disagree: send one of them")
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def refuse_unsupported(self) -> None:
+        """ApiError(400) naming the first OpenAI field set to ask for something this server does not do."""
+        for name, (what, off) in UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value is not None and not any(value == v for v in off if v is not None):
+                allowed = ", ".join("null" if v is None else json_value(v) for v in off)
+                raise ApiError(400, f"{name}={json_value(value)} asks for {what}: lm serve does not support it. Leave "
+                                    f"{name} out (or send {allowed}).", name, code="unsupported_parameter")
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -92,9 +164,10 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
     content: str
+    name: Optional[str] = None  # a participant's name: the chat template has no place for it (accepted, unused)
 
 
 class ChatRequest(_SamplingFields):

@@ -19,11 +19,13 @@ from torch.utils.data import DataLoader
 from lm.data.preparation.clean import CleaningOptions
 from lm.data.preparation.split_plan import DataPlan, file_list, make_plan
 from lm.data.preparation.pipeline import PrepareOptions, TokenizerOptions, known_tokenizer, prepare
+from lm.data.token_cache import cache_key, cache_lock
 from lm.data.tokenizer import EOT, Tokenizer, minimum_vocab_size
 from lm.data.loading.litdata_chunks import streaming_dataset, streaming_loader, write_chunks
 from lm.data.loading.windows import (EpochDistributedSampler, EvalDistributedSampler, RandomWindowDataset, ResumableDataLoader,
                             SequentialWindowDataset, check_token_count)  # fmt: skip
 from lm.errors import LMError, MissingFileError
+from lm.io.files import check_folder_path
 
 logger = logging.getLogger("lm.data")
 
@@ -98,6 +100,9 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         _check_sizes(locals())
         _check_cleaning(clean, cleaning)
+        check_folder_path(Path(cache_dir).expanduser(), "data cache folder", "--data.cache_dir DIR")
+        if litdata_dir and "://" not in litdata_dir:
+            check_folder_path(Path(litdata_dir).expanduser(), "LitData folder", "--data.litdata_dir DIR")
         self.files = {"train": file_list(train_files), "val": file_list(val_files), "test": file_list(test_files)}
         self.train_files, self.val_files, self.test_files = self.files["train"], self.files["val"], self.files["test"]
         self.data_dir, self.val_fraction, self.vocab_size = data_dir, val_fraction, vocab_size
@@ -135,8 +140,10 @@ class TextDataModule(L.LightningDataModule):
             return False
 
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
-        """Use this tokenizer (e.g. a checkpoint's) instead of training one; call before prepare_data/setup."""
+        """Use this tokenizer (e.g. a checkpoint's) instead of training one; call before prepare_data/setup.
+        A `tokenizer_path` given too must hold this very tokenizer: it would be ignored otherwise."""
         _check_vocab(tokenizer, self.vocab_size, "The given tokenizer")
+        _check_same_tokenizer(self.options.tokenizer.path, tokenizer)
         self._given_tokenizer = self.tokenizer = tokenizer
 
     def prepare_data(self) -> None:
@@ -176,7 +183,9 @@ class TextDataModule(L.LightningDataModule):
         for split, ready in prepared.splits.items():
             self.num_tokens[split], self.num_bytes[split] = ready.manifest["num_tokens"], ready.manifest["num_bytes"]
         if build and self.hparams.loader == "litdata" and "train" in prepared.splits:
-            write_chunks(prepared.splits["train"], self._litdata_dir(prepared), self.block_size)
+            out = self._litdata_dir(prepared)  # one writer at a time: a second run waits, then finds the chunks
+            with cache_lock(self.options.cache_dir, f"litdata-{cache_key({'dir': out, 'block': self.block_size})}"):
+                write_chunks(prepared.splits["train"], out, self.block_size)
         return prepared
 
     def _litdata_dir(self, prepared: Any) -> str:
@@ -245,7 +254,11 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
     if prompts_file:
         if not Path(prompts_file).is_file():
             raise MissingFileError(f"prompts_file not found: {prompts_file}")
-        prompts += [line for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = Path(prompts_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise LMError(f"prompts_file {prompts_file} is not valid UTF-8 text ({err}). Convert it to UTF-8 first.") from err
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise LMError("Nothing to predict: pass --data.prompts [...] or --data.prompts_file FILE.")
     return prompts
@@ -285,6 +298,21 @@ def _check_vocab(tokenizer: Tokenizer, vocab_size: int, what: str) -> None:
     if tokenizer.vocab_size > vocab_size:
         raise LMError(f"{what} has {tokenizer.vocab_size} tokens but vocab_size is {vocab_size}: the model's "
                       f"embedding would be too small. Set --data.vocab_size >= {tokenizer.vocab_size}.")  # fmt: skip
+
+
+def _check_same_tokenizer(path: str | None, tokenizer: Tokenizer) -> None:
+    """With `--ckpt_path`, the checkpoint's tokenizer is used (its weights read its ids): a `--data.tokenizer_path`
+    naming another one is refused rather than silently ignored."""
+    if not path:
+        return
+    named = Tokenizer.from_file(path)
+    if named.to_str() == tokenizer.to_str():
+        return
+    sizes = (f"{named.vocab_size} tokens against {tokenizer.vocab_size}" if named.vocab_size != tokenizer.vocab_size
+             else f"both {tokenizer.vocab_size} tokens, other ids")
+    raise LMError(f"data.tokenizer_path {path} is not the tokenizer this model was trained with, which its checkpoint "
+                  f"holds and lm uses ({sizes}): the option would be ignored. Drop --data.tokenizer_path, or pass "
+                  f"the checkpoint's own tokenizer.json.")
 
 
 def _trainer_stage(module: L.LightningDataModule) -> str | None:

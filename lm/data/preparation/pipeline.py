@@ -6,11 +6,20 @@ without a Trainer. Each split is cached under a key of everything that determine
 
     cache_dir/tokenizers/<key>/tokenizer.json    trained on the training split only
     cache_dir/tokens/<split>-<key>/              shards + manifest.json (the commit point)
-    cache_dir/reports/<key>.json                 the data report of the last prepare of these splits
+    cache_dir/reports/<key>.json                 the data report of the prepare that built these splits
+    cache_dir/.locks/<kind>-<key>.lock           who is building that tokenizer or split right now
 
-A warm run reads manifests and opens memory maps, nothing else. A cold run streams each needed
-source once through cleaning into a staging file (lm/data/preparation/staging.py), trains the tokenizer from it
-if needed, and encodes each split into bounded shards: memory holds batches, never the corpus.
+A warm run reads manifests and opens memory maps, nothing else (and leaves the report alone: a run
+that then fails on bad input changes nothing in the cache). A cold run streams each needed source once
+through cleaning into a staging file (lm/data/preparation/staging.py), trains the tokenizer from it if
+needed, and encodes each split into bounded shards: memory holds batches, never the corpus.
+
+Two processes preparing the same data into one cache (two `lm fit` of a sweep started together, or the
+nodes of a multi-node run) would delete each other's half-written shards. A cold run therefore first
+takes a lock per cache key (`token_cache.cache_lock`): the tokenizer's, when it must be trained, then each
+split's, in a fixed order. The second process logs that it waits for the first (its pid), then finds
+the manifests the first committed and uses them: one good cache, built once. If the first dies, the
+kernel releases its locks and the second builds what is still missing.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +39,7 @@ from lm.data.token_cache import (
     ShardWriter,
     TokenShards,
     cache_key,
+    cache_lock,
     commit,
     read_manifest,
     sha256_text,
@@ -41,7 +52,7 @@ from lm.data.preparation.split_plan import DataPlan
 from lm.data.preparation.staging import Span, StagedDocuments, carve_tail
 from lm.data.tokenizer import EOT, Tokenizer
 from lm.errors import LMError
-from lm.io.files import atomic_write_text
+from lm.io.files import atomic_write_text, check_writable_folder
 
 logger = logging.getLogger("lm.data")
 
@@ -101,6 +112,7 @@ def prepare(
         tokenizer, tokenizer_file = known_tokenizer(plan, options)
     ready = _ready_splits(plan, splits, options, tokenizer) if tokenizer is not None else {}
     seconds: dict[str, float] = {}
+    built = False
     if len(ready) < len(splits):
         if not build:
             missing = ", ".join(s for s in splits if s not in ready) if tokenizer is not None else "tokenizer"
@@ -109,22 +121,52 @@ def prepare(
                 "(Lightning's Trainer does this; call dm.prepare_data() when using the DataModule directly, "
                 "or run `lm prepare` first)."
             )
-        options.cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=".staging-") as staging:
-            tokenizer, trained_file, ready = _build(plan, splits, options, tokenizer, ready, Path(staging), seconds)
-        tokenizer_file = trained_file or tokenizer_file  # a tokenizer found in the cache keeps its path
-    else:
+        check_writable_folder(options.cache_dir, "data cache folder", "--data.cache_dir DIR")
+        with ExitStack() as locks:
+            tokenizer, tokenizer_file, ready, built = _build_locked(plan, splits, options, tokenizer, tokenizer_file,
+                                                                    locks, seconds)  # fmt: skip
+    if not built:
         for split, prepared in ready.items():
             logger.info("Token cache hit: %s (%d tokens)", prepared.folder, prepared.manifest["num_tokens"])
     seconds["total"] = time.perf_counter() - start
     report = make_report(tokenizer, tokenizer_file, ready, seconds)
-    report_file = _save_report(options.cache_dir, ready, report) if build else None
+    report_file = _save_report(options.cache_dir, ready, report, built) if build else None
     return Prepared(tokenizer, tokenizer_file, ready, report, report_file)
+
+
+def _build_locked(
+    plan: DataPlan, splits: list[str], options: PrepareOptions, tokenizer: Tokenizer | None,
+    tokenizer_file: Path | None, locks: ExitStack, seconds: dict[str, float],
+) -> tuple[Tokenizer, Path | None, dict[str, PreparedSplit], bool]:  # fmt: skip
+    """Take the cache keys' locks (waiting for a process building the same), look again at what is ready
+    now, and build the rest: (tokenizer, its file, splits, whether anything was built here)."""
+    ready: dict[str, PreparedSplit] = {}
+    if tokenizer is None:
+        key = tokenizer_cache_path(plan, options).parent.name
+        locks.enter_context(cache_lock(options.cache_dir, f"tokenizer-{key}"))
+        tokenizer, tokenizer_file = known_tokenizer(plan, options)  # trained meanwhile by the process waited for?
+    if tokenizer is not None:
+        ready = _lock_splits(plan, splits, options, tokenizer, locks)
+        if len(ready) == len(splits):
+            return tokenizer, tokenizer_file, ready, False
+    with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=".staging-") as staging:
+        tokenizer, trained_file, ready = _build(plan, splits, options, tokenizer, ready, Path(staging), seconds, locks)
+    return tokenizer, trained_file or tokenizer_file, ready, True  # a tokenizer found in the cache keeps its path
+
+
+def _lock_splits(
+    plan: DataPlan, splits: list[str], options: PrepareOptions, tokenizer: Tokenizer, locks: ExitStack
+) -> dict[str, PreparedSplit]:
+    """Lock every split's cache folder (in name order: two processes never wait for each other in a circle),
+    then read which are ready."""
+    for folder in sorted(split_folder(plan, split, options, tokenizer).name for split in splits):
+        locks.enter_context(cache_lock(options.cache_dir, f"tokens-{folder}"))
+    return _ready_splits(plan, splits, options, tokenizer)
 
 
 def _build(
     plan: DataPlan, splits: list[str], options: PrepareOptions, tokenizer: Tokenizer | None,
-    ready: dict[str, PreparedSplit], staging: Path, seconds: dict[str, float],
+    ready: dict[str, PreparedSplit], staging: Path, seconds: dict[str, float], locks: ExitStack,
 ) -> tuple[Tokenizer, Path | None, dict[str, PreparedSplit]]:  # fmt: skip
     """Stage what is missing, train the tokenizer if needed, then encode and commit each missing split."""
     needed = [s for s in splits if s not in ready] if tokenizer is not None else list(splits)
@@ -134,7 +176,7 @@ def _build(
     tokenizer_file = None
     if tokenizer is None:
         tokenizer, tokenizer_file = _train_tokenizer(plan, options, spans["train"], seconds)
-        ready = _ready_splits(plan, splits, options, tokenizer)  # the same tokenizer may exist already
+        ready = _lock_splits(plan, splits, options, tokenizer, locks)  # the same tokenizer may exist already
     for split in splits:
         if split not in ready:
             ready[split] = _build_split(plan, split, options, tokenizer, spans[split], reports[split], seconds)
@@ -317,9 +359,12 @@ def make_report(
     return report
 
 
-def _save_report(cache_dir: Path, splits: dict[str, PreparedSplit], report: dict[str, Any]) -> Path:
+def _save_report(cache_dir: Path, splits: dict[str, PreparedSplit], report: dict[str, Any], built: bool) -> Path:
+    """Write the report of a prepare that built something (or of splits that have none yet). A cache hit
+    leaves the existing one as it is: it describes the build, and a run that fails later must not touch it."""
     path = cache_dir / "reports" / f"{cache_key({'folders': sorted(p.folder.name for p in splits.values())})}.json"
-    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if built or not path.is_file():
+        atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return path
 
 

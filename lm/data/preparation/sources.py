@@ -121,15 +121,18 @@ def read_text_documents(path: Path) -> Iterator[str]:
 def read_jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     """The ``text_field`` string of every JSON object in a JSON-lines file (blank lines skipped)."""
     _check_text_file(path)
-    with path.open(encoding="utf-8", errors="strict") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LMError(f"{path}:{number} is not a JSON object ({err}); one object per line is expected.") from err
-            yield _text_of(row, text_field, f"{path}:{number}")
+    try:
+        with path.open(encoding="utf-8", errors="strict") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise LMError(f"{path}:{number} is not a JSON object ({err}); one object per line is expected.") from err
+                yield _text_of(row, text_field, f"{path}:{number}")
+    except UnicodeDecodeError as err:
+        raise LMError(f"{path} is not valid UTF-8 text ({err}). Convert it to UTF-8 first.") from err
 
 
 def _text_of(row: Any, text_field: str, where: str) -> str:
@@ -141,7 +144,8 @@ def _text_of(row: Any, text_field: str, where: str) -> str:
         )
     text = row[text_field]
     if not isinstance(text, str):
-        raise LMError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string.")
+        raise LMError(f"{where}: field {text_field!r} holds a {type(text).__name__} value, not text. Set "
+                      "--data.text_field to the field holding the document text.")
     return text
 
 
@@ -160,10 +164,27 @@ def read_parquet_documents(path: Path, text_field: str) -> Iterator[str]:
             f"{path} has no {text_field!r} column (it has: {parquet.schema_arrow.names}). Set "
             "--data.text_field to the column holding the document text."
         )
+    column_type = parquet.schema_arrow.field(text_field).type
+    if not _is_text_type(column_type):
+        strings = [f.name for f in parquet.schema_arrow if _is_text_type(f.type)]
+        raise LMError(
+            f"{path}: column {text_field!r} holds {column_type} values, not text. Set --data.text_field to a column "
+            f"of strings ({', '.join(repr(n) for n in strings) if strings else 'this file has none'})."
+        )
     for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
         for text in batch.column(0).to_pylist():
             if text is not None:
                 yield text
+
+
+def _is_text_type(arrow_type: Any) -> bool:
+    """A Parquet column of strings (plain, large, or dictionary-encoded)."""
+    import pyarrow as pa  # installed with `datasets`
+
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or (
+        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(arrow_type))
 
 
 class TextSource(Protocol):
