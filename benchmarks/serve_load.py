@@ -17,11 +17,14 @@ CPU and the load average (on a shared machine the figures are noisy).
 
 `--chaos` instead mixes, for `--duration` seconds from `--clients` threads, well-formed greedy requests
 (streaming or not, each checked against the server's own answer to that prompt when it was alone),
-clients that disconnect mid-request, and malformed requests (bad JSON, wrong types, out-of-range
-sampling values, an unknown model, an oversized body, raw garbage on the socket, a body cut short).
-It prints how many of each, how many well-formed answers were wrong, every unexpected status, the
-server's RSS (after warm-up, peak, at the end) and whether the server is still healthy with no request
-left in its engine; it exits with status 1 if the server crashed or any well-formed answer was wrong.
+clients that disconnect mid-request (streams cut after their first chunk), and malformed requests (bad JSON,
+wrong types, out-of-range sampling values, huge max_tokens and seeds, an unknown model or path, ~900 KB prompts
+under the body cap but far over the context, lone UTF-16 surrogates escaped in JSON, bodies that are not UTF-8,
+an oversized body, raw garbage on the socket, a body cut short), each expecting its 4xx in OpenAI's error shape.
+It prints how many of each, how many well-formed answers were wrong, every unexpected status, the 5xx count,
+the server's RSS (/proc/<pid>/status: at the start, after `--warmup` seconds of load, peak, at the end) and
+whether the server is still healthy with no request left in its engine; it exits with status 1 if the server
+crashed, any answer was unexpected, or RSS grew more than `--max_rss_growth_mb` (50) after the warm-up.
 """
 
 from __future__ import annotations
@@ -154,6 +157,12 @@ def main() -> None:
     parser.add_argument("--chaos", action="store_true",
                         help="well-formed, disconnecting and malformed requests mixed (see above)")
     parser.add_argument("--seed", type=int, default=0, help="--chaos: the random mix")
+    parser.add_argument("--well_formed_share", type=float, default=0.60,
+                        help="--chaos: share of well-formed requests; the rest are adversarial")
+    parser.add_argument("--warmup", type=float, default=10.0,
+                        help="--chaos: seconds of load before the RSS baseline is taken")
+    parser.add_argument("--max_rss_growth_mb", type=float, default=50.0,
+                        help="--chaos: fail if the server's RSS grows more than this after the warm-up")
     args = parser.parse_args()
     if args.chaos:
         sys.exit(0 if run_chaos(args) else 1)
@@ -178,7 +187,8 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------------------------------- chaos
-MAX_BODY_BYTES = 100_000  # the chaos server's --max_body_bytes: the oversized body is a bit above it
+MAX_BODY_BYTES = 1_000_000  # the chaos server's --max_body_bytes (lm serve's default): the oversized body is above it
+BIG_PROMPT = "The river was built in the north of England . " * 19_000  # ~900 KB: under the cap, far over the context
 
 
 @dataclass
@@ -230,6 +240,8 @@ def well_formed(client: httpx.Client, rng: random.Random, chaos: Chaos, expected
     try:
         text = completion_text(client, greedy_body(prompt, max_tokens, stream=rng.random() < 0.5))
     except Exception as error:
+        if isinstance(error, httpx.HTTPStatusError) and error.response.status_code >= 500:
+            chaos.count("http_5xx")
         chaos.count("well_formed_failed", f"well-formed request failed: {error!r}")
         return
     if text == expected[prompt]:
@@ -257,6 +269,16 @@ def disconnect(url: str, rng: random.Random, chaos: Chaos, max_tokens: int) -> N
 
 
 MALFORMED = [  # (path, body: dict = JSON, bytes = sent as is, expected status)
+    ("/v1/completions", {"prompt": BIG_PROMPT, "max_tokens": 4}, 400),  # issue 29: 34 MB of RSS each, before
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": BIG_PROMPT}]}, 400),
+    ("/v1/completions", b'{"prompt": "The river \\ud800 and \\udfff", "max_tokens": 4}', 400),  # lone surrogates
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}]}', 400),
+    ("/v1/completions", b'{"prompt": "caf\xe9 au lait"}', 400),  # not UTF-8
+    ("/v1/completions", {"prompt": "The", "max_tokens": 2**70}, 400),
+    ("/v1/completions", {"prompt": "The", "seed": 2**64}, 400),
+    ("/v1/completions", {"prompt": "The", "logprobs": 5}, 400),
+    ("/v1/completions", {"prompt": ["The", "A"]}, 400),
+    ("/v1/nothing-here", {"prompt": "The"}, 404),
     ("/v1/completions", b'{"prompt": "The river", "max_tokens": ', 400),
     ("/v1/completions", {"prompt": 5, "max_tokens": 4}, 400),
     ("/v1/completions", {"prompt": "The", "max_tokens": "lots"}, 400),
@@ -266,7 +288,7 @@ MALFORMED = [  # (path, body: dict = JSON, bytes = sent as is, expected status)
     ("/v1/completions", {"prompt": "The", "top_p": 0}, 400),
     ("/v1/completions", {"prompt": "", "max_tokens": 4}, 400),
     ("/v1/completions", {"prompt": "The", "model": "no-such-model"}, 404),
-    ("/v1/completions", {"prompt": "x" * MAX_BODY_BYTES}, 413),
+    ("/v1/completions", {"prompt": "x" * (MAX_BODY_BYTES + 1000)}, 413),
     ("/v1/chat/completions", {"messages": "hello"}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": 3}]}, 400),
     ("/v1/feedback", {"id": "no-such-response", "rating": "up"}, 404),
@@ -281,10 +303,12 @@ def malformed(url: str, rng: random.Random, chaos: Chaos) -> None:
                 r = client.post(path, content=body, headers={"Content-Type": "application/json"})
             else:
                 r = client.post(path, json=body)
-        ok = r.status_code == expected and "error" in r.json()
+        ok = r.status_code == expected and set(r.json().get("error", {})) == {"message", "type", "param", "code"}
     except Exception as error:
         chaos.count("malformed_unexpected", f"{path} {str(body)[:60]!r}: {error!r}")
         return
+    if r.status_code >= 500:
+        chaos.count("http_5xx")
     chaos.count("malformed_refused" if ok else "malformed_unexpected",
                 None if ok else f"{path} {str(body)[:60]!r}: {r.status_code} {r.text[:200]!r}, expected {expected}")
 
@@ -308,26 +332,33 @@ def broken_http(url: str, rng: random.Random, chaos: Chaos) -> None:
     chaos.attempt("broken_http", "raw socket", send)
 
 
-def chaos_client(url: str, seed: int, deadline: float, chaos: Chaos, expected: dict, max_tokens: int) -> None:
-    """One of the clients: 60% well-formed, 15% disconnects, 20% malformed JSON, 5% broken HTTP."""
+def chaos_client(url: str, seed: int, deadline: float, chaos: Chaos, expected: dict, max_tokens: int,
+                 well_formed_share: float = 0.60) -> None:
+    """One of the clients: `well_formed_share` (60%) well-formed; the rest 3:4:1 disconnects, malformed requests and
+    broken HTTP (15%, 20%, 5% at the default)."""
     rng = random.Random(seed)
-    with httpx.Client(base_url=url, timeout=300) as client:
+    adversarial = 1.0 - well_formed_share
+    # httpx keeps an idle connection 5 s, exactly as long as uvicorn does: a request sent on one the server has
+    # just closed ends in "connection reset" with no HTTP status. A client drops idle connections first.
+    with httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(keepalive_expiry=2.0)) as client:
         while time.perf_counter() < deadline:
             roll = rng.random()
-            if roll < 0.60:
+            if roll < well_formed_share:
                 well_formed(client, rng, chaos, expected, max_tokens)
-            elif roll < 0.75:
+            elif roll < well_formed_share + adversarial * 3 / 8:
                 disconnect(url, rng, chaos, max_tokens)
-            elif roll < 0.95:
+            elif roll < well_formed_share + adversarial * 7 / 8:
                 malformed(url, rng, chaos)
             else:
                 broken_http(url, rng, chaos)
 
 
-def sample_rss(pid: int, stop: threading.Event, samples: list[float]) -> None:
+def sample_rss(pid: int, stop: threading.Event, samples: list[tuple[float, float]]) -> None:
+    """(seconds since the load began, RSS in MB) every half second, from /proc/<pid>/status."""
+    start = time.perf_counter()
     while not stop.wait(0.5):
         try:
-            samples.append(rss_mb(pid))
+            samples.append((time.perf_counter() - start, rss_mb(pid)))
         except (OSError, StopIteration):  # the process is gone: reported as a crash
             return
 
@@ -360,8 +391,9 @@ def run_chaos(args) -> bool:
         sampler = threading.Thread(target=sample_rss, args=(server.proc.pid, stop, samples), daemon=True)
         sampler.start()
         deadline = time.perf_counter() + args.duration
-        threads = [threading.Thread(target=chaos_client, args=(server.url, args.seed * 1000 + i, deadline, chaos,
-                                                               expected, args.max_tokens)) for i in range(args.clients)]
+        threads = [threading.Thread(target=chaos_client, args=(server.url, args.seed * 1000 + i, deadline, chaos, expected,
+                                                               args.max_tokens, args.well_formed_share))
+                   for i in range(args.clients)]
         for t in threads:
             t.start()
         for t in threads:
@@ -377,20 +409,36 @@ def run_chaos(args) -> bool:
     return chaos_report(args, chaos, healthy, engine, rss_start, samples, rss_end)
 
 
-def chaos_report(args, chaos: Chaos, healthy: bool, engine: dict, rss_start: float, samples: list[float],
-                 rss_end: float) -> bool:
+def rss_after_warmup(samples: list[tuple[float, float]], warmup: float, fallback: float) -> float:
+    """The first RSS sample at or after `warmup` seconds of load: the working set of a full batch, the allocator's
+    arenas and the tokenizer's caches are in place by then, so what grows after it is what the load leaks."""
+    return next((rss for t, rss in samples if t >= warmup), samples[-1][1] if samples else fallback)
+
+
+def chaos_report(args, chaos: Chaos, healthy: bool, engine: dict, rss_start: float,
+                 samples: list[tuple[float, float]], rss_end: float) -> bool:
     for problem in chaos.problems:
         print(f"  unexpected: {problem}", file=sys.stderr)
     counts = chaos.counts
     unexpected = sum(v for k, v in counts.items() if k.endswith(("_unexpected", "_wrong", "_failed")))
-    summary = {"clients": args.clients, "seconds": args.duration, **dict(sorted(counts.items())),
-               "server_alive_and_healthy": healthy, "crashes": 0 if healthy else 1,
+    requests = sum(v for k, v in counts.items() if k.startswith(("well_formed", "disconnects", "malformed", "broken_http")))
+    warm = rss_after_warmup(samples, args.warmup, rss_start)
+    growth = max((rss for t, rss in samples if t >= args.warmup), default=rss_end) - warm
+    growth = max(growth, rss_end - warm)
+    adversarial = sum(v for k, v in counts.items() if k.startswith(("disconnects", "malformed", "broken_http")))
+    summary = {"clients": args.clients, "seconds": args.duration, "requests": requests, "adversarial": adversarial,
+               **dict(sorted(counts.items())),
+               "http_5xx": counts.get("http_5xx", 0), "server_alive_and_healthy": healthy, "crashes": 0 if healthy else 1,
                "engine_after": {k: engine.get(k) for k in ("active_requests", "waiting_requests", "decode_steps")},
-               "rss_mb_start": round(rss_start, 1), "rss_mb_peak": round(max(samples, default=rss_start), 1),
-               "rss_mb_end": round(rss_end, 1), "unexpected_answers": unexpected,
-               "load_average_after": os.getloadavg()}
+               "rss_mb_start": round(rss_start, 1), "warmup_seconds": args.warmup,
+               "rss_mb_after_warmup": round(warm, 1), "rss_mb_peak": round(max((r for _, r in samples), default=rss_start), 1),
+               "rss_mb_end": round(rss_end, 1), "rss_growth_mb_after_warmup": round(growth, 1),
+               "unexpected_answers": unexpected, "load_average_after": os.getloadavg()}
     print(json.dumps(summary))
-    return healthy and unexpected == 0 and engine.get("active_requests") == 0
+    flat = growth <= args.max_rss_growth_mb
+    if not flat:
+        print(f"RSS grew {growth:.1f} MB after warm-up (limit {args.max_rss_growth_mb} MB)", file=sys.stderr)
+    return healthy and unexpected == 0 and engine.get("active_requests") == 0 and flat
 
 
 if __name__ == "__main__":

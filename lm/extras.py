@@ -26,6 +26,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "data": ("ftfy", "datasketch", "tiktoken"),  # + cmeel-mimalloc, a shared library found by path
     "report": ("matplotlib",),
     "export": ("onnx", "onnxscript"),
+    "gguf": ("gguf",),  # lm export --format gguf
 }
 
 

@@ -161,12 +161,11 @@ def plan(precision: str, configs: list[str], budget: Budget) -> list[Step]:
              files=("{out}/export-safetensors/model.safetensors",), needs=("fit",)),
         Step("export onnx", ("export", "--ckpt_path", "{best}", "--format", "onnx", "--output", "{out}/export-onnx"),
              files=("{out}/export-onnx/model.onnx",), needs=("fit",)),
-        # The default recipe (RoPE + QK-norm + ReLU²) has no transformers architecture yet: a one-line refusal naming
-        # the features is the expected answer until a trust_remote_code export exists. The presets do export
-        # (tests/test_compress.py: test_every_preset_on_the_base_recipe_exports_to_hf).
+        # The default recipe (RoPE + QK-norm + ReLU²) exports as lm's own code (trust_remote_code): that transformers
+        # loads it and matches lm's logits and greedy tokens is tests/test_export_hf.py's job (every variant).
         Step("export hf", ("export", "--ckpt_path", "{best}", "--format", "hf", "--output", "{out}/export-hf"),
-             files=("{out}/export-hf/config.json",), needs=("fit",),
-             may_refuse="no transformers architecture computes RoPE + QK-norm + ReLU² (the default recipe's)"),
+             files=("{out}/export-hf/config.json", "{out}/export-hf/modeling_lm.py", "{out}/export-hf/README.md"),
+             needs=("fit",)),
         Step("quantize", ("quantize", "--ckpt_path", "{best}", "--output", "{int8}"), files=("{int8}",), needs=("fit",)),
         Step("generate int8", ("generate", "--ckpt_path", "{int8}", "--prompt", "The river", "--prompt", "A town",
                                "--max_new_tokens", tokens, "--temperature", "0", "--format", "jsonl", *dtype),

@@ -225,6 +225,8 @@ SERVE_EXTRA = ("the serve extra: {} imports it at its top, and `lm serve --help`
 LOCAL_LM_IMPORTS: dict[tuple[str, str], str] = {
     ("lm/commands/serve.py", "lm.serve.app"): SERVE_EXTRA.format("fastapi"),
     ("lm/commands/serve.py", "lm.serve.protocol"): SERVE_EXTRA.format("pydantic (installed with fastapi)"),
+    ("lm/commands/eval.py", "lm.evaluation.harness"): ("the harness extra: lm_eval is imported at its top (its LM base "
+                                                       "class), and lm eval without --harness_tasks works without it"),
     ("lm/callbacks/text_sampler.py", "lm.model.generation"): PENDING,
     ("lm/commands/export.py", "lm.export.hf"): PENDING,
     ("lm/commands/export.py", "lm.export.onnx"): PENDING,

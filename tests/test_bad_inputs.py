@@ -331,6 +331,8 @@ CASES = [
         lambda w: ["report", "--run", "logs/tiny"]),
     cli("report: misspelled option", "Unknown option outptu (did you mean output?)",
         "Valid keys at the top level: output.", lambda w: ["report", "logs/tiny", "--outptu", "reports/x"]),
+    cli("report: --output under a file", "The report folder a_file/report cannot be created: a_file is a file",
+        "--output DIR", lambda w: ["report", "logs/tiny", "--output", f"{FILES['a_file']}/report"]),  # was: a traceback
     cli("eval: near miss of text_files", "Unknown option text_file", "did you mean text_files?",
         lambda w: ["eval", "--ckpt_path", str(w.ckpt), "--text_file", w.small]),
     cli("eval: misspelled option", "Unknown option strid", "did you mean stride?",
@@ -360,8 +362,6 @@ CASES = [
         lambda w: ["quantize", "--ckpt_path", str(w.ckpt), "--output", str(w.ckpt)]),
     cli("export: unknown format", "format", "one of 'safetensors', 'hf', 'onnx'",
         lambda w: ["export", "--ckpt_path", str(w.ckpt), "--output", "exported", "--format", "bogus"]),
-    cli("export: variant without a HF counterpart", "qk_norm=True", "--format safetensors or onnx",
-        lambda w: ["export", "--ckpt_path", w.qk, "--output", "exported", "--format", "hf"]),
     cli("merge: not a fine-tuning checkpoint", "not an instruction-tuning checkpoint", "use it as it is",
         lambda w: ["merge", "--ckpt_path", str(w.ckpt), "--output", "merged.ckpt"]),
     cli("merge: misspelled option", "Unknown option outpt", "did you mean output?",
@@ -385,6 +385,15 @@ CASES = [
         lambda w: ["serve", "--ckpt_path", w.pickled, "--prot", "9000"]),
     cli("serve: abbreviated option", "Unknown option max_token", "did you mean max_tokens?",
         lambda w: ["serve", "--ckpt_path", w.pickled, "--max_token", "9"]),  # was read as --max_tokens, silently
+    # (the pickled checkpoint again: the feedback file is checked first, before any model is loaded)
+    cli("serve: feedback file under a file", "folder of --feedback_path a_file cannot be created: a_file is a file",
+        "--feedback_path null to turn feedback off", lambda w: ["serve", "--ckpt_path", w.pickled, "--feedback_path",
+                                                                f"{FILES['a_file']}/feedback.jsonl"]),
+    cli("serve: feedback file is a folder", "--feedback_path logs is a folder", "--feedback_path logs/feedback.jsonl",
+        lambda w: ["serve", "--ckpt_path", w.pickled, "--feedback_path", "logs"]),
+    cli("serve: feedback folder not writable", "folder of --feedback_path /sys/lm-feedback is not writable",
+        "--feedback_path FILE", lambda w: ["serve", "--ckpt_path", w.pickled, "--feedback_path",
+                                           "/sys/lm-feedback/feedback.jsonl"]),  # sysfs: refused even to root
     # ---- the server (FastAPI app through TestClient)
     http("malformed JSON", 400, "not valid JSON", "JSON object", "POST", "/v1/completions",
          content=b'{"prompt": "x",', headers={"content-type": "application/json"}),
@@ -429,6 +438,17 @@ CASES = [
          json={"messages": [{"role": "user", "content": "hi", "nmae": "bob"}]}),
     http("feedback for an unknown response", 404, "No recent response", "keeps the last", "POST", "/v1/feedback",
          json={"id": "cmpl-nope", "rating": "up"}),
+    # ---- found by fuzzing the API (tests/test_serve_fuzz.py); the first three were FastAPI's {"detail": ...}
+    http("unknown path", 404, "Not found: GET /v1/complete", "endpoints: POST /v1/completions", "GET", "/v1/complete"),
+    http("wrong method", 405, "GET is not allowed on /v1/completions", "use POST", "GET", "/v1/completions"),
+    http("body not UTF-8", 400, "the body is not UTF-8 text", "send one UTF-8 JSON object", "POST", "/v1/completions",
+         content=b'{"prompt": "caf\xe9"}', headers={"content-type": "application/json"}),
+    http("JSON sent as form data", 400, "the body was sent as application/x-www-form-urlencoded, not as JSON",
+         "'Content-Type: application/json'", "POST", "/v1/completions",  # curl -d without -H; was: "valid dictionary"
+         content=b'{"prompt": "x"}', headers={"content-type": "application/x-www-form-urlencoded"}),
+    http("a lone surrogate in a chat message", 400, "not valid Unicode: surrogates not allowed, in a message's content",
+         "Send UTF-8 text", "POST", "/v1/chat/completions",  # was: an offset into the chat template, as param prompt
+         content=b'{"messages": [{"role": "user", "content": "a\\udc00"}]}', headers={"content-type": "application/json"}),
 ]
 
 

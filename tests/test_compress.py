@@ -247,74 +247,7 @@ def test_safetensors_export_round_trips(tokenizer, tmp_path):
     assert loaded.lm_head.weight is loaded.embed_tokens.weight and loaded_tokenizer.to_str() == tokenizer.to_str()
 
 
-@pytest.mark.parametrize("variant,architecture", [(GPT2_LIKE, "GPT2LMHeadModel"), (LLAMA_LIKE, "LlamaForCausalLM")],
-                         ids=["gpt2", "llama"])
-def test_hf_export_matches_logits(tokenizer, tmp_path, variant, architecture):
-    transformers = pytest.importorskip("transformers")
-    from lm.export.hf import export_hf
-
-    model = tiny_gpt(**variant)
-    export_hf(model, tokenizer, tmp_path / "hf")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert type(hf_model).__name__ == architecture
-    text = make_corpus(1, seed=5)[:40]
-    x = torch.tensor([tokenizer.encode(text)])
-    assert hf_tokenizer(text)["input_ids"] == x[0].tolist()
-    with torch.no_grad():
-        assert (hf_model(x).logits - model(x)).abs().max() < 1e-4
-
-
-@pytest.mark.parametrize("variant", sorted(p.name for p in (REPO_ROOT / "experiments" / "variants").glob("*.yaml")))
-def test_every_preset_on_the_base_recipe_exports_to_hf(tokenizer, tmp_path, variant):
-    """A preset overlay on the CPU recipe gives the preset: whatever the base turns on that the architecture lacks
-    (its context cache, QK-norm, ReLU², RoPE) is switched off, so `lm export --format hf` takes what it trains."""
-    transformers = pytest.importorskip("transformers")
-    from lm.export.hf import export_hf
-    from lm.cli.lightning_cli import parse_recipe
-
-    recipe = parse_recipe(["--config", str(REPO_ROOT / "experiments" / "wikitext2_cpu.yaml"),
-                           "--config", str(REPO_ROOT / "experiments" / "variants" / variant)])
-    fields = {k: v for k, v in dict(recipe.model.init_args.config).items() if v is not None}
-    assert not fields.get("context_cache"), "the preset has no context cache: its overlay must switch the base's off"
-    fields.update(vocab_size=tokenizer.vocab_size, num_hidden_layers=2)  # the recipe's width, a shorter stack
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**fields)).eval()
-    for p in model.parameters():  # zero_init_residual starts output projections at 0: give them weights
-        torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
-    export_hf(model, tokenizer, tmp_path / "hf")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    x = torch.tensor([tokenizer.encode(make_corpus(1, seed=5)[:60])])
-    with torch.no_grad():
-        assert (hf_model(x).logits - model(x)).abs().max() < 1e-4
-
-
-def test_hf_export_carries_the_plain_softmax_of_a_model_with_a_context_cache(tokenizer, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from lm.export.hf import export_hf
-
-    model = tiny_gpt(context_cache=True)
-    model.context_cache.weight.fill_(0.4)
-    model.context_cache.temperature.fill_(1.2)
-    export_hf(model, tokenizer, tmp_path / "hf")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    x = torch.tensor([tokenizer.encode(make_corpus(1, seed=6))[:32]])
-    with torch.no_grad():
-        plain = model(x, context_cache=False)
-        assert (hf_model(x).logits - plain).abs().max() < 1e-4
-        assert (model(x, context_cache=True).softmax(-1) - plain.softmax(-1)).abs().max() > 1e-3  # the cache does mix
-        assert torch.equal(model.without_context_cache()(x), plain)
-    assert model.context_cache is not None and model.config.context_cache  # the model itself is left as it was
-
-
-def test_hf_export_names_the_unsupported_feature(tokenizer, tmp_path):
-    from lm.export.hf import export_hf
-
-    with pytest.raises(LMError, match="position='sinusoidal'"):
-        export_hf(tiny_gpt(position="sinusoidal"), tokenizer, tmp_path / "hf")
-    with pytest.raises(LMError, match="qk_norm"):
-        export_hf(tiny_gpt(**{**LLAMA_LIKE, "qk_norm": True}), tokenizer, tmp_path / "hf2")
-    assert not (tmp_path / "hf").exists()
+# The Hugging Face export (every variant, native or lm's own code): tests/test_export_hf.py.
 
 
 @pytest.mark.parametrize("context_cache", [False, True])

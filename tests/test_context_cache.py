@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lm.io.checkpoints import load_model
-from lm.evaluation.perplexity import evaluate_text_file
+from lm.evaluation.perplexity import evaluate_text_file, score_windows_both, window_spans
 from lm.evaluation.token_metrics import token_nll
 from lm.model import GPT, ContextKVCache, GPTConfig, GPTWithContextCache, KVCache, build_gpt
 from lm.model.context_cache import cache_inputs
@@ -177,6 +177,28 @@ def test_fit_calibrates_on_validation_and_the_checkpoint_keeps_it(tmp_path, corp
     assert math.isfinite(rows["plain softmax (the transformer alone)"][2])
 
 
+@torch.no_grad()
+def test_scoring_both_distributions_in_one_pass_equals_the_models_own_forwards():
+    """lm eval scores the network and the mixture from one pass (score_windows_both); each must equal what
+    the model's own forward gives, window by window, with right-padded batches."""
+    model = _model()
+    _set(model, sharpness=8.0, weight=0.3, temperature=0.9)
+    stream = torch.randint(0, 40, (150,))
+    spans = window_spans(len(stream), 32, stride=24)
+    both = score_windows_both(model, stream, spans, batch_size=3, distributions=(False, True))
+    for cache in (False, True):
+        nll, tokens = 0.0, 0
+        for s in spans:
+            inputs = stream[s.begin:s.end].unsqueeze(0)
+            targets = stream[s.begin + 1:s.end + 1].clone().unsqueeze(0)
+            targets[:, :s.score_from] = -100
+            part, count = token_nll(model(inputs, context_cache=cache), targets)
+            nll, tokens = nll + float(part), tokens + int(count)
+        assert both[cache][1] == tokens == len(stream) - 1
+        assert both[cache][0] == pytest.approx(nll, rel=1e-5)
+    assert both[True][0] != pytest.approx(both[False][0], rel=1e-3)  # the mixture is not the softmax
+
+
 def test_the_plain_network_knows_nothing_of_the_cache():
     """GPT and KVCache carry no cache state; the extension adds exactly its three scalars and the history."""
     config = GPTConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -217,6 +239,12 @@ def test_lm_test_and_lm_eval_report_the_network_and_the_cache_under_their_own_na
     assert rows[0]["bpb"] == pytest.approx(plain["bpb"], rel=1e-5)
     assert rows[1]["bpb"] == pytest.approx(evaluate_text_file(model, tokenizer, corpus_files["test"],
                                                               context_cache=True)["bpb"], rel=1e-5)
+    for flag, expected in (("false", [False]), ("true", [True])):  # the verb's flag, not the sampling field
+        out = run_lm("eval", "--ckpt_path", str(ckpt), "--text_files", str(corpus_files["test"]), "--context_cache",
+                     flag, "--output", str(tmp_path / f"eval-{flag}.json"), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = json.loads((tmp_path / f"eval-{flag}.json").read_text())["text"]
+        assert [r["context_cache"] for r in rows] == expected
 
 
 def test_calibration_reads_the_steps_own_hidden_states(tmp_path, corpus_files):

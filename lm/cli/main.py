@@ -36,12 +36,13 @@ FUNCTION_VERBS: dict[str, tuple[str, ...]] = {
     "serve": ("lm.commands.serve:serve",),
     "prepare": ("lm.commands.prepare:main",),  # a `main(args, prog)` builds its own parser
     "plan": ("lm.commands.plan:plan", "lm.commands.plan:prepare_args"),  # the recipe's flags as one list
-    "eval": ("lm.commands.eval:evaluate", "lm.commands.generate:prepare_args"),  # bare sampling flags, as generate
+    "eval": ("lm.commands.eval:evaluate", "lm.commands.eval:prepare_args"),  # bare sampling flags, as generate
     "report": ("lm.commands.report:report", "lm.commands.report:prepare_args"),  # run folders as positionals
     "merge": ("lm.commands.merge:merge",),
     "quantize": ("lm.commands.compress:quantize",),
     "prune": ("lm.commands.compress:prune",),
     "export": ("lm.commands.export:export",),
+    "import": ("lm.commands.import_hf:import_hf",),  # a Hugging Face GPT-2 / Llama folder -> an lm checkpoint
 }
 
 USAGE = f"""usage: lm <verb> [--config FILE.yaml ...] [--key value ...]

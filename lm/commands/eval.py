@@ -3,6 +3,7 @@
     lm eval --ckpt_path ckpt --text_files '[../shared/data/wikitext-2-raw-v1/wiki.test.raw]' --stride 64
     lm eval --ckpt_path ckpt --pairs_file qa.jsonl --template alpaca --max_new_tokens 48   # BLEU / ROUGE
     lm eval --ckpt_path classifier.ckpt --labelled_file stsa.binary.test      # accuracy / macro-F1
+    lm eval --ckpt_path ckpt --harness_tasks hellaswag,arc_easy --harness_limit 200   # lm-evaluation-harness tasks
 
 - text files: perplexity and bits-per-byte of the raw files (lm/evaluation/perplexity.py), with non-overlapping
   windows and, with `--stride`, the strided sliding window next to them; for a model with a context cache,
@@ -10,11 +11,14 @@
 - pairs: a JSONL of {"prompt", "reference"} (or Alpaca {"instruction", "input", "output"}) rows;
   answers are generated with `SamplingOptions` (greedy by default) and scored with torchmetrics' BLEU
   and ROUGE (lm/evaluation/generation_metrics.py);
-- labelled file: `<label> <sentence>` lines scored by a classifier checkpoint (lm/modules/classifier.py).
+- labelled file: `<label> <sentence>` lines scored by a classifier checkpoint (lm/modules/classifier.py);
+- harness tasks: EleutherAI's lm-evaluation-harness run on the checkpoint (the `harness` extra;
+  lm/evaluation/harness.py), its own table printed, its results in the JSON under "harness".
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -22,9 +26,11 @@ from typing import Any, Optional, Union
 import torch
 
 from lm.errors import LMError
+from lm.commands.generate import prepare_args as prepare_generation_args
 from lm.evaluation.generation_metrics import evaluate_pairs_file
 from lm.evaluation.labelled_file import evaluate_labelled_file
-from lm.evaluation.perplexity import evaluate_text_file, summarize
+from lm.evaluation.perplexity import evaluate_text_file_both, summarize
+from lm.extras import install_hint
 from lm.io.checkpoints import load_model
 from lm.io.files import atomic_write_text
 from lm.model.sampling import SamplingOptions
@@ -43,8 +49,14 @@ def evaluate(
     batch_size: int = 8,
     output: Optional[str] = None,
     threads: Optional[int] = None,
+    harness_tasks: Optional[str] = None,
+    harness_include_path: Optional[str] = None,
+    harness_limit: Optional[int] = None,
+    harness_batch_size: Optional[int] = None,
+    harness_output: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint written by `lm fit` on text files, prompt/reference pairs or labelled sentences.
+    """Evaluate a checkpoint written by `lm fit` on text files, prompt/reference pairs, labelled sentences or
+    lm-evaluation-harness tasks.
 
     Args:
         ckpt_path: Checkpoint file (a language model, or a classifier for --labelled_file).
@@ -64,24 +76,41 @@ def evaluate(
         batch_size: Windows / prompts / sentences per forward pass.
         output: Write the results as JSON here (default: only print them).
         threads: CPU threads for torch (default: torch's choice).
+        harness_tasks: EleutherAI lm-evaluation-harness tasks, comma-separated (`hellaswag,arc_easy`; the
+            `harness` extra). The network's softmax is scored unless --context_cache true.
+        harness_include_path: A folder of your own harness task YAMLs (the harness's --include_path).
+        harness_limit: At most this many examples per harness task (default: all).
+        harness_batch_size: Harness requests per forward pass (default: --batch_size).
+        harness_output: Write the harness's whole results (configs, versions, metrics) as JSON here.
     """
     if not ckpt_path:
         raise LMError("No checkpoint given: pass --ckpt_path, e.g. checkpoints/<experiment>/last.ckpt.")
-    if not (text_files or pairs_file or labelled_file):
-        raise LMError("Nothing to evaluate: pass --text_files, --pairs_file or --labelled_file.")
+    harness_options = {"--harness_include_path": harness_include_path, "--harness_limit": harness_limit,
+                       "--harness_batch_size": harness_batch_size, "--harness_output": harness_output}
+    if not harness_tasks and any(value is not None for value in harness_options.values()):
+        given = ", ".join(k for k, v in harness_options.items() if v is not None)
+        raise LMError(f"{given}: harness options, given without the tasks to run: add --harness_tasks TASK[,TASK] "
+                      f"(e.g. --harness_tasks hellaswag).")
+    if not (text_files or pairs_file or labelled_file or harness_tasks):
+        raise LMError("Nothing to evaluate: pass --text_files, --pairs_file, --labelled_file or --harness_tasks.")
+    if harness_tasks:
+        _require_harness()  # before the checkpoint is read
     if threads is not None:
         torch.set_num_threads(threads)
     results: dict[str, Any] = {"checkpoint": str(ckpt_path)}
     if labelled_file:
         results["classification"] = evaluate_labelled_file(ckpt_path, labelled_file, batch_size=batch_size)
         _print_classification(results["classification"])
-    if text_files or pairs_file:
+    if text_files or pairs_file or harness_tasks:
         model, tokenizer = load_model(ckpt_path)
         if text_files:
             results["text"] = _evaluate_texts(model, tokenizer, text_files, context, stride, batch_size, context_cache)
         if pairs_file:
             results["generation"] = evaluate_pairs_file(model, tokenizer, pairs_file, sampling, template, batch_size)
             print(_table(["metric", "value"], [[k, _fmt(v)] for k, v in results["generation"]["scores"].items()]))
+        if harness_tasks:
+            results["harness"] = _evaluate_harness(model, tokenizer, harness_tasks, harness_include_path, harness_limit,
+                                                   harness_batch_size or batch_size, context_cache, harness_output)
     if output:
         _write_json(Path(output), results)
     return results
@@ -92,13 +121,19 @@ def _evaluate_texts(model, tokenizer, text_files, context, stride, batch_size, c
         raise LMError(f"--stride must be a positive number of tokens (or left out), got {stride}.")
     files = [text_files] if isinstance(text_files, str) else list(text_files)
     methods = [("non-overlapping", None)] + ([(f"stride {stride}", stride)] if stride else [])
+    distributions = tuple(_distributions(model, context_cache))
+    # Both distributions of a file come from one pass of the network (evaluate_text_file_both); rows are
+    # listed network first, then the cache, as before.
+    scored = {(path, method_stride): evaluate_text_file_both(model, tokenizer, path, context, method_stride,
+                                                             batch_size, distributions)
+              for _, method_stride in methods for path in files}
     rows = []
-    for cache in _distributions(model, context_cache):
+    for cache in distributions:
         for method, method_stride in methods:
             method = f"{method}, context cache" if cache else method
             sums = [0.0, 0, 0]
             for path in files:
-                scores = evaluate_text_file(model, tokenizer, path, context, method_stride, batch_size, cache)
+                scores = scored[(path, method_stride)][cache]
                 rows.append({"file": str(path), "method": method, "context_cache": cache, **scores})
                 sums = [sums[0] + scores["nll"], sums[1] + scores["tokens"], sums[2] + scores["bytes"]]
             if len(files) > 1:
@@ -106,6 +141,31 @@ def _evaluate_texts(model, tokenizer, text_files, context, stride, batch_size, c
     header = ["file", "method", "tokens", "bytes", "loss", "ppl", "bpb"]
     print(_table(header, [[_fmt(r[h]) for h in header] for r in rows]))
     return rows
+
+
+def _require_harness() -> None:
+    """The harness extra, or one line saying how to install it (it is not in `all`, so not in lm.extras.EXTRAS)."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as error:
+        raise LMError(f"lm eval --harness_tasks needs the harness extra (lm_eval is not installed): "
+                      f"{install_hint('harness')}.") from error
+
+
+def _evaluate_harness(model, tokenizer, tasks: str, include_path: Optional[str], limit: Optional[int], batch_size: int,
+                      context_cache: Optional[bool], output: Optional[str]) -> dict[str, Any]:
+    """Run lm-evaluation-harness tasks; print its table; return each task's metrics (its `results` section).
+    The network's softmax unless `--context_cache true` (one distribution: the harness reports one row a task)."""
+    from lm.evaluation.harness import evaluate_harness, results_table  # imports lm_eval: the harness extra
+
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    results = evaluate_harness(model, tokenizer, names, include_path, limit, batch_size, bool(context_cache))
+    print(results_table(results))
+    if output:
+        # The harness's configs hold values JSON has no type for (functions of task YAMLs): written as text.
+        atomic_write_text(Path(output), json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2,
+                                                   ensure_ascii=False, default=str) + "\n")
+    return results["results"]
 
 
 def _distributions(model, context_cache: Optional[bool]) -> list[bool]:
@@ -139,3 +199,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def prepare_args(args: list[str]) -> list[str]:
+    """`lm generate`'s normalization (bare sampling flags, repeated --prompt), except that eval's own
+    parameters keep their names: `--context_cache` chooses the rows, it is not the sampling field."""
+    return prepare_generation_args(args, own_flags=set(inspect.signature(evaluate).parameters))

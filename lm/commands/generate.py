@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Collection
 from dataclasses import fields
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -137,16 +138,18 @@ def _collect_prompts(prompt: Union[str, list[str], None], prompts_file: Optional
     return prompts
 
 
-def prepare_args(args: list[str]) -> list[str]:
+def prepare_args(args: list[str], own_flags: Collection[str] = ()) -> list[str]:
     """Normalize the raw arguments: bare sampling flags (`--temperature 0`) become `--sampling.<field>`,
     and repeated `--prompt X` / `--stop X` flags are collected into one list each, passed as JSON.
+    `own_flags`: the verb's own parameters, kept as they are where a sampling field has the same name
+    (`lm eval --context_cache` picks the distributions to score, not the sampling one).
 
     jsonargparse would keep only the last of repeated flags, and would read a prompt such as
     `- item` or `null` as YAML. Here each value is kept verbatim, except a value written as a list
     (`--prompt '[a, b]'`), which jsonargparse parses as before.
     """
     def canonical(flag: str) -> str:
-        return f"--sampling.{flag[2:]}" if flag[2:] in _SAMPLING_FIELDS else flag
+        return f"--sampling.{flag[2:]}" if flag[2:] in _SAMPLING_FIELDS and flag[2:] not in own_flags else flag
 
     collected: dict[str, list[str]] = {flag: [] for flag in _LIST_FLAGS}
     rest: list[str] = []

@@ -10,11 +10,10 @@ against steps and against tokens seen, runs overlaid) and `<output>/report.md`.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from lm.evaluation.run_report import find_runs, plot_runs, read_run, run_names, summary_markdown
 from lm.extras import require
-from lm.io.files import atomic_write_text
+from lm.io.files import atomic_write_text, check_folder_path, check_writable_folder
 
 
 def prepare_args(args: list[str]) -> list[str]:
@@ -39,10 +38,10 @@ def report(runs: list[str], output: str = "reports/latest") -> None:
         output: Folder for the PNG plots and report.md (created; files in it are replaced).
     """
     require("report", "lm report")  # matplotlib draws the plots
+    check_folder_path(output, "report folder", "--output DIR")  # a file in the way: said before reading the runs
     folders = find_runs(list(runs))
     loaded = [read_run(folder, name) for folder, name in zip(folders, run_names(folders))]
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_writable_folder(output, "report folder", "--output DIR")  # created; read-only: one line
     plots = plot_runs(loaded, out_dir)
     markdown = summary_markdown(loaded, plots)
     atomic_write_text(out_dir / "report.md", markdown)

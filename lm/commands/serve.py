@@ -124,6 +124,7 @@ def build_state(ckpt_path: str, *, model_name: Optional[str] = None, max_batch_s
     if threads is not None:
         torch.set_num_threads(threads)
     filter_ = Blocklist.from_file(blocklist) if blocklist else NoFilter()  # a bad file fails before the load
+    feedback = FeedbackLog(feedback_path) if feedback_path else None  # so does a feedback file it cannot write
     path = Path(ckpt_path)
     model, tokenizer = load_model(path, device=device, dtype=getattr(torch, dtype))
     if hasattr(model, "prepare_for_inference"):
@@ -143,7 +144,7 @@ def build_state(ckpt_path: str, *, model_name: Optional[str] = None, max_batch_s
                       max_token_bytes=max(len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size))),
         model_name=model_name or f"{path.resolve().parent.name}/{path.stem}",
         info=info, defaults=defaults, output_filter=filter_,
-        feedback=FeedbackLog(feedback_path) if feedback_path else None, api_key=api_key)
+        feedback=feedback, api_key=api_key)
 
 
 def _checkpoint_info(path: Path, read_checkpoint) -> dict:

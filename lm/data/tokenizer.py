@@ -14,6 +14,14 @@ That lossless round trip is what makes two things in this framework exact rather
   for, so a summed loss can be divided by the true number of bytes in the evaluated text;
 * streaming generation: :meth:`Tokenizer.decode_bytes` gives raw bytes, so a streaming printer can hold
   back an incomplete UTF-8 sequence instead of emitting a replacement character mid-character.
+
+A second family is accepted for models imported from Hugging Face (`lm import`, lm/io/hf_import.py):
+SentencePiece-style BPE (Llama 2, TinyLlama, Mistral): pieces spell a space as ``▁`` (U+2581) and
+``byte_fallback`` spells any character outside the vocabulary as ``<0xNN>`` byte tokens, so every
+piece still stands for known bytes. SentencePiece's "dummy prefix" (a ``▁`` put before the text) is
+switched off when such a tokenizer is wrapped: it is a byte that is not in the text, and documents
+encoded one by one would each gain a space, so neither decode nor the byte counts would be exact.
+The one text such a tokenizer cannot give back is a literal ``▁``, which it reads as a space.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders
+from tokenizers import decoders, normalizers, pre_tokenizers
 
 from lm.errors import LMError, MissingFileError
 from lm.data.tokenizer_training import NUM_BYTE_TOKENS, TOKENIZER_KINDS, minimum_vocab_size, train_backend
@@ -33,6 +41,9 @@ from lm.io.files import atomic_write_text
 
 EOT = "<|endoftext|>"
 """Document separator: appended after every document in the token stream (GPT-2 convention)."""
+
+METASPACE = "\u2581"
+"""``▁``: SentencePiece's stand-in for a space inside pieces."""
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-character table used by the ByteLevel pre-tokenizer.
@@ -64,11 +75,11 @@ class Tokenizer:
 
     Construct it with :meth:`train`, :meth:`from_file` or :meth:`from_str`; the constructor wraps an
     already built ``tokenizers.Tokenizer`` and checks that its tokens are byte-level strings (the byte
-    accounting below relies on that).
+    accounting below relies on that), or SentencePiece-style pieces with byte fallback (module docstring).
     """
 
     def __init__(self, backend: _HFTokenizer) -> None:
-        _check_byte_level(backend)
+        self._metaspace = _check_supported(backend)
         self._tok = backend
 
     # ------------------------------------------------------------------ construction
@@ -187,6 +198,8 @@ class Tokenizer:
                 table.append(b"")
             elif i in specials:
                 table.append(token.encode("utf-8"))
+            elif self._metaspace:
+                table.append(metaspace_piece_bytes(token))
             else:
                 table.append(bytes(BYTE_DECODER[c] for c in token))
         return table
@@ -198,20 +211,40 @@ class Tokenizer:
 # ---------------------------------------------------------------------- helpers
 
 
-def _check_byte_level(backend: _HFTokenizer) -> None:
-    """Refuse tokenizers whose tokens aren't strings over the byte-level alphabet.
+def metaspace_piece_bytes(piece: str) -> bytes:
+    """The bytes a SentencePiece-style piece stands for: ``<0xNN>`` is byte NN, ``▁`` a space, the rest UTF-8."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:  # e.g. "<0xZZ>": an ordinary piece that only looks like a byte token
+            pass
+    return piece.replace(METASPACE, " ").encode("utf-8")
 
-    :meth:`Tokenizer.decode_bytes` and :meth:`Tokenizer.token_byte_lengths` invert the byte-level
-    mapping; on e.g. a SentencePiece vocabulary they would silently produce wrong byte counts.
+
+def _check_supported(backend: _HFTokenizer) -> bool:
+    """Refuse tokenizers whose tokens don't stand for known bytes; True for the SentencePiece-style family.
+
+    :meth:`Tokenizer.decode_bytes` and :meth:`Tokenizer.token_byte_lengths` map every token to the bytes
+    it stands for; on a tokenizer outside the two families they would silently produce wrong byte counts.
     """
     spec = json.loads(backend.to_str())
+    if _is_metaspace(spec):
+        _make_metaspace_lossless(backend, spec)
+        return True
+    _check_byte_level(backend, spec)
+    return False
+
+
+def _check_byte_level(backend: _HFTokenizer, spec: dict) -> None:
+    """Refuse tokenizers whose tokens aren't strings over the byte-level alphabet."""
     model_type = (spec.get("model") or {}).get("type")
     pre = spec.get("pre_tokenizer") or {}
     pre_types = {pre.get("type")} | {p.get("type") for p in pre.get("pretokenizers", [])}
     if model_type not in ("BPE", "Unigram") or "ByteLevel" not in pre_types:
         raise LMError(
-            "Only byte-level tokenizers are supported (a BPE or Unigram model behind a ByteLevel "
-            f"pre-tokenizer, as lm trains them); got model={model_type!r}, pre_tokenizer={pre.get('type')!r}."
+            "Only byte-level tokenizers (a BPE or Unigram model behind a ByteLevel pre-tokenizer, as lm trains "
+            "them) and SentencePiece-style BPE with byte fallback (Llama 2) are supported; got "
+            f"model={model_type!r}, pre_tokenizer={pre.get('type')!r}, normalizer={(spec.get('normalizer') or {}).get('type')!r}."
         )
     if spec.get("normalizer") is not None:
         raise LMError(
@@ -220,3 +253,51 @@ def _check_byte_level(backend: _HFTokenizer) -> None:
         )
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         backend.decoder = decoders.ByteLevel()
+
+
+# ------------------------------------------------------------------- SentencePiece-style BPE
+
+
+def _space_steps(spec: dict) -> list[dict]:
+    """The normalizer and pre-tokenizer steps of a tokenizer JSON, flattened out of their Sequences."""
+    steps = []
+    for key, inner in (("normalizer", "normalizers"), ("pre_tokenizer", "pretokenizers")):
+        step = spec.get(key) or {}
+        steps += step.get(inner, []) if step.get("type") == "Sequence" else [step] if step else []
+    return steps
+
+
+def _is_metaspace(spec: dict) -> bool:
+    """A BPE model whose pieces spell spaces as ``▁`` (a Metaspace pre-tokenizer or a Replace normalizer)."""
+    model = spec.get("model") or {}
+    return model.get("type") == "BPE" and any(
+        step.get("type") == "Metaspace" or (step.get("type") == "Replace" and step.get("content") == METASPACE)
+        for step in _space_steps(spec))
+
+
+def _make_metaspace_lossless(backend: _HFTokenizer, spec: dict) -> None:
+    """Switch SentencePiece's dummy prefix off (in place) and refuse what still would not be exact.
+
+    The two layouts transformers writes: a `Prepend("▁")` + `Replace(" ", "▁")` normalizer (older
+    conversions, TinyLlama), or a `Metaspace` pre-tokenizer with `prepend_scheme` (newer ones). The
+    decoder becomes ▁ -> space, `<0xNN>` -> byte, without the `Strip` that removed the dummy prefix."""
+    model = spec["model"]
+    steps = _space_steps(spec)
+    allowed = [s for s in steps if s.get("type") in ("Prepend", "Metaspace")
+               or (s.get("type") == "Replace" and s.get("pattern") == {"String": " "} and s.get("content") == METASPACE)]
+    if len(allowed) != len(steps) or any(s.get("replacement", METASPACE) != METASPACE for s in steps):
+        kinds = sorted({s.get("type") for s in steps} - {"Prepend", "Metaspace", "Replace"})
+        raise LMError(f"This SentencePiece-style tokenizer also has {kinds or 'another ▁ replacement'} steps, "
+                      "so its pieces do not stand for known bytes: only spaces spelled as ▁ are supported.")
+    missing = [b for b in range(256) if f"<0x{b:02X}>" not in model.get("vocab", {})]
+    if not model.get("byte_fallback") or missing:
+        raise LMError("This SentencePiece-style tokenizer has no byte fallback (byte_fallback with all 256 <0xNN> "
+                      f"tokens; {len(missing)} missing): text outside its vocabulary would become <unk>, which "
+                      "stands for no known bytes. Use a tokenizer with byte_fallback (Llama 2 and TinyLlama have it).")
+    if any(s.get("type") == "Metaspace" for s in steps):
+        split = next(s.get("split", True) for s in steps if s.get("type") == "Metaspace")
+        backend.normalizer = None
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="never", split=split)
+    else:
+        backend.normalizer = normalizers.Replace(" ", METASPACE)
+    backend.decoder = decoders.Sequence([decoders.Replace(METASPACE, " "), decoders.ByteFallback(), decoders.Fuse()])

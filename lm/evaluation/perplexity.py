@@ -7,6 +7,7 @@ What this file does:
   window of `context` tokens can give it);
 - `score_windows`: the plain token negative log-likelihood (`lm.evaluation.token_metrics.token_nll`, nats) of those
   windows, batched, token-weighted and accumulated in float64, so the result does not depend on batch size;
+  `score_windows_both`: the network's softmax and a context cache's mixture from one forward pass;
 - `evaluate_text_file`: one file -> {tokens, bytes, nll, loss, ppl, bpb}.
 
 Bits-per-byte is `total NLL / ln 2 / bytes of the file as given`: the byte count is the file's size,
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from lm.errors import LMError, MissingFileError
 from lm.evaluation.token_metrics import IGNORE_INDEX, token_nll
+from lm.model.context_cache import cache_inputs
 
 
 @dataclass(frozen=True)
@@ -59,19 +61,29 @@ def window_spans(num_tokens: int, context: int, stride: Optional[int] = None) ->
     return spans
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_windows(model: nn.Module, stream: Tensor, spans: list[WindowSpan], batch_size: int = 8,
                   context_cache: bool = False) -> tuple[float, int]:
     """Summed NLL (float64 nats) and number of scored tokens of `spans` over the 1-D `stream`;
-    `context_cache`: of a `GPTWithContextCache`'s mixture rather than its network's softmax.
+    `context_cache`: of a `GPTWithContextCache`'s mixture rather than its network's softmax."""
+    return score_windows_both(model, stream, spans, batch_size, (context_cache,))[context_cache]
+
+
+@torch.inference_mode()
+def score_windows_both(model: nn.Module, stream: Tensor, spans: list[WindowSpan], batch_size: int = 8,
+                       distributions: tuple[bool, ...] = (False,)) -> dict[bool, tuple[float, int]]:
+    """`score_windows` for several distributions at once (False: the network's softmax, True: the context
+    cache's mixture), from one forward pass per batch: the mixture is made of the same hidden states and
+    logits, so scoring both costs one network pass, not two.
 
     Windows shorter than the longest in a batch are right-padded: padding comes after the real
     tokens, so under causal attention it changes nothing they see, and its targets are ignored."""
     if batch_size <= 0:
         raise LMError(f"batch_size must be positive, got {batch_size}.")
+    if True in distributions and not getattr(model, "accepts_context_cache", False):
+        raise LMError("This model has no context cache (its config has context_cache: false): score it without one.")
     device = next(model.parameters()).device
-    options = {"context_cache": True} if context_cache else {}
-    total_nll, total_tokens = 0.0, 0
+    totals = {cache: [0.0, 0] for cache in distributions}
     for start in range(0, len(spans), batch_size):
         batch = spans[start:start + batch_size]
         width = max(s.end - s.begin for s in batch)
@@ -81,10 +93,24 @@ def score_windows(model: nn.Module, stream: Tensor, spans: list[WindowSpan], bat
             n = s.end - s.begin
             inputs[row, :n] = stream[s.begin:s.end]
             targets[row, s.score_from:n] = stream[s.begin + 1 + s.score_from:s.end + 1]
-        nll, count = token_nll(model(inputs.to(device), **options), targets.to(device))
-        total_nll += float(nll.double())
-        total_tokens += int(count)
-    return total_nll, total_tokens
+        inputs, targets = inputs.to(device), targets.to(device)
+        for cache, logits in _distribution_logits(model, inputs, distributions):
+            nll, count = token_nll(logits, targets)
+            totals[cache][0] += float(nll.double())
+            totals[cache][1] += int(count)
+    return {cache: (nll, count) for cache, (nll, count) in totals.items()}
+
+
+def _distribution_logits(model: nn.Module, inputs: Tensor, distributions: tuple[bool, ...]):
+    """(distribution, logits) for each asked one; with the cache among them, from one pass of the network
+    (what `GPTWithContextCache.forward(..., context_cache=True)` computes, with its plain logits kept)."""
+    if distributions == (False,):
+        yield False, model(inputs)
+        return
+    hidden = model(inputs, return_hidden=True)
+    logits = model.head(hidden)
+    for cache in distributions:
+        yield cache, (model.context_cache(logits, hidden, *cache_inputs(hidden, inputs)) if cache else logits)
 
 
 def text_stream(path: str | Path, tokenizer) -> tuple[Tensor, int]:
@@ -116,12 +142,20 @@ def evaluate_text_file(model: nn.Module, tokenizer, path: str | Path, context: O
                        stride: Optional[int] = None, batch_size: int = 8, context_cache: bool = False) -> dict[str, float]:
     """Score one raw text file; `context` defaults to the model's (`max_position_embeddings`); `context_cache`:
     the mixture of a model that has one (`GPTWithContextCache`)."""
+    return evaluate_text_file_both(model, tokenizer, path, context, stride, batch_size, (context_cache,))[context_cache]
+
+
+def evaluate_text_file_both(model: nn.Module, tokenizer, path: str | Path, context: Optional[int] = None,
+                            stride: Optional[int] = None, batch_size: int = 8,
+                            distributions: tuple[bool, ...] = (False,)) -> dict[bool, dict[str, float]]:
+    """`evaluate_text_file` for several distributions (False: the network's softmax, True: the context cache's
+    mixture) from one pass over the file."""
     max_context = model.config.max_position_embeddings
     context = context or max_context
     if context > max_context:
         raise LMError(f"context={context} is longer than the model's {max_context} positions: use at most {max_context}.")
-    stream, num_bytes = text_stream(path, tokenizer)
-    if context_cache and not getattr(model, "accepts_context_cache", False):
+    if True in distributions and not getattr(model, "accepts_context_cache", False):
         raise LMError("This model has no context cache (its config has context_cache: false): score it without one.")
-    nll, tokens = score_windows(model, stream, window_spans(len(stream), context, stride), batch_size, context_cache)
-    return summarize(nll, tokens, num_bytes)
+    stream, num_bytes = text_stream(path, tokenizer)
+    sums = score_windows_both(model, stream, window_spans(len(stream), context, stride), batch_size, distributions)
+    return {cache: summarize(nll, tokens, num_bytes) for cache, (nll, tokens) in sums.items()}

@@ -6,6 +6,7 @@ be chosen from an experiment YAML (`model.config.norm: rmsnorm`) and is saved wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Optional
 
@@ -114,8 +115,14 @@ class GPTConfig:
             raise LMError(f"position='rope' needs an even head size, got {self.head_dim}.")
         if self.resolved_value("intermediate_size") <= 0:
             raise LMError(f"intermediate_size must be positive, got {self.intermediate_size}.")
-        if self.logit_softcap is not None and self.logit_softcap <= 0:
+        # `not (x > 0)` rather than `x <= 0`: NaN fails every comparison, and a NaN here was NaN logits, silently
+        if self.logit_softcap is not None and not (math.isfinite(self.logit_softcap) and self.logit_softcap > 0):
             raise LMError(f"logit_softcap must be positive (or null for none), got {self.logit_softcap}.")
+        for name in ("norm_eps", "rope_base"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise LMError(f"{name} must be a positive number, got {getattr(self, name)}.")
+        if not (math.isfinite(self.init_std) and self.init_std >= 0):
+            raise LMError(f"init_std must be a number >= 0 (the std of the initial weights), got {self.init_std}.")
         for name in ("dropout", "attention_dropout", "embedding_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:

@@ -11,7 +11,9 @@ Notable features (each a `GPTConfig` value, see config.py):
   residual stream's variance does not grow with depth (or zero, so every block starts as the identity);
 - a preallocated KV cache for generation (prefill once, then one token per step);
 - `prepare_for_inference()`: CPU decode speed-ups (faster linear routes, a compiled decode step),
-  kept out of the model in inference.py.
+  kept out of the model in inference.py;
+- `activation_checkpointing`: a memory choice of a training run, not of the architecture (so not a
+  `GPTConfig` field): each block's activations are recomputed in the backward pass instead of kept.
 
 `GPT(config)(input_ids)` returns logits of shape (batch, time, vocab). No Lightning here. The context
 cache is an extension built on top of this class (context_cache.py: `GPTWithContextCache`, chosen by
@@ -25,6 +27,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lm.errors import LMError
 from lm.model import inference
@@ -39,6 +42,10 @@ class GPT(nn.Module):
 
     decode_step = None  # the compiled forward, set by prepare_for_inference(compile=True)
     accepts_context_cache = False  # True in the extension that implements `config.context_cache`
+    # Recompute each block in the backward pass instead of keeping its activations (training only): the
+    # activations kept drop from every block's to each block's input plus one block's. Set per run
+    # (`LanguageModel(activation_checkpointing=True)`, or on the instance); the weights do not change.
+    activation_checkpointing = False
 
     def __init__(self, config: GPTConfig, block_class: type[Block] = Block,
                  attention_class: type[CausalSelfAttention] = CausalSelfAttention):
@@ -106,8 +113,18 @@ class GPT(nn.Module):
         x = self.dropout(x)
         rotary = self.rotary(position_ids) if self.rotary is not None else None
         x0 = x if self.config.residual_scalars else None  # blocks mix the embedding back in (residual_scalars)
+        recompute = self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, rotary, kv_cache, attention_mask, x0=x0) if x0 is not None else block(x, rotary, kv_cache, attention_mask)
+            extra = {"x0": x0} if x0 is not None else {}  # only then: a custom block may not take x0
+            if recompute:
+                # Non-reentrant: the variant torch recommends, which replays autocast and traces under
+                # torch.compile (tests/test_memory_levers.py). preserve_rng_state restores the RNG before
+                # the recomputation, so its dropout masks are the forward's: the gradients are those
+                # without checkpointing.
+                x = checkpoint(block, x, rotary, kv_cache, attention_mask, use_reentrant=False,
+                               preserve_rng_state=True, **extra)
+            else:
+                x = block(x, rotary, kv_cache, attention_mask, **extra)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.norm(x)

@@ -100,6 +100,7 @@ def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[f
         # Mass strictly before each token: drop a token once the tokens before it already reach top_p.
         # The first token has 0 before it, so it always survives.
         remove_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        remove_sorted[..., 0] = False  # also when top_p is below float32's range (1e-300 is 0 there: 0 >= 0)
         remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     return logits
@@ -144,7 +145,11 @@ def sample_next_token(logits: Tensor, options: SamplingOptions, generator: Optio
         return logits.argmax(dim=-1)
     logits = logits.float()
     if options.temperature != 1.0:
-        logits = logits / options.temperature
+        # Shifted so the largest logit is 0 (softmax and the filters do not change), and the temperature kept
+        # within float32 (1e-300 is 0 there): a tiny temperature then sends the others to -inf, where it was
+        # inf - inf (NaN probabilities, an error from multinomial).
+        temperature = max(options.temperature, torch.finfo(torch.float32).tiny)
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     logits = filter_logits(logits, options.top_k, options.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -16,17 +16,25 @@ Hooks meant for subclasses (select one with `--model my_pkg.MyModel` or `class_p
 - `build_model(config)`: return your own `nn.Module` (e.g. a GPT with a custom attention);
 - `compute_loss(logits, targets)`: change the training objective;
 - `configure_optimizers()`: another optimizer or schedule.
+
+Memory levers (run-time choices, not saved in checkpoints; docs/training-engine.md, "Memory levers"):
+- `activation_checkpointing`: every transformer block is recomputed in the backward pass (`GPT`'s
+  attribute of that name, torch.utils.checkpoint) on any strategy but FSDP1, whose own
+  `activation_checkpointing_policy` does it;
+- `loss_chunk_size`: the LM head and the cross-entropy run that many tokens at a time
+  (`chunked_token_nll`), so no step holds the whole (batch x time x vocab) float32 logits.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lm.callbacks.context_cache_calibration import ContextCacheCalibration
 from lm.errors import LMError
@@ -65,9 +73,18 @@ class LanguageModel(L.LightningModule):
             seed + i).
         init_from: `lm fit`: start from this checkpoint's weights (new optimizer and schedule); it must
             have this run's architecture and tokenizer (lm/modules/init_from.py).
+        activation_checkpointing: Recompute each transformer block in the backward pass instead of keeping
+            its activations (about one more forward per step, a fraction of the activation memory). Not
+            with FSDPStrategy's own `activation_checkpointing_policy` (choose one).
+        loss_chunk_size: Compute the LM head and the cross-entropy this many tokens at a time, recomputing
+            each chunk's logits in the backward pass (one more head forward per step), so a step never
+            holds the (batch x time x vocab) float32 logits; None: all tokens at once. Same loss, same
+            gradients, same `val/*` and `test/*`.
     """
 
-    RUN_TIME_ARGS: tuple[str, ...] = ("compile", "fused_adamw", "sampling")
+    # Choices of the run at hand, not of the weights: a resumed run takes them from its own command line.
+    RUN_TIME_ARGS: tuple[str, ...] = ("compile", "fused_adamw", "sampling", "activation_checkpointing",
+                                      "loss_chunk_size")
 
     def __init__(
         self,
@@ -85,9 +102,12 @@ class LanguageModel(L.LightningModule):
         compile: bool = False,
         sampling: Optional[SamplingOptions] = None,
         init_from: Optional[str] = None,
+        activation_checkpointing: bool = False,
+        loss_chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         _check_optimizer_settings(learning_rate, min_learning_rate, weight_decay, warmup_steps, cooldown_fraction)
+        self._check_loss_chunk_size(loss_chunk_size)
         # A dict when reloaded from a checkpoint's plain hyper-parameters; copied either way so the
         # shared default instance is never mutated.
         self.config = GPTConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
@@ -98,6 +118,18 @@ class LanguageModel(L.LightningModule):
         self.compile_model = compile
         self.sampling = SamplingOptions.resolve(sampling)
         self.model = self.build_model(self.config)
+        self.activation_checkpointing = activation_checkpointing
+        if activation_checkpointing:
+            if not hasattr(self.model, "activation_checkpointing"):
+                raise LMError(f"model.activation_checkpointing needs a network with an `activation_checkpointing` "
+                              f"attribute (as lm.model.GPT has); {type(self).__name__}.build_model returned a "
+                              f"{type(self.model).__name__}. Drop the option, or add the attribute to the network.")
+            self.model.activation_checkpointing = True
+        if loss_chunk_size is not None and not callable(getattr(self.model, "head", None)):
+            raise LMError(f"model.loss_chunk_size needs a network with a `head` method and `return_hidden` (as "
+                          f"lm.model.GPT has); {type(self).__name__}.build_model returned a "
+                          f"{type(self.model).__name__}. Drop the option for this network.")
+        self.loss_chunk_size = loss_chunk_size
         self.tokenizer = None  # the DataModule's, given in setup(): see set_tokenizer
         self.register_buffer("token_bytes", torch.zeros(self.config.vocab_size, dtype=torch.long), persistent=False)
         self.val_metrics = LanguageModelingMetrics()
@@ -116,6 +148,21 @@ class LanguageModel(L.LightningModule):
         Override it to train on something else; validation and test metrics are not affected."""
         nll, num_tokens = token_nll(logits, targets)
         return nll / num_tokens.clamp(min=1)
+
+    def _check_loss_chunk_size(self, loss_chunk_size: Optional[int]) -> None:
+        """A chunk is a positive number of tokens, and the chunked path computes the plain cross-entropy from
+        the network's hidden states: a subclass with its own objective over the full logits cannot use it."""
+        if loss_chunk_size is None:
+            return
+        if isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
+            raise LMError(f"model.loss_chunk_size must be a positive number of tokens (e.g. 1024), or null for all "
+                          f"tokens at once; got {loss_chunk_size!r}.")
+        own = [name for name in ("compute_loss", "training_step")
+               if getattr(type(self), name) is not getattr(LanguageModel, name)]
+        if own:
+            raise LMError(f"model.loss_chunk_size computes the plain cross-entropy chunk by chunk, but "
+                          f"{type(self).__name__} overrides {' and '.join(own)} (its own objective over the full "
+                          f"logits): drop --model.loss_chunk_size for this model.")
 
     # --------------------------------------------------------------------------------- tokenizer
     def set_tokenizer(self, tokenizer) -> None:
@@ -164,6 +211,7 @@ class LanguageModel(L.LightningModule):
                 fully_shard(block, mesh=dp_mesh)
             fully_shard(self.model, mesh=dp_mesh)
             self._sharded = True
+        check_single_checkpointing(self.activation_checkpointing, getattr(attached_trainer(self), "strategy", None))
         predicting = getattr(attached_trainer(self), "predicting", False)  # generation: varying shapes, KV cache
         if self.compile_model and not self._compiled and not predicting:
             self.model.compile()
@@ -195,8 +243,7 @@ class LanguageModel(L.LightningModule):
             )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        input_ids, targets = batch
-        loss = self.compute_loss(self(input_ids), targets)
+        loss = self.training_loss(batch)
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()).clamp(max=1e6), on_step=True)
         return loss
@@ -209,10 +256,27 @@ class LanguageModel(L.LightningModule):
         # From the (checkpointed) step counter, so it survives a resume; exact while the batch shape is fixed.
         self.log("train/tokens_seen", float(trainer.global_step * tokens_per_step), on_step=True, on_epoch=False)
 
+    def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """The objective of a training batch: `compute_loss` of the logits, or with `loss_chunk_size` the same
+        mean cross-entropy, chunk by chunk."""
+        input_ids, targets = batch
+        if self.loss_chunk_size is None:
+            return self.compute_loss(self(input_ids), targets)
+        nll, num_tokens = self.summed_nll(input_ids, targets)
+        return nll / num_tokens.clamp(min=1)
+
+    def summed_nll(self, input_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Summed NLL of `targets` and their number (`lm.evaluation.token_metrics.token_nll`), by chunks of
+        `loss_chunk_size` tokens when it is set."""
+        if self.loss_chunk_size is None:
+            return token_nll(self(input_ids), targets)
+        hidden = self.model(input_ids, return_hidden=True)
+        return chunked_token_nll(self.model.head, hidden, targets, self.loss_chunk_size)
+
     def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: LanguageModelingMetrics) -> Tensor:
         input_ids, targets = batch
         num_bytes = self.token_bytes[targets.clamp(min=0)][targets != IGNORE_INDEX].sum()
-        nll, num_tokens = token_nll(self(input_ids), targets)  # never the (overridable) objective
+        nll, num_tokens = self.summed_nll(input_ids, targets)  # never the (overridable) objective
         metrics.update(nll, num_tokens, num_bytes)
         return nll / num_tokens.clamp(min=1)
 
@@ -300,6 +364,48 @@ class LanguageModel(L.LightningModule):
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def chunked_token_nll(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor,
+                      chunk_size: int) -> tuple[Tensor, Tensor]:
+    """`token_nll(head(hidden), targets)` computed `chunk_size` tokens at a time: the same summed NLL and number
+    of scored targets (masked ones, IGNORE_INDEX, count in neither), without the whole logits.
+
+    `head` maps hidden states (..., hidden) to logits (..., vocab), soft-capping included (`GPT.head`). Each
+    chunk's logits, their float32 log-softmax and its gradient exist one chunk at a time. When a gradient is
+    wanted, each chunk runs under torch.utils.checkpoint: autograd keeps only the chunk's hidden states (a view
+    of `hidden`, which the LM head keeps anyway) and recomputes its logits in the backward pass; without it,
+    the saved log-softmax of every chunk would add up to the full logits again. Why not a library: Liger
+    Kernel's fused linear cross-entropy is Triton (GPU only), and litgpt's `chunked_cross_entropy` chunks the
+    loss of logits already computed in full. Gradients equal the unchunked path's (tests/test_memory_levers.py)."""
+    flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
+    num_tokens = (targets != IGNORE_INDEX).sum()
+    if flat_targets.numel() <= chunk_size:
+        return token_nll(head(flat_hidden).unsqueeze(0), flat_targets.unsqueeze(0))[0], num_tokens
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    nll = None
+    for start in range(0, flat_targets.numel(), chunk_size):
+        chunk = (head, flat_hidden[start:start + chunk_size], flat_targets[start:start + chunk_size])
+        # preserve_rng_state=False: the head draws no random numbers, so there is no RNG state to restore.
+        part = (checkpoint(_chunk_nll, *chunk, use_reentrant=False, preserve_rng_state=False) if recompute
+                else _chunk_nll(*chunk))
+        nll = part if nll is None else nll + part
+    return nll, num_tokens
+
+
+def _chunk_nll(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor) -> Tensor:
+    """Summed NLL of one chunk: hidden (n, hidden), targets (n,)."""
+    return token_nll(head(hidden).unsqueeze(0), targets.unsqueeze(0))[0]
+
+
+def check_single_checkpointing(activation_checkpointing: bool, strategy: Any) -> None:
+    """Refuse `model.activation_checkpointing` beside FSDPStrategy's `activation_checkpointing_policy`: both
+    recompute every block, and nested they would recompute each block twice per backward (two extra forwards)
+    for no memory saved."""
+    if activation_checkpointing and getattr(strategy, "_activation_checkpointing_kwargs", None):
+        raise LMError("Activation checkpointing is set twice: --model.activation_checkpointing true and the FSDP "
+                      "strategy's activation_checkpointing_policy (experiments/trainer/fsdp.yaml) both recompute "
+                      "every block. Keep one: drop --model.activation_checkpointing under FSDPStrategy.")
 
 
 def attached_trainer(module: L.LightningModule) -> Optional[L.Trainer]:

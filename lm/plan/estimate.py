@@ -10,14 +10,20 @@ Memory (bytes per device), each item of `memory_per_device`:
 - bf16 weight copies: autocast's cast of every weight, alive from forward to backward (mixed
   precision without FSDP1, whose MixedPrecision gathers bf16 weights instead);
 - activations of one micro-batch (`activation_bytes_per_token`), with or without activation
-  checkpointing (then only each block's input is kept, and one block is recomputed at a time);
-- temporary logits: (micro-batch x T x vocab) logits, their fp32 log-softmax and its gradient.
+  checkpointing (FSDP's policy or `--model.activation_checkpointing`: then only each block's input is kept);
+- temporary logits: the (micro-batch x T x vocab) fp32 log-softmax and the two gradients of its backward
+  pass; with `--model.loss_chunk_size` the same for one chunk of tokens, plus the chunk's head-weight
+  gradient before it is added to the others (`temporary_logits_bytes`);
+- recomputed block (checkpointing only): one block's activations, rebuilt during the backward pass after
+  the logits are gone, so only what exceeds the temporary logits adds to the peak.
 Their sum is a conservative peak: gradients are counted as alive during the forward (they are once
-accumulation is on or the optimizer keeps them).
+accumulation is on or the optimizer keeps them). Checked against real steps on CPU: the activations and
+the tensors autograd saves (tests/test_plan.py), the levers' drop in a step's measured peak
+(tests/test_memory_levers.py, benchmarks/memory_levers.py, docs/results/memory-levers.md).
 
 Speed: (model FLOPs per token (`GPT.flops_per_token`: 6 x matmul parameters + attention) x tokens +
 the optimizer's FLOPs (Muon's Newton-Schulz iterations, run whole on every rank)) / (MFU x peak FLOP/s);
-activation checkpointing adds one forward (x 4/3). Communication per device and optimizer step (ring
+activation checkpointing adds one forward (x 4/3), the chunked loss one forward of the LM head. Communication per device and optimizer step (ring
 collectives move (N-1)/N of the data per device): DDP all-reduce 2 x gradient bytes in 25 MiB buckets;
 FSDP all-gather of each unit's weights in forward and again in backward plus a reduce-scatter of its
 gradients, per micro-batch (ZeRO-2 gathers once). Its time is bytes / bandwidth plus a fixed latency per
@@ -29,7 +35,7 @@ compute, so a step takes their sum (`DeviceSpec.overlaps_communication`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from lm.plan.devices import DeviceSpec
@@ -70,7 +76,7 @@ def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool 
     T x T scores; `math` keeps the scores (fp32 softmax, its cast, a dropout mask). On CPU (`cpu`), sdpa
     with dropout runs the math kernel, and dropout keeps its mask in the activations' dtype, not as bytes.
     With checkpointing
-    a block keeps only its input, and one block's activations exist at a time during recomputation.
+    a block keeps only its input; the one block being recomputed is `recomputed_block_bytes_per_token`.
     """
     h, kv, i, c = m.hidden_size, m.kv_size, m.intermediate_size, p.compute
     mask = (c if cpu else 1) if m.dropout > 0 else 0             # bytes per dropped value
@@ -93,8 +99,28 @@ def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool 
         block += scores * (4 + (c if c != 4 else 0) + (score_mask + c if attention_dropout > 0 else 0))
     outside = h * p.residual + h * c + h * mask                  # final norm, head input, embedding dropout
     if checkpointing:
-        return m.num_layers * h * p.residual + block + outside
+        return m.num_layers * h * p.residual + outside
     return m.num_layers * block + outside
+
+
+def recomputed_block_bytes_per_token(m: ModelShape, p: Precision, cpu: bool = False) -> float:
+    """Under activation checkpointing, one block's activations, rebuilt in the backward pass."""
+    one_layer = replace(m, num_layers=1)
+    return (activation_bytes_per_token(one_layer, p, cpu=cpu)
+            - activation_bytes_per_token(replace(one_layer, num_layers=0), p, cpu=cpu))
+
+
+def temporary_logits_bytes(m: ModelShape, s: Setup, p: Precision) -> float:
+    """The logits' peak, in the backward pass of the loss: for every token (or one chunk of tokens) the fp32
+    log-softmax (saved by the forward), the gradient reaching it and the gradient it passes back, 12 bytes a
+    value whatever the precision (the loss is computed in fp32: lm.evaluation.token_metrics.token_nll). A
+    chunk's backward also makes its own head-weight gradient (vocab x hidden) before adding it to the
+    others'. Measured on CPU in 32-true and bf16-mixed (docs/results/memory-levers.md)."""
+    tokens = s.micro_batch * m.sequence_length
+    per_value = 12
+    if s.loss_chunk_size is None or tokens <= s.loss_chunk_size:
+        return tokens * m.vocab_size * per_value
+    return s.loss_chunk_size * m.vocab_size * per_value + m.vocab_size * m.hidden_size * p.grads
 
 
 def memory_per_device(m: ModelShape, s: Setup) -> dict[str, float]:
@@ -103,6 +129,8 @@ def memory_per_device(m: ModelShape, s: Setup) -> dict[str, float]:
     shard_all = s.strategy == "fsdp2" or (s.strategy == "fsdp" and s.sharding == "FULL_SHARD")
     shard_states = s.strategy in ("fsdp", "fsdp2")
     tokens = s.micro_batch * m.sequence_length
+    logits = temporary_logits_bytes(m, s, p)
+    recomputed = tokens * recomputed_block_bytes_per_token(m, p, s.accelerator == "cpu")
     items = {
         "weights": P * p.weights / (W if shard_all else 1),
         "gradients": P * p.grads / (W if shard_states else 1),
@@ -112,7 +140,8 @@ def memory_per_device(m: ModelShape, s: Setup) -> dict[str, float]:
         "fsdp gathered units": _gathered_unit_bytes(m, s, p) if shard_states and W > 1 else 0.0,
         "bf16 weight copies": P * p.cast_copy if s.strategy != "fsdp" else 0.0,
         "activations": tokens * activation_bytes_per_token(m, p, s.activation_checkpointing, s.accelerator == "cpu"),
-        "temporary logits": tokens * m.vocab_size * (p.compute + 8 if p.compute != 4 else 12),
+        "temporary logits": logits,
+        "recomputed block": max(0.0, recomputed - logits) if s.activation_checkpointing else 0.0,
     }
     return {name: value for name, value in items.items() if value}
 
@@ -157,6 +186,15 @@ def collectives_per_step(m: ModelShape, s: Setup) -> int:
     return (gathers + 1) * m.num_units * s.accumulation
 
 
+def training_flops_per_token(m: ModelShape, s: Setup) -> float:
+    """Model FLOPs per token of a training step with its recomputations: activation checkpointing runs the forward
+    again (x 4/3); the chunked loss runs the LM head's forward again (2 x hidden x vocab)."""
+    flops = m.flops_per_token * (RECOMPUTE_FACTOR if s.activation_checkpointing else 1.0)
+    if s.loss_chunk_size is not None and s.micro_batch * m.sequence_length > s.loss_chunk_size:
+        flops += 2 * m.hidden_size * m.vocab_size
+    return flops
+
+
 @dataclass(frozen=True)
 class Speed:
     peak_flops: float
@@ -177,8 +215,7 @@ def speed(m: ModelShape, s: Setup, device: DeviceSpec, mfu: float) -> Speed:
     """Step time and throughput of the whole job at `mfu` of the device's peak in the compute dtype."""
     peak = device.peak(PRECISIONS[s.precision].compute_dtype)
     tokens_per_device = s.micro_batch * m.sequence_length * s.accumulation
-    flops = tokens_per_device * m.flops_per_token * (RECOMPUTE_FACTOR if s.activation_checkpointing else 1.0)
-    compute = (flops + m.optimizer_flops) / (mfu * peak)
+    compute = (tokens_per_device * training_flops_per_token(m, s) + m.optimizer_flops) / (mfu * peak)
     volume = communication_bytes(m, s)
     bandwidth = device.intra_node_bandwidth if s.nodes == 1 else device.inter_node_bandwidth
     comm = None

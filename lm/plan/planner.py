@@ -13,7 +13,7 @@ from lm.errors import LMError
 from lm.runtime.hardware import auto_precision
 from lm.plan.advice import Change, needed_bytes, smallest_fitting_change, usable_bytes
 from lm.plan.devices import DeviceSpec, device_spec, host_memory_bytes
-from lm.plan.estimate import PRECISIONS, Speed, memory_per_device, speed, steps_for
+from lm.plan.estimate import PRECISIONS, Speed, memory_per_device, speed, steps_for, training_flops_per_token
 from lm.plan.recipe import Recipe, read_recipe
 from lm.plan.speed_probe import DEFAULT_STEPS, StepProbe, probe_mfu, probe_training_step, skip_reason
 
@@ -103,13 +103,14 @@ def _probed_mfu(recipe_args: list[str], recipe: Recipe, device: DeviceSpec, head
     """(MFU, probe, note) from timing `steps` of the recipe's training step in one process of this machine
     with the threads each of its node's processes gets; (None, None, why not) when no probe runs.
 
-    The MFU is the step's FLOPs as the plan counts them (model FLOPs of the micro-batches without
-    activation checkpointing's recomputation, which `speed` adds, plus the optimizer's) over the probed
+    The MFU is the step's FLOPs as the plan counts them (model FLOPs of the micro-batches with the
+    recomputations the probed module itself runs -- the model's own activation checkpointing and chunked
+    loss, not FSDP's policy, which the probe has no strategy for -- plus the optimizer's) over the probed
     step time and the measured peak: planned with it, one process's compute time is the probed step."""
     if steps == 0:
         return None, None, "no probe (--probe_steps 0)"
     model, setup = recipe.model, recipe.setup
-    one_process = replace(setup, strategy="single", devices=1, nodes=1, activation_checkpointing=False)
+    one_process = replace(setup, strategy="single", devices=1, nodes=1, activation_checkpointing=setup.checkpointing_in_model)
     estimate = speed(model, one_process, device, device.default_mfu).compute_seconds
     fits_here = needed_bytes(model, one_process) <= host_memory_bytes() * (1.0 - headroom)
     reason = skip_reason(estimate, fits_here)
@@ -121,5 +122,6 @@ def _probed_mfu(recipe_args: list[str], recipe: Recipe, device: DeviceSpec, head
                                     steps=DEFAULT_STEPS if steps is None else steps)
     except Exception as error:  # noqa: BLE001 - a plan without a probe is still a plan: say why and go on
         return None, None, f"probe failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})"
-    flops = setup.micro_batch * model.sequence_length * setup.accumulation * model.flops_per_token + model.optimizer_flops
+    tokens = setup.micro_batch * model.sequence_length * setup.accumulation
+    flops = tokens * training_flops_per_token(model, one_process) + model.optimizer_flops
     return probe_mfu(probe, flops, device.peak(PRECISIONS[setup.precision].compute_dtype)), probe, None

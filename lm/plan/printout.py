@@ -20,6 +20,8 @@ def _header(plan: Plan) -> list[str]:
     s, d = plan.recipe.setup, plan.device
     strategy = STRATEGY_NAMES[s.strategy] + (f" {s.sharding}" if s.strategy == "fsdp" else "")
     checkpointing = ", activation checkpointing" if s.activation_checkpointing else ""
+    if s.loss_chunk_size is not None:
+        checkpointing += f", LM head and loss in chunks of {s.loss_chunk_size} tokens"
     name = f"{plan.recipe.experiment}: " if plan.recipe.experiment else ""
     return [f"{name}{s.nodes} node(s) x {s.devices} {d.name} = {s.world_size} device(s); "
             f"{strategy}, {s.precision}{checkpointing}", ""]
@@ -51,7 +53,8 @@ def _memory(plan: Plan) -> list[str]:
     else:
         lines.append(f"  {does_not_fit_message(plan.recipe.model, s, plan.device, plan.headroom)}")
         if plan.change is None:
-            lines.append("  nothing tried makes it fit (micro-batch 1, checkpointing, FSDP, more nodes, bf16-true)")
+            lines.append("  nothing tried makes it fit (micro-batch 1, chunked loss, checkpointing, FSDP, more nodes, "
+                         "bf16-true)")
         else:
             lines.append(f"  smallest change that fits ({plan.change.needed_bytes / GIB:.1f} GiB): "
                          f"{plan.change.description}")

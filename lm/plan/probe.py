@@ -5,6 +5,10 @@
   `<output>.rank<R>.json` when training ends.
 - `measure_fit(args, workdir)`: runs `lm fit <args>` in a fresh process with the probe and returns what
   every rank recorded; `prepare_data(args)` tokenizes beforehand, so no measured run does it.
+- `measure_step_memory(args, precision)`: the peak memory one training step of the recipe's module adds
+  (forward, backward, optimizer), in a fresh process: what `lm plan`'s per-step items (activations,
+  temporary logits, gradients, bf16 weight copies) are checked against, and how the memory levers
+  (`--model.activation_checkpointing`, `--model.loss_chunk_size`) are measured (benchmarks/memory_levers.py).
 - `logged_tokens_per_second(log_dir)`: the tokens/s a run reports, from its TensorBoard log: the median over
   the intervals between `train/loss` log points, validation excluded (what `lm plan`'s speed is checked
   against; the plan's own speed probe is lm/plan/speed_probe.py).
@@ -23,6 +27,7 @@ the plan check compares with the planned difference.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -40,7 +45,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lm.cli.lightning_cli import parse_recipe
 from lm.data import TextDataModule
+from lm.errors import LMError
 from lm.io.files import atomic_write_text
+from lm.modules.optimizers import build_optimizer
+from lm.plan.speed_probe import build_module, random_batches
 
 MEASURE_ENV = {"LM_DEFAULT_MALLOC": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
 
@@ -120,6 +128,58 @@ def measure_fit(args: list[str], workdir: Path, timeout: float = 900, env: Optio
         record["tokens_per_second"] = record["tokens_per_step"] / statistics.median(steady)
         record["model_rss"] = statistics.median(record["rss_after_step"][2:] or record["rss_after_step"])
     return records
+
+
+def measure_step_memory(args: list[str], precision: str = "32-true", micro_batch: Optional[int] = None,
+                        timeout: float = 900) -> dict[str, int]:
+    """The memory one training step of `lm fit <args>`'s module takes, measured in a fresh process (the
+    memory settings above, so freed tensors leave RSS at once).
+
+    The process builds the recipe's LightningModule (real weights), its optimizer as `configure_optimizers`
+    builds it, and a random batch of the recipe's micro-batch (or `micro_batch`) x context; it runs one step
+    (forward and loss as `LanguageModel.training_loss`, backward, optimizer step, gradients set to None as
+    Lightning does), so the optimizer state and every first-touch allocation exist, then resets the peak
+    (`/proc/self/clear_refs`) and runs a second. Returns `step_peak`: the peak resident memory of the second
+    step above the resident memory before it (activations, logits, gradients and every temporary of the
+    step; the weights and optimizer state were there before), and `rss_before`. `precision`: 32-true or
+    bf16-mixed (CPU autocast)."""
+    if precision not in ("32-true", "bf16-mixed"):
+        raise LMError(f"measure_step_memory runs 32-true or bf16-mixed, not {precision!r}.")
+    request = json.dumps({"args": args, "precision": precision, "micro_batch": micro_batch})
+    command = [sys.executable, "-c", "import sys; from lm.plan.probe import step_memory_main; step_memory_main(sys.argv[1])",
+               request]
+    result = subprocess.run(command, env={**os.environ, **MEASURE_ENV}, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"the step-memory process failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def step_memory_main(request: str) -> None:
+    """The fresh process of `measure_step_memory`: prints its JSON result as the last line."""
+    options = json.loads(request)
+    config = parse_recipe(options["args"])
+    module = build_module(config.model).train()
+    hp = module.hparams
+    optimizer = build_optimizer(module.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
+                                fused=getattr(module, "fused_adamw", None), optimizer=hp.get("optimizer", "adamw"))
+    vocab = int(module.model.config.vocab_size)
+    micro_batch = options["micro_batch"] or int(config.data.batch_size)
+    batch = next(iter(random_batches(1, micro_batch, int(config.data.block_size), vocab)))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=options["precision"] == "bf16-mixed")
+
+    def step() -> None:
+        with autocast:
+            loss = module.training_loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # optimizer state, first-touch allocations
+    gc.collect()
+    before = process_memory()["VmRSS"]
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so the peak below is the second step's
+    step()
+    print(json.dumps({"step_peak": process_memory()["VmHWM"] - before, "rss_before": before}))
 
 
 def logged_tokens_per_second(log_dir: Path) -> dict[str, Any]:

@@ -8,7 +8,9 @@
   final norm, head).
 - `Setup`: what the Trainer would do with it: precision, strategy (single, ddp, fsdp = Lightning's
   FSDPStrategy, fsdp2 = ModelParallelStrategy + `fully_shard`), world size, micro-batch,
-  accumulation, activation checkpointing. Frozen, so a suggestion is `dataclasses.replace(setup, ...)`.
+  accumulation, activation checkpointing (FSDP's policy or the model's own,
+  `--model.activation_checkpointing`), the chunked LM head and loss (`--model.loss_chunk_size`).
+  Frozen, so a suggestion is `dataclasses.replace(setup, ...)`.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ class Setup:
     sharding: str = "FULL_SHARD"
     accelerator: str = "gpu"        # cpu: its attention and dropout kernels keep more (see estimate.py)
     weight_average: bool = False    # an EMA/SWA callback keeps an fp32 copy of the weights (lm.callbacks.ema)
+    checkpointing_in_model: bool = False  # the checkpointing is the model's (--model.activation_checkpointing),
+                                          # not FSDP's policy: a probe of the module alone runs it too
+    loss_chunk_size: Optional[int] = None  # --model.loss_chunk_size: logits exist this many tokens at a time
 
     @property
     def world_size(self) -> int:
@@ -97,12 +102,18 @@ def read_recipe(args: list[str], devices: Optional[int] = None, nodes: Optional[
     if devices < 1 or nodes < 1:
         raise LMError(f"devices and nodes must be at least 1, got devices={devices}, nodes={nodes}.")
     strategy, sharding, checkpointing = _strategy(trainer.strategy, devices * nodes)
+    levers = _model_levers(config.model)
+    if checkpointing and levers["activation_checkpointing"]:
+        raise LMError("Activation checkpointing is set twice: model.activation_checkpointing and the FSDP strategy's "
+                      "activation_checkpointing_policy both recompute every block (lm fit refuses it). Keep one.")
     precision = _precision(trainer.precision, default_precision)
     micro_batch = _get(data, "batch_size")
     if not micro_batch:
         raise LMError("The recipe has no data.batch_size: lm plan needs the micro-batch (sequences per device).")
     setup = Setup(precision=precision, strategy=strategy, devices=devices, nodes=nodes, micro_batch=int(micro_batch),
-                  accumulation=int(trainer.accumulate_grad_batches or 1), activation_checkpointing=checkpointing,
+                  accumulation=int(trainer.accumulate_grad_batches or 1),
+                  activation_checkpointing=checkpointing or levers["activation_checkpointing"],
+                  checkpointing_in_model=levers["activation_checkpointing"], loss_chunk_size=levers["loss_chunk_size"],
                   sharding=sharding, weight_average=_averages_weights(trainer.get("callbacks")))
     max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
     return Recipe(model=model, setup=setup, max_steps=max_steps, experiment=str(config.get("experiment") or ""))
@@ -138,6 +149,15 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
         optimizer_states=states, optimizer_flops=optimizer_flops, num_units=len(block_parameter_counts) + 1,
         residual_scalars=c.residual_scalars,
     )
+
+
+def _model_levers(model_config: Any) -> dict[str, Any]:
+    """The LightningModule's memory levers (`LanguageModel`'s `activation_checkpointing`, `loss_chunk_size`); a
+    model class without them has them off."""
+    init_args = _get(model_config, "init_args")
+    chunk = _get(init_args, "loss_chunk_size")
+    return {"activation_checkpointing": bool(_get(init_args, "activation_checkpointing")),
+            "loss_chunk_size": int(chunk) if chunk is not None else None}
 
 
 def _averages_weights(callbacks: Any) -> bool:

@@ -115,14 +115,14 @@ def probe_training_step(recipe_args: list[str], precision: str, micro_batch: int
     torch.set_num_threads(threads)
     try:
         with _quiet(), tempfile.TemporaryDirectory(prefix="lm-plan-probe-") as folder:
-            module = _build_module(config.model)
+            module = build_module(config.model)
             callbacks = _per_step_callbacks(config.trainer.get("callbacks"))
             timer = StepTimer(warmup, steps, budget)
             trainer = _trainer(config.trainer, folder, precision, accumulation, [*callbacks, timer],
                                max_steps=warmup + steps)
             vocab = int((getattr(module, "config", None) or module.model.config).vocab_size)
             batches = (warmup + steps) * accumulation
-            trainer.fit(module, train_dataloaders=_random_batches(batches, micro_batch, block_size, vocab))
+            trainer.fit(module, train_dataloaders=random_batches(batches, micro_batch, block_size, vocab))
     finally:
         torch.set_num_threads(saved_threads)
         torch.random.set_rng_state(rng)
@@ -134,7 +134,7 @@ def probe_training_step(recipe_args: list[str], precision: str, micro_batch: int
                      seconds=time.perf_counter() - started)
 
 
-def _build_module(model_config: Any):
+def build_module(model_config: Any):
     """The recipe's LightningModule with real weights, as `lm fit` instantiates it (`init_from` dropped)."""
     init_args = model_config.init_args.as_dict()
     if init_args.get("init_from"):
@@ -170,7 +170,7 @@ def _trainer(trainer_config: Any, folder: str, precision: str, accumulation: int
         enable_model_summary=False, default_root_dir=folder)
 
 
-def _random_batches(count: int, micro_batch: int, block_size: int, vocab_size: int):
+def random_batches(count: int, micro_batch: int, block_size: int, vocab_size: int):
     """A DataLoader of `count` (input_ids, targets) batches of random token ids, as the recipe's windows are shaped."""
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab_size, (count * micro_batch, block_size + 1), generator=generator)

@@ -4,10 +4,12 @@ Endpoints (OpenAI-compatible where OpenAI has one):
 - POST /v1/completions, POST /v1/chat/completions: `stream: true` sends server-sent events, one
   chunk per text piece, the last with `finish_reason` and `usage`, then `data: [DONE]`.
 - GET /v1/models, GET /info (config, parameters, tokenizer, checkpoint, engine, limits),
-  GET /health, GET /metrics (Prometheus), POST /v1/feedback, GET / (the playground page).
-Errors are OpenAI-shaped (`{"error": {...}}`): 400 bad parameters (an unknown field, or an OpenAI field
-this server does not implement, named: lm/serve/protocol.py), 401 missing/wrong API key,
-404 unknown model or response id, 413 body too large, 429 queue full, 500 a failed generation
+  GET /health, GET /metrics (Prometheus), POST /v1/feedback, GET / (the playground page),
+  GET /openapi.json (the schema: what clients and tests/test_serve_fuzz.py read).
+Errors are OpenAI-shaped (`{"error": {...}}`), FastAPI's own refusals included: 400 bad parameters (an unknown
+field, or an OpenAI field this server does not implement, named: lm/serve/protocol.py; a body that is not UTF-8
+JSON), 401 missing/wrong API key, 404 unknown model, response id or path, 405 a method the path does not take,
+413 body too large, 429 queue full, 500 a failed generation
 (the server keeps serving). A client that disconnects mid-stream cancels its request: its batch
 slot is freed at the next decode step.
 
@@ -35,7 +37,8 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lm.model.sampling import SamplingOptions
 from lm.serve.engine import BatchEngine, EngineBusy, Event, Finished, GenerationRequest, Piece
@@ -43,8 +46,8 @@ from lm.serve.feedback import FeedbackLog, RecentResponses, ServedResponse
 from lm.serve.filters import NoFilter, OutputFilter
 from lm.serve.prometheus import ServerMetrics
 from lm.serve.middleware import BodySizeLimit, RequestLog
-from lm.serve.protocol import (CHAT_STOP, ApiError, ChatMessage, ChatRequest, CompletionRequest, FeedbackRequest,
-                               Limits, error_body, render_chat)
+from lm.serve.protocol import (CHAT_STOP, ApiError, ChatMessage, ChatRequest, CompletionRequest, ErrorResponse,
+                               FeedbackRequest, Limits, error_body, json_value, render_chat)
 
 
 @dataclass
@@ -75,7 +78,7 @@ class _Generation:
         self.created = int(time.time())
         self.usage: dict[str, Any] = request.scope.setdefault("lm.usage", {})
         self.usage.update(id=self.id, stream=body.stream)
-        state.limits.check_prompt_size(prompt)
+        state.limits.check_prompt_size(prompt, "messages" if kind == "chat" else "prompt")
         ids = state.tokenizer.encode(prompt)
         self.usage["prompt_tokens"] = len(ids)
         options = state.limits.sampling_options(body, len(ids), state.defaults, extra_stop)
@@ -207,7 +210,9 @@ def _playground_html() -> str:
 
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI app; `state.engine` must be started (and stopped) by the caller."""
-    app = FastAPI(title="lm serve", docs_url=None, redoc_url=None, openapi_url=None)
+    # The schema is served (clients and fuzzers read it: tests/test_serve_fuzz.py); the interactive docs pages
+    # are not, as they load scripts from a CDN.
+    app = FastAPI(title="lm serve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     metrics = ServerMetrics(state.engine)
     app.state.lm = state
     _add_error_handlers(app)
@@ -215,10 +220,26 @@ def create_app(state: ServerState) -> FastAPI:
     _add_generation_routes(app, state, guarded)
     _add_info_routes(app, state, metrics, guarded)
     _add_feedback_route(app, state, metrics, guarded)
+    _name_the_model_in_the_schema(app, state.model_name)
     # Outermost first: the log sees every answer, including the body cap's 413.
     app.add_middleware(BodySizeLimit, max_bytes=state.limits.max_body_bytes)
     app.add_middleware(RequestLog, metrics=metrics)
     return app
+
+
+def _name_the_model_in_the_schema(app: FastAPI, model_name: str) -> None:
+    """GET /openapi.json says which `model` the generation bodies take: the one served (or none: the default)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()  # FastAPI builds it once and keeps it
+        for body in ("CompletionRequest", "ChatRequest"):
+            schema["components"]["schemas"][body]["properties"]["model"] = {
+                "anyOf": [{"type": "string", "enum": [model_name]}, {"type": "null"}], "title": "Model",
+                "description": "The served model (GET /v1/models); null or left out: the same."}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _key_checker(state: ServerState):
@@ -244,6 +265,12 @@ def _add_error_handlers(app: FastAPI) -> None:
             message = (f"Invalid request: the body is not valid JSON (error at character {first.get('loc', ('', '?'))[-1]}): "
                        f"send one JSON object, e.g. {{\"prompt\": \"Hello\"}}.")
             return JSONResponse(error_body(message), status_code=400)
+        if isinstance(error.body, bytes) and error.body:  # FastAPI parses JSON only when the content type says so
+            given = request.headers.get("content-type")
+            sent = f"as {given}" if given else "without a Content-Type header"
+            message = (f"Invalid request: the body was sent {sent}, not as JSON: send the header "
+                       f"'Content-Type: application/json' (curl: -H 'Content-Type: application/json').")
+            return JSONResponse(error_body(message), status_code=400)
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         if first.get("type") == "extra_forbidden" and param:
             return JSONResponse(error_body(_unknown_field(request.url.path, param), param=param,
@@ -252,9 +279,34 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = f"Invalid request: {param + ': ' if param else ''}{problem}."
         return JSONResponse(error_body(message, param=param), status_code=400)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Starlette's and FastAPI's own refusals (an unknown path, a method a path does not take, a body that is
+        not UTF-8), in the OpenAI shape every other error has rather than FastAPI's `{"detail": ...}`."""
+        return JSONResponse(error_body(_http_error_message(request, error), code=_HTTP_ERROR_CODES.get(error.status_code)),
+                            status_code=error.status_code, headers=error.headers)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"Internal error: {error}", type="server_error"), status_code=500)
+
+
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _http_error_message(request: Request, error: StarletteHTTPException) -> str:
+    method, path = request.method, request.url.path
+    if error.status_code == 404:
+        return (f"Not found: {method} {path}. This server's endpoints: POST /v1/completions, POST /v1/chat/completions, "
+                f"GET /v1/models, POST /v1/feedback, GET /info, GET /health, GET /metrics, GET /openapi.json, GET /.")
+    if error.status_code == 405:
+        allowed = (error.headers or {}).get("Allow", "")
+        return f"{method} is not allowed on {path}: use {allowed or 'another method'}."
+    if error.status_code == 400 and isinstance(error.__cause__, UnicodeDecodeError):
+        return ("Invalid request: the body is not UTF-8 text, so it is no JSON: send one UTF-8 JSON object, "
+                "e.g. {\"prompt\": \"Hello\"}.")
+    detail = error.detail if isinstance(error.detail, str) else json_value(error.detail)
+    return f"Invalid request: {detail}."
 
 
 _BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest, "/v1/feedback": FeedbackRequest}
@@ -273,15 +325,24 @@ def _unknown_field(path: str, param: str) -> str:
     return f"Unknown field {param!r}{guess}: it would be ignored, so it is refused. Fields: {', '.join(fields)}."
 
 
+# What the OpenAPI schema (GET /openapi.json) says the endpoints answer besides their 200: every error in
+# OpenAI's shape (FastAPI would otherwise declare its own 422 body, which this server never sends).
+ERRORS: dict[Union[int, str], dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "A refused request: what was wrong and what to do"},
+    "5XX": {"model": ErrorResponse, "description": "A generation that failed (the server goes on serving)"}}
+GENERATED = {200: {"description": "The completion, or with `stream: true` server-sent events",
+                   "content": {"application/json": {}, "text/event-stream": {}}}, **ERRORS}
+
+
 def _add_generation_routes(app: FastAPI, state: ServerState, guarded: list) -> None:
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/v1/completions", dependencies=guarded, responses=GENERATED)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.refuse_unsupported()
         _check_model(state, body.model)
         prompt = body.prompt_text()
         return await _respond(_Generation(state, request, "text", prompt, prompt, body), body.stream)
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions", dependencies=guarded, responses=GENERATED)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         body.refuse_unsupported()
         _check_model(state, body.model)
@@ -291,12 +352,12 @@ def _add_generation_routes(app: FastAPI, state: ServerState, guarded: list) -> N
 
 
 def _add_info_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics, guarded: list) -> None:
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models", dependencies=guarded, responses=ERRORS)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": state.model_name, "object": "model",
                                             "created": state.info.get("created", 0), "owned_by": "lm"}]}
 
-    @app.get("/info", dependencies=guarded)
+    @app.get("/info", dependencies=guarded, responses=ERRORS)
     async def info() -> dict[str, Any]:
         engine, limits = state.engine, state.limits
         return {**state.info, "model": state.model_name,
@@ -307,25 +368,25 @@ def _add_info_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics, g
                            "max_body_bytes": limits.max_body_bytes, "context": limits.context},
                 "defaults": dict(vars(state.defaults))}
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "The decode engine has stopped"}})
     async def health() -> JSONResponse:
         alive = state.engine.is_alive()
         return JSONResponse({"status": "ok" if alive else "engine stopped", "model": state.model_name},
                             status_code=200 if alive else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     page = _playground_html()
 
-    @app.get("/")
+    @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
         return HTMLResponse(page)
 
 
 def _add_feedback_route(app: FastAPI, state: ServerState, metrics: ServerMetrics, guarded: list) -> None:
-    @app.post("/v1/feedback", dependencies=guarded)
+    @app.post("/v1/feedback", dependencies=guarded, responses=ERRORS)
     async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
         if body.rating is None and body.correction is None:
             raise ApiError(400, "Send a rating ('up' or 'down') and/or a correction.", "rating")

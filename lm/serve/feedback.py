@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from lm.errors import LMError
+from lm.io.files import check_writable_folder
+
 
 @dataclass
 class ServedResponse:
@@ -51,8 +54,16 @@ class RecentResponses:
 
 class FeedbackLog:
     def __init__(self, path: str | Path):
+        """Check (and create) the file's folder now, at the server's start, before the model is loaded: a feedback
+        file that cannot be written would otherwise show up only as a failed POST /v1/feedback, hours later."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fix = "--feedback_path FILE, or --feedback_path null to turn feedback off"
+        check_writable_folder(self.path.parent, "folder of --feedback_path", fix)
+        if self.path.is_dir():
+            raise LMError(f"--feedback_path {self.path} is a folder: name a file in it, e.g. "
+                          f"--feedback_path {self.path / 'feedback.jsonl'}.")
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise LMError(f"--feedback_path {self.path} is not writable: fix its permissions, or pass {fix}.")
         self._lock = threading.Lock()
 
     def append(self, response_id: str, response: ServedResponse, rating: Optional[str],

@@ -65,28 +65,47 @@ def json_value(value: Any) -> str:
         return repr(value)
 
 
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values: 0 and 0.0 are, false and 0 are not (Python's `False == 0` would let
+    `"frequency_penalty": false` through where the schema's enum, [null, 0], refuses it)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
                code: Optional[str] = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx (`error_body`), declared in the OpenAPI schema so clients and fuzzers can check it."""
+
+    error: ErrorDetail
+
+
 # ------------------------------------------------------------------------------------- bodies
-# OpenAI fields this server does not implement: field -> (what it would ask for, the values that ask for nothing)
-UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "logprobs": ("token log-probabilities, which this server does not return", (None, False, 0)),
-    "top_logprobs": ("token log-probabilities, which this server does not return", (None, 0)),
-    "echo": ("the prompt echoed before the completion", (None, False)),
-    "suffix": ("text after the insertion point (insertion is not supported)", (None, "")),
-    "best_of": ("several completions ranked server-side (send several requests)", (None, 1)),
-    "logit_bias": ("a per-token bias (the server's sampling has none)", (None, {})),
-    "presence_penalty": ("OpenAI's presence penalty (the server applies its own repetition penalty)", (None, 0)),
-    "frequency_penalty": ("OpenAI's frequency penalty (the server applies its own repetition penalty)", (None, 0)),
-    "response_format": ("a structured output format", (None, {"type": "text"})),
-    "tools": ("tool calls", (None, [])),
-    "tool_choice": ("tool calls", (None, "none")),
-    "functions": ("function calls", (None, [])),
-    "function_call": ("function calls", (None, "none")),
-}
+_WHAT = "x-lm-unsupported"  # the schema key that marks such a field (and says what it would ask for)
+
+
+def _unsupported(what: str, *off: Any) -> Any:
+    """An OpenAI field this server does not implement: accepted only at a value in `off` (what asks for nothing,
+    as some clients send by default), else refused naming `what` it would ask for (`refuse_unsupported`). The
+    OpenAPI schema lists `off` as the field's only values; `UNSUPPORTED` is read back from these fields."""
+    return Field(None, description=f"Not supported here: {what}.", json_schema_extra={"enum": list(off), _WHAT: what})
 
 
 class _SamplingFields(BaseModel):
@@ -112,19 +131,21 @@ class _SamplingFields(BaseModel):
     service_tier: Optional[str] = None
     parallel_tool_calls: Optional[bool] = None
     # OpenAI fields not implemented here: refused unless at a value that asks for nothing (refuse_unsupported)
-    logprobs: Any = None
-    top_logprobs: Any = None
-    echo: Any = None
-    suffix: Any = None
-    best_of: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
+    logprobs: Any = _unsupported("token log-probabilities, which this server does not return", None, False, 0)
+    top_logprobs: Any = _unsupported("token log-probabilities, which this server does not return", None, 0)
+    echo: Any = _unsupported("the prompt echoed before the completion", None, False)
+    suffix: Any = _unsupported("text after the insertion point (insertion is not supported)", None, "")
+    best_of: Any = _unsupported("several completions ranked server-side (send several requests)", None, 1)
+    logit_bias: Any = _unsupported("a per-token bias (the server's sampling has none)", None, {})
+    presence_penalty: Any = _unsupported("OpenAI's presence penalty (the server applies its own repetition penalty)",
+                                         None, 0)
+    frequency_penalty: Any = _unsupported("OpenAI's frequency penalty (the server applies its own repetition "
+                                          "penalty)", None, 0)
+    response_format: Any = _unsupported("a structured output format", None, {"type": "text"})
+    tools: Any = _unsupported("tool calls", None, [])
+    tool_choice: Any = _unsupported("tool calls", None, "none")
+    functions: Any = _unsupported("function calls", None, [])
+    function_call: Any = _unsupported("function calls", None, "none")
 
     @model_validator(mode="after")
     def _one_max_tokens(self) -> "_SamplingFields":
@@ -139,7 +160,7 @@ class _SamplingFields(BaseModel):
         """ApiError(400) naming the first OpenAI field set to ask for something this server does not do."""
         for name, (what, off) in UNSUPPORTED.items():
             value = getattr(self, name)
-            if value is not None and not any(value == v for v in off if v is not None):
+            if value is not None and not any(_same_json(value, v) for v in off if v is not None):
                 allowed = ", ".join("null" if v is None else json_value(v) for v in off)
                 raise ApiError(400, f"{name}={json_value(value)} asks for {what}: lm serve does not support it. Leave "
                                     f"{name} out (or send {allowed}).", name, code="unsupported_parameter")
@@ -149,6 +170,13 @@ class _SamplingFields(BaseModel):
         if len(stops) > 4:
             raise ApiError(400, f"At most 4 stop sequences are allowed, got {len(stops)}.", "stop")
         return [s for s in stops if s]
+
+
+# OpenAI fields this server does not implement: field -> (what it would ask for, the values that ask for nothing)
+UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    name: (info.json_schema_extra[_WHAT], tuple(info.json_schema_extra["enum"]))
+    for name, info in _SamplingFields.model_fields.items()
+    if isinstance(info.json_schema_extra, dict) and _WHAT in info.json_schema_extra}
 
 
 class CompletionRequest(_SamplingFields):
@@ -198,15 +226,19 @@ class Limits:
         self.max_prompt_tokens = min(self.max_prompt_tokens or self.context - 1, self.context - 1)
         self.max_tokens_cap = min(self.max_tokens_cap, self.context - 1)
 
-    def check_prompt_size(self, prompt: str) -> None:
+    def check_prompt_size(self, prompt: str, param: str = "prompt") -> None:
         """Refuse, before tokenizing it, a prompt too long to fit whatever its tokens: each token covers at most
         `max_token_bytes` bytes, so more than max_prompt_tokens x that many bytes is surely too many tokens.
-        Tokenizing a huge prompt only to refuse it costs memory the tokenizer keeps (its word cache)."""
+        Tokenizing a huge prompt only to refuse it costs memory the tokenizer keeps (its word cache).
+        `param` names the field the prompt came from (a chat's is rendered from `messages`)."""
         try:
             size = len(prompt.encode("utf-8"))
         except UnicodeEncodeError as error:  # a lone UTF-16 surrogate (JSON "\ud800"): no UTF-8 text to tokenize
-            raise ApiError(400, f"The prompt is not valid Unicode text: {error.reason} at character {error.start} "
-                                f"(a lone UTF-16 surrogate?). Send UTF-8 text.", "prompt") from error
+            # (an offset into the chat template would point nowhere in what the client sent)
+            where = f"the prompt, at character {error.start}" if param == "prompt" else "a message's content"
+            raise ApiError(400, f"The request holds text that is not valid Unicode: {error.reason}, in {where} "
+                                f"({json_value(prompt[error.start])}: a lone UTF-16 surrogate). Send UTF-8 text.",
+                           param) from error
         if self.max_token_bytes is not None and size > self.max_prompt_tokens * self.max_token_bytes:
             raise ApiError(400, f"The prompt is {size} bytes: far more than the {self.max_prompt_tokens} tokens this "
                                 f"server accepts. Shorten it.", "prompt", code="context_length_exceeded")
