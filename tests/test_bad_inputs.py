@@ -406,6 +406,10 @@ CASES = [
     http("temperature above 2", 400, "temperature", "less than or equal to 2", "POST", "/v1/completions",
          json={"prompt": "x", "temperature": 5}),
     http("top_p of 0", 400, "top_p", "greater than 0", "POST", "/v1/completions", json={"prompt": "x", "top_p": 0}),
+    # JSON's types are the schema's: true is not a number, "0.5" is not one either (both were taken as 1.0 / 0.5)
+    http("top_p a boolean", 400, "top_p", "valid number", "POST", "/v1/completions", json={"prompt": "x", "top_p": True}),
+    http("temperature a string", 400, "temperature", "valid number", "POST", "/v1/completions",
+         json={"prompt": "x", "temperature": "0.5"}),
     http("negative max_tokens", 400, "max_tokens", "greater than or equal to 1", "POST", "/v1/completions",
          json={"prompt": "x", "max_tokens": -1}),
     http("max_tokens beyond the context", 400, "max_tokens", "at most", "POST", "/v1/completions",

@@ -111,7 +111,9 @@ def _unsupported(what: str, *off: Any) -> Any:
 class _SamplingFields(BaseModel):
     """Fields shared by both generation endpoints. None means "the server's default"."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON value must have the schema's type (pydantic's lax mode took `"top_p": true` as 1.0 and
+    # `"temperature": "0.5"` as 0.5, which the schema, and so any client generated from it, says are errors)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -192,7 +194,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant"]
     content: str
     name: Optional[str] = None  # a participant's name: the chat template has no place for it (accepted, unused)
@@ -205,7 +207,7 @@ class ChatRequest(_SamplingFields):
 class FeedbackRequest(BaseModel):
     """A rating and/or a corrected answer for a response id returned by this server."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     id: str = Field(min_length=1, max_length=100)
     rating: Optional[Literal["up", "down"]] = None
     correction: Optional[str] = Field(None, max_length=20_000)
