@@ -141,7 +141,7 @@ def training_record(log_dir: Path, best: Path) -> dict:
 def test_scores(best: Path, test_file: str) -> dict:
     from lm.commands.eval import evaluate
 
-    rows = evaluate(ckpt_path=str(best), text_files=[test_file])["text"]
+    rows = evaluate(ckpt_path=str(best), text_files=[test_file], dtype="float32")["text"]  # the reference figures
     network = next(r for r in rows if not r["context_cache"])  # the model's own softmax
     cache = next((r for r in rows if r["context_cache"]), None)  # the context cache's mixture, if it has one
     return {"test_ppl": network["ppl"], "test_bpb": network["bpb"], "test_tokens": network["tokens"],

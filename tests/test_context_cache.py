@@ -231,7 +231,7 @@ def test_lm_test_and_lm_eval_report_the_network_and_the_cache_under_their_own_na
                                                             corpus_files["test"])["bpb"], rel=1e-6)
     assert {"test/bpb", "test/cache_bpb"} <= set(tags)
     out = run_lm("eval", "--ckpt_path", str(ckpt), "--text_files", str(corpus_files["test"]), "--output",
-                 str(tmp_path / "eval.json"), cwd=tmp_path)
+                 str(tmp_path / "eval.json"), "--dtype", "float32", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     import json
     rows = json.loads((tmp_path / "eval.json").read_text())["text"]
@@ -239,6 +239,14 @@ def test_lm_test_and_lm_eval_report_the_network_and_the_cache_under_their_own_na
     assert rows[0]["bpb"] == pytest.approx(plain["bpb"], rel=1e-5)
     assert rows[1]["bpb"] == pytest.approx(evaluate_text_file(model, tokenizer, corpus_files["test"],
                                                               context_cache=True)["bpb"], rel=1e-5)
+    # bfloat16 scoring (`--dtype auto` on a CPU with native bf16): within bf16's rounding of the float32 figures
+    out = run_lm("eval", "--ckpt_path", str(ckpt), "--text_files", str(corpus_files["test"]), "--output",
+                 str(tmp_path / "eval-bf16.json"), "--dtype", "bfloat16", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    bf16_rows = json.loads((tmp_path / "eval-bf16.json").read_text())["text"]
+    assert [r["dtype"] for r in bf16_rows] == ["bfloat16"] * 2 and rows[0]["dtype"] == "float32"
+    for bf16_row, row in zip(bf16_rows, rows):
+        assert bf16_row["bpb"] == pytest.approx(row["bpb"], rel=5e-3)
     for flag, expected in (("false", [False]), ("true", [True])):  # the verb's flag, not the sampling field
         out = run_lm("eval", "--ckpt_path", str(ckpt), "--text_files", str(corpus_files["test"]), "--context_cache",
                      flag, "--output", str(tmp_path / f"eval-{flag}.json"), cwd=tmp_path)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 
@@ -32,6 +32,7 @@ from lm.evaluation.labelled_file import evaluate_labelled_file
 from lm.evaluation.perplexity import evaluate_text_file_both, summarize
 from lm.extras import install_hint
 from lm.io.checkpoints import load_model
+from lm.runtime.hardware import cpu_has_native_bf16
 from lm.io.files import atomic_write_text
 from lm.model.sampling import SamplingOptions
 
@@ -49,6 +50,7 @@ def evaluate(
     batch_size: int = 8,
     output: Optional[str] = None,
     threads: Optional[int] = None,
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto",
     harness_tasks: Optional[str] = None,
     harness_include_path: Optional[str] = None,
     harness_limit: Optional[int] = None,
@@ -76,6 +78,10 @@ def evaluate(
         batch_size: Windows / prompts / sentences per forward pass.
         output: Write the results as JSON here (default: only print them).
         threads: CPU threads for torch (default: torch's choice).
+        dtype: Weights and activations of the scored model. `auto`: bfloat16 on a CPU that multiplies it in
+            hardware (AVX-512-BF16 / AMX: the precision `lm fit` trains in there, about 1.6x faster to score,
+            within ~1e-4 of the float32 bits-per-byte), else float32. The log-softmax is float32 either way.
+            `float32` for the reference figure; each row says which was used.
         harness_tasks: EleutherAI lm-evaluation-harness tasks, comma-separated (`hellaswag,arc_easy`; the
             `harness` extra). The network's softmax is scored unless --context_cache true.
         harness_include_path: A folder of your own harness task YAMLs (the harness's --include_path).
@@ -102,9 +108,12 @@ def evaluate(
         results["classification"] = evaluate_labelled_file(ckpt_path, labelled_file, batch_size=batch_size)
         _print_classification(results["classification"])
     if text_files or pairs_file or harness_tasks:
-        model, tokenizer = load_model(ckpt_path)
+        scoring_dtype = _scoring_dtype(dtype)
+        model, tokenizer = load_model(ckpt_path, dtype=getattr(torch, scoring_dtype))
         if text_files:
             results["text"] = _evaluate_texts(model, tokenizer, text_files, context, stride, batch_size, context_cache)
+            for row in results["text"]:
+                row["dtype"] = scoring_dtype
         if pairs_file:
             results["generation"] = evaluate_pairs_file(model, tokenizer, pairs_file, sampling, template, batch_size)
             print(_table(["metric", "value"], [[k, _fmt(v)] for k, v in results["generation"]["scores"].items()]))
@@ -166,6 +175,15 @@ def _evaluate_harness(model, tokenizer, tasks: str, include_path: Optional[str],
         atomic_write_text(Path(output), json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2,
                                                    ensure_ascii=False, default=str) + "\n")
     return results["results"]
+
+
+def _scoring_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    if cpu_has_native_bf16():
+        print("Scoring in bfloat16 (auto: this CPU has native bf16); --dtype float32 for the float32 figures.")
+        return "bfloat16"
+    return "float32"
 
 
 def _distributions(model, context_cache: Optional[bool]) -> list[bool]:

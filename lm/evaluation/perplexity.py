@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lm.errors import LMError, MissingFileError
-from lm.evaluation.token_metrics import IGNORE_INDEX, token_nll
+from lm.evaluation.token_metrics import IGNORE_INDEX, target_log_probs, token_nll
 from lm.model.context_cache import cache_inputs
 
 
@@ -94,23 +94,30 @@ def score_windows_both(model: nn.Module, stream: Tensor, spans: list[WindowSpan]
             inputs[row, :n] = stream[s.begin:s.end]
             targets[row, s.score_from:n] = stream[s.begin + 1 + s.score_from:s.end + 1]
         inputs, targets = inputs.to(device), targets.to(device)
-        for cache, logits in _distribution_logits(model, inputs, distributions):
-            nll, count = token_nll(logits, targets)
+        for cache, (nll, count) in _distribution_nlls(model, inputs, targets, distributions):
             totals[cache][0] += float(nll.double())
             totals[cache][1] += int(count)
     return {cache: (nll, count) for cache, (nll, count) in totals.items()}
 
 
-def _distribution_logits(model: nn.Module, inputs: Tensor, distributions: tuple[bool, ...]):
-    """(distribution, logits) for each asked one; with the cache among them, from one pass of the network
-    (what `GPTWithContextCache.forward(..., context_cache=True)` computes, with its plain logits kept)."""
-    if distributions == (False,):
-        yield False, model(inputs)
+def _distribution_nlls(model: nn.Module, inputs: Tensor, targets: Tensor, distributions: tuple[bool, ...]):
+    """(distribution, (summed NLL, scored tokens)) for each asked one. With the cache among them, one pass of
+    the network gives both: its hidden states and logits make the mixture (`GPTWithContextCache.forward(...,
+    context_cache=True)`), whose probability is needed at the targets only (`ContextCache.target_nll`)."""
+    if not hasattr(model, "head"):  # a network of a subclass (`build_model`) with logits only
+        yield False, token_nll(model(inputs), targets)
         return
     hidden = model(inputs, return_hidden=True)
     logits = model.head(hidden)
+    scored = targets != IGNORE_INDEX
+    count = scored.sum()
     for cache in distributions:
-        yield cache, (model.context_cache(logits, hidden, *cache_inputs(hidden, inputs)) if cache else logits)
+        if cache:
+            yield True, (model.context_cache.target_nll(logits, hidden, *cache_inputs(hidden, inputs), targets,
+                                                        IGNORE_INDEX), count)
+        else:
+            nll = -(target_log_probs(logits, targets.clamp(min=0)) * scored).sum(dtype=torch.float64)
+            yield False, (nll, count)
 
 
 def text_stream(path: str | Path, tokenizer) -> tuple[Tensor, int]:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.errors import LMError
+from lm.evaluation.token_metrics import target_log_probs
 from lm.model.config import GPTConfig
 from lm.model.gpt import GPT
 from lm.model.layers import KVCache
@@ -111,6 +112,24 @@ class ContextCache(nn.Module):
         the softmax alone). Arithmetic rather than a branch on values, so the graph traces (ONNX); weight 0
         gives log(0) = -inf on the copy side, and logaddexp(a, -inf) = a."""
         return torch.logaddexp(log_probs + torch.log1p(-weight * history), torch.log(copy.clamp_min(1e-30)) + torch.log(weight))
+
+    @torch.no_grad()
+    def target_nll(self, logits: Tensor, hidden: Tensor, keys: Tensor, next_ids: Tensor, key_mask: Tensor,
+                   targets: Tensor, ignore_index: int = -100) -> Tensor:
+        """Summed NLL (float64) of `targets` (B, T) under the mixture `forward` returns, at the targets only:
+        the copy probability of a target is the attention on keys followed by it, so no (B, T, vocab) copy
+        distribution is built (scoring: `lm eval`'s cache row at about the cost of the network's)."""
+        with _float32(logits.device):
+            scored = targets != ignore_index
+            safe_targets = targets.clamp(min=0)
+            log_probs = target_log_probs(logits, safe_targets, self.temperature.float())
+            if keys.shape[1] == 0:  # a single position: nothing to copy from
+                return -(log_probs * scored).sum(dtype=torch.float64)
+            attention = self.copy_weights(hidden, keys, key_mask, self.sharpness.float())
+            hits = next_ids.unsqueeze(1) == safe_targets.unsqueeze(-1)  # (B, T, keys): key i was followed by it
+            copy, history = (attention * hits).sum(-1), attention.sum(-1)
+            mixed = self.mix(log_probs, copy, self.weight.float(), history)
+            return -(mixed * scored).sum(dtype=torch.float64)
 
     # ------------------------------------------------------------------------------- calibration
     @torch.no_grad()
