@@ -13,7 +13,8 @@ slice of wiki.test.raw), `lm export` (safetensors, onnx, hf), `lm quantize` then
 `lm eval` of the int8 checkpoint, `lm prune`, `lm finetune fit` (SST-2, a few steps on the checkpoint as
 backbone), `lm serve` (started on a free loopback port, one completion over HTTP, stopped), `lm report`
 and `lm plan` of the recipe. Lightning verbs get `--trainer.precision P`; `generate` and `serve` get
-`--dtype bfloat16` in the bf16 run (`eval`, `export`, `quantize`, `prune`, `report` have no dtype).
+`--dtype bfloat16` in the bf16 run; `eval` gets `--dtype float32` or `bfloat16` (its `auto` would follow the CPU,
+not the run) and `export`, `quantize`, `prune`, `report` have no dtype.
 
 Each verb prints one line: PASS, REFUSED (a one-line `LMError`, exit status 2) or FAIL (a traceback, an
 unexpected exit status, a refusal of a verb expected to work, or missing output), with its time; a
@@ -130,6 +131,7 @@ def plan(precision: str, configs: list[str], budget: Budget) -> list[Step]:
     recipe = [a for c in configs for a in ("--config", c)]
     trainer = ["--trainer.precision", precision]
     dtype = ["--dtype", "bfloat16"] if precision.startswith("bf16") else []
+    eval_dtype = ["--dtype", "bfloat16" if precision.startswith("bf16") else "float32"]
     tokens = str(budget.new_tokens)
     ckpt = Path("checkpoints") / n["fit"]
     fit_steps = ["--trainer.max_steps", str(budget.fit_steps), "--trainer.val_check_interval", str(budget.val_every),
@@ -154,7 +156,7 @@ def plan(precision: str, configs: list[str], budget: Budget) -> list[Step]:
                                 "--prompt", "In 1998 ,", "--max_new_tokens", tokens, "--temperature", "0",
                                 "--format", "jsonl", *dtype),
              expect=('"prompt": "The river"', '"prompt": "A town"', '"prompt": "In 1998 ,"'), needs=("fit",)),
-        Step("eval", ("eval", "--ckpt_path", "{best}", *eval_text, "--output", "{out}/eval.json"),
+        Step("eval", ("eval", "--ckpt_path", "{best}", *eval_text, *eval_dtype, "--output", "{out}/eval.json"),
              expect=("non-overlapping", f"stride {STRIDE}"), files=("{out}/eval.json",), needs=("fit",)),
         Step("export safetensors", ("export", "--ckpt_path", "{best}", "--format", "safetensors",
                                     "--output", "{out}/export-safetensors"),
@@ -170,7 +172,7 @@ def plan(precision: str, configs: list[str], budget: Budget) -> list[Step]:
         Step("generate int8", ("generate", "--ckpt_path", "{int8}", "--prompt", "The river", "--prompt", "A town",
                                "--max_new_tokens", tokens, "--temperature", "0", "--format", "jsonl", *dtype),
              expect=('"prompt": "The river"',), needs=("quantize",)),
-        Step("eval int8", ("eval", "--ckpt_path", "{int8}", *eval_text, "--output", "{out}/eval-int8.json"),
+        Step("eval int8", ("eval", "--ckpt_path", "{int8}", *eval_text, *eval_dtype, "--output", "{out}/eval-int8.json"),
              expect=("non-overlapping", f"stride {STRIDE}"), files=("{out}/eval-int8.json",), needs=("quantize",)),
         Step("prune", ("prune", "--ckpt_path", "{best}", "--output", "{pruned}", "--method", "unstructured",
                        "--sparsity", "0.3"), files=("{pruned}",), needs=("fit",)),
