@@ -113,6 +113,13 @@ class ContextCache(nn.Module):
         gives log(0) = -inf on the copy side, and logaddexp(a, -inf) = a."""
         return torch.logaddexp(log_probs + torch.log1p(-weight * history), torch.log(copy.clamp_min(1e-30)) + torch.log(weight))
 
+    @staticmethod
+    def copy_at_targets(attention: Tensor, next_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T) each: the copy probability of each target (the attention on the keys that were followed by it)
+        and the attention's total (`mix`'s `history`), without a (B, T, vocab) copy distribution."""
+        hits = next_ids.unsqueeze(1) == targets.unsqueeze(-1)  # (B, T, keys): key i was followed by the target
+        return (attention * hits).sum(-1), attention.sum(-1)
+
     @torch.no_grad()
     def target_nll(self, logits: Tensor, hidden: Tensor, keys: Tensor, next_ids: Tensor, key_mask: Tensor,
                    targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -125,9 +132,8 @@ class ContextCache(nn.Module):
             log_probs = target_log_probs(logits, safe_targets, self.temperature.float())
             if keys.shape[1] == 0:  # a single position: nothing to copy from
                 return -(log_probs * scored).sum(dtype=torch.float64)
-            attention = self.copy_weights(hidden, keys, key_mask, self.sharpness.float())
-            hits = next_ids.unsqueeze(1) == safe_targets.unsqueeze(-1)  # (B, T, keys): key i was followed by it
-            copy, history = (attention * hits).sum(-1), attention.sum(-1)
+            copy, history = self.copy_at_targets(self.copy_weights(hidden, keys, key_mask, self.sharpness.float()),
+                                                 next_ids, targets)
             mixed = self.mix(log_probs, copy, self.weight.float(), history)
             return -(mixed * scored).sum(dtype=torch.float64)
 
@@ -143,17 +149,13 @@ class ContextCache(nn.Module):
     def _grid_nll(self, logits: Tensor, hidden: Tensor, keys: Tensor, next_ids: Tensor, key_mask: Tensor,
                   targets: Tensor, ignore_index: int) -> Tensor:
         scored = targets != ignore_index
-        flat_logits, flat_targets = logits.float().flatten(0, 1), targets.clamp(min=0).flatten()
-        target_log_probs = torch.stack([  # (temperatures, B, T); cross_entropy: torch's fused log-softmax
-            -F.cross_entropy(flat_logits * (1.0 / t), flat_targets, reduction="none").view_as(targets)
-            for t in self.TEMPERATURE])
-        hits = next_ids.unsqueeze(1) == targets.unsqueeze(-1)  # (B, T, keys): key i was followed by the target
+        safe_targets = targets.clamp(min=0)
+        log_probs = torch.stack([target_log_probs(logits, safe_targets, t) for t in self.TEMPERATURE])  # (temps, B, T)
         result = torch.zeros(self.grid_shape(), dtype=torch.float64, device=logits.device)
         for s, sharpness in enumerate(self.SHARPNESS):
-            attention = self.copy_weights(hidden, keys, key_mask, sharpness)
-            copy, history = (attention * hits).sum(-1), attention.sum(-1)  # (B, T) each
+            copy, history = self.copy_at_targets(self.copy_weights(hidden, keys, key_mask, sharpness), next_ids, targets)
             for w, weight in enumerate(self.WEIGHT):
-                mixed = self.mix(target_log_probs, copy, torch.tensor(weight, device=copy.device), history)
+                mixed = self.mix(log_probs, copy, torch.tensor(weight, device=copy.device), history)
                 result[s, w] = -(mixed * scored).sum(dim=(1, 2), dtype=torch.float64)
         return result
 
