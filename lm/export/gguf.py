@@ -41,6 +41,7 @@ from torch import Tensor
 
 from lm.errors import LMError
 from lm.export.folder import write_folder
+from lm.export.hf import llama_tensors
 from lm.extras import require
 from lm.model import GPT, GPTConfig
 
@@ -124,33 +125,28 @@ def gguf_tokenizer(tokenizer, vocab_size: int) -> GGUFTokenizer:
 
 
 # ------------------------------------------------------------------------------------------- tensors
+# transformers' Llama names (lm.export.hf.llama_tensors) -> llama.cpp's, as convert_hf_to_gguf maps them
+_LLAMA_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_LLAMA_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                      "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                      "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                      "mlp.down_proj": "ffn_down"}
+
+
 def _llama_tensors(model: GPT) -> Iterator[tuple[str, Tensor]]:
-    """(GGUF name, tensor) of the llama architecture, in convert_hf_to_gguf's names and order."""
-    state, config = model.state_dict(), model.config
-    q_size = config.num_attention_heads * config.head_dim
-    kv_size = config.num_key_value_heads * config.head_dim
-    yield "token_embd.weight", state["embed_tokens.weight"]
-    for i in range(config.num_hidden_layers):
-        src, dst = f"layers.{i}.", f"blk.{i}."
-        yield f"{dst}attn_norm.weight", state[f"{src}attn_norm.weight"]
-        for kind in ("weight", "bias"):
-            if f"{src}attn.qkv_proj.{kind}" not in state:
-                continue
-            q, k, v = state[f"{src}attn.qkv_proj.{kind}"].split([q_size, kv_size, kv_size])
-            yield f"{dst}attn_q.{kind}", rope_pairs_layout(q, config.num_attention_heads)
-            yield f"{dst}attn_k.{kind}", rope_pairs_layout(k, config.num_key_value_heads)
-            yield f"{dst}attn_v.{kind}", v
-        yield from _present(state, {f"{src}attn.o_proj": f"{dst}attn_output"})
-        yield f"{dst}ffn_norm.weight", state[f"{src}mlp_norm.weight"]
-        for kind in ("weight", "bias"):
-            if f"{src}mlp.gate_up_proj.{kind}" in state:
-                gate, up = state[f"{src}mlp.gate_up_proj.{kind}"].split(config.intermediate_size)
-                yield f"{dst}ffn_gate.{kind}", gate
-                yield f"{dst}ffn_up.{kind}", up
-        yield from _present(state, {f"{src}mlp.down_proj": f"{dst}ffn_down"})
-    yield "output_norm.weight", state["norm.weight"]
-    if not config.tie_embeddings:  # a tied head is token_embd: llama.cpp reads it there when output is absent
-        yield "output.weight", state["lm_head.weight"]
+    """(GGUF name, tensor) of the llama architecture: the Hugging Face Llama tensors renamed, with the query and
+    key rows in llama.cpp's RoPE order. A tied head is token_embd: llama.cpp reads it there when output is absent."""
+    config = model.config
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    for name, tensor in llama_tensors(model).items():
+        module, kind = name.rsplit(".", 1)
+        if module.startswith("model.layers."):
+            layer, inner = module[len("model.layers."):].split(".", 1)
+            gguf_module = f"blk.{layer}.{_LLAMA_LAYER_NAMES[inner]}"
+        else:
+            gguf_module = _LLAMA_NAMES[module]
+        base = gguf_module.rsplit(".", 1)[-1]
+        yield f"{gguf_module}.{kind}", rope_pairs_layout(tensor, heads[base]) if base in heads else tensor
 
 
 def _gpt2_tensors(model: GPT) -> Iterator[tuple[str, Tensor]]:
@@ -169,14 +165,6 @@ def _gpt2_tensors(model: GPT) -> Iterator[tuple[str, Tensor]]:
     yield "output_norm.bias", state.get("norm.bias", torch.zeros(config.hidden_size))
     if not config.tie_embeddings:
         yield "output.weight", state["lm_head.weight"]
-
-
-def _present(state: dict[str, Tensor], names: dict[str, str]) -> Iterator[tuple[str, Tensor]]:
-    """The weight and (when the model has one) bias of each module in `names` (ours -> GGUF prefix)."""
-    for ours, theirs in names.items():
-        for kind in ("weight", "bias"):
-            if f"{ours}.{kind}" in state:
-                yield f"{theirs}.{kind}", state[f"{ours}.{kind}"]
 
 
 def keeps_f32(name: str, array: np.ndarray) -> bool:

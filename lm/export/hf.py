@@ -124,7 +124,9 @@ def _gpt2_config(config: GPTConfig) -> dict:
             "scale_attn_weights": True, "tie_word_embeddings": config.tie_embeddings}
 
 
-def _llama_tensors(model: GPT) -> dict[str, Tensor]:
+def llama_tensors(model: GPT) -> dict[str, Tensor]:
+    """Our weights under transformers' Llama names (fused q,k,v and gate,up rows split); also what the GGUF
+    export renames to llama.cpp's names (lm/export/gguf.py), as llama.cpp's own converter does."""
     state, config = model.state_dict(), model.config
     q_size = config.num_attention_heads * config.head_dim
     kv_size = config.num_key_value_heads * config.head_dim
@@ -211,7 +213,7 @@ def export_hf(model: GPT, tokenizer, output: str | Path, overwrite: bool = False
     if model.config.context_cache:
         model = model.without_context_cache()
     arch = hf_architecture(model.config) if native else REMOTE_MODEL_TYPE
-    tensors, config = {"gpt2": (_gpt2_tensors, _gpt2_config), "llama": (_llama_tensors, _llama_config),
+    tensors, config = {"gpt2": (_gpt2_tensors, _gpt2_config), "llama": (llama_tensors, _llama_config),
                        REMOTE_MODEL_TYPE: (_remote_tensors, _remote_config)}[arch]
     state = {k: v.detach().float().contiguous().clone() for k, v in tensors(model).items()}
     config = {**config(model.config), "torch_dtype": "float32", "use_cache": True}
