@@ -62,7 +62,7 @@ def test_quality_benchmark_trains_for_its_budget_and_scores_the_raw_test_file(tm
     if not (WIKITEXT_DIR / "wiki.test.raw").is_file():
         pytest.skip(f"WikiText-2 raw files not found in {WIKITEXT_DIR}")
     tiny = ["--model.config.hidden_size", "32", "--model.config.num_hidden_layers", "1",
-            "--model.config.num_attention_heads", "2", "--model.config.max_position_embeddings", "32",
+            "--model.config.num_attention_heads", "2", "--model.config.max_position_embeddings", "64",
             "--data.vocab_size", "512", "--trainer.val_check_interval", "20",
             "--data.cache_dir", str(tmp_path / "cache")]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--budget", "15", "--name", "q",
@@ -73,6 +73,10 @@ def test_quality_benchmark_trains_for_its_budget_and_scores_the_raw_test_file(tm
     assert run["steps"] >= 20 and run["val_curve"] and 1.0 < run["test_bpb"] < 10.0
     assert "val_loss" in run["best_checkpoint"] and (tmp_path / "checkpoints" / "q_s1234").is_dir()
     assert not (ROOT / "checkpoints" / "q_s1234").exists()  # moved into --workdir
+    assert 0.0 <= run["gen_rep4"] <= 1.0 and 0.0 < run["gen_distinct_2"] <= 1.0  # the best checkpoint's text
+    assert 0 < run["gen_tokens"] < 150  # as many as the 64-token context holds after a heading
+    assert 0.0 < run["gen_text_rep4"] < 0.1 and 0.9 < run["gen_text_distinct_2"] <= 1.0  # WikiText barely repeats
+    assert "rep4" in result.stdout and "bound 1.5x" in result.stdout
 
 
 def test_serve_load_chaos_survives_disconnects_and_malformed_requests(tmp_path):
@@ -128,19 +132,28 @@ def test_compress_benchmark_prints_every_row(tmp_path):
     assert rows["distilled student"]["params"] < fp32["params"]
 
 
-def test_generation_quality_prints_both_distributions_beside_the_test_text(tmp_path):
-    """benchmarks/generation_quality.py on a tiny checkpoint with a context cache: the reference row, the plain
-    softmax and the cache's mixture, each with repetition figures and the bpb of the distribution sampled."""
+def _tiny_checkpoint_and_headed_text(tmp_path, **model_overrides):
+    """A tiny checkpoint and a raw text of twelve " = Heading = " articles (four, each thrice), repetitive: the reference pieces
+    repeat 4-grams, so the text's own rep4 is above 0 and a ratio to it means something."""
     from tests.tiny_checkpoint import tiny_gpt, tiny_tokenizer, write_checkpoint
 
     tokenizer = tiny_tokenizer()
-    model = tiny_gpt(tokenizer.vocab_size, context_cache=True, max_position_embeddings=64)
-    model.context_cache.weight.fill_(0.5)
-    ckpt = write_checkpoint(tmp_path / "cc.ckpt", model, tokenizer)
-    articles = "".join(f" = Heading {i} = \n \n the river ran by the town and the mill {i} . \n \n" * 3 for i in range(4))
+    model = tiny_gpt(tokenizer.vocab_size, max_position_embeddings=64, **model_overrides)
+    if model_overrides.get("context_cache"):
+        model.context_cache.weight.fill_(0.5)
+    ckpt = write_checkpoint(tmp_path / "tiny.ckpt", model, tokenizer)
+    body = "the river ran by the town . " * 3
+    articles = "".join(f" = Heading {i} = \n \n {body}and the mill {i} . \n \n" * 3 for i in range(4))
     (tmp_path / "test.raw").write_text(articles, encoding="utf-8")
+    return ckpt, tmp_path / "test.raw"
+
+
+def test_generation_quality_prints_both_distributions_beside_the_test_text(tmp_path):
+    """benchmarks/generation_quality.py on a tiny checkpoint with a context cache: the reference row, the plain
+    softmax and the cache's mixture, each with repetition figures and the bpb of the distribution sampled."""
+    ckpt, text_file = _tiny_checkpoint_and_headed_text(tmp_path, context_cache=True)
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generation_quality.py"), str(ckpt),
-                             "--text_file", str(tmp_path / "test.raw"), "--prompts", "3", "--seeds", "2",
+                             "--text_file", str(text_file), "--prompts", "3", "--seeds", "2",
                              "--max_new_tokens", "24"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line[:52].strip(): line[52:].split() for line in result.stdout.splitlines()
@@ -152,3 +165,73 @@ def test_generation_quality_prints_both_distributions_beside_the_test_text(tmp_p
     assert all(0.0 <= float(x) <= 1.0 for x in plain[:2] + cached[:2])  # greedy may end at once (nan)
     assert float(plain[3]) != float(cached[3])  # each row scores the distribution it sampled
     assert "bound 1.5" in result.stdout
+
+
+def test_generation_quality_measure_returns_the_figures_of_the_rows_asked_for(tmp_path):
+    """`measure`, the function both generation_quality.py and quality.py call: the text's own figures, each row's
+    sampled and greedy figures in range, the default's ratio to the text and the bound; bad requests refused."""
+    from benchmarks.generation_quality import BOUND, measure
+    from lm.errors import LMError
+    from lm.io.checkpoints import load_model
+
+    ckpt, text_file = _tiny_checkpoint_and_headed_text(tmp_path)
+    model, tokenizer = load_model(ckpt)
+    text = text_file.read_text(encoding="utf-8")
+    done = []
+    figures = measure(model, tokenizer, text, prompts=3, seeds=2, max_new_tokens=32, rows=("plain", "default"),
+                      on_row=lambda key, so_far: done.append((key, sorted(so_far["rows"]))))
+    assert done == [("plain", ["plain"]), ("default", ["default", "plain"])]  # reported as each row ends
+    reference = figures["reference"]
+    assert 0.0 < reference["repeated_4gram_share"] < 1.0 and 0.0 < reference["distinct_2"] <= 1.0
+    for row in figures["rows"].values():
+        assert 0.0 <= row["sampled"]["repeated_4gram_share"] <= 1.0 and 0.0 < row["sampled"]["distinct_2"] <= 1.0
+        assert row["example"].startswith(" = Heading 0 = \n \n") and row["seconds"] > 0
+    default = figures["rows"]["default"]["sampled"]["repeated_4gram_share"]
+    assert figures["rep4_ratio"] == pytest.approx(default / reference["repeated_4gram_share"])
+    assert figures["within_bound"] == (figures["rep4_ratio"] <= BOUND)
+    without_greedy = measure(model, tokenizer, text, prompts=3, seeds=2, max_new_tokens=32, greedy=False)
+    assert without_greedy["rows"]["default"]["greedy"] is None
+    assert without_greedy["rows"]["default"]["sampled"] == figures["rows"]["default"]["sampled"]  # seeded
+    for bad, message in [(dict(rows=("cache",)), "context_cache: true"), (dict(rows=("nucleus",)), "Unknown rows"),
+                         (dict(prompts=13), "fewer than --prompts 13"), (dict(max_new_tokens=10_000), "shorter than one sample")]:
+        with pytest.raises(LMError, match=message):
+            measure(model, tokenizer, text, **{"prompts": 3, "seeds": 1, "max_new_tokens": 32, **bad})
+
+
+def test_quality_benchmark_reports_the_generation_figures_of_its_best_checkpoint(tmp_path, monkeypatch, capsys):
+    """quality.py's generation step on a tiny checkpoint (no 10-minute fit): the figures per run, in the run's
+    printout, in the summary (mean over seeds) and in the JSON; `--gen-prompts 0` skips them; too many
+    headings are refused before any training."""
+    import json
+    import math
+
+    from benchmarks import quality
+
+    ckpt, text_file = _tiny_checkpoint_and_headed_text(tmp_path)
+    figures = quality.generation_scores(ckpt, str(text_file), prompts=3, seeds=2, tokens=32)
+    assert 0.0 <= figures["gen_rep4"] <= 1.0 and 0.0 < figures["gen_distinct_2"] <= 1.0
+    assert math.isnan(figures["gen_greedy_rep4"]) or 0.0 <= figures["gen_greedy_rep4"] <= 1.0  # nan: greedy ended at once
+    assert 0.0 < figures["gen_text_rep4"] < 1.0
+    assert figures["gen_rep4_ratio"] == pytest.approx(figures["gen_rep4"] / figures["gen_text_rep4"])
+    assert figures["gen_within_bound"] == (figures["gen_rep4_ratio"] <= quality.BOUND) and figures["gen_seconds"] > 0
+    assert quality.generation_scores(ckpt, str(text_file), prompts=0, seeds=2, tokens=32) == {}
+    longer = quality.generation_scores(ckpt, str(text_file), prompts=3, seeds=1, tokens=500)  # beyond the context
+    assert 32 < longer["gen_tokens"] < 64 and 0.0 <= longer["gen_rep4"] <= 1.0  # what fits after the heading
+
+    runs = [{"seed": seed, "test_ppl": 100.0, "test_bpb": 2.0, "test_cache_bpb": None, "steps": 1, "tokens_seen": 1,
+             "epochs": 1, "fit_seconds": 1.0, "precision": "32-true", "best_checkpoint": str(ckpt), "val_curve": [],
+             **figures} for seed in (1, 2)]
+    quality.print_run(runs[0])
+    args = quality.argparse.Namespace(config="recipe.yaml", seeds=[1, 2], workdir=str(tmp_path), name="g",
+                                      gen_prompts=3, gen_seeds=2, gen_tokens=32)
+    (tmp_path / "logs").mkdir()
+    quality.print_summary(args, runs)
+    out = capsys.readouterr().out
+    assert f"generation (the default sampling, 32 tokens): rep4 {figures['gen_rep4']:.4f}" in out
+    assert "3 headings x 2 seeds x 32 tokens; lm generate's defaults: temperature 0.8" in out and "met in" in out
+    saved = json.loads((tmp_path / "logs" / "g_quality.json").read_text())
+    assert saved["runs"][0]["gen_distinct_2"] == figures["gen_distinct_2"] and "32 tokens" in saved["generation"]
+
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--test-file", str(text_file), "--gen-prompts", "13"])
+    with pytest.raises(SystemExit, match="fewer than --prompts 13"):
+        quality.parse_args()
