@@ -114,6 +114,9 @@ SINGLE_OPTIONS = {
     "swiglu": dict(activation="swiglu"), "intermediate_size": dict(intermediate_size=96), "qk_norm": dict(qk_norm=True),
     "gqa": dict(num_key_value_heads=2), "mqa": dict(num_key_value_heads=1), "logit_softcap": dict(logit_softcap=3.0),
     "residual_scalars": dict(residual_scalars=True), "no_bias": dict(bias=False), "untied": dict(tie_embeddings=False),
+    "value_embeddings": dict(value_embeddings=1),  # 2 layers: both read table 0
+    "value_embeddings_gqa_3_layers": dict(value_embeddings=2, num_key_value_heads=2, num_hidden_layers=3),  # middle: 2 tables
+    "bigram_embedding": dict(bigram_embedding=64), "smear": dict(smear=True),
     "dropouts": dict(dropout=0.2, attention_dropout=0.1, embedding_dropout=0.1), "math_attention": dict(attention="math"),
     "context_cache": dict(context_cache=True),
 }
@@ -148,6 +151,22 @@ def test_the_default_recipe_exports_through_lm_own_code(tokenizer, tmp_path):
 def test_a_left_padded_batch_generates_each_row_as_alone(tokenizer, tmp_path):
     model = tiny_gpt(tokenizer.vocab_size, **default_recipe_fields())
     folder = export_hf(model, tokenizer, tmp_path / "hf")
+    hf, hf_tokenizer = load(folder), transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    texts = ["The river", "A town in the north of the"]
+    batch = hf_tokenizer(texts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0, 0] == 0  # padded on the left
+    out = hf.generate(**batch, max_new_tokens=10, do_sample=False, repetition_penalty=1.0)
+    ours = generate(model, [tokenizer.encode(t) for t in texts], max_new_tokens=10, temperature=0,
+                    repetition_penalty=1.0)
+    width = batch["input_ids"].shape[1]
+    assert [row[width:] for row in out.tolist()] == [row[len(tokenizer.encode(t)):] for row, t in zip(ours, texts)]
+
+
+def test_a_left_padded_batch_with_previous_token_levers_generates_each_row_as_alone(tokenizer, tmp_path):
+    """bigram_embedding and smear read the token before each position: across generate's steps (the previous token
+    comes from the full ids) and with left padding (a row's first real token has none, not the pad)."""
+    model = tiny_gpt(tokenizer.vocab_size, **{**GPT2_LIKE, "bigram_embedding": 64, "smear": True})
+    folder = export_hf(model, tokenizer, tmp_path / "hf", native=False)
     hf, hf_tokenizer = load(folder), transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     texts = ["The river", "A town in the north of the"]
     batch = hf_tokenizer(texts, return_tensors="pt", padding=True)

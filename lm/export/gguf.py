@@ -53,9 +53,9 @@ TOKEN_TYPES = {"normal": 1, "control": 3, "unused": 5}  # gguf.TokenType, llama.
 # What each llama.cpp architecture needs from a GPTConfig: field -> required value.
 _REQUIREMENTS: dict[str, dict[str, object]] = {
     "llama": {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "qk_norm": False, "logit_softcap": None,
-              "residual_scalars": False},
+              "residual_scalars": False, "value_embeddings": 0, "bigram_embedding": 0, "smear": False},
     "gpt2": {"norm": "layernorm", "position": "learned", "activation": "gelu", "qk_norm": False, "logit_softcap": None,
-             "residual_scalars": False},
+             "residual_scalars": False, "value_embeddings": 0, "bigram_embedding": 0, "smear": False},
 }
 
 

@@ -10,7 +10,7 @@ Where transformers has the architecture, the folder uses it and needs no code of
   preset): our fused gate_up rows split into gate_proj, up_proj; both use RoPE's rotate-half layout.
 
 Every other variant (the default recipe's RoPE + QK-norm + ReLU², sinusoidal positions, logit soft-capping,
-residual scalars, ...) goes through transformers' custom-code path: the folder carries `configuration_lm.py`
+residual scalars, value embeddings, ...) goes through transformers' custom-code path: the folder carries `configuration_lm.py`
 and `modeling_lm.py` (lm/export/hf_remote_code/, torch + transformers only), named in config.json's
 `auto_map`, and loads with `trust_remote_code=True`. Its weights keep lm's names under `model.`.
 
@@ -46,8 +46,10 @@ AUTO_MAP = {"AutoConfig": "configuration_lm.LMConfig", "AutoModel": "modeling_lm
 
 # What each native architecture needs from a GPTConfig: field -> required value.
 _REQUIREMENTS = {
-    "gpt2": {"norm": "layernorm", "position": "learned", "activation": "gelu", "qk_norm": False, "logit_softcap": None, "residual_scalars": False},
-    "llama": {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "qk_norm": False, "logit_softcap": None, "residual_scalars": False},
+    "gpt2": {"norm": "layernorm", "position": "learned", "activation": "gelu", "qk_norm": False, "logit_softcap": None,
+             "residual_scalars": False, "value_embeddings": 0, "bigram_embedding": 0, "smear": False},
+    "llama": {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "qk_norm": False, "logit_softcap": None,
+              "residual_scalars": False, "value_embeddings": 0, "bigram_embedding": 0, "smear": False},
 }
 
 

@@ -63,6 +63,25 @@ class GPTConfig:
             the stream becomes `residual_scale * x + embedding_scale * x0`, where x0 is the (dropped-out)
             embedding the first block read. They start at 1 and 0 (the plain residual stream), so a deep
             block can keep reading the tokens themselves and each block can weigh the stream it gets.
+        value_embeddings: Number n of value-embedding tables (the modded-nanoGPT speedruns): extra token
+            tables of vocab_size x (num_key_value_heads x head_dim) whose row of the current token is added to
+            the attention values, `v = v + value_embedding_scale * table[token]` (one learned scalar per layer,
+            starting at 1). Table j serves layer j and layer L - n + j (U-net style: the first n and the last
+            n layers share them); a layer in both ranges (n > L / 2) adds both of its tables, and with n = L
+            each layer i reads table i alone. The values then carry the token's identity directly, a cheap
+            path for copying and recognizing tokens that the residual stream no longer has to keep. Costs a
+            lookup per table (no matmul) and vocab_size x kv_size parameters per table. 0 <= n <=
+            num_hidden_layers; 0: off.
+        bigram_embedding: Rows of a hashed bigram table (the modded-nanoGPT speedruns): the first block reads
+            embed(x_t) + bigram[hash(x_{t-1}, x_t)], with hash = (36313 * x_t xor 27191 * x_{t-1}) mod (rows - 1)
+            and the last row reserved for "no previous token" (a sequence's first token, or a left-padded row's first
+            real one). A direct, cheap (a lookup, no matmul) path for what a token pair means, which the attention
+            otherwise has to assemble. The table starts at zero, so training starts as the plain model (a lookup
+            table gets gradient at zero, unlike a weight matrix behind a nonlinearity). 0: off; else >= 2.
+        smear: nanochat's "smear" (from the modded-nanoGPT speedruns): each position's token embedding gets a gated
+            fraction of the previous token's, e_t + smear_lambda * sigmoid(smear_gate . e_t[:24]) * e_{t-1}, a
+            cheap "previous token" feature that otherwise takes an attention head. smear_lambda starts at 0 (the
+            plain model) and the gate at small positive weights, as in nanochat.
         context_cache: Opt into the context cache extension (lm/model/context_cache.py; `build_gpt` then makes
             a `GPTWithContextCache`): a copy distribution over the window's earlier tokens mixed into the
             softmax on request (a neural cache, Grave et al. 2017, limited to the model's own context), with
@@ -93,6 +112,9 @@ class GPTConfig:
     zero_init_residual: bool = False
     logit_softcap: Optional[float] = None
     residual_scalars: bool = False
+    value_embeddings: int = 0
+    bigram_embedding: int = 0
+    smear: bool = False
     context_cache: bool = False
 
     def __post_init__(self) -> None:
@@ -123,6 +145,12 @@ class GPTConfig:
                 raise LMError(f"{name} must be a positive number, got {getattr(self, name)}.")
         if not (math.isfinite(self.init_std) and self.init_std >= 0):
             raise LMError(f"init_std must be a number >= 0 (the std of the initial weights), got {self.init_std}.")
+        if not 0 <= self.value_embeddings <= self.num_hidden_layers:
+            raise LMError(f"value_embeddings must be between 0 (off) and num_hidden_layers={self.num_hidden_layers} "
+                          f"(table j serves layer j and layer L - n + j), got {self.value_embeddings}.")
+        if self.bigram_embedding < 0 or self.bigram_embedding == 1:
+            raise LMError(f"bigram_embedding is the number of rows of the hashed bigram table: 0 (off) or at least 2 "
+                          f"(one row is reserved for \"no previous token\"; e.g. 4096), got {self.bigram_embedding}.")
         for name in ("dropout", "attention_dropout", "embedding_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
@@ -152,6 +180,21 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def reads_previous_token(self) -> bool:
+        """Whether a position's input depends on the token before it (bigram_embedding, smear): then a KV cache
+        also keeps every position's token id, so a decode step can find its previous token."""
+        return bool(self.bigram_embedding) or self.smear
+
+    def value_embedding_tables(self, layer_idx: int) -> tuple[int, ...]:
+        """The value-embedding tables layer `layer_idx` adds to its values: table j serves layer j (the first n
+        layers) and layer L - n + j (the last n), U-net style; () for a layer in neither range."""
+        n, L = self.value_embeddings, self.num_hidden_layers
+        tables = [layer_idx] if layer_idx < n else []
+        if layer_idx >= L - n and layer_idx - (L - n) not in tables:
+            tables.append(layer_idx - (L - n))
+        return tuple(tables)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, safe for `torch.load(weights_only=True)` in checkpoints."""

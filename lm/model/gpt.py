@@ -7,6 +7,9 @@ Notable features (each a `GPTConfig` value, see config.py):
 - GELU, ReLU² or SwiGLU MLP; tied or untied embeddings; bias on/off; dropout (and AWD-LSTM's dropout of
   whole token types from the input embedding); optional logit soft-capping;
 - optional learned residual scalars: each block reads a learned mix of the stream and the embedding;
+- optional value embeddings: extra token tables added to the attention values of the first and last layers;
+- optional input levers that read the previous token: a hashed bigram table and nanochat's gated "smear" of
+  the previous token's embedding (the KV cache then keeps the token ids, so decoding matches the full forward);
 - GPT-2 initialization: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers) so the
   residual stream's variance does not grow with depth (or zero, so every block starts as the identity);
 - a preallocated KV cache for generation (prefill once, then one token per step);
@@ -26,14 +29,15 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lm.errors import LMError
 from lm.model import inference
 from lm.model.config import GPTConfig
-from lm.model.layers import (Block, CausalSelfAttention, KVCache, LearnedPositions, RotaryPositions,
-                             SinusoidalPositions, make_norm)
+from lm.model.layers import (SMEAR_GATE_CHANNELS, Block, CausalSelfAttention, KVCache, LearnedPositions,
+                             RotaryPositions, SinusoidalPositions, bigram_hash, make_norm, previous_token_ids)
 
 
 class GPT(nn.Module):
@@ -67,6 +71,11 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
+        # Made after the others, with the random state restored after their init: every other weight, and what the
+        # run draws later, is as without them (a screen compares like with like).
+        with torch.random.fork_rng(devices=[]):
+            self._add_input_levers(config)
+            self._add_value_embeddings(config)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -78,6 +87,33 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def _add_value_embeddings(self, config: GPTConfig) -> None:
+        """The value-embedding tables (config.value_embeddings; an empty list when off, so no state-dict key), looked
+        up once per forward, their rows handed to the layers they serve (config.value_embedding_tables). N(0, init_std)
+        like the token embedding: a row is then sqrt(hidden) times smaller than a fresh v (x W_v with x of unit RMS;
+        16x at hidden 256), so training starts close to the plain model, while the layers' scales already get
+        gradient (modded-nanoGPT's later records zero the tables and weigh v and the rows 0.5 each; here v keeps its
+        weight, see CausalSelfAttention)."""
+        kv_size = config.num_key_value_heads * config.head_dim
+        self.value_embeddings = nn.ModuleList(nn.Embedding(config.vocab_size, kv_size)
+                                              for _ in range(config.value_embeddings))
+        for table in self.value_embeddings:
+            nn.init.normal_(table.weight, mean=0.0, std=config.init_std)
+
+    def _add_input_levers(self, config: GPTConfig) -> None:
+        """The input levers that read the previous token (config.bigram_embedding, config.smear; absent when off, so
+        no state-dict key), used by `_add_previous_token`. The bigram table starts at zero and smear_lambda at 0:
+        training starts as the plain model (a lookup table, and a scalar in front of a product, still get gradient
+        there). The smear gate starts at U(0, 0.02), nanochat's init. The gate is a bare (1, channels) Parameter, not
+        an nn.Linear: the optimizer gives it AdamW without weight decay, like the other scalars (not decay or Muon)."""
+        if config.bigram_embedding:
+            self.bigram_embedding = nn.Embedding(config.bigram_embedding, config.hidden_size)
+            nn.init.zeros_(self.bigram_embedding.weight)
+        if config.smear:
+            self.smear_gate = nn.Parameter(torch.empty(1, min(SMEAR_GATE_CHANNELS, config.hidden_size)))
+            self.smear_lambda = nn.Parameter(torch.zeros(()))
+            nn.init.uniform_(self.smear_gate, 0.0, 0.02)
 
     def forward(self, input_ids: Tensor, kv_cache: Optional[KVCache] = None,
                 position_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
@@ -106,16 +142,23 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)
         x = self.embed_tokens(input_ids)
+        keep_scale = None
         if self.training and self.config.embedding_dropout > 0:
-            x = x * self._embedding_keep_scale(input_ids)
+            keep_scale = self._embedding_keep_scale(input_ids)
+            x = x * keep_scale
+        if self.config.reads_previous_token:
+            x = self._add_previous_token(x, input_ids, keep_scale, kv_cache, attention_mask)
         if self.embed_positions is not None:
             x = x + self.embed_positions(position_ids)
         x = self.dropout(x)
         rotary = self.rotary(position_ids) if self.rotary is not None else None
         x0 = x if self.config.residual_scalars else None  # blocks mix the embedding back in (residual_scalars)
+        value_embeddings = self._value_embeddings(input_ids, keep_scale)
         recompute = self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
-        for block in self.layers:
+        for block, value_embedding in zip(self.layers, value_embeddings):
             extra = {"x0": x0} if x0 is not None else {}  # only then: a custom block may not take x0
+            if value_embedding is not None:  # likewise
+                extra["value_embedding"] = value_embedding
             if recompute:
                 # Non-reentrant: the variant torch recommends, which replays autocast and traces under
                 # torch.compile (tests/test_memory_levers.py). preserve_rng_state restores the RNG before
@@ -126,6 +169,8 @@ class GPT(nn.Module):
             else:
                 x = block(x, rotary, kv_cache, attention_mask, **extra)
         if kv_cache is not None:
+            if kv_cache.token_ids is not None:  # the next step's previous token (bigram_embedding, smear)
+                kv_cache.token_ids[:, past:past + T] = input_ids
             kv_cache.length += T
         x = self.norm(x)
         return x if return_hidden else self.head(x)
@@ -136,6 +181,47 @@ class GPT(nn.Module):
         if self.config.logit_softcap is not None:  # smooth bound: cap * tanh(logits / cap)
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         return logits
+
+    def _value_embeddings(self, input_ids: Tensor, keep_scale: Optional[Tensor]) -> list[Optional[Tensor]]:
+        """Each layer's value-embedding rows (B, T, kv_size) of `input_ids`, None for a layer without a table.
+        Each table is looked up once; a layer served by two tables (value_embeddings > layers / 2) gets their sum.
+        `keep_scale`: embedding dropout's factors, applied as to the input embedding, so a token type dropped
+        this step cannot be read from the value tables either (they are a second copy of its identity)."""
+        if not len(self.value_embeddings):
+            return [None] * len(self.layers)
+        rows = [table(input_ids) for table in self.value_embeddings]
+        if keep_scale is not None:
+            rows = [r * keep_scale for r in rows]
+        per_layer: list[Optional[Tensor]] = []
+        for i in range(len(self.layers)):
+            tables = self.config.value_embedding_tables(i)
+            value_embedding = rows[tables[0]] if tables else None
+            for j in tables[1:]:
+                value_embedding = value_embedding + rows[j]
+            per_layer.append(value_embedding)
+        return per_layer
+
+    def _add_previous_token(self, x: Tensor, input_ids: Tensor, keep_scale: Optional[Tensor],
+                            kv_cache: Optional[KVCache], attention_mask: Optional[Tensor]) -> Tensor:
+        """The token embeddings `x` (B, T, hidden) with the input levers that read the previous token:
+        - smear (nanochat's; modded-nanoGPT's is the same with 12 gate channels): x_t + smear_lambda *
+          sigmoid(smear_gate . x_t[:24]) * x_{t-1}, x_{t-1} the previous token's embedding before smearing;
+        - bigram_embedding: + the hashed bigram table's row of (x_{t-1}, x_t).
+        The previous token of a sequence's first position (or a left-padded row's first real one) is "none": no
+        smear, the bigram table's reserved row. With a KV cache it is the cached id of the column before.
+        `keep_scale`: embedding dropout's factors (the previous token's ride along with its embedding)."""
+        previous = previous_token_ids(input_ids, kv_cache, attention_mask)
+        if self.config.smear:
+            first = self.embed_tokens(previous[:, :1].clamp(min=0))  # a cached token's embedding (eval: no dropout)
+            # The gate reads a copy of its channels: a view would keep all of x alive for the backward pass.
+            gate_input = x[..., :self.smear_gate.shape[1]].contiguous()
+            gate = self.smear_lambda * torch.sigmoid(F.linear(gate_input, self.smear_gate))
+            gate = gate * (previous >= 0).unsqueeze(-1).to(gate.dtype)  # no previous token: nothing to smear
+            x = x + gate * torch.cat([first, x[:, :-1]], dim=1)  # keeps this (B, T, hidden) tensor for backward
+        if self.config.bigram_embedding:
+            rows = self.bigram_embedding(bigram_hash(previous, input_ids, self.config.bigram_embedding))
+            x = x + (rows * keep_scale if keep_scale is not None else rows)
+        return x
 
     def _embedding_keep_scale(self, input_ids: Tensor) -> Tensor:
         """(B, T, 1) factors of `embedding_dropout`: 0 for the token types dropped this step, 1 / (1 - p)
@@ -163,10 +249,14 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_length, device=weight.device, dtype=weight.dtype)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (a tied head is counted once); optionally without embedding tables."""
+        """Unique parameters (a tied head is counted once); optionally without embedding tables (token,
+        learned position and value-embedding tables: lookups, no matmul)."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.embed_tokens.weight.numel()
+            n -= sum(table.weight.numel() for table in self.value_embeddings)
+            if self.config.bigram_embedding:
+                n -= self.bigram_embedding.weight.numel()
             if isinstance(self.embed_positions, LearnedPositions):
                 n -= self.embed_positions.embedding.weight.numel()
         return n

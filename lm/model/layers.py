@@ -129,6 +129,11 @@ class KVCache:
     Preallocating (instead of `torch.cat` each step) keeps a decode step free of allocations that
     grow with the sequence. `length` counts the positions already written; `GPT.forward` advances it
     once all layers have written the new tokens.
+
+    A model whose input reads the previous token (`GPTConfig.reads_previous_token`: bigram_embedding, smear)
+    also gets `token_ids` (B, max_length), every position's input id, which `GPT.forward` writes: a step's
+    previous token is the one in the column before it, and moves with the keys and values (`per_position`,
+    `narrow`). None otherwise.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_length: Optional[int] = None,
@@ -143,6 +148,8 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_length = max_length
         self.length = 0
+        self.token_ids: Optional[Tensor] = (torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
+                                            if config.reads_previous_token else None)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new keys/values (B, kv_heads, T, head_dim) after the cached ones; return all of them."""
@@ -157,7 +164,8 @@ class KVCache:
         """Every tensor that holds one entry per row and position, with its position dimension: here keys and
         values (B, kv_heads, positions, head_dim); a subclass adds its own. For code that moves positions or
         rows around (`lm.model.decoder.Decoder`)."""
-        return [(t, 2) for t in (*self.keys, *self.values)]
+        token_ids = [(self.token_ids, 1)] if self.token_ids is not None else []
+        return [(t, 2) for t in (*self.keys, *self.values)] + token_ids
 
     def narrow(self, rows: slice, start: int, length: Optional[int] = None) -> "KVCache":
         """A cache that shares this one's memory: rows `rows`, positions `start`.. (its position 0 is this
@@ -166,9 +174,47 @@ class KVCache:
         view = copy.copy(self)  # the same class, so a subclass's extra per-position tensors are narrowed below
         view.keys = [k[rows, :, start:] for k in self.keys]
         view.values = [v[rows, :, start:] for v in self.values]
+        view.token_ids = self.token_ids[rows, start:] if self.token_ids is not None else None
         view.max_length = self.max_length - start
         view.length = max(self.length - start, 0) if length is None else length
         return view
+
+
+# --------------------------------------------------------------------------------- input levers
+NO_PREVIOUS_TOKEN = -1  # `previous_token_ids` for a position with no token before it
+SMEAR_GATE_CHANNELS = 24  # the smear gate reads this many leading channels of the embedding (nanochat's 24)
+
+
+def previous_token_ids(input_ids: Tensor, kv_cache: Optional[KVCache] = None,
+                       attention_mask: Optional[Tensor] = None) -> Tensor:
+    """(B, T) id of the token before each of `input_ids` (B, T), `NO_PREVIOUS_TOKEN` where there is none: a
+    sequence's first token, and a left-padded row's first real one (`attention_mask` (B, past + T), 0 for padding,
+    says the column before it is padding). With a KV cache, the token before the first new one is the cached
+    `token_ids` column before them."""
+    B, T = input_ids.shape
+    past = kv_cache.length if kv_cache is not None else 0
+    if past > 0:
+        if kv_cache.token_ids is None:
+            raise LMError("This KV cache keeps no token ids, but the model reads the previous token "
+                          "(bigram_embedding / smear): make the cache with the model's new_kv_cache().")
+        first = kv_cache.token_ids[:, past - 1:past]
+    else:
+        first = torch.full((B, 1), NO_PREVIOUS_TOKEN, dtype=input_ids.dtype, device=input_ids.device)
+    previous = torch.cat([first, input_ids[:, :-1]], dim=1)
+    if attention_mask is not None:  # column past + t - 1 precedes token t: if it is padding there is no previous token
+        real = attention_mask[:, :past + T].bool()
+        real_before = torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1)  # column j: is j - 1 real?
+        previous = previous.masked_fill(~real_before[:, past:], NO_PREVIOUS_TOKEN)
+    return previous
+
+
+def bigram_hash(previous_ids: Tensor, input_ids: Tensor, rows: int) -> Tensor:
+    """Row of the hashed bigram table (`GPTConfig.bigram_embedding` rows) for each (previous, current) token pair:
+    (36313 * current xor 27191 * previous) mod (rows - 1), the modded-nanoGPT speedruns' mix (in int64, so no
+    wrap-around), and the reserved last row where there is no previous token. Deterministic; the exported model's
+    code (lm/export/hf_remote_code/modeling_lm.py) computes the same."""
+    mixed = torch.bitwise_xor(36313 * input_ids, 27191 * previous_ids.clamp(min=0)) % (rows - 1)
+    return torch.where(previous_ids == NO_PREVIOUS_TOKEN, rows - 1, mixed)
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -177,6 +223,12 @@ class CausalSelfAttention(nn.Module):
 
     One fused projection produces queries, keys and values (one matmul instead of three). With a
     KV cache, only the new tokens are projected and they attend to every cached position.
+
+    A layer served by value-embedding tables (`GPTConfig.value_embeddings`) adds
+    `value_embedding_scale * value_embedding` to its values before they are attended to (and cached, so a
+    decode step needs only its own token's rows). The scale starts at 1: modded-nanoGPT's
+    `0.5 * v + 0.5 * ve` weighs the two equally, and keeping v's own weight at 1 leaves layers without a
+    table exactly as they were (the common factor is the output projection's to learn).
     """
 
     def __init__(self, config: GPTConfig, layer_idx: int = 0):
@@ -197,9 +249,14 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        if config.value_embedding_tables(layer_idx):
+            self.value_embedding_scale = nn.Parameter(torch.ones(()))
 
     def forward(self, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]] = None,
-                kv_cache: Optional[KVCache] = None, attention_mask: Optional[Tensor] = None) -> Tensor:
+                kv_cache: Optional[KVCache] = None, attention_mask: Optional[Tensor] = None,
+                value_embedding: Optional[Tensor] = None) -> Tensor:
+        """`value_embedding`: (B, T, kv_heads x head_dim), this layer's value-embedding rows of the input tokens
+        (`GPT.forward` passes them to the layers that have tables)."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1
@@ -207,6 +264,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if value_embedding is not None:  # in v's dtype: under autocast the table rows are fp32, v bf16
+            ve = value_embedding.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v + (self.value_embedding_scale * ve).to(v.dtype)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
@@ -276,7 +336,8 @@ class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
 
     With `residual_scalars` the block first mixes its input with the embedding `x0`:
-    x = residual_scale * x + embedding_scale * x0 (learned, starting at 1 and 0).
+    x = residual_scale * x + embedding_scale * x0 (learned, starting at 1 and 0). `value_embedding` (the
+    layer's rows of `GPTConfig.value_embeddings` tables) goes on to the attention.
     """
 
     def __init__(self, config: GPTConfig, layer_idx: int = 0,
@@ -291,8 +352,10 @@ class Block(nn.Module):
             self.embedding_scale = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: Tensor, rotary=None, kv_cache: Optional[KVCache] = None,
-                attention_mask: Optional[Tensor] = None, x0: Optional[Tensor] = None) -> Tensor:
+                attention_mask: Optional[Tensor] = None, x0: Optional[Tensor] = None,
+                value_embedding: Optional[Tensor] = None) -> Tensor:
         if x0 is not None:
             x = self.residual_scale * x + self.embedding_scale * x0
-        x = x + self.attn(self.attn_norm(x), rotary, kv_cache, attention_mask)
+        extra = {"value_embedding": value_embedding} if value_embedding is not None else {}  # a custom attention
+        x = x + self.attn(self.attn_norm(x), rotary, kv_cache, attention_mask, **extra)     # may not take it
         return x + self.mlp(self.mlp_norm(x))

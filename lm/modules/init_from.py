@@ -26,7 +26,8 @@ from lm.model import GPTConfig
 # Fields that change parameter shapes or what the weights mean; dropout / init / attention kernel don't.
 _ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                         "intermediate_size", "max_position_embeddings", "position", "norm", "activation", "bias",
-                        "tie_embeddings", "qk_norm", "residual_scalars")
+                        "tie_embeddings", "qk_norm", "residual_scalars", "value_embeddings",
+                        "bigram_embedding", "smear")
 
 
 @dataclass

@@ -30,6 +30,13 @@ class LMConfig(PretrainedConfig):
         qk_norm: RMS-normalize queries and keys per head.
         logit_softcap: logits = cap * tanh(logits / cap); None: plain logits.
         residual_scalars: each block reads residual_scale * x + embedding_scale * x0 (x0: the embedding).
+        value_embeddings: n extra token tables (vocab x kv heads x head size) added to the attention values,
+            v + value_embedding_scale * table[token]; table j serves layer j and layer L - n + j. 0: none.
+        bigram_embedding: rows of a hashed bigram table added to the input embedding, row
+            (36313 * token xor 27191 * previous token) mod (rows - 1), the last row where there is no previous
+            token. 0: none.
+        smear: add smear_lambda * sigmoid(smear_gate . e_t[:24]) * e_{t-1} (the previous token's embedding) to
+            each token's embedding e_t.
     """
 
     model_type = "lm_gpt"
@@ -41,7 +48,7 @@ class LMConfig(PretrainedConfig):
                  bias: bool = True, tie_embeddings: bool = True, norm: str = "layernorm", norm_eps: float = 1e-5,
                  position: str = "learned", rope_base: float = 10000.0, activation: str = "gelu",
                  qk_norm: bool = False, logit_softcap: Optional[float] = None, residual_scalars: bool = False,
-                 init_std: float = 0.02, use_cache: bool = True, **kwargs) -> None:
+                 value_embeddings: int = 0, bigram_embedding: int = 0, smear: bool = False, init_std: float = 0.02, use_cache: bool = True, **kwargs) -> None:
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -65,6 +72,9 @@ class LMConfig(PretrainedConfig):
         self.qk_norm = qk_norm
         self.logit_softcap = logit_softcap
         self.residual_scalars = residual_scalars
+        self.value_embeddings = value_embeddings
+        self.bigram_embedding = bigram_embedding
+        self.smear = smear
         self.init_std = init_std
         self.use_cache = use_cache
         # The model ties (or not) by itself: a tied model has no lm_head module, so transformers has nothing to tie.
@@ -77,3 +87,22 @@ class LMConfig(PretrainedConfig):
         if hidden_size % num_attention_heads or num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={num_attention_heads} must divide hidden_size={hidden_size}, and "
                              f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads.")
+        if not 0 <= value_embeddings <= num_hidden_layers:
+            raise ValueError(f"value_embeddings must be between 0 and num_hidden_layers={num_hidden_layers}, "
+                             f"got {value_embeddings}.")
+        if bigram_embedding < 0 or bigram_embedding == 1:
+            raise ValueError(f"bigram_embedding must be 0 (none) or at least 2 rows, got {bigram_embedding}.")
+
+    @property
+    def reads_previous_token(self) -> bool:
+        """Whether a position's input depends on the token before it (bigram_embedding, smear)."""
+        return bool(self.bigram_embedding) or bool(self.smear)
+
+    def value_embedding_tables(self, layer_idx: int) -> tuple[int, ...]:
+        """The value-embedding tables layer `layer_idx` adds to its values (lm's GPTConfig.value_embedding_tables):
+        table j serves layer j and layer L - n + j."""
+        n, L = self.value_embeddings, self.num_hidden_layers
+        tables = [layer_idx] if layer_idx < n else []
+        if layer_idx >= L - n and layer_idx - (L - n) not in tables:
+            tables.append(layer_idx - (L - n))
+        return tuple(tables)
