@@ -8,7 +8,8 @@ cuts the windows of LitData chunks as it does in `lm fit`; `trainer:` and the ot
 accepted and ignored) and the same `--data.*` overrides (`data.block_size` is refused, as by `lm fit`). Cleans,
 trains or loads the tokenizer and tokenizes every split into the token cache (`data.cache_dir`), then
 prints the report (documents in/out, removed per cleaning step, PII replacements, tokens, bytes per
-token, time per stage), also saved as JSON under `<cache_dir>/reports/`. A later `lm fit` with the
+token, time per stage; with `--data.bpe_dropout P` also the training split's BPE-dropout variants, one line),
+also saved as JSON under `<cache_dir>/reports/`. A later `lm fit` with the
 same data settings finds the cache and says so ("Token cache hit"). Two preparations of the same data at
 once (two `lm prepare`, or `lm fit` runs started together) build it once: the second logs that it waits
 for the first (its pid), then uses what the first wrote (lm/data/preparation/pipeline.py).

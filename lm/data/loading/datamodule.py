@@ -17,13 +17,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from lm.data.preparation.clean import CleaningOptions
+from lm.data.preparation.dropout_variants import check_dropout_options
 from lm.data.preparation.split_plan import DataPlan, file_list, make_plan
 from lm.data.preparation.pipeline import PrepareOptions, TokenizerOptions, known_tokenizer, prepare
 from lm.data.token_cache import cache_key, cache_lock
 from lm.data.tokenizer import EOT, Tokenizer, minimum_vocab_size
 from lm.data.loading.litdata_chunks import streaming_dataset, streaming_loader, write_chunks
 from lm.data.loading.windows import (EpochDistributedSampler, EvalDistributedSampler, RandomWindowDataset, ResumableDataLoader,
-                            SequentialWindowDataset, check_token_count)  # fmt: skip
+                            SequentialWindowDataset, VariantWindowDataset, check_token_count)  # fmt: skip
 from lm.errors import LMError, MissingFileError
 from lm.io.files import check_folder_path
 
@@ -62,6 +63,13 @@ class TextDataModule(L.LightningDataModule):
         tokenizer_path: A ``tokenizer.json`` to use instead of training one on the training split.
         vocab_size: Vocabulary size of the model; the tokenizer is trained up to it (`lm fit` links the model's to it).
         min_frequency: Minimum count of a merge (bpe) or of a character/word (char/word) to enter the vocabulary.
+        bpe_dropout: BPE-dropout for training (Provilkov et al., 2020), ``bpe`` tokenizers only: in [0, 1), the
+            probability of skipping each merge. > 0: ``prepare`` also encodes the training split
+            ``bpe_dropout_variants`` times with merges dropped at random (each a different segmentation of the
+            same text, cached), and epoch ``e`` trains on variant ``e % bpe_dropout_variants``; validation and
+            test stay the canonical encoding, so scores are unchanged in meaning. Not seeded (tokenizers' RNG
+            cannot be): the cache is the record, and a re-prepare elsewhere draws other segmentations.
+        bpe_dropout_variants: How many BPE-dropout encodings of the training split to prepare and cycle through.
         special_tokens: Special tokens; ``<|endoftext|>`` ends every document.
         cache_dir: Where tokenizers, token shards and reports are cached.
         num_proc: Tokenization processes (None: one, or one per CPU above ~32 MB of text).
@@ -89,7 +97,8 @@ class TextDataModule(L.LightningDataModule):
         hub_name: str = "Salesforce/wikitext", hub_config: str | None = "wikitext-2-raw-v1", hub_streaming: bool = False,
         val_fraction: float = 0.0, clean: bool = True, cleaning: CleaningOptions | None = None,
         tokenizer_kind: Literal["bpe", "char", "word", "unigram"] = "bpe", tokenizer_path: str | None = None,
-        vocab_size: int = 8192, min_frequency: int = 2, special_tokens: list[str] | tuple[str, ...] = (EOT,),
+        vocab_size: int = 8192, min_frequency: int = 2, bpe_dropout: float = 0.0, bpe_dropout_variants: int = 4,
+        special_tokens: list[str] | tuple[str, ...] = (EOT,),
         cache_dir: str = ".cache/lm", num_proc: int | None = None, shard_tokens: int = 1 << 27,
         loader: Literal["memmap", "litdata"] = "memmap", litdata_dir: str | None = None, block_size: int = 256,
         batch_size: int = 16, eval_batch_size: int | None = None, samples_per_epoch: int | None = None,
@@ -100,6 +109,7 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         _check_sizes(locals())
         _check_cleaning(clean, cleaning)
+        _check_bpe_dropout(bpe_dropout, bpe_dropout_variants, tokenizer_kind, loader)
         check_folder_path(Path(cache_dir).expanduser(), "data cache folder", "--data.cache_dir DIR")
         if litdata_dir and "://" not in litdata_dir:
             check_folder_path(Path(litdata_dir).expanduser(), "LitData folder", "--data.litdata_dir DIR")
@@ -111,6 +121,7 @@ class TextDataModule(L.LightningDataModule):
             cache_dir=Path(cache_dir).expanduser().resolve(),  # fixed now: prepare and setup agree
             cleaning=(cleaning or CleaningOptions()) if clean else None, num_proc=num_proc, shard_tokens=shard_tokens,
             tokenizer=TokenizerOptions(tokenizer_kind, vocab_size, min_frequency, list(special_tokens), tokenizer_path),
+            bpe_dropout=bpe_dropout, bpe_dropout_variants=bpe_dropout_variants,
         )  # fmt: skip
         self.plan_args = dict(data_dir=data_dir, files=self.files, hub_name=hub_name, hub_config=hub_config,
                               hub_streaming=hub_streaming, text_field=text_field, val_fraction=val_fraction)  # fmt: skip
@@ -169,6 +180,9 @@ class TextDataModule(L.LightningDataModule):
             if split == "train":
                 samples = self.hparams.samples_per_epoch or max(1, len(tokens) // self.block_size)
                 self.train_dataset = RandomWindowDataset(tokens, self.block_size, samples, seed=self.hparams.seed)
+                if prepared.train_variants:  # BPE-dropout: the same number of windows per epoch, cut from variant e % K
+                    self.train_dataset = VariantWindowDataset([v.tokens() for v in prepared.train_variants],
+                                                              self.block_size, samples, seed=self.hparams.seed)  # fmt: skip
             elif split == "val" or stage == "test":
                 setattr(self, f"{split}_dataset", SequentialWindowDataset(tokens, self.block_size, pad_id=pad_id))
         if stage == "fit" and self.hparams.loader == "litdata":
@@ -278,6 +292,19 @@ def _check_sizes(args: dict[str, Any]) -> None:
             raise LMError(f"{name} must be >= 1, got {args[name]}.")
     if args["num_workers"] < 0:
         raise LMError(f"num_workers must be >= 0, got {args['num_workers']}.")
+
+
+def _check_bpe_dropout(bpe_dropout: float, variants: int, tokenizer_kind: str, loader: str) -> None:
+    """BPE-dropout settings that cannot work, refused at construction (before any data is read)."""
+    check_dropout_options(bpe_dropout, variants)
+    if bpe_dropout == 0:
+        return
+    if tokenizer_kind != "bpe":
+        raise LMError(f"bpe_dropout drops BPE merges, but tokenizer_kind is {tokenizer_kind!r}: use "
+                      "--data.tokenizer_kind bpe, or drop --data.bpe_dropout (0 switches it off).")
+    if loader == "litdata":
+        raise LMError("bpe_dropout is not supported with loader: litdata (its chunks are written from the canonical "
+                      "training split only): use --data.loader memmap, or drop --data.bpe_dropout.")
 
 
 def _check_cleaning(clean: bool, cleaning: CleaningOptions | None) -> None:

@@ -127,7 +127,11 @@ class RandomWindowDataset(_TokenArrayState, Dataset[tuple[torch.Tensor, torch.Te
         """First token of window ``index`` in ``epoch`` (default: the current epoch)."""
         epoch = self.epoch if epoch is None else epoch
         h = _mix64(_mix64(_mix64(self.seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64))
-        return h % (len(self.tokens) - self.block_size)
+        return h % (len(self.tokens_for(epoch)) - self.block_size)
+
+    def tokens_for(self, epoch: int) -> Any:
+        """The token stream the windows of ``epoch`` are cut from (always the same one here)."""
+        return self.tokens
 
     def __len__(self) -> int:
         return self.num_samples
@@ -135,9 +139,34 @@ class RandomWindowDataset(_TokenArrayState, Dataset[tuple[torch.Tensor, torch.Te
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        start = self.window_start(index)
-        window = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+        epoch = self.epoch  # read once: the start and the stream must belong to the same epoch
+        start = self.window_start(index, epoch)
+        tokens = self.tokens_for(epoch)
+        window = torch.from_numpy(tokens[start : start + self.block_size + 1].astype(np.int64))
         return window[:-1], window[1:]
+
+
+class VariantWindowDataset(RandomWindowDataset):
+    """:class:`RandomWindowDataset` over several encodings of the same text, one per epoch.
+
+    Epoch ``e`` cuts its windows from ``variants[e % K]`` (e.g. the BPE-dropout segmentations of the
+    training split, lm/data/preparation/dropout_variants.py), starting at ``hash(seed, e, i) mod
+    (len(variant) - block_size)`` as in the parent. The variant is a function of the epoch alone, so
+    ``set_epoch`` (and hence a resumed run, which sets the checkpoint's epoch) selects it, in the main
+    process and in persistent workers alike. ``num_samples`` is chosen by the caller (the DataModule keeps
+    the canonical split's count, so an epoch is the same number of windows with and without variants).
+    """
+
+    def __init__(self, variants: list[Any], block_size: int, num_samples: int, seed: int = 0) -> None:
+        if not variants:
+            raise LMError("VariantWindowDataset needs at least one token stream.")
+        for tokens in variants:
+            _check_tokens(tokens, block_size, "training")
+        super().__init__(variants[0], block_size, num_samples, seed)
+        self.variants = list(variants)
+
+    def tokens_for(self, epoch: int) -> Any:
+        return self.variants[epoch % len(self.variants)]
 
 
 class SequentialWindowDataset(_TokenArrayState, Dataset[tuple[torch.Tensor, torch.Tensor]]):

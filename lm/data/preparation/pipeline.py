@@ -6,6 +6,8 @@ without a Trainer. Each split is cached under a key of everything that determine
 
     cache_dir/tokenizers/<key>/tokenizer.json    trained on the training split only
     cache_dir/tokens/<split>-<key>/              shards + manifest.json (the commit point)
+    cache_dir/tokens/train-dropout-<key>/        BPE-dropout encodings of the training split, if asked for
+                                                 (lm/data/preparation/dropout_variants.py)
     cache_dir/reports/<key>.json                 the data report of the prepare that built these splits
     cache_dir/.locks/<kind>-<key>.lock           who is building that tokenizer or split right now
 
@@ -47,6 +49,8 @@ from lm.data.token_cache import (
     token_dtype,
 )
 from lm.data.preparation.clean import CleaningOptions, CleaningReport, clean_documents
+from lm.data.preparation.dropout_variants import (check_dropout_options, documents_from_tokens, dropout_tokenizer,
+                                                   variant_folder)  # fmt: skip
 from lm.data.preparation.encode import encode_to_shards
 from lm.data.preparation.split_plan import DataPlan
 from lm.data.preparation.staging import Span, StagedDocuments, carve_tail
@@ -79,6 +83,8 @@ class PrepareOptions:
     tokenizer: TokenizerOptions = field(default_factory=TokenizerOptions)
     num_proc: int | None = None  # encoding processes; None: 1, or one per CPU for large corpora
     shard_tokens: int = DEFAULT_SHARD_TOKENS
+    bpe_dropout: float = 0.0  # > 0: also encode the training split bpe_dropout_variants times with BPE-dropout
+    bpe_dropout_variants: int = 4
 
 
 @dataclass
@@ -99,6 +105,7 @@ class Prepared:
     splits: dict[str, PreparedSplit]
     report: dict[str, Any]
     report_file: Path | None = None
+    train_variants: list[PreparedSplit] = field(default_factory=list)  # BPE-dropout encodings of "train"
 
 
 def prepare(
@@ -128,10 +135,14 @@ def prepare(
     if not built:
         for split, prepared in ready.items():
             logger.info("Token cache hit: %s (%d tokens)", prepared.folder, prepared.manifest["num_tokens"])
+    variants: list[PreparedSplit] = []
+    if options.bpe_dropout > 0 and "train" in ready:  # after the splits' locks are released (see _dropout_variants)
+        variants, built_variants = _dropout_variants(ready["train"], tokenizer, options, build, seconds)
+        built = built or built_variants
     seconds["total"] = time.perf_counter() - start
-    report = make_report(tokenizer, tokenizer_file, ready, seconds)
-    report_file = _save_report(options.cache_dir, ready, report, built) if build else None
-    return Prepared(tokenizer, tokenizer_file, ready, report, report_file)
+    report = make_report(tokenizer, tokenizer_file, ready, seconds, variants)
+    report_file = _save_report(options.cache_dir, [*ready.values(), *variants], report, built) if build else None
+    return Prepared(tokenizer, tokenizer_file, ready, report, report_file, variants)
 
 
 def _build_locked(
@@ -337,6 +348,79 @@ def _build_split(
     return PreparedSplit(folder, manifest)
 
 
+def _dropout_variants(
+    train: PreparedSplit, tokenizer: Tokenizer, options: PrepareOptions, build: bool, seconds: dict[str, float]
+) -> tuple[list[PreparedSplit], bool]:
+    """The BPE-dropout encodings of the training split: opened from the cache, or (with ``build``) encoded
+    there; (variants, whether any was built here).
+
+    Each variant has its own lock, taken alone: this runs after the splits' locks are released, so a process
+    never waits for a variant while holding another lock (no waiting in a circle). A second process preparing
+    the same data waits for the first, then finds its manifests, so every run on this cache reads the same
+    variants: tokenizers' dropout is not seedable (lm/data/preparation/dropout_variants.py), the cache is the
+    record."""
+    check_dropout_options(options.bpe_dropout, options.bpe_dropout_variants)
+    variants, built = [], False
+    for index in range(options.bpe_dropout_variants):
+        folder = variant_folder(options.cache_dir, train.folder, options.bpe_dropout, index)
+        manifest = read_manifest(folder)
+        if manifest is None and not build:
+            raise LMError(f"Data not prepared (BPE-dropout variant {index} of the training split) in "
+                          f"{options.cache_dir}: prepare_data() must run before setup() (or run `lm prepare` first).")
+        if manifest is None:
+            check_writable_folder(options.cache_dir, "data cache folder", "--data.cache_dir DIR")
+            with cache_lock(options.cache_dir, f"tokens-{folder.name}"):
+                manifest = read_manifest(folder)  # written meanwhile by the process waited for?
+                if manifest is None:
+                    manifest, built = _build_variant(train, tokenizer, options, index, folder, seconds), True
+        else:
+            logger.info("Token cache hit: %s (BPE-dropout %g, variant %d, %d tokens)", folder, options.bpe_dropout,
+                        index, manifest["num_tokens"])  # fmt: skip
+        variants.append(PreparedSplit(folder, manifest))
+    return variants, built
+
+
+def _build_variant(
+    train: PreparedSplit, tokenizer: Tokenizer, options: PrepareOptions, index: int, folder: Path,
+    seconds: dict[str, float],
+) -> dict[str, Any]:  # fmt: skip
+    """Decode the canonical training split document by document, encode it again with BPE-dropout, commit."""
+    dropped = dropout_tokenizer(tokenizer, options.bpe_dropout)
+    canonical = train.manifest
+    logger.info("Tokenizing train with BPE-dropout %g, variant %d (%d in all; no tiktoken fast path, no merge cache: "
+                "slower than the canonical encoding) ...", options.bpe_dropout, index, options.bpe_dropout_variants)
+    start = time.perf_counter()
+    start_build(folder)
+    dtype = token_dtype(tokenizer.vocab_size)
+    writer = ShardWriter(folder, dtype, options.shard_tokens)
+    pieces = documents_from_tokens(train.tokens(), tokenizer, tokenizer.eot_id)
+    try:
+        counts = encode_to_shards(pieces, dropped, writer, num_proc=_num_proc(options, canonical["num_bytes"]),
+                                  total_chars=canonical["num_bytes"],  # bytes: close enough for a progress bar
+                                  description=f"tokenize train, BPE-dropout {index}")  # fmt: skip
+    except BaseException:
+        writer.abort()  # no manifest: the next prepare rebuilds this folder
+        raise
+    shards = writer.close()
+    seconds[f"encode_train_dropout_{index}"] = elapsed = time.perf_counter() - start
+    if counts.num_bytes != canonical["num_bytes"]:  # the decoded text must be the encoded one
+        logger.warning("BPE-dropout variant %d holds %d bytes of text, the canonical training split %d.", index,
+                       counts.num_bytes, canonical["num_bytes"])  # fmt: skip
+    manifest = {
+        **{k: canonical[k] for k in ("split", "source", "fingerprint", "cleaning_options", "cleaning",
+                                     "tokenizer_sha256", "vocab_size", "eot_id", "num_documents")},
+        "bpe_dropout": options.bpe_dropout, "variant": index, "canonical": train.folder.name,
+        "seeded": False,  # tokenizers draws the dropped merges from an unseedable RNG: this cache is the record
+        "dtype": dtype.name, "shards": shards, "num_tokens": counts.num_tokens, "num_bytes": counts.num_bytes,
+        "seconds_encode": elapsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }  # fmt: skip
+    commit(folder, manifest)
+    logger.info("Tokenized train with BPE-dropout %g, variant %d: %d tokens (canonical %d, %+.1f%%) in %.2f s -> %s",
+                options.bpe_dropout, index, counts.num_tokens, canonical["num_tokens"],
+                100 * (counts.num_tokens / max(canonical["num_tokens"], 1) - 1), elapsed, folder)  # fmt: skip
+    return manifest
+
+
 def _num_proc(options: PrepareOptions, total_chars: int) -> int:
     if options.num_proc is not None:
         return max(1, options.num_proc)
@@ -344,9 +428,11 @@ def _num_proc(options: PrepareOptions, total_chars: int) -> int:
 
 
 def make_report(
-    tokenizer: Tokenizer, tokenizer_file: Path | None, splits: dict[str, PreparedSplit], seconds: dict[str, float]
+    tokenizer: Tokenizer, tokenizer_file: Path | None, splits: dict[str, PreparedSplit], seconds: dict[str, float],
+    train_variants: list[PreparedSplit] | None = None,
 ) -> dict[str, Any]:
-    """The data report: per split documents in/out, removals per step, PII, tokens, bytes/token, times."""
+    """The data report: per split documents in/out, removals per step, PII, tokens, bytes/token, times;
+    and the BPE-dropout encodings of the training split, if any."""
     report: dict[str, Any] = {"tokenizer": {"vocab_size": tokenizer.vocab_size, "file": str(tokenizer_file or "")},
                               "splits": {}, "seconds": {k: round(v, 3) for k, v in seconds.items()}}  # fmt: skip
     for split, prepared in splits.items():
@@ -356,13 +442,21 @@ def make_report(
             "documents": m["num_documents"], "bytes_per_token": round(m["num_bytes"] / max(m["num_tokens"], 1), 4),
             "shards": len(m["shards"]), "cache": str(prepared.folder),
         }  # fmt: skip
+    if train_variants:
+        report["train_variants"] = {
+            "bpe_dropout": train_variants[0].manifest["bpe_dropout"], "seeded": False,
+            "tokens": [v.manifest["num_tokens"] for v in train_variants],
+            "bytes_per_token": [round(v.manifest["num_bytes"] / max(v.manifest["num_tokens"], 1), 4)
+                                for v in train_variants],
+            "cache": [str(v.folder) for v in train_variants],
+        }  # fmt: skip
     return report
 
 
-def _save_report(cache_dir: Path, splits: dict[str, PreparedSplit], report: dict[str, Any], built: bool) -> Path:
+def _save_report(cache_dir: Path, splits: list[PreparedSplit], report: dict[str, Any], built: bool) -> Path:
     """Write the report of a prepare that built something (or of splits that have none yet). A cache hit
     leaves the existing one as it is: it describes the build, and a run that fails later must not touch it."""
-    path = cache_dir / "reports" / f"{cache_key({'folders': sorted(p.folder.name for p in splits.values())})}.json"
+    path = cache_dir / "reports" / f"{cache_key({'folders': sorted(p.folder.name for p in splits)})}.json"
     if built or not path.is_file():
         atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return path
@@ -378,6 +472,14 @@ def format_report(report: dict[str, Any]) -> str:
             f"{split:>5}: {r['documents']} documents; cleaning {r['documents_in']} in, {r['documents_out']} out (removed: {removed}; "
             f"PII replaced: {pii}); {r['tokens']:,} tokens, {r['bytes']:,} bytes, {r['bytes_per_token']:.2f} "
             f"bytes/token, {r['shards']} shard(s) -> {r['cache']}"
+        )
+    variants = report.get("train_variants")
+    if variants:
+        lines.append(
+            f"train, BPE-dropout {variants['bpe_dropout']:g}: {len(variants['tokens'])} variant(s) of "
+            f"{', '.join(f'{n:,}' for n in variants['tokens'])} tokens ({', '.join(f'{b:.2f}' for b in variants['bytes_per_token'])} "
+            f"bytes/token), read one per epoch in turn; not seeded (a re-prepare draws new ones) -> "
+            f"{', '.join(variants['cache'])}"
         )
     lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
