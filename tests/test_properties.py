@@ -68,10 +68,12 @@ def configs(draw) -> dict:
         "attention": draw(st.sampled_from(["sdpa", "math"])),
         "init_std": draw(st.floats(min_value=1e-4, max_value=0.1)),
         "logit_softcap": draw(st.none() | st.floats(min_value=1.0, max_value=50.0)),
+        "value_embeddings": draw(st.integers(min_value=0, max_value=2)),
+        "bigram_embedding": draw(st.sampled_from([0, 2, 7, 64])), "smear": draw(st.booleans()),
     }
     odd = {name: st.integers(min_value=-2, max_value=3) for name in
            ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "max_position_embeddings")}
+            "intermediate_size", "max_position_embeddings", "value_embeddings", "bigram_embedding")}
     odd.update({name: ODD_FLOATS for name in ("dropout", "attention_dropout", "embedding_dropout", "norm_eps",
                                               "rope_base", "init_std", "logit_softcap")})
     odd.update(norm=st.just("batchnorm"), position=st.just("alibi"), activation=st.just("tanh"),
@@ -124,6 +126,8 @@ DATA_OPTIONS = st.fixed_dictionaries({
     "num_workers": st.integers(min_value=-1, max_value=0),
     "predict_batch_size": st.integers(min_value=-1, max_value=2),
     "tokenizer_kind": st.sampled_from(["bpe", "char", "word", "unigram"]),
+    "bpe_dropout": st.floats(min_value=-0.5, max_value=1.5) | st.sampled_from([0.0, 0.1, float("nan")]),
+    "bpe_dropout_variants": st.integers(min_value=-1, max_value=2),
     "with_val_files": st.booleans(), "with_test_files": st.booleans(),
 })
 
