@@ -131,35 +131,45 @@ def test_precision_and_checkpointing_change_the_items_they_should(gpt2_small):
     assert checkpointed["activations"] < mixed["activations"] / 3
 
 
-def _saved_activation_bytes(model, input_ids) -> int:
-    """Bytes of the tensors autograd saves for backward in a forward pass (parameters excluded)."""
+def _is_weight_cast(tensor) -> bool:
+    """A copy autocast made of a parameter (its graph reaches the parameter through casts and views only)."""
+    fn = tensor.grad_fn
+    while fn is not None and type(fn).__name__ in ("ToCopyBackward0", "TBackward0", "ViewBackward0",
+                                                    "PermuteBackward0", "TransposeBackward0"):
+        fn = fn.next_functions[0][0]
+    return fn is not None and type(fn).__name__ == "AccumulateGrad"
+
+
+def _saved_bytes(model, input_ids, bf16: bool = False) -> tuple[int, int]:
+    """Bytes of the tensors autograd saves for backward in a forward pass (under CPU bf16 autocast with
+    `bf16`), storages counted once: (activations, autocast's copies of the weights); parameters excluded."""
     import torch
 
     params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
+    casts: dict[int, int] = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
+            (casts if _is_weight_cast(tensor) else saved)[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         model(input_ids)
-    return sum(saved.values())
+    return sum(saved.values()), sum(casts.values())
 
 
-@pytest.mark.parametrize("variant", [{}, {"dropout": 0.1}, {"attention": "math"},
-                                     {"activation": "swiglu", "position": "rope", "norm": "rmsnorm",
-                                      "num_key_value_heads": 2, "qk_norm": True}, {"residual_scalars": True}])
-def test_activation_formula_matches_what_autograd_saves_on_cpu(variant):
-    import torch
+def _saved_activation_bytes(model, input_ids) -> int:
+    """Bytes of the tensors autograd saves for backward in a forward pass (parameters excluded)."""
+    return _saved_bytes(model, input_ids)[0]
 
+
+def _tiny_gpt_and_shape(variant: dict):
     from lm.model import GPT, GPTConfig
-    from lm.plan.estimate import PRECISIONS, activation_bytes_per_token
     from lm.plan.recipe import ModelShape
 
-    torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           max_position_embeddings=32, **variant)).train()
     c = model.config
@@ -167,10 +177,57 @@ def test_activation_formula_matches_what_autograd_saves_on_cpu(variant):
                        vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
                        kv_size=c.num_key_value_heads * c.head_dim, intermediate_size=c.intermediate_size,
                        activation=c.activation, attention=c.attention, position=c.position, qk_norm=c.qk_norm,
-                       dropout=c.dropout, largest_unit_parameters=0, residual_scalars=c.residual_scalars)
-    measured = _saved_activation_bytes(model, torch.randint(0, 256, (4, 32)))
-    planned = 4 * 32 * activation_bytes_per_token(shape, PRECISIONS["32-true"], cpu=True)
-    assert planned == pytest.approx(measured, rel=0.1)
+                       dropout=c.dropout, attention_dropout=c.attention_dropout, largest_unit_parameters=0,
+                       residual_scalars=c.residual_scalars, norm=c.norm)
+    return model, shape
+
+
+# The default recipe's block (experiments/wikitext2_cpu.yaml): RoPE, QK-norm, relu2, residual dropout only.
+DEFAULT_BLOCK = {"position": "rope", "qk_norm": True, "activation": "relu2", "dropout": 0.2, "attention_dropout": 0.0,
+                 "embedding_dropout": 0.1}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+@pytest.mark.parametrize("variant", [{}, {"dropout": 0.1}, {"attention": "math"}, DEFAULT_BLOCK,
+                                     {"position": "rope"}, {"qk_norm": True}, {"norm": "rmsnorm"},
+                                     {"activation": "swiglu", "position": "rope", "norm": "rmsnorm",
+                                      "num_key_value_heads": 2, "qk_norm": True}, {"residual_scalars": True}])
+def test_activation_formula_matches_what_autograd_saves_on_cpu(variant, precision):
+    """32-true; bf16-mixed as CPU autocast runs it (its copies of the weights are the plan's "bf16 weight
+    copies", not activations); bf16-true with bf16 weights."""
+    import torch
+
+    from lm.plan.estimate import PRECISIONS, activation_bytes_per_token
+
+    torch.manual_seed(0)
+    model, shape = _tiny_gpt_and_shape(variant)
+    if precision == "bf16-true":
+        model.to(torch.bfloat16)
+    measured, _ = _saved_bytes(model, torch.randint(0, 256, (4, 32)), bf16=precision == "bf16-mixed")
+    planned = 4 * 32 * activation_bytes_per_token(shape, PRECISIONS[precision], cpu=True)
+    assert planned == pytest.approx(measured, rel=0.02)  # each variant is within 0.5% (CPU, torch 2.13)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_autocast_keeps_the_weight_copies_the_plan_counts(checkpointing):
+    """Under bf16 autocast every linear weight's bf16 copy is saved for the backward pass; a checkpointed block
+    saves none (autocast's cache of them empties when the forward's autocast region ends), the head's stays."""
+    import torch
+
+    from lm.model.layers import Block
+
+    torch.manual_seed(0)
+    model, _ = _tiny_gpt_and_shape(DEFAULT_BLOCK)
+    model.activation_checkpointing = checkpointing
+    _, casts = _saved_bytes(model, torch.randint(0, 256, (4, 32)), bf16=True)
+    in_blocks = sum(p.numel() for m in model.modules() if isinstance(m, Block) for p in m.parameters())
+    planned_parameters = model.num_parameters() - (in_blocks if checkpointing else 0)
+    assert casts == pytest.approx(2 * planned_parameters, rel=0.05)
+    recipe = read_recipe(["--config", CPU_RECIPE, "--trainer.precision", "bf16-mixed",
+                          "--model.activation_checkpointing", str(checkpointing).lower()], devices=1)
+    m = recipe.model
+    assert memory_per_device(m, recipe.setup)["bf16 weight copies"] == \
+        2 * (m.parameters - (m.block_parameters if checkpointing else 0))
 
 
 def test_recipe_that_cannot_fit_gets_the_message_and_the_smallest_change(capsys):

@@ -8,14 +8,16 @@ Memory (bytes per device), each item of `memory_per_device`:
 - fsdp gathered units: the all-gathered parameters of the unit being run and the one prefetched,
   and one unit's unsharded gradients before the reduce-scatter;
 - bf16 weight copies: autocast's cast of every weight, alive from forward to backward (mixed
-  precision without FSDP1, whose MixedPrecision gathers bf16 weights instead);
+  precision without FSDP1, whose MixedPrecision gathers bf16 weights instead); under activation
+  checkpointing only the casts outside the blocks (the head's): a checkpointed block saves nothing, and
+  autocast's cache of casts is emptied when the forward's autocast region ends, before the backward;
 - activations of one micro-batch (`activation_bytes_per_token`), with or without activation
   checkpointing (FSDP's policy or `--model.activation_checkpointing`: then only each block's input is kept);
 - temporary logits: the (micro-batch x T x vocab) fp32 log-softmax and the two gradients of its backward
   pass; with `--model.loss_chunk_size` the same for one chunk of tokens, plus the chunk's head-weight
   gradient before it is added to the others (`temporary_logits_bytes`);
-- recomputed block (checkpointing only): one block's activations, rebuilt during the backward pass after
-  the logits are gone, so only what exceeds the temporary logits adds to the peak.
+- recomputed block (checkpointing only): one block's activations (and its weights' casts), rebuilt during
+  the backward pass after the logits are gone, so only what exceeds the temporary logits adds to the peak.
 Their sum is a conservative peak: gradients are counted as alive during the forward (they are once
 accumulation is on or the optimizer keeps them). Checked against real steps on CPU: the activations and
 the tensors autograd saves (tests/test_plan.py), the levers' drop in a step's measured peak
@@ -70,44 +72,88 @@ PRECISIONS = {
 def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool = False, cpu: bool = False) -> float:
     """Bytes autograd keeps per token of a micro-batch until the backward pass, for this model's layers.
 
-    Per block: the two norms' inputs (residual stream), the inputs of the four linear layers, q/k/v
-    and the output of attention (plus fp32 log-sum-exp per head), the MLP's activation input(s), rotary
-    and QK-norm inputs, and 1-byte dropout masks. `sdpa` is counted as a fused kernel that keeps no
-    T x T scores; `math` keeps the scores (fp32 softmax, its cast, a dropout mask). On CPU (`cpu`), sdpa
-    with dropout runs the math kernel, and dropout keeps its mask in the activations' dtype, not as bytes.
-    With checkpointing
-    a block keeps only its input; the one block being recomputed is `recomputed_block_bytes_per_token`.
+    Per block: the two norms' inputs (residual stream) and statistics, the inputs of the four linear layers,
+    the q,k,v projection's output (attention keeps v, a view of it), attention's q and k where RoPE or the
+    QK-norm made new ones, its output and fp32 log-sum-exp per head, the MLP's activation input(s), the
+    QK-norm's own tensors (`_norm_bytes`), and 1-byte dropout masks; outside the blocks, the value-embedding
+    rows the layers scale. RoPE keeps only its cos/sin tables (shared by the layers). `sdpa` is counted as a
+    fused kernel that keeps no T x T scores; `math` keeps the scores (fp32 softmax, its cast, a dropout mask).
+    On CPU (`cpu`), sdpa with dropout runs the math kernel, and dropout keeps its mask in its input's dtype,
+    not as bytes (the residual branches' in the compute dtype, the embeddings' in the weights'). With
+    checkpointing a block keeps only its input (and the value-embedding rows, inputs of the blocks); the one
+    block being recomputed is `recomputed_block_bytes_per_token`. Checked per variant against the tensors
+    autograd saves on CPU in 32-true and under bf16 autocast (tests/test_plan.py).
     """
-    h, kv, i, c = m.hidden_size, m.kv_size, m.intermediate_size, p.compute
-    mask = (c if cpu else 1) if m.dropout > 0 else 0             # bytes per dropped value
+    h, kv, i, c, r = m.hidden_size, m.kv_size, m.intermediate_size, p.compute, p.residual
+    mask = (c if cpu else 1) if m.dropout > 0 else 0             # bytes per dropped value of a residual branch
+    embedding_mask = (r if cpu else 1) if m.dropout > 0 else 0   # ... of the embeddings (the weights' dtype)
     attention_dropout = m.dropout if m.attention_dropout is None else m.attention_dropout
     math_attention = m.attention == "math" or (cpu and attention_dropout > 0)
-    block = 2 * h * p.residual                                   # attn_norm, mlp_norm inputs
+    rms = m.norm == "rmsnorm"
+    block_norm = _norm_bytes(h, r, p.weights, rms, cpu)          # attn_norm, mlp_norm: input (residual stream), own
+    block = 2 * block_norm
     block += (3 * h + i) * c                                     # qkv, o_proj, up, down inputs
-    block += (2 * h + 2 * kv) * c + 4 * m.num_heads              # q, k, v, attention output, log-sum-exp
-    block += (3 * i if m.activation == "swiglu" else i) * c      # GELU input / SiLU input, SiLU output, up
-    if m.position == "rope":
-        block += 2 * (h + kv) * c
-    if m.qk_norm:
-        block += (h + kv) * c
+    # CPU's sdpa with dropout runs its math kernel, which computes a bf16 q, k, v in fp32: fp32 copies are kept.
+    upcast = cpu and m.attention == "sdpa" and attention_dropout > 0 and c != 4
+    attention_bytes = 4 if upcast else c
+    new_q_k = m.position == "rope" or m.qk_norm                  # else q, k are views of the projection's output
+    block += (h + 2 * kv) * attention_bytes                      # the q,k,v projection's output (or its fp32 copy)
+    if not math_attention:  # a fused kernel keeps its output and fp32 log-sum-exp. On CPU the output takes q's
+        block += 4 * m.num_heads  # memory layout: (B, T, heads, d) for q a view of the projection's output, or
+        block += h * c if not cpu or m.qk_norm else 0  # RoPE of it, is the o_proj input's memory (a view)
+    block += (3 * i if m.activation == "swiglu" else i) * c      # GELU input / relu output / SiLU input, SiLU output, up
+    if new_q_k:
+        block += (h + kv) * c                                    # attention's q, k: new tensors, not views of q,k,v
+    if m.qk_norm:  # RMSNorm per head of the projection's q, k (counted above, unless the norm keeps a copy)
+        block += _norm_bytes(h + kv, c, p.weights, True, cpu, rows=m.num_heads + m.kv_size * m.num_heads // h)
+        block -= 0 if _norm_copies_input(c, p.weights, True, cpu) else (h + kv) * c
     block += 2 * h * mask                                        # residual dropout masks
     if m.residual_scalars:
-        block += h * p.residual                                  # the unmixed input (scalar gradients)
+        block += h * r                                           # the unmixed input (scalar gradients)
     if math_attention:  # per score: fp32 softmax, its cast to the compute dtype, dropout mask + output
         scores = m.num_heads * m.sequence_length
-        score_mask = (c if cpu else 1) if attention_dropout > 0 else 0
-        block += scores * (4 + (c if c != 4 else 0) + (score_mask + c if attention_dropout > 0 else 0))
-    outside = h * p.residual + h * c + h * mask                  # final norm, head input, embedding dropout
+        score_mask = (attention_bytes if cpu else 1) if attention_dropout > 0 else 0
+        cast = c if attention_bytes != 4 else 0
+        block += scores * (4 + cast + (score_mask + attention_bytes if attention_dropout > 0 else 0))
+    outside = block_norm + h * c + h * embedding_mask            # final norm, head input, embedding dropout
+    outside += m.value_embedding_rows * kv * p.residual          # value-embedding rows (the tables' dtype), kept
+                                                                 # by each layer's scale * rows, checkpointed or not
+    if m.smear_gate_channels:                                    # smear: shifted embeddings, gate input, 3 gate values
+        outside += (h + m.smear_gate_channels + 3) * p.residual
+    outside += 8 if m.bigram_embedding else 0                    # the bigram table's int64 row ids
+    # A layer with value embeddings attends to v + scale * rows, a tensor of its own (a plain v is a view of the
+    # q,k,v projection's output, already counted).
+    value_embedding_layers = m.value_embedding_layers * kv * c
     if checkpointing:
-        return m.num_layers * h * p.residual + outside
-    return m.num_layers * block + outside
+        return m.num_layers * h * r + outside
+    return m.num_layers * block + value_embedding_layers + outside
+
+
+def _norm_bytes(size: int, input_bytes: int, weight_bytes: int, rms: bool, cpu: bool, rows: int = 1) -> float:
+    """What a norm of `size` values per token (`rows` rows of them) keeps for the backward pass, its input included.
+
+    LayerNorm (a fused kernel everywhere): its input and fp32 mean and 1/std per row. RMSNorm's fused kernel
+    (CUDA, input and weight of one dtype): its input and fp32 1/rms per row. Its composite form (CPU always;
+    CUDA when the dtypes differ, as for the QK-norm's bf16 q, k and fp32 weights under autocast) computes in
+    fp32: it keeps the fp32 input (the input itself, or instead an fp32 copy of a bf16 one: `_norm_copies_input`),
+    1/rms, and the fp32 normalized values the weight's gradient needs, then casts its output back."""
+    if not rms:
+        return size * input_bytes + 8 * rows
+    if cpu or input_bytes != weight_bytes:
+        return size * 4 + 4 * rows + size * 4
+    return size * input_bytes + 4 * rows
+
+
+def _norm_copies_input(input_bytes: int, weight_bytes: int, rms: bool, cpu: bool) -> bool:
+    """Whether the norm keeps an fp32 copy of its input instead of the input itself (composite RMSNorm of bf16)."""
+    return rms and (cpu or input_bytes != weight_bytes) and input_bytes != 4
 
 
 def recomputed_block_bytes_per_token(m: ModelShape, p: Precision, cpu: bool = False) -> float:
     """Under activation checkpointing, one block's activations, rebuilt in the backward pass."""
-    one_layer = replace(m, num_layers=1)
+    one_layer = replace(m, num_layers=1, value_embedding_layers=min(1, m.value_embedding_layers))
     return (activation_bytes_per_token(one_layer, p, cpu=cpu)
-            - activation_bytes_per_token(replace(one_layer, num_layers=0), p, cpu=cpu))
+            - activation_bytes_per_token(replace(one_layer, num_layers=0, value_embedding_layers=0), p, cpu=cpu))
 
 
 def temporary_logits_bytes(m: ModelShape, s: Setup, p: Precision) -> float:
@@ -130,7 +176,10 @@ def memory_per_device(m: ModelShape, s: Setup) -> dict[str, float]:
     shard_states = s.strategy in ("fsdp", "fsdp2")
     tokens = s.micro_batch * m.sequence_length
     logits = temporary_logits_bytes(m, s, p)
-    recomputed = tokens * recomputed_block_bytes_per_token(m, p, s.accelerator == "cpu")
+    cast_copy = p.cast_copy if s.strategy != "fsdp" else 0
+    recomputed = (tokens * recomputed_block_bytes_per_token(m, p, s.accelerator == "cpu")
+                  + m.block_parameters / max(m.num_layers, 1) * cast_copy)
+    checkpointed_parameters = m.block_parameters if s.activation_checkpointing else 0
     items = {
         "weights": P * p.weights / (W if shard_all else 1),
         "gradients": P * p.grads / (W if shard_states else 1),
@@ -138,7 +187,7 @@ def memory_per_device(m: ModelShape, s: Setup) -> dict[str, float]:
         "averaged weights": P * 4.0 if s.weight_average else 0.0,  # the EMA's fp32 copy, never sharded
         "ddp gradient buckets": P * p.grads if s.strategy == "ddp" and W > 1 else 0.0,
         "fsdp gathered units": _gathered_unit_bytes(m, s, p) if shard_states and W > 1 else 0.0,
-        "bf16 weight copies": P * p.cast_copy if s.strategy != "fsdp" else 0.0,
+        "bf16 weight copies": (P - checkpointed_parameters) * cast_copy,
         "activations": tokens * activation_bytes_per_token(m, p, s.activation_checkpointing, s.accelerator == "cpu"),
         "temporary logits": logits,
         "recomputed block": max(0.0, recomputed - logits) if s.activation_checkpointing else 0.0,

@@ -57,6 +57,15 @@ class ModelShape:
     num_units: int = 1              # FSDP units: the blocks and the root (embeddings, final norm, head)
     attention_dropout: Optional[float] = None  # None: `dropout`
     residual_scalars: bool = False  # each block keeps its unmixed input for the scalars' gradients
+    value_embedding_rows: int = 0   # (B, T, kv_size) value-embedding tensors kept for backward: one per table,
+                                    # one more per layer that sums two tables (GPTConfig.value_embeddings)
+    value_embedding_layers: int = 0  # layers that add value-embedding rows to their values
+    smear_gate_channels: int = 0    # smear (0: off) keeps the shifted embeddings (B, T, hidden), the gate's input
+                                    # channels and a few (B, T, 1) gate values for the backward pass
+    bigram_embedding: bool = False  # keeps the hashed row ids (B, T) int64 for the table's gradient
+    norm: str = "layernorm"         # layernorm | rmsnorm: what a norm keeps for backward differs (estimate.py)
+    block_parameters: int = 0       # all blocks' parameters: under activation checkpointing autocast's casts of
+                                    # them are not kept for the backward pass (one block's are, while recomputed)
 
 
 @dataclass(frozen=True)
@@ -147,8 +156,21 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
         intermediate_size=c.intermediate_size, activation=c.activation, attention=c.attention, position=c.position,
         qk_norm=c.qk_norm, dropout=c.dropout, attention_dropout=c.attention_dropout, largest_unit_parameters=max(block_parameter_counts + [root]),
         optimizer_states=states, optimizer_flops=optimizer_flops, num_units=len(block_parameter_counts) + 1,
-        residual_scalars=c.residual_scalars,
+        residual_scalars=c.residual_scalars, value_embedding_rows=value_embedding_rows(c),
+        value_embedding_layers=sum(bool(c.value_embedding_tables(i)) for i in range(c.num_hidden_layers)),
+        smear_gate_channels=net.smear_gate.shape[1] if getattr(c, "smear", False) else 0,
+        bigram_embedding=bool(getattr(c, "bigram_embedding", 0)),
+        norm=c.norm, block_parameters=sum(block_parameter_counts),
     )
+
+
+def value_embedding_rows(config: Any) -> int:
+    """How many (B, T, kv_size) value-embedding tensors a training forward keeps for the backward pass: each table's
+    lookup (every layer it serves scales the same tensor), plus the sum of a layer served by two tables."""
+    n = getattr(config, "value_embeddings", 0)
+    if not n:
+        return 0
+    return n + sum(len(config.value_embedding_tables(i)) > 1 for i in range(config.num_hidden_layers))
 
 
 def _model_levers(model_config: Any) -> dict[str, Any]:
