@@ -1,5 +1,6 @@
 """What the tests share: repository paths, tiny-model and tiny-trainer flags, the `lm` command in a
-subprocess, and one TensorBoard reader."""
+subprocess, one TensorBoard reader, autograd's saved bytes (what `lm plan` is checked against), and two checks a
+model variant goes through (ONNX, `lm generate`)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,71 @@ def run_lm(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedP
     """`lm <args>` in a fresh Python process (what a user's shell runs)."""
     return subprocess.run([sys.executable, "-m", "lm", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def assert_onnx_matches(model, tokenizer, folder: Path) -> None:
+    """`export_onnx` of `model`, run in onnxruntime on 20 tokens of a test text: the logits are the model's (1e-4)."""
+    import pytest
+    import torch
+
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from lm.export.onnx import export_onnx
+    from tests.conftest import make_corpus
+
+    export_onnx(model, tokenizer, folder)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.tensor([tokenizer.encode(make_corpus(1, seed=5))[:20]])
+    (logits,) = session.run(["logits"], {"input_ids": x.numpy()})
+    with torch.no_grad():
+        assert (torch.from_numpy(logits) - model(x)).abs().max() < 1e-4
+
+
+def assert_lm_generate_matches(ckpt: Path, cwd: Path) -> None:
+    """`lm generate` of a checkpoint, greedy, in a fresh process: the completions `generate_text` gives in this one."""
+    import json
+
+    from lm.io.checkpoints import load_model
+    from lm.model import generate_text
+
+    model, tokenizer = load_model(ckpt)
+    prompts = ["The river", "A small town was"]
+    expected = generate_text(model, tokenizer, prompts, max_new_tokens=8, temperature=0)
+    result = run_lm("generate", "--ckpt_path", str(ckpt), "--prompt", json.dumps(prompts), "--temperature", "0",
+                    "--max_new_tokens", "8", "--format", "jsonl", "--threads", "1", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [json.loads(line)["completion"] for line in result.stdout.splitlines()] == expected
+
+
+def _is_weight_cast(tensor) -> bool:
+    """A copy autocast made of a parameter (its graph reaches the parameter through casts and views only)."""
+    fn = tensor.grad_fn
+    while fn is not None and type(fn).__name__ in ("ToCopyBackward0", "TBackward0", "ViewBackward0",
+                                                    "PermuteBackward0", "TransposeBackward0"):
+        fn = fn.next_functions[0][0]
+    return fn is not None and type(fn).__name__ == "AccumulateGrad"
+
+
+def saved_bytes(model, input_ids, bf16: bool = False) -> tuple[int, int]:
+    """Bytes of the tensors autograd saves for backward in a forward pass (under CPU bf16 autocast with
+    `bf16`), storages counted once: (activations, autocast's copies of the weights); parameters and buffers
+    excluded. What `lm plan`'s activation formula is checked against."""
+    import torch
+
+    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+    casts: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            (casts if _is_weight_cast(tensor) else saved)[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model(input_ids)
+    return sum(saved.values()), sum(casts.values())
 
 
 def tb_scalars(log_dir: Path) -> dict[str, dict[int, float]]:

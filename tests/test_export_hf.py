@@ -148,25 +148,17 @@ def test_the_default_recipe_exports_through_lm_own_code(tokenizer, tmp_path):
         assert (base(x).last_hidden_state - model(x, return_hidden=True, context_cache=False)).abs().max() < 1e-4
 
 
-def test_a_left_padded_batch_generates_each_row_as_alone(tokenizer, tmp_path):
-    model = tiny_gpt(tokenizer.vocab_size, **default_recipe_fields())
-    folder = export_hf(model, tokenizer, tmp_path / "hf")
-    hf, hf_tokenizer = load(folder), transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    texts = ["The river", "A town in the north of the"]
-    batch = hf_tokenizer(texts, return_tensors="pt", padding=True)
-    assert batch["attention_mask"][0, 0] == 0  # padded on the left
-    out = hf.generate(**batch, max_new_tokens=10, do_sample=False, repetition_penalty=1.0)
-    ours = generate(model, [tokenizer.encode(t) for t in texts], max_new_tokens=10, temperature=0,
-                    repetition_penalty=1.0)
-    width = batch["input_ids"].shape[1]
-    assert [row[width:] for row in out.tolist()] == [row[len(tokenizer.encode(t)):] for row, t in zip(ours, texts)]
-
-
-def test_a_left_padded_batch_with_previous_token_levers_generates_each_row_as_alone(tokenizer, tmp_path):
-    """bigram_embedding and smear read the token before each position: across generate's steps (the previous token
-    comes from the full ids) and with left padding (a row's first real token has none, not the pad)."""
-    model = tiny_gpt(tokenizer.vocab_size, **{**GPT2_LIKE, "bigram_embedding": 64, "smear": True})
-    folder = export_hf(model, tokenizer, tmp_path / "hf", native=False)
+@pytest.mark.parametrize("case", ["default_recipe", "previous_token_levers"])
+def test_a_left_padded_batch_generates_each_row_as_alone(tokenizer, tmp_path, case):
+    """previous_token_levers: bigram_embedding and smear read the token before each position, across generate's
+    steps (the previous token comes from the full ids) and with left padding (a row's first real token has none,
+    not the pad)."""
+    if case == "default_recipe":
+        model = tiny_gpt(tokenizer.vocab_size, **default_recipe_fields())
+        folder = export_hf(model, tokenizer, tmp_path / "hf")
+    else:
+        model = tiny_gpt(tokenizer.vocab_size, **{**GPT2_LIKE, "bigram_embedding": 64, "smear": True})
+        folder = export_hf(model, tokenizer, tmp_path / "hf", native=False)
     hf, hf_tokenizer = load(folder), transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     texts = ["The river", "A town in the north of the"]
     batch = hf_tokenizer(texts, return_tensors="pt", padding=True)

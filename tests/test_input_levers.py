@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -21,14 +20,15 @@ from lm.errors import LMError
 from lm.export.gguf import gguf_architecture
 from lm.export.hf import hf_architecture
 from lm.io.checkpoints import load_model, read_checkpoint
-from lm.model import GPT, Decoder, GPTConfig, build_gpt, generate_text
+from lm.model import GPT, Decoder, GPTConfig, build_gpt
 from lm.model.layers import NO_PREVIOUS_TOKEN, bigram_hash, previous_token_ids
 from lm.modules.init_from import config_differences
 from lm.modules.optimizers import MuonWithAdamW, build_optimizer, parameter_groups
 from lm.plan.estimate import PRECISIONS, activation_bytes_per_token
 from lm.plan.recipe import ModelShape, read_recipe
 from tests.conftest import write_corpus_files
-from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, run_lm, tiny_data
+from tests.helpers import (REPO_ROOT, TINY_MODEL, TINY_TRAINER, assert_lm_generate_matches, assert_onnx_matches,
+                           saved_bytes, tiny_data)
 
 VOCAB = 97
 TINY = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
@@ -276,22 +276,6 @@ def test_table_gate_and_scale_go_to_adamw_without_weight_decay(optimizer):
 
 
 # ------------------------------------------------------------------------------------------------- plan
-def _saved_activation_bytes(model, input_ids) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass of a training forward (weights excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids)
-    return sum(saved.values())
-
-
 @pytest.mark.parametrize("lever", ["bigram", "smear"])
 def test_plan_activation_formula_counts_what_the_levers_keep(lever):
     fields = {"bigram": dict(bigram_embedding=512), "smear": dict(smear=True, hidden_size=128)}[lever]
@@ -306,9 +290,9 @@ def test_plan_activation_formula_counts_what_the_levers_keep(lever):
     plain = dataclasses.replace(shape, smear_gate_channels=0, bigram_embedding=False)
     x = token_ids(batch=4, length=32)
     torch.manual_seed(0)
-    measured = _saved_activation_bytes(GPT(config).train(), x)
+    measured, _ = saved_bytes(GPT(config).train(), x)
     torch.manual_seed(0)
-    measured_plain = _saved_activation_bytes(GPT(dataclasses.replace(config, bigram_embedding=0, smear=False)).train(), x)
+    measured_plain, _ = saved_bytes(GPT(dataclasses.replace(config, bigram_embedding=0, smear=False)).train(), x)
     planned, planned_plain = (4 * 32 * activation_bytes_per_token(s, PRECISIONS["32-true"], cpu=True)
                               for s in (shape, plain))
     assert measured > measured_plain
@@ -345,20 +329,12 @@ def test_native_exports_refuse_them(lever):
 
 
 def test_onnx_graph_computes_the_levers(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
     from lm.data.tokenizer import Tokenizer
-    from lm.export.onnx import export_onnx
     from tests.conftest import make_corpus
 
     tokenizer = Tokenizer.train([make_corpus(20)], vocab_size=300)
-    model = tiny(**{**LEVERS["both_rope_gqa"], "vocab_size": tokenizer.vocab_size})
-    export_onnx(model, tokenizer, tmp_path / "onnx")
-    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = torch.tensor([tokenizer.encode(make_corpus(1, seed=5))[:20]])
-    (logits,) = session.run(["logits"], {"input_ids": x.numpy()})
-    with torch.no_grad():
-        assert (torch.from_numpy(logits) - model(x)).abs().max() < 1e-4
+    assert_onnx_matches(tiny(**{**LEVERS["both_rope_gqa"], "vocab_size": tokenizer.vocab_size}), tokenizer,
+                        tmp_path / "onnx")
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -374,11 +350,6 @@ def test_lm_fit_with_both_levers_then_lm_generate(tmp_path, monkeypatch):
     state = checkpoint["state_dict"]
     assert state["model.bigram_embedding.weight"].shape == (4096, 32) and state["model.bigram_embedding.weight"].any()
     assert state["model.smear_lambda"].item() != 0.0  # trained off its start
-    model, tokenizer = load_model(ckpt)
+    model, _ = load_model(ckpt)
     assert (model.config.bigram_embedding, model.config.smear) == (4096, True)
-    prompts = ["The river", "A small town was"]
-    expected = generate_text(model, tokenizer, prompts, max_new_tokens=8, temperature=0)
-    result = run_lm("generate", "--ckpt_path", str(ckpt), "--prompt", json.dumps(prompts), "--temperature", "0",
-                    "--max_new_tokens", "8", "--format", "jsonl", "--threads", "1", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert [json.loads(line)["completion"] for line in result.stdout.splitlines()] == expected
+    assert_lm_generate_matches(ckpt, cwd=tmp_path)

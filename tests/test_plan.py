@@ -18,6 +18,7 @@ from lm.plan.advice import needed_bytes
 from lm.plan.devices import GIB, device_spec, known_device_kinds
 from lm.plan.estimate import PRECISIONS, memory_per_device
 from lm.plan.recipe import read_recipe
+from tests.helpers import saved_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_RECIPE = str(ROOT / "experiments" / "wikitext2_cpu.yaml")
@@ -131,41 +132,6 @@ def test_precision_and_checkpointing_change_the_items_they_should(gpt2_small):
     assert checkpointed["activations"] < mixed["activations"] / 3
 
 
-def _is_weight_cast(tensor) -> bool:
-    """A copy autocast made of a parameter (its graph reaches the parameter through casts and views only)."""
-    fn = tensor.grad_fn
-    while fn is not None and type(fn).__name__ in ("ToCopyBackward0", "TBackward0", "ViewBackward0",
-                                                    "PermuteBackward0", "TransposeBackward0"):
-        fn = fn.next_functions[0][0]
-    return fn is not None and type(fn).__name__ == "AccumulateGrad"
-
-
-def _saved_bytes(model, input_ids, bf16: bool = False) -> tuple[int, int]:
-    """Bytes of the tensors autograd saves for backward in a forward pass (under CPU bf16 autocast with
-    `bf16`), storages counted once: (activations, autocast's copies of the weights); parameters excluded."""
-    import torch
-
-    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
-    casts: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            (casts if _is_weight_cast(tensor) else saved)[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        model(input_ids)
-    return sum(saved.values()), sum(casts.values())
-
-
-def _saved_activation_bytes(model, input_ids) -> int:
-    """Bytes of the tensors autograd saves for backward in a forward pass (parameters excluded)."""
-    return _saved_bytes(model, input_ids)[0]
-
-
 def _tiny_gpt_and_shape(variant: dict):
     from lm.model import GPT, GPTConfig
     from lm.plan.recipe import ModelShape
@@ -203,7 +169,7 @@ def test_activation_formula_matches_what_autograd_saves_on_cpu(variant, precisio
     model, shape = _tiny_gpt_and_shape(variant)
     if precision == "bf16-true":
         model.to(torch.bfloat16)
-    measured, _ = _saved_bytes(model, torch.randint(0, 256, (4, 32)), bf16=precision == "bf16-mixed")
+    measured, _ = saved_bytes(model, torch.randint(0, 256, (4, 32)), bf16=precision == "bf16-mixed")
     planned = 4 * 32 * activation_bytes_per_token(shape, PRECISIONS[precision], cpu=True)
     assert planned == pytest.approx(measured, rel=0.02)  # each variant is within 0.5% (CPU, torch 2.13)
 
@@ -219,7 +185,7 @@ def test_autocast_keeps_the_weight_copies_the_plan_counts(checkpointing):
     torch.manual_seed(0)
     model, _ = _tiny_gpt_and_shape(DEFAULT_BLOCK)
     model.activation_checkpointing = checkpointing
-    _, casts = _saved_bytes(model, torch.randint(0, 256, (4, 32)), bf16=True)
+    _, casts = saved_bytes(model, torch.randint(0, 256, (4, 32)), bf16=True)
     in_blocks = sum(p.numel() for m in model.modules() if isinstance(m, Block) for p in m.parameters())
     planned_parameters = model.num_parameters() - (in_blocks if checkpointing else 0)
     assert casts == pytest.approx(2 * planned_parameters, rel=0.05)

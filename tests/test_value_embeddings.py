@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -21,13 +20,14 @@ from lm.errors import LMError
 from lm.export.gguf import gguf_architecture
 from lm.export.hf import hf_architecture
 from lm.io.checkpoints import load_model, read_checkpoint
-from lm.model import GPT, GPTConfig, build_gpt, generate, generate_text
+from lm.model import GPT, GPTConfig, build_gpt, generate
 from lm.modules.init_from import config_differences
 from lm.modules.optimizers import MuonWithAdamW, build_optimizer, parameter_groups
 from lm.plan.estimate import PRECISIONS, activation_bytes_per_token
 from lm.plan.recipe import ModelShape, read_recipe, value_embedding_rows
 from tests.conftest import write_corpus_files
-from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, run_lm, tiny_data
+from tests.helpers import (REPO_ROOT, TINY_MODEL, TINY_TRAINER, assert_lm_generate_matches, assert_onnx_matches,
+                           saved_bytes, tiny_data)
 
 VOCAB = 97
 TINY = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=32)
@@ -271,22 +271,6 @@ def test_tables_and_scales_go_to_adamw_without_weight_decay(optimizer):
 
 
 # ----------------------------------------------------------------------------------------------- lm plan
-def _saved_activation_bytes(model: GPT, input_ids: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves for backward in a training forward (parameters excluded)."""
-    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids)
-    return sum(saved.values())
-
-
 @pytest.mark.parametrize("n,layers", [(1, 3), (2, 3), (3, 3)])  # 2 of 3: the middle layer sums two tables
 def test_plan_activation_formula_counts_the_value_embedding_rows(n, layers):
     config = GPTConfig(**{**TINY, "num_hidden_layers": layers, "value_embeddings": n, **ROPE_GQA})
@@ -301,8 +285,8 @@ def test_plan_activation_formula_counts_the_value_embedding_rows(n, layers):
     assert shape.value_embedding_rows == n + (n == 2) and shape.value_embedding_layers == (2 if n == 1 else 3)
     plain = dataclasses.replace(shape, value_embedding_rows=0, value_embedding_layers=0)
     x = token_ids(batch=4, length=32)
-    measured = _saved_activation_bytes(model, x)
-    measured_plain = _saved_activation_bytes(GPT(dataclasses.replace(config, value_embeddings=0)).train(), x)
+    measured, _ = saved_bytes(model, x)
+    measured_plain, _ = saved_bytes(GPT(dataclasses.replace(config, value_embeddings=0)).train(), x)
     planned, planned_plain = (4 * 32 * activation_bytes_per_token(s, PRECISIONS["32-true"], cpu=True)
                               for s in (shape, plain))
     assert planned - planned_plain == pytest.approx(measured - measured_plain, rel=0.05)
@@ -356,20 +340,11 @@ def test_mlp_pruning_keeps_the_tables():
 
 
 def test_onnx_graph_computes_the_value_embeddings(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
     from lm.data.tokenizer import Tokenizer
-    from lm.export.onnx import export_onnx
     from tests.conftest import make_corpus
 
     tokenizer = Tokenizer.train([make_corpus(20)], vocab_size=300)
-    model = tiny(3, **{**ROPE_GQA, "vocab_size": tokenizer.vocab_size})
-    export_onnx(model, tokenizer, tmp_path / "onnx")
-    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = torch.tensor([tokenizer.encode(make_corpus(1, seed=5))[:20]])
-    (logits,) = session.run(["logits"], {"input_ids": x.numpy()})
-    with torch.no_grad():
-        assert (torch.from_numpy(logits) - model(x)).abs().max() < 1e-4
+    assert_onnx_matches(tiny(3, **{**ROPE_GQA, "vocab_size": tokenizer.vocab_size}), tokenizer, tmp_path / "onnx")
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -382,11 +357,6 @@ def test_lm_fit_with_value_embeddings_then_lm_generate(tmp_path, monkeypatch):
     checkpoint = read_checkpoint(ckpt)
     assert checkpoint["hyper_parameters"]["config"]["value_embeddings"] == 2
     assert {"model.value_embeddings.0.weight", "model.value_embeddings.1.weight"} <= set(checkpoint["state_dict"])
-    model, tokenizer = load_model(ckpt)
+    model, _ = load_model(ckpt)
     assert model.config.value_embeddings == 2
-    prompts = ["The river", "A small town was"]
-    expected = generate_text(model, tokenizer, prompts, max_new_tokens=8, temperature=0)
-    result = run_lm("generate", "--ckpt_path", str(ckpt), "--prompt", json.dumps(prompts), "--temperature", "0",
-                    "--max_new_tokens", "8", "--format", "jsonl", "--threads", "1", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert [json.loads(line)["completion"] for line in result.stdout.splitlines()] == expected
+    assert_lm_generate_matches(ckpt, cwd=tmp_path)
