@@ -12,6 +12,8 @@ experiments/trainer/callbacks/, appended with `callbacks+:` so they combine).
   and exit 143 (on by default in every `lm fit`; no recipe lists it).
 - `ContextCacheCalibration` (context_cache_calibration.py): a context cache's scalars fitted on each validation
   (added by `LanguageModel.configure_callbacks` when the model has one; no recipe lists it).
+- `TrainingContextSchedule` (training_context.py): short training windows (same tokens per step) until a share of
+  the run, then the model's full context.
 
     lm fit --config experiments/wikitext2_cpu.yaml --config experiments/trainer/callbacks/throughput.yaml \\
            --config experiments/trainer/callbacks/text_sampler.yaml
@@ -32,6 +34,7 @@ from lm.callbacks.throughput import (
                                      model_flops_per_token,
                                      num_tokens,
 )
+from lm.callbacks.training_context import TrainingContextSchedule, split_windows
 
 __all__ = [
     "ContextCacheCalibration",
@@ -46,8 +49,10 @@ __all__ = [
     "RNGStateCheckpoint",
     "TextSampler",
     "TokenThroughputMonitor",
+    "TrainingContextSchedule",
     "batch_size",
     "measure_matmul_flops",
     "model_flops_per_token",
     "num_tokens",
+    "split_windows",
 ]

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lm.errors import LMError
+from lm.model.inference import GUARD_FREE_AFTER_STEPS, skipping_guards
 
 Prompts = Union[Tensor, Sequence[Sequence[int]]]
 
@@ -179,8 +180,11 @@ class Decoder:
         if self.cache is not None:
             if self._mask is not None:
                 position_ids = (end - self._start_tensor)[:, None]
-            logits = self.decode(tokens[:, None], kv_cache=self._kv_cache(slice(0, n), low, end - low),
-                                 position_ids=position_ids, attention_mask=attention_mask, **self.cache_kwargs)
+            steady = (self._steps_since_layout >= GUARD_FREE_AFTER_STEPS
+                      and getattr(self.model, "decode_step", None) is not None)
+            with skipping_guards(steady):
+                logits = self.decode(tokens[:, None], kv_cache=self._kv_cache(slice(0, n), low, end - low),
+                                     position_ids=position_ids, attention_mask=attention_mask, **self.cache_kwargs)
         else:  # reference path: every row's whole sequence again
             self.ids[:n, end] = tokens
             if self._mask is not None:
@@ -188,6 +192,7 @@ class Decoder:
             logits = self.model(self.ids[:n, low:end + 1], position_ids=position_ids,
                                 attention_mask=attention_mask, **self.cache_kwargs)
         self.length = end + 1
+        self._steps_since_layout += 1
         return logits[:, -1]
 
     def retire(self, row: int) -> None:
@@ -232,6 +237,7 @@ class Decoder:
         """After rows or columns changed: the oldest row's first column, and (only when the rows start in
         different columns) the attention mask (rows, max_length) and the start columns positions count from."""
         self._low = min(self.starts, default=0)
+        self._steps_since_layout = 0  # the next steps run fully guarded (inference.skipping_guards)
         self._start_tensor = torch.tensor(self.starts, dtype=torch.long, device=self.device)
         self._mask: Optional[Tensor] = None
         if len(set(self.starts)) > 1:

@@ -26,6 +26,7 @@ Benchmark: `benchmarks/generate.py` (figures in the README).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -157,6 +158,27 @@ def compile_decode_step(model: nn.Module) -> Callable[..., Tensor]:
     """`model.forward` compiled for decoding; dynamic shapes, so a growing KV cache does not recompile."""
     device = next(model.parameters()).device
     return torch.compile(model.forward, dynamic=True, options=decode_compile_options(device))
+
+
+# Steps since the decoder's rows or columns last changed after which a compiled step skips dynamo's guards.
+# Step 1 may compile a graph specialized to its sizes (a cache length of 1 is specialized, not symbolic);
+# step 2 then recompiles for a symbolic length, so from step 3 on the generic graph serves every step.
+GUARD_FREE_AFTER_STEPS = 2
+
+
+def skipping_guards(steady: bool) -> contextlib.AbstractContextManager:
+    """Around one compiled decode step: when `steady`, evaluate only the guards that tell the compiled
+    graphs apart (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`), not all of them.
+
+    A decode step's guards check every weight, the cache's attributes and the sizes again on every
+    token: ~0.18 ms per step on 2 Zen 4 cores, 12% of a compiled bf16 step of the 6x384 bench model. In
+    the steady state of one generation (the same rows, the same mask or none, only the cache length
+    growing) nothing they check changes, which is the case the stance exists for; `Decoder` passes
+    `steady` only from its `GUARD_FREE_AFTER_STEPS + 1`-th step after any change of rows or columns, so
+    every new situation is fully guarded (and recompiled if needed) first."""
+    if not steady:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
 def prepare_for_inference(model: nn.Module, compile: bool = False) -> nn.Module:

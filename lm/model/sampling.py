@@ -109,10 +109,15 @@ def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[f
 def penalize_repeats(logits: Tensor, recent: Tensor, penalty: float) -> Tensor:
     """`logits` (B, V) with the tokens in `recent` (B, W; -1 = no token) made less likely: positive logits
     divided by `penalty`, negative ones multiplied (each token once, however often it occurred)."""
-    seen = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-    seen.scatter_add_(-1, recent.clamp(min=0), (recent >= 0).float())
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen > 0, penalized, logits)
+    # Only the W recent columns are touched (gather, penalize, scatter back), not all V: a decode step's
+    # sampling stays small next to its forward. An empty slot (-1) points at its row's latest token instead,
+    # so every write to a column carries that column's one penalized value (repeats write the same value).
+    latest = recent[:, -1:]  # right-aligned: -1 here only if the row has no token at all
+    index = torch.where(recent >= 0, recent, latest).clamp(min=0)
+    values = logits.gather(-1, index)
+    penalized = torch.where(values > 0, values / penalty, values * penalty)
+    penalized = torch.where(latest >= 0, penalized, values)  # a row without tokens: unchanged
+    return logits.scatter(-1, index, penalized)
 
 
 def recent_tokens(rows: list[list[int]], window: int, device: torch.device | str = "cpu") -> Tensor:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lm.callbacks.context_cache_calibration import ContextCacheCalibration
+from lm.callbacks.training_context import split_windows
 from lm.errors import LMError
 from lm.evaluation.token_metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
 from lm.model import GPT, GPTConfig, SamplingOptions, build_gpt, generate_text
@@ -131,6 +132,9 @@ class LanguageModel(L.LightningModule):
                           f"{type(self.model).__name__}. Drop the option for this network.")
         self.loss_chunk_size = loss_chunk_size
         self.tokenizer = None  # the DataModule's, given in setup(): see set_tokenizer
+        # Training windows shorter than the data's (same tokens per step), set per step by
+        # lm.callbacks.TrainingContextSchedule; None: the batches as they come. Never applied to validation/test.
+        self.training_context: Optional[int] = None
         self.register_buffer("token_bytes", torch.zeros(self.config.vocab_size, dtype=torch.long), persistent=False)
         self.val_metrics = LanguageModelingMetrics()
         self.test_metrics = LanguageModelingMetrics()
@@ -243,7 +247,7 @@ class LanguageModel(L.LightningModule):
             )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.training_loss(batch)
+        loss = self.training_loss(split_windows(batch, self.training_context))
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()).clamp(max=1e6), on_step=True)
         return loss
@@ -329,6 +333,11 @@ class LanguageModel(L.LightningModule):
         from lightning.pytorch.strategies import FSDPStrategy
 
         return self._sharded or isinstance(getattr(attached_trainer(self), "strategy", None), FSDPStrategy)
+
+    def schedule_progress(self, step: int) -> float:
+        """How far the run is through its budget at optimizer `step` (0 -> 1; below 0 during a step-bounded
+        warm-up): the progress the LR schedule follows, for callbacks that schedule something else by it."""
+        return self._schedule_progress()[1](step)
 
     def _schedule_progress(self):
         """(warm-up steps, step -> how far the run is through its budget (0 -> 1): by optimizer steps, by wall-clock when the
