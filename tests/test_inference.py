@@ -188,3 +188,23 @@ def test_compiled_decode_equals_eager(overrides, dtype):
     assert (generate(model, [[4, 5]], max_new_tokens=12, temperature=0)
             == generate(eager, [[4, 5]], max_new_tokens=12, temperature=0, use_cache=False))  # greedy by hand
     assert model.prepare_for_inference().decode_step is None  # compile=False undoes the compiled step
+
+
+def test_compiled_decode_skips_guards_only_in_the_steady_state(monkeypatch):
+    """A 1-token prompt makes the first compiled step see a cache of length 1, which dynamo specializes;
+    the guard-free steady state must start only once the generic graph exists, so a long greedy run
+    (lengths 1..28, a second batch with padding after it) still equals eager token for token."""
+    steady_calls = []
+    original = inference.skipping_guards
+    monkeypatch.setattr("lm.model.decoder.skipping_guards",
+                        lambda steady: steady_calls.append(steady) or original(steady))
+    model = make_model("gpt2", 1).prepare_for_inference(compile=True)
+    eager = make_model("gpt2", 1)
+    for prompts in ([[7]], [[3, 4, 5], [6]]):
+        expected = generate(eager, prompts, max_new_tokens=28, temperature=0)
+        steady_calls.clear()
+        assert generate(model, prompts, max_new_tokens=28, temperature=0) == expected
+        assert steady_calls == [False, False] + [True] * 25
+    steady_calls.clear()
+    generate(eager, [[7]], max_new_tokens=5, temperature=0)
+    assert steady_calls == [False] * 4  # an uncompiled model never skips guards
