@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import add_model_arguments, model_config  # noqa: E402
-from lm.runtime.hardware import describe_cpu  # noqa: E402
+from lm.runtime.hardware import auto_inference_dtype, describe_cpu  # noqa: E402
 from lm.model import GPT, GPTConfig, generate, stream_generate  # noqa: E402
 
 PATHS = {
@@ -38,13 +38,50 @@ PATHS = {
 }
 
 
-def decode_tokens_per_second(model: GPT, prompt: list[int], new_tokens: int, use_cache: bool) -> float:
+def decode_tokens_per_second(model: GPT, prompt: list[int], new_tokens: int, use_cache: bool,
+                             repetition_penalty: float = 1.0) -> float:
     """Tokens/s from the first generated token to the last (the prompt's prefill is not counted)."""
-    stream = stream_generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache)
+    stream = stream_generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache,
+                             repetition_penalty=repetition_penalty)
     next(stream)  # prefill + first token
     start = time.perf_counter()
     count = sum(1 for _ in stream)
     return count / (time.perf_counter() - start)
+
+
+def hf_decode_tokens_per_second(model, prompt: list[int], new_tokens: int, repetition_penalty: float) -> float:
+    """The same clock for Hugging Face transformers' `generate` (greedy, its KV cache): a streamer notes
+    the time of every token it is handed; the first `put` is the prompt, the second the first new token."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    clock = Clock()
+    ids = torch.tensor([prompt])
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, repetition_penalty=repetition_penalty, streamer=clock, pad_token_id=0)
+    first_new, last = clock.times[1], clock.times[-1]
+    return (len(clock.times) - 2) / (last - first_new)
+
+
+def hf_gpt2(config: GPTConfig, dtype: torch.dtype):
+    """transformers' `GPT2LMHeadModel` of the same shape (random weights), as its users run it: eager
+    PyTorch (no torch.compile), its default attention. A test extra: `pip install transformers`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.max_position_embeddings,
+                           n_embd=config.hidden_size, n_layer=config.num_hidden_layers,
+                           n_head=config.num_attention_heads, bos_token_id=None, eos_token_id=None)
+    return GPT2LMHeadModel(hf_config).to(dtype).eval()
 
 
 def prepare(config: GPTConfig, dtype: torch.dtype, path: str) -> tuple[GPT, float]:
@@ -67,6 +104,12 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--no-baseline", action="store_true", help="skip the (slow) no-cache runs")
+    parser.add_argument("--hf", action="store_true",
+                        help="add Hugging Face transformers' GPT2LMHeadModel.generate of the same shape (eager), "
+                             "the peer the speed-ups are reported against (needs transformers)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="applied on both sides (lm generate's default is 1.2; HF's penalty looks at the "
+                             "whole sequence, lm's at the last 64 tokens)")
     args = parser.parse_args()
 
     config = model_config(args, context=args.context)
@@ -78,32 +121,49 @@ def main() -> None:
     print(f"CPU: {describe_cpu()}\n")
     for name in args.paths:
         print(f"- {name}: {PATHS[name]}")
-    print("\n| threads | dtype | path | KV cache (tok/s) | no cache (tok/s) | speed-up vs no cache | setup (s) |")
-    print("|---:|---|---|---:|---:|---:|---:|")
+    if args.hf:
+        print("- HF eager: transformers' GPT2LMHeadModel.generate, same shape and random weights, greedy, its KV "
+              "cache, eager PyTorch (no torch.compile), default attention")
+    print(f"\nrepetition penalty {args.repetition_penalty} on every row")
+    print("\n| threads | dtype | path | KV cache (tok/s) | no cache (tok/s) | speed-up vs no cache | vs HF eager "
+          "| setup (s) |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
     for threads in args.threads:
         torch.set_num_threads(threads)
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
-            reference, uncached = None, None
+            reference, uncached, hf = None, None, None
+            if args.hf:
+                peer = hf_gpt2(config, dtype)
+                hf_decode_tokens_per_second(peer, prompt, args.new_tokens, args.repetition_penalty)  # warm-up
+                hf = statistics.median(hf_decode_tokens_per_second(peer, prompt, args.new_tokens,
+                                                                   args.repetition_penalty) for _ in range(args.runs))
+                print(f"| {threads} | {dtype_name} | HF eager | {hf:.0f} | | | 1.0x | 0.0 |", flush=True)
+                del peer
             for path in args.paths:
                 model, setup = prepare(config, dtype, path)
                 start = time.perf_counter()
-                decode_tokens_per_second(model, prompt, args.new_tokens, True)  # warm-up (and compile)
+                decode_tokens_per_second(model, prompt, args.new_tokens, True,
+                                         args.repetition_penalty)  # warm-up (and compile)
                 setup += time.perf_counter() - start if path == "compiled" else 0.0
-                cached = statistics.median(decode_tokens_per_second(model, prompt, args.new_tokens, True)
-                                           for _ in range(args.runs))
+                cached = statistics.median(decode_tokens_per_second(model, prompt, args.new_tokens, True,
+                                                                    args.repetition_penalty) for _ in range(args.runs))
                 tokens = generate(model, [prompt], max_new_tokens=args.new_tokens, temperature=0)[0]
                 if reference is None:
                     reference = tokens
                     if not args.no_baseline:
-                        uncached = statistics.median(decode_tokens_per_second(model, prompt, args.new_tokens, False)
+                        uncached = statistics.median(decode_tokens_per_second(model, prompt, args.new_tokens, False,
+                                                                              args.repetition_penalty)
                                                      for _ in range(max(1, args.runs // 2)))
                 same = "" if tokens == reference else " (tokens differ from eager!)"
                 no_cache = f"{uncached:.0f}" if uncached and path == args.paths[0] else ""
                 speedup = f"{cached / uncached:.1f}x" if uncached else "-"
+                versus_hf = f"{cached / hf:.1f}x" if hf else ""
                 print(f"| {threads} | {dtype_name} | {path}{same} | {cached:.0f} | {no_cache} | {speedup} | "
-                      f"{setup:.1f} |", flush=True)
-    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+                      f"{versus_hf} | {setup:.1f} |", flush=True)
+    dtype_name, why = auto_inference_dtype("cpu")
+    print(f"\nlm generate's default path on this CPU: the {dtype_name} prepared row ({why}; not compiled)")
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

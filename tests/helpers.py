@@ -82,7 +82,7 @@ def assert_lm_generate_matches(ckpt: Path, cwd: Path) -> None:
     prompts = ["The river", "A small town was"]
     expected = generate_text(model, tokenizer, prompts, max_new_tokens=8, temperature=0)
     result = run_lm("generate", "--ckpt_path", str(ckpt), "--prompt", json.dumps(prompts), "--temperature", "0",
-                    "--max_new_tokens", "8", "--format", "jsonl", "--threads", "1", cwd=cwd)
+                    "--max_new_tokens", "8", "--format", "jsonl", "--threads", "1", "--dtype", "float32", cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [json.loads(line)["completion"] for line in result.stdout.splitlines()] == expected
 

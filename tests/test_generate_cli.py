@@ -42,13 +42,46 @@ def test_greedy_output_equals_generate_text(trained):
     assert any(expected)
 
     flags = [f"--prompt={p}" for p in PROMPTS]  # repeated flag; "=" form keeps the leading space of the last one
-    rows = generate_jsonl(workdir, "--ckpt_path", str(ckpt), *flags, "--temperature", "0", "--max_new_tokens", "12")
+    # float32 as in Python (`--dtype auto`, the default, picks bf16 on a CPU with native bf16: its own test below)
+    rows = generate_jsonl(workdir, "--ckpt_path", str(ckpt), *flags, "--temperature", "0", "--max_new_tokens", "12",
+                          "--dtype", "float32")
     assert rows == [{"prompt": p, "completion": c} for p, c in zip(PROMPTS, expected)]
 
     # The compiled decode step, a list-valued --prompt and a batch size that splits the prompts agree.
     rows = generate_jsonl(workdir, "--ckpt_path", str(ckpt), "--prompt", json.dumps(PROMPTS), "--temperature", "0",
-                          "--max_new_tokens", "12", "--compile", "true", "--batch_size", "2", "--threads", "1")
+                          "--max_new_tokens", "12", "--compile", "true", "--batch_size", "2", "--threads", "1",
+                          "--dtype", "float32")
     assert [r["completion"] for r in rows] == expected
+
+
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_auto_dtype_follows_the_cpu(native_bf16, monkeypatch):
+    """`--dtype auto` (the default): bfloat16 on a CPU with native bf16, float32 elsewhere (and on other devices
+    without bf16)."""
+    import lm.runtime.hardware as hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native_bf16)
+    assert hardware.auto_inference_dtype("cpu")[0] == ("bfloat16" if native_bf16 else "float32")
+    assert hardware.auto_inference_dtype("mps")[0] == "float32"
+
+
+def test_default_path_decodes_as_python_in_the_dtype_it_chose(trained):
+    """The CLI's defaults on this machine: stderr says which dtype and why, and the text is what Python
+    decodes from the checkpoint loaded in that dtype."""
+    import torch
+
+    from lm.runtime.hardware import auto_inference_dtype
+
+    workdir, ckpt, _ = trained
+    dtype, why = auto_inference_dtype("cpu")
+    model, tokenizer = load_model(ckpt, dtype=getattr(torch, dtype))
+    model.prepare_for_inference()
+    expected = generate_text(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=0)
+    result = run_lm("generate", "--ckpt_path", str(ckpt), "--prompt", json.dumps(PROMPTS), "--temperature", "0",
+                    "--max_new_tokens", "12", "--format", "jsonl", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"lm generate: {dtype} weights ({why}" in result.stderr
+    assert [json.loads(line)["completion"] for line in result.stdout.splitlines()] == expected
 
 
 def test_single_prompt_streams_prompt_and_completion(trained):
@@ -56,7 +89,7 @@ def test_single_prompt_streams_prompt_and_completion(trained):
     model, tokenizer = load_model(ckpt)
     expected = generate_text(model, tokenizer, ["The river"], max_new_tokens=10, temperature=0)[0]
     result = run_lm("generate", "--ckpt_path", str(ckpt), "--prompt", "The river", "--temperature", "0",
-                    "--max_new_tokens", "10", cwd=workdir)
+                    "--max_new_tokens", "10", "--dtype", "float32", cwd=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == "The river" + expected + "\n"
 
@@ -66,7 +99,8 @@ def test_prompts_file_and_yaml_config(trained):
     prompts_file = workdir / "prompts.txt"
     prompts_file.write_text("The river\n\nA small town was\n", encoding="utf-8")  # the empty line is skipped
     config = workdir / "sampling.yaml"
-    config.write_text(f"ckpt_path: {ckpt}\nsampling:\n  temperature: 0\n  max_new_tokens: 6\nformat: jsonl\n", encoding="utf-8")
+    config.write_text(f"ckpt_path: {ckpt}\nsampling:\n  temperature: 0\n  max_new_tokens: 6\nformat: jsonl\ndtype: float32\n",
+                      encoding="utf-8")
     result = run_lm("generate", "--config", str(config), "--prompts_file", str(prompts_file), cwd=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -79,7 +113,7 @@ def test_prompts_file_and_yaml_config(trained):
 def test_seeded_sampling_and_stop_strings(trained):
     workdir, ckpt, _ = trained
     args = ["--ckpt_path", str(ckpt), "--prompt", "The river", "--temperature", "1.0", "--top_k", "20",
-            "--top_p", "0.95", "--max_new_tokens", "16"]
+            "--top_p", "0.95", "--max_new_tokens", "16", "--dtype", "float32"]
     first = generate_jsonl(workdir, *args, "--seed", "7")
     assert first == generate_jsonl(workdir, *args, "--seed", "7")
     model, tokenizer = load_model(ckpt)
@@ -97,7 +131,7 @@ def test_seeded_sampling_and_stop_strings(trained):
 
 def test_predict_uses_the_same_sampling(trained):
     """`lm predict` and `lm generate` go through SamplingOptions + generate_text: same greedy text (in the
-    same precision: `lm generate` runs float32 weights, `precision: null` may pick bf16 autocast for predict,
+    same precision: `lm generate --dtype float32` runs float32 weights, `precision: null` may pick bf16 autocast for predict,
     and a tiny model's greedy choices can flip on bf16 rounding)."""
     workdir, ckpt, data = trained
     with pytest.MonkeyPatch.context() as mp:
@@ -110,7 +144,7 @@ def test_predict_uses_the_same_sampling(trained):
     predictions = workdir / "logs" / "pred" / "predictions.jsonl"
     predicted = [json.loads(line) for line in predictions.read_text().splitlines()]
     generated = generate_jsonl(workdir, "--ckpt_path", str(ckpt), "--prompt", "[The river, A small town was]",
-                               "--temperature", "0", "--max_new_tokens", "8", "--stop", " =")
+                               "--temperature", "0", "--max_new_tokens", "8", "--stop", " =", "--dtype", "float32")
     assert predicted == generated
 
 

@@ -70,13 +70,13 @@ class TrainingContextSchedule(Callback):
             0 never shortens, 1 shortens the whole run.
     """
 
-    def __init__(self, short_context: int = 256, until: float = 0.7) -> None:
+    def __init__(self, short_context: int = 256, until: float = 0.85) -> None:
         super().__init__()
         if short_context < 1:
             raise LMError(f"TrainingContextSchedule short_context must be >= 1 token, got {short_context}: e.g. 256 "
                           f"for a 512-token model.")
         if not 0.0 <= until <= 1.0:
-            raise LMError(f"TrainingContextSchedule until is a fraction of the run in [0, 1], got {until}: e.g. 0.7 "
+            raise LMError(f"TrainingContextSchedule until is a fraction of the run in [0, 1], got {until}: e.g. 0.85 "
                           f"(short windows for the first 70%).")
         self.short_context = short_context
         self.until = until

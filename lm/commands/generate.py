@@ -26,6 +26,7 @@ from lm.errors import LMError, MissingFileError
 from lm.io.checkpoints import load_model
 from lm.model.generation import generate_text, stream_text
 from lm.model.sampling import SamplingOptions
+from lm.runtime.hardware import auto_inference_dtype
 
 # Sampling flags may be given bare (`--temperature 0`) as well as `--sampling.temperature 0`.
 _SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingOptions))
@@ -42,7 +43,7 @@ def generate(
     format: Literal["text", "jsonl"] = "text",
     echo_prompt: bool = True,
     device: str = "cpu",
-    dtype: Literal["float32", "bfloat16"] = "float32",
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto",
     compile: bool = False,
     threads: Optional[int] = None,
     template: Optional[Literal["alpaca"]] = None,
@@ -63,10 +64,13 @@ def generate(
             `jsonl` (one {"prompt", "completion"} object per line).
         echo_prompt: With the text format, print the prompt before its completion.
         device: Where to run the model, e.g. cpu or cuda.
-        dtype: Weights and activations type: float32 or bfloat16 (half the bytes to stream per
-            token: the faster decode with `compile`, even on CPUs without native bf16).
-        compile: Compile the decode step (`GPT.prepare_for_inference(compile=True)`): faster decoding
-            after a one-time compile; same results.
+        dtype: Weights and activations type. `auto`: bfloat16 where the hardware multiplies it natively
+            (AVX-512-BF16/AMX CPUs, bf16 GPUs: half the bytes to stream per decoded token), else float32
+            (`lm.runtime.hardware.auto_inference_dtype`). `float32` decodes exactly as the checkpoint's
+            weights; `bfloat16` also compiles well on CPUs without native bf16.
+        compile: Compile the decode step (`GPT.prepare_for_inference(compile=True)`): faster steps (2.2x in
+            bf16 at benchmarks/generate.py's shape) after a one-time compile of ~7 s with torch's on-disk cache
+            warm (~20 s cold), so it pays for long runs only (docs/results/figures.md, "Decoding").
         threads: CPU threads for torch (default: torch's choice, one per core). On a busy machine
             1 thread can decode much faster than 2 competing for the same cores.
         template: Wrap each prompt in this instruction template before generating (`alpaca`: the
@@ -81,6 +85,9 @@ def generate(
         raise LMError(f"batch_size must be positive, got {batch_size}.")
     if stream is None:
         stream = len(prompts) == 1 and format == "text"
+    if dtype == "auto":
+        dtype, why = auto_inference_dtype(device)
+        print(f"lm generate: {dtype} weights ({why}; --dtype float32 or bfloat16 to choose)", file=sys.stderr)
     model, tokenizer = _load(ckpt_path, device, dtype, compile, threads)
     write = _writer(sys.stdout, format, echo_prompt)
     if stream:

@@ -77,6 +77,21 @@ def auto_precision(accelerator: str) -> tuple[str, str]:
     return "32-true", f"the CPU has no native bf16, where bf16 matmuls are emulated and slow ({describe_cpu()})"
 
 
+def auto_inference_dtype(device: str) -> tuple[str, str]:
+    """(dtype name, the reason) for decoding on `device` ("cpu", "cuda", "cuda:1", ...) when the user leaves
+    it to `lm`: bfloat16 where the hardware multiplies it natively (a decode step streams every weight
+    once, and bf16 halves the bytes), else float32, where eager bf16 is emulated and slower."""
+    import torch  # here, not at the top: see describe_cpu
+
+    if str(device).startswith("cuda"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bfloat16", f"{torch.cuda.get_device_name()} supports bf16"
+        return "float32", "the GPU has no bf16 support"
+    if str(device) == "cpu" and cpu_has_native_bf16():
+        return "bfloat16", "the CPU has native bf16"
+    return "float32", "the CPU has no native bf16" if str(device) == "cpu" else f"device {device}"
+
+
 def check_device(device: "str | torch.device") -> "torch.device":
     """`device` as a `torch.device` that exists on this machine, else an `LMError` saying what does: asking
     for cuda (or mps) where there is none otherwise fails deep inside torch, after the checkpoint is read."""
