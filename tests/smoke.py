@@ -130,7 +130,7 @@ def plan(precision: str, configs: list[str], budget: Budget) -> list[Step]:
     n = names(precision)
     recipe = [a for c in configs for a in ("--config", c)]
     trainer = ["--trainer.precision", precision]
-    dtype = ["--dtype", "bfloat16"] if precision.startswith("bf16") else []
+    dtype = ["--dtype", "bfloat16" if precision.startswith("bf16") else "float32"]  # generate, serve: not auto
     eval_dtype = ["--dtype", "bfloat16" if precision.startswith("bf16") else "float32"]
     tokens = str(budget.new_tokens)
     ckpt = Path("checkpoints") / n["fit"]

@@ -243,8 +243,8 @@ def test_callback_overlays_combine():
     assert result.returncode == 0, result.stderr[-2000:]
     resolved = yaml.safe_load(result.stdout)
     assert [c["class_path"] for c in resolved["trainer"]["callbacks"]] == [
-        "lm.callbacks.ExponentialMovingAverage",  # the recipe's own, then the overlays' in order
-        "lightning.pytorch.callbacks.EarlyStopping", "lm.callbacks.TokenThroughputMonitor",
-        "lm.callbacks.TextSampler", "lm.callbacks.NonFiniteGuard",
+        "lm.callbacks.ExponentialMovingAverage", "lm.callbacks.TrainingContextSchedule",  # the recipe's own,
+        "lightning.pytorch.callbacks.EarlyStopping", "lm.callbacks.TokenThroughputMonitor",  # then the overlays'
+        "lm.callbacks.TextSampler", "lm.callbacks.NonFiniteGuard",  # in order
     ]
     assert resolved["checkpoint"]["save_top_k"] == 3 and resolved["checkpoint"]["save_last"] is True

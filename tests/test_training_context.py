@@ -147,23 +147,46 @@ def test_bad_settings_are_refused_at_construction(short_context, until, message)
         TrainingContextSchedule(short_context, until)
 
 
-@pytest.mark.parametrize(("short_context", "message"), [
-    (CONTEXT, "is not shorter than the training windows (32 tokens"),
-    (64, "is not shorter than the training windows (32 tokens"),
-    (12, "does not divide the training windows of 32 tokens .* e.g. 8"),
-])
-def test_a_length_that_does_not_cut_the_windows_is_refused_at_fit_start(corpus, tmp_path, short_context, message):
+def test_a_length_that_does_not_divide_the_windows_is_refused_at_fit_start(corpus, tmp_path):
+    message = "does not divide the training windows of 32 tokens .* e.g. 8"
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[TrainingContextSchedule(short_context, 0.5)])
-    with pytest.raises(LMError, match=message.replace("(", r"\(")):
+                        callbacks=[TrainingContextSchedule(12, 0.5)])
+    with pytest.raises(LMError, match=message):
         trainer.fit(LanguageModel(GPTConfig(**TINY), warmup_steps=0), datamodule=datamodule(corpus))
-    with pytest.raises(LMError, match=message.replace("(", r"\(")):  # a batch cut directly: the same check
-        split_windows((torch.zeros(2, CONTEXT, dtype=torch.long),) * 2, short_context)
+    with pytest.raises(LMError, match=message):  # a batch cut directly: the same check
+        split_windows((torch.zeros(2, CONTEXT, dtype=torch.long),) * 2, 12)
+
+
+@pytest.mark.parametrize("short_context", [CONTEXT, 64])
+def test_a_context_no_longer_than_short_context_trains_on_full_windows_with_a_warning(corpus, tmp_path, short_context):
+    """The CPU recipe has the callback (256 of 512); run at a 32-token context it must still train, on full windows."""
+    recorder = WindowRecorder()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, callbacks=[TrainingContextSchedule(short_context, 0.9), recorder])
+    with pytest.warns(UserWarning, match="not longer than short_context.* full windows throughout"):
+        trainer.fit(LanguageModel(GPTConfig(**TINY), warmup_steps=0, max_steps=3), datamodule=datamodule(corpus))
+    assert recorder.train == [(step, (BATCH, CONTEXT)) for step in range(3)]
+    with pytest.raises(LMError, match=r"is not shorter than the training windows \(32 tokens"):
+        split_windows((torch.zeros(2, CONTEXT, dtype=torch.long),) * 2, short_context)  # cut directly: refused
+
+
+def test_distillation_follows_the_schedule(corpus, tmp_path):
+    """lm.modules.Distiller cuts its batch too: the student (and the teacher, on the same pieces) see short windows."""
+    from lm.modules.distill import Distiller
+
+    student = Distiller(config=GPTConfig(**TINY), warmup_steps=0, max_steps=10)
+    student.teacher = LanguageModel(GPTConfig(**TINY)).model.eval()  # set before setup: no checkpoint to load
+    teacher_shapes = []
+    student.teacher.register_forward_pre_hook(lambda module, args: teacher_shapes.append(tuple(args[0].shape)))
+    recorder, _ = fit(corpus, tmp_path, until=0.5, model=student)
+    assert recorder.train == expected_shapes(range(10), 0.5)
+    assert teacher_shapes == [shape for _, shape in expected_shapes(range(10), 0.5)]
 
 
 class IgnoresTrainingContext(LanguageModel):
-    """A subclass with its own training_step that never cuts the batch (as lm.modules.Distiller's does)."""
+    """A subclass with its own training_step that never cuts the batch (a variant written before the callback)."""
 
     def training_step(self, batch, batch_idx):
         return self.compute_loss(self(batch[0]), batch[1])
@@ -192,12 +215,27 @@ def test_a_module_that_ignores_the_context_or_is_not_a_language_model_is_refused
 
 
 # ----------------------------------------------------------------------------------------- YAML
-def test_the_overlay_adds_the_schedule_after_the_recipes_ema(monkeypatch, capsys):
+def test_the_recipe_has_the_schedule_after_its_ema(monkeypatch, capsys):
     monkeypatch.chdir(REPO_ROOT)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "experiments/wikitext2_cpu.yaml", "--config", OVERLAY, "--print_config"])
+        main(["fit", "--config", "experiments/wikitext2_cpu.yaml", "--print_config"])
     assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
     callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
     assert [c["class_path"] for c in callbacks] == ["lm.callbacks.ExponentialMovingAverage",
                                                     "lm.callbacks.TrainingContextSchedule"]
-    assert callbacks[1]["init_args"] == {"short_context": 256, "until": 0.7}
+    assert callbacks[1]["init_args"] == {"short_context": 256, "until": 0.85}
+
+
+def test_the_overlay_adds_the_schedule_to_a_recipe_without_it_and_two_schedules_are_refused(monkeypatch, capsys,
+                                                                                               corpus, tmp_path):
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "experiments/wikitext2_gpt2_small.yaml", "--config", OVERLAY, "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    assert [c["class_path"] for c in callbacks][-1] == "lm.callbacks.TrainingContextSchedule"
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[TrainingContextSchedule(SHORT, 0.5), TrainingContextSchedule(SHORT, 0.9)])
+    with pytest.raises(LMError, match="Two TrainingContextSchedule callbacks"):
+        trainer.fit(LanguageModel(GPTConfig(**TINY), warmup_steps=0, max_steps=1), datamodule=datamodule(corpus))

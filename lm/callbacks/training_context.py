@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lm.errors import LMError
@@ -65,7 +65,8 @@ class TrainingContextSchedule(Callback):
 
     Args:
         short_context: Window length, in tokens, of the first part of the run; it must divide the model's
-            context (`model.config.max_position_embeddings`) and be shorter.
+            context (`model.config.max_position_embeddings`). A model whose context is not longer is trained
+            on full windows throughout, with a warning (a recipe that has this callback, run at a small context).
         until: Progress of the run (0 -> 1, as the LR schedule measures it) from which full windows are used;
             0 never shortens, 1 shortens the whole run.
     """
@@ -77,12 +78,13 @@ class TrainingContextSchedule(Callback):
                           f"for a 512-token model.")
         if not 0.0 <= until <= 1.0:
             raise LMError(f"TrainingContextSchedule until is a fraction of the run in [0, 1], got {until}: e.g. 0.85 "
-                          f"(short windows for the first 70%).")
+                          f"(short windows for the first 85%).")
         self.short_context = short_context
         self.until = until
         self._decided_at_step: Optional[int] = None  # the optimizer step the current window length is for
         self._received: Optional[int] = None  # window length of the network's last training forward
         self._hook: Optional[Any] = None
+        self._off = False  # the model's context is not longer than short_context (see setup)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -90,8 +92,16 @@ class TrainingContextSchedule(Callback):
         if not (hasattr(pl_module, "training_context") and callable(getattr(pl_module, "schedule_progress", None))):
             raise LMError(f"TrainingContextSchedule needs an lm.modules.LanguageModel (training_context and "
                           f"schedule_progress); the model is a {type(pl_module).__name__}: drop the callback.")
+        if sum(isinstance(c, TrainingContextSchedule) for c in trainer.callbacks) > 1:
+            raise LMError("Two TrainingContextSchedule callbacks (e.g. experiments/trainer/callbacks/"
+                          "short_context_schedule.yaml stacked on experiments/wikitext2_cpu.yaml, which has one): "
+                          "keep one, and set its short_context/until there.")
         context = getattr(getattr(pl_module, "config", None), "max_position_embeddings", None)
-        if context is not None:  # the training windows (lm fit links data.block_size to it)
+        self._off = context is not None and self.short_context >= context
+        if self._off:  # e.g. the CPU recipe (which has this callback) run with a smaller model context
+            rank_zero_warn(f"TrainingContextSchedule: the model's context ({context} tokens) is not longer than "
+                           f"short_context={self.short_context}: training on full windows throughout.")
+        elif context is not None:  # the training windows (lm fit links data.block_size to it)
             check_short_context(self.short_context, context)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -106,6 +116,8 @@ class TrainingContextSchedule(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        if self._off:
+            return
         if step == self._decided_at_step:  # the micro-batches of one accumulated step share its window length
             return
         progress = pl_module.schedule_progress(step)

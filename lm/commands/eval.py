@@ -32,7 +32,7 @@ from lm.evaluation.labelled_file import evaluate_labelled_file
 from lm.evaluation.perplexity import evaluate_text_file_both, summarize
 from lm.extras import install_hint
 from lm.io.checkpoints import load_model
-from lm.runtime.hardware import cpu_has_native_bf16
+from lm.runtime.hardware import auto_inference_dtype
 from lm.io.files import atomic_write_text
 from lm.model.sampling import SamplingOptions
 
@@ -180,10 +180,10 @@ def _evaluate_harness(model, tokenizer, tasks: str, include_path: Optional[str],
 def _scoring_dtype(dtype: str) -> str:
     if dtype != "auto":
         return dtype
-    if cpu_has_native_bf16():
-        print("Scoring in bfloat16 (auto: this CPU has native bf16); --dtype float32 for the float32 figures.")
-        return "bfloat16"
-    return "float32"
+    dtype, why = auto_inference_dtype("cpu")  # lm eval scores on the CPU
+    if dtype == "bfloat16":
+        print(f"Scoring in bfloat16 (auto: {why}); --dtype float32 for the float32 figures.")
+    return dtype
 
 
 def _distributions(model, context_cache: Optional[bool]) -> list[bool]:

@@ -24,6 +24,7 @@ from lm.errors import LMError
 from lm.extras import require
 from lm.io.checkpoints import load_model, read_checkpoint
 from lm.model.sampling import SamplingOptions
+from lm.runtime.hardware import auto_inference_dtype
 from lm.serve.engine import BatchEngine
 from lm.serve.feedback import FeedbackLog
 from lm.serve.filters import Blocklist, NoFilter
@@ -57,7 +58,7 @@ def serve(
     feedback_path: Optional[str] = "logs/serve/feedback.jsonl",
     blocklist: Optional[str] = None,
     device: str = "cpu",
-    dtype: Literal["float32", "bfloat16"] = "float32",
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto",
     threads: Optional[int] = None,
     log_level: Literal["debug", "info", "warning", "error"] = "info",
 ) -> None:
@@ -82,7 +83,8 @@ def serve(
         feedback_path: JSONL file that POST /v1/feedback appends training examples to (null: off).
         blocklist: A file of words (one per line) masked as *** in every output.
         device: Where to run the model, e.g. cpu or cuda.
-        dtype: float32 or bfloat16 weights.
+        dtype: float32 or bfloat16 weights; `auto`: bfloat16 where the hardware multiplies it natively,
+            else float32 (as `lm generate`; /info says which).
         threads: CPU threads for torch (default: torch's choice).
         log_level: Server log level; the request log is at info.
     """
@@ -126,6 +128,9 @@ def build_state(ckpt_path: str, *, model_name: Optional[str] = None, max_batch_s
     filter_ = Blocklist.from_file(blocklist) if blocklist else NoFilter()  # a bad file fails before the load
     feedback = FeedbackLog(feedback_path) if feedback_path else None  # so does a feedback file it cannot write
     path = Path(ckpt_path)
+    if dtype == "auto":
+        dtype, why = auto_inference_dtype(device)
+        log.info("%s weights (%s; --dtype float32 or bfloat16 to choose)", dtype, why)
     model, tokenizer = load_model(path, device=device, dtype=getattr(torch, dtype))
     if hasattr(model, "prepare_for_inference"):
         model.prepare_for_inference()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lm.callbacks.training_context import split_windows
 from lm.errors import LMError
 from lm.evaluation.token_metrics import IGNORE_INDEX
 from lm.io.checkpoints import load_model
@@ -96,7 +97,7 @@ class Distiller(LanguageModel):
         self.teacher_options = {"context_cache": True} if getattr(teacher, "accepts_context_cache", False) else {}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        input_ids, targets = batch
+        input_ids, targets = split_windows(batch, self.training_context)  # TrainingContextSchedule, if any
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids, **self.teacher_options)
         loss, kl, ce = distillation_loss(self(input_ids), teacher_logits, targets, self.alpha,
