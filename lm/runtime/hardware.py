@@ -63,33 +63,37 @@ def describe_cpu() -> str:
     return f"{name} ({capability}{vnni}, {bf16}), {torch.get_num_threads()} threads"
 
 
+def bf16_is_fast(device: str) -> tuple[bool, str]:
+    """(whether `device` multiplies bf16 in hardware, the reason) for `device` "cpu", "cuda", "cuda:1", ...: the one
+    rule behind the automatic precisions of training (`auto_precision`) and inference (`auto_inference_dtype`)."""
+    import torch  # here, not at the top: see describe_cpu
+
+    if str(device).startswith("cuda"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return True, f"{torch.cuda.get_device_name()} supports bf16"
+        return False, "the GPU has no bf16 support"
+    if str(device) != "cpu":
+        return False, f"device {device}"
+    if cpu_has_native_bf16():
+        return True, f"the CPU has native bf16 ({describe_cpu()})"
+    return False, f"the CPU has no native bf16, where bf16 matmuls are emulated and slow ({describe_cpu()})"
+
+
 def auto_precision(accelerator: str) -> tuple[str, str]:
     """(Trainer precision, the reason) for an `accelerator` setting ("cpu", "gpu", "cuda", "auto")."""
     import torch  # here, not at the top: see describe_cpu
 
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if on_gpu:
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bf16-mixed", f"{torch.cuda.get_device_name()} supports bf16"
-        return "32-true", "the GPU has no bf16 support"
-    if cpu_has_native_bf16():
-        return "bf16-mixed", f"the CPU has native bf16 ({describe_cpu()})"
-    return "32-true", f"the CPU has no native bf16, where bf16 matmuls are emulated and slow ({describe_cpu()})"
+    fast, why = bf16_is_fast("cuda" if on_gpu else "cpu")
+    return ("bf16-mixed" if fast else "32-true"), why
 
 
 def auto_inference_dtype(device: str) -> tuple[str, str]:
-    """(dtype name, the reason) for decoding on `device` ("cpu", "cuda", "cuda:1", ...) when the user leaves
-    it to `lm`: bfloat16 where the hardware multiplies it natively (a decode step streams every weight
-    once, and bf16 halves the bytes), else float32, where eager bf16 is emulated and slower."""
-    import torch  # here, not at the top: see describe_cpu
-
-    if str(device).startswith("cuda"):
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bfloat16", f"{torch.cuda.get_device_name()} supports bf16"
-        return "float32", "the GPU has no bf16 support"
-    if str(device) == "cpu" and cpu_has_native_bf16():
-        return "bfloat16", "the CPU has native bf16"
-    return "float32", "the CPU has no native bf16" if str(device) == "cpu" else f"device {device}"
+    """(dtype name, the reason) for decoding or scoring on `device` when the user leaves it to `lm`: bfloat16
+    where the hardware multiplies it natively (a decode step streams every weight once, and bf16 halves the
+    bytes), else float32, where eager bf16 is emulated and slower."""
+    fast, why = bf16_is_fast(device)
+    return ("bfloat16" if fast else "float32"), why
 
 
 def check_device(device: "str | torch.device") -> "torch.device":
