@@ -358,6 +358,8 @@ def test_repetition_penalty_makes_recent_tokens_less_likely():
     recent = recent_tokens([[0, 0, 1]], window=4)
     assert recent.tolist() == [[-1, 0, 0, 1]]
     assert penalize_repeats(logits, recent, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    two_rows = penalize_repeats(torch.cat([logits, logits]), torch.tensor([[-1, -1, 3, 3], [-1, -1, -1, -1]]), 2.0)
+    assert two_rows.tolist() == [[2.0, -1.0, 0.5, 1.5], [2.0, -1.0, 0.5, 3.0]]  # a row without tokens: untouched
     assert recent_tokens([[5, 6, 7]], window=2).tolist() == [[6, 7]]
     with pytest.raises(LMError, match="repetition_penalty must be >= 1"):
         SamplingOptions(repetition_penalty=0.9)
