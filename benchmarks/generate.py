@@ -84,6 +84,14 @@ def hf_gpt2(config: GPTConfig, dtype: torch.dtype):
     return GPT2LMHeadModel(hf_config).to(dtype).eval()
 
 
+def hf_tokens_per_second(config: GPTConfig, dtype: torch.dtype, prompt: list[int], args: argparse.Namespace) -> float:
+    """Median decode tokens/s of `hf_gpt2(config, dtype)` over `args.runs` runs after a warm-up."""
+    peer = hf_gpt2(config, dtype)
+    hf_decode_tokens_per_second(peer, prompt, args.new_tokens, args.repetition_penalty)  # warm-up
+    return statistics.median(hf_decode_tokens_per_second(peer, prompt, args.new_tokens, args.repetition_penalty)
+                             for _ in range(args.runs))
+
+
 def prepare(config: GPTConfig, dtype: torch.dtype, path: str) -> tuple[GPT, float]:
     torch.manual_seed(0)
     model = GPT(config).to(dtype).eval()
@@ -125,21 +133,22 @@ def main() -> None:
         print("- HF eager: transformers' GPT2LMHeadModel.generate, same shape and random weights, greedy, its KV "
               "cache, eager PyTorch (no torch.compile), default attention")
     print(f"\nrepetition penalty {args.repetition_penalty} on every row")
-    print("\n| threads | dtype | path | KV cache (tok/s) | no cache (tok/s) | speed-up vs no cache | vs HF eager "
+    print("\n| threads | dtype | path | KV cache (tok/s) | no cache (tok/s) | speed-up vs no cache | vs HF fp32 "
           "| setup (s) |")
     print("|---:|---|---|---:|---:|---:|---:|---:|")
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for dtype_name in args.dtypes:
+        hf = None  # HF's float32 tokens/s at these threads: every row's "vs HF fp32" (fp32, as its users run it)
+        for dtype_name in sorted(args.dtypes, key=lambda name: name != "float32"):  # float32 first
             dtype = getattr(torch, dtype_name)
-            reference, uncached, hf = None, None, None
+            reference, uncached = None, None
             if args.hf:
-                peer = hf_gpt2(config, dtype)
-                hf_decode_tokens_per_second(peer, prompt, args.new_tokens, args.repetition_penalty)  # warm-up
-                hf = statistics.median(hf_decode_tokens_per_second(peer, prompt, args.new_tokens,
-                                                                   args.repetition_penalty) for _ in range(args.runs))
-                print(f"| {threads} | {dtype_name} | HF eager | {hf:.0f} | | | 1.0x | 0.0 |", flush=True)
-                del peer
+                hf_here = hf_tokens_per_second(config, dtype, prompt, args)
+                if hf is None:  # this row if float32, else measured once
+                    hf = (hf_here if dtype_name == "float32"
+                          else hf_tokens_per_second(config, torch.float32, prompt, args))
+                print(f"| {threads} | {dtype_name} | HF eager | {hf_here:.0f} | | | {hf_here / hf:.1f}x | 0.0 |",
+                      flush=True)
             for path in args.paths:
                 model, setup = prepare(config, dtype, path)
                 start = time.perf_counter()

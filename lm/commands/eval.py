@@ -32,7 +32,7 @@ from lm.evaluation.labelled_file import evaluate_labelled_file
 from lm.evaluation.perplexity import evaluate_text_file_both, summarize
 from lm.extras import install_hint
 from lm.io.checkpoints import load_model
-from lm.runtime.hardware import auto_inference_dtype
+from lm.runtime.hardware import resolve_inference_dtype
 from lm.io.files import atomic_write_text
 from lm.model.sampling import SamplingOptions
 
@@ -178,11 +178,9 @@ def _evaluate_harness(model, tokenizer, tasks: str, include_path: Optional[str],
 
 
 def _scoring_dtype(dtype: str) -> str:
-    if dtype != "auto":
-        return dtype
-    dtype, why = auto_inference_dtype("cpu")  # lm eval scores on the CPU
-    if dtype == "bfloat16":
-        print(f"Scoring in bfloat16 (auto: {why}); --dtype float32 for the float32 figures.")
+    dtype, chosen = resolve_inference_dtype(dtype, "cpu")  # lm eval scores on the CPU
+    if chosen and dtype == "bfloat16":  # float32 is the reference figure: say only when it is not that
+        print(f"Scoring with {chosen}.")
     return dtype
 
 

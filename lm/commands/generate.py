@@ -26,7 +26,7 @@ from lm.errors import LMError, MissingFileError
 from lm.io.checkpoints import load_model
 from lm.model.generation import generate_text, stream_text
 from lm.model.sampling import SamplingOptions
-from lm.runtime.hardware import auto_inference_dtype
+from lm.runtime.hardware import resolve_inference_dtype
 
 # Sampling flags may be given bare (`--temperature 0`) as well as `--sampling.temperature 0`.
 _SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingOptions))
@@ -68,7 +68,7 @@ def generate(
             (AVX-512-BF16/AMX CPUs, bf16 GPUs: half the bytes to stream per decoded token), else float32
             (`lm.runtime.hardware.auto_inference_dtype`). `float32` decodes exactly as the checkpoint's
             weights; `bfloat16` also compiles well on CPUs without native bf16.
-        compile: Compile the decode step (`GPT.prepare_for_inference(compile=True)`): faster steps (2.2x in
+        compile: Compile the decode step (`GPT.prepare_for_inference(compile=True)`): faster steps (2.2-2.4x in
             bf16 at benchmarks/generate.py's shape) after a one-time compile of ~7 s with torch's on-disk cache
             warm (~20 s cold), so it pays for long runs only (docs/results/figures.md, "Decoding").
         threads: CPU threads for torch (default: torch's choice, one per core). On a busy machine
@@ -85,9 +85,9 @@ def generate(
         raise LMError(f"batch_size must be positive, got {batch_size}.")
     if stream is None:
         stream = len(prompts) == 1 and format == "text"
-    if dtype == "auto":
-        dtype, why = auto_inference_dtype(device)
-        print(f"lm generate: {dtype} weights ({why}; --dtype float32 or bfloat16 to choose)", file=sys.stderr)
+    dtype, chosen = resolve_inference_dtype(dtype, device)
+    if chosen:
+        print(f"lm generate: {chosen}", file=sys.stderr)
     model, tokenizer = _load(ckpt_path, device, dtype, compile, threads)
     write = _writer(sys.stdout, format, echo_prompt)
     if stream:

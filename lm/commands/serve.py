@@ -24,7 +24,7 @@ from lm.errors import LMError
 from lm.extras import require
 from lm.io.checkpoints import load_model, read_checkpoint
 from lm.model.sampling import SamplingOptions
-from lm.runtime.hardware import auto_inference_dtype
+from lm.runtime.hardware import resolve_inference_dtype
 from lm.serve.engine import BatchEngine
 from lm.serve.feedback import FeedbackLog
 from lm.serve.filters import Blocklist, NoFilter
@@ -128,9 +128,9 @@ def build_state(ckpt_path: str, *, model_name: Optional[str] = None, max_batch_s
     filter_ = Blocklist.from_file(blocklist) if blocklist else NoFilter()  # a bad file fails before the load
     feedback = FeedbackLog(feedback_path) if feedback_path else None  # so does a feedback file it cannot write
     path = Path(ckpt_path)
-    if dtype == "auto":
-        dtype, why = auto_inference_dtype(device)
-        log.info("%s weights (%s; --dtype float32 or bfloat16 to choose)", dtype, why)
+    dtype, chosen = resolve_inference_dtype(dtype, device)
+    if chosen:
+        log.info(chosen)
     model, tokenizer = load_model(path, device=device, dtype=getattr(torch, dtype))
     if hasattr(model, "prepare_for_inference"):
         model.prepare_for_inference()

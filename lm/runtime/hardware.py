@@ -96,6 +96,15 @@ def auto_inference_dtype(device: str) -> tuple[str, str]:
     return ("bfloat16" if fast else "float32"), why
 
 
+def resolve_inference_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """(`dtype`, "") as given, or for "auto" (`lm generate`, `lm serve`, `lm eval`) the one `auto_inference_dtype`
+    picks on `device`, with the line that tells the user which and why."""
+    if dtype != "auto":
+        return dtype, ""
+    dtype, why = auto_inference_dtype(device)
+    return dtype, f"{dtype} weights ({why}; --dtype float32 or bfloat16 to choose)"
+
+
 def check_device(device: "str | torch.device") -> "torch.device":
     """`device` as a `torch.device` that exists on this machine, else an `LMError` saying what does: asking
     for cuda (or mps) where there is none otherwise fails deep inside torch, after the checkpoint is read."""
