@@ -88,10 +88,14 @@ def test_levers_under_bf16_autocast_match_the_plain_bf16_step(lever):
     config = _config(**VARIANTS["gpt2-like"])
     plain_loss, plain_grads = _step(_module(config), bf16=True)
     loss, grads = _step(_module(config, **LEVERS[lever]), bf16=True)
-    # The same bf16 matmuls on the same inputs; the chunked loss sums its chunks in another order.
+    # The same bf16 matmuls on the same inputs; the chunked loss sums its chunks in another order. Its head (tied to
+    # the embeddings) gets one bf16 weight gradient per chunk, each rounded to 8 bits before they are added: an entry
+    # may be off by a few roundings of the largest partial sums, so the tolerance scales with the gradient's size
+    # (a fixed 2e-4 passed or failed with the dropout masks' seed).
     torch.testing.assert_close(loss, plain_loss, rtol=1e-4, atol=1e-4)
     for name in grads:
-        torch.testing.assert_close(grads[name], plain_grads[name], rtol=2e-2, atol=2e-4, msg=name)
+        scale = plain_grads[name].abs().max().item()
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=2e-2, atol=2e-4 + 2 ** -6 * scale, msg=name)
 
 
 def _saved_storages(run) -> dict[int, int]:

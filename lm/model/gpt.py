@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from lm.errors import LMError
 from lm.model import inference
 from lm.model.config import GPTConfig
-from lm.model.layers import (SMEAR_GATE_CHANNELS, Block, CausalSelfAttention, KVCache, LearnedPositions,
+from lm.model.layers import (SMEAR_GATE_CHANNELS, Block, CausalSelfAttention, Dropout, KVCache, LearnedPositions,
                              RotaryPositions, SinusoidalPositions, bigram_hash, make_norm, previous_token_ids)
 
 
@@ -64,7 +64,7 @@ class GPT(nn.Module):
             config.position, lambda _: None
         )(config)
         self.rotary = RotaryPositions(config) if config.position == "rope" else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.layers = nn.ModuleList(block_class(config, i, attention_class) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -40,6 +40,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
+import torch
+
+from lm.model.layers import written_out_attention_is_faster
 from lm.plan.devices import DeviceSpec
 from lm.plan.recipe import ModelShape, Setup
 
@@ -69,7 +72,8 @@ PRECISIONS = {
 }
 
 
-def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool = False, cpu: bool = False) -> float:
+def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool = False, cpu: bool = False,
+                               micro_batch: int = 1) -> float:
     """Bytes autograd keeps per token of a micro-batch until the backward pass, for this model's layers.
 
     Per block: the two norms' inputs (residual stream) and statistics, the inputs of the four linear layers,
@@ -78,7 +82,8 @@ def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool 
     QK-norm's own tensors (`_norm_bytes`), and 1-byte dropout masks; outside the blocks, the value-embedding
     rows the layers scale. RoPE keeps only its cos/sin tables (shared by the layers). `sdpa` is counted as a
     fused kernel that keeps no T x T scores; `math` keeps the scores (fp32 softmax, its cast, a dropout mask).
-    On CPU (`cpu`), sdpa with dropout runs the math kernel, and dropout keeps its mask in its input's dtype,
+    On CPU (`cpu`), sdpa with dropout runs the math kernel, so does sdpa in bf16 while a layer's scores (`micro_batch`
+    x heads x T^2) are few (`lm.model.layers.written_out_attention_is_faster`), and dropout keeps its mask in its input's dtype,
     not as bytes (the residual branches' in the compute dtype, the embeddings' in the weights'). With
     checkpointing a block keeps only its input (and the value-embedding rows, inputs of the blocks); the one
     block being recomputed is `recomputed_block_bytes_per_token`. Checked per variant against the tensors
@@ -88,16 +93,24 @@ def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool 
     mask = (c if cpu else 1) if m.dropout > 0 else 0             # bytes per dropped value of a residual branch
     embedding_mask = (r if cpu else 1) if m.dropout > 0 else 0   # ... of the embeddings (the weights' dtype)
     attention_dropout = m.dropout if m.attention_dropout is None else m.attention_dropout
-    math_attention = m.attention == "math" or (cpu and attention_dropout > 0)
+    written_out = m.attention == "sdpa" and written_out_attention_is_faster(  # lm's math_attention, not torch's
+        "cpu" if cpu else "cuda", torch.bfloat16 if p.compute_dtype == "bfloat16" else None,
+        micro_batch * m.num_heads * m.sequence_length ** 2, needs_grad=True)
+    math_attention = m.attention == "math" or written_out or (cpu and attention_dropout > 0)
     rms = m.norm == "rmsnorm"
     block_norm = _norm_bytes(h, r, p.weights, rms, cpu)          # attn_norm, mlp_norm: input (residual stream), own
     block = 2 * block_norm
     block += (3 * h + i) * c                                     # qkv, o_proj, up, down inputs
     # CPU's sdpa with dropout runs its math kernel, which computes a bf16 q, k, v in fp32: fp32 copies are kept.
-    upcast = cpu and m.attention == "sdpa" and attention_dropout > 0 and c != 4
+    upcast = cpu and m.attention == "sdpa" and not written_out and attention_dropout > 0 and c != 4
     attention_bytes = 4 if upcast else c
     new_q_k = m.position == "rope" or m.qk_norm                  # else q, k are views of the projection's output
-    block += (h + 2 * kv) * attention_bytes                      # the q,k,v projection's output (or its fp32 copy)
+    if math_attention and new_q_k and not upcast:  # the products keep the new q, k (below) and a copy of v
+        block += kv * attention_bytes
+    else:
+        block += (h + 2 * kv) * attention_bytes                  # the q,k,v projection's output (or its fp32 copy)
+    if math_attention and not upcast:  # grouped-query: math_attention's copies of k, v for every query head
+        block += 2 * (h - kv) * attention_bytes
     if not math_attention:  # a fused kernel keeps its output and fp32 log-sum-exp. On CPU the output takes q's
         block += 4 * m.num_heads  # memory layout: (B, T, heads, d) for q a view of the projection's output, or
         block += h * c if not cpu or m.qk_norm else 0  # RoPE of it, is the o_proj input's memory (a view)
@@ -110,10 +123,10 @@ def activation_bytes_per_token(m: ModelShape, p: Precision, checkpointing: bool 
     block += 2 * h * mask                                        # residual dropout masks
     if m.residual_scalars:
         block += h * r                                           # the unmixed input (scalar gradients)
-    if math_attention:  # per score: fp32 softmax, its cast to the compute dtype, dropout mask + output
-        scores = m.num_heads * m.sequence_length
+    if math_attention:  # per score: fp32 softmax, then its cast to the compute dtype, or a dropout mask + output
+        scores = m.num_heads * m.sequence_length          # (dropout's backward needs only its mask, not its input)
         score_mask = (attention_bytes if cpu else 1) if attention_dropout > 0 else 0
-        cast = c if attention_bytes != 4 else 0
+        cast = c if attention_bytes != 4 and attention_dropout == 0 else 0
         block += scores * (4 + cast + (score_mask + attention_bytes if attention_dropout > 0 else 0))
     outside = block_norm + h * c + h * embedding_mask            # final norm, head input, embedding dropout
     outside += m.value_embedding_rows * kv * p.residual          # value-embedding rows (the tables' dtype), kept
@@ -149,21 +162,24 @@ def _norm_copies_input(input_bytes: int, weight_bytes: int, rms: bool, cpu: bool
     return rms and (cpu or input_bytes != weight_bytes) and input_bytes != 4
 
 
-def recomputed_block_bytes_per_token(m: ModelShape, p: Precision, cpu: bool = False) -> float:
+def recomputed_block_bytes_per_token(m: ModelShape, p: Precision, cpu: bool = False, micro_batch: int = 1) -> float:
     """Under activation checkpointing, one block's activations, rebuilt in the backward pass."""
     one_layer = replace(m, num_layers=1, value_embedding_layers=min(1, m.value_embedding_layers))
-    return (activation_bytes_per_token(one_layer, p, cpu=cpu)
-            - activation_bytes_per_token(replace(one_layer, num_layers=0, value_embedding_layers=0), p, cpu=cpu))
+    return (activation_bytes_per_token(one_layer, p, cpu=cpu, micro_batch=micro_batch)
+            - activation_bytes_per_token(replace(one_layer, num_layers=0, value_embedding_layers=0), p, cpu=cpu,
+                                         micro_batch=micro_batch))
 
 
 def temporary_logits_bytes(m: ModelShape, s: Setup, p: Precision) -> float:
-    """The logits' peak, in the backward pass of the loss: for every token (or one chunk of tokens) the fp32
-    log-softmax (saved by the forward), the gradient reaching it and the gradient it passes back, 12 bytes a
-    value whatever the precision (the loss is computed in fp32: lm.evaluation.token_metrics.token_nll). A
-    chunk's backward also makes its own head-weight gradient (vocab x hidden) before adding it to the
-    others'. Measured on CPU in 32-true and bf16-mixed (docs/results/memory-levers.md)."""
+    """The logits' peak, in the backward pass of the loss, for every token (or one chunk of tokens). On CPU the
+    logits (saved by the forward) and their gradient, both in the compute dtype (`lm.evaluation.token_metrics.
+    SummedCrossEntropy` computes the fp32 loss a block of rows at a time: its fp32 blocks are small); on an
+    accelerator the fp32 log-softmax (saved by `F.cross_entropy`), the gradient reaching it and the one it passes
+    back, 12 bytes a value whatever the precision. A chunk's backward also makes its own head-weight gradient
+    (vocab x hidden) before adding it to the others'. Measured on CPU in 32-true and bf16-mixed
+    (docs/results/memory-levers.md)."""
     tokens = s.micro_batch * m.sequence_length
-    per_value = 12
+    per_value = 2 * p.compute if s.accelerator == "cpu" else 12
     if s.loss_chunk_size is None or tokens <= s.loss_chunk_size:
         return tokens * m.vocab_size * per_value
     return s.loss_chunk_size * m.vocab_size * per_value + m.vocab_size * m.hidden_size * p.grads
@@ -177,7 +193,7 @@ def memory_per_device(m: ModelShape, s: Setup) -> dict[str, float]:
     tokens = s.micro_batch * m.sequence_length
     logits = temporary_logits_bytes(m, s, p)
     cast_copy = p.cast_copy if s.strategy != "fsdp" else 0
-    recomputed = (tokens * recomputed_block_bytes_per_token(m, p, s.accelerator == "cpu")
+    recomputed = (tokens * recomputed_block_bytes_per_token(m, p, s.accelerator == "cpu", s.micro_batch)
                   + m.block_parameters / max(m.num_layers, 1) * cast_copy)
     checkpointed_parameters = m.block_parameters if s.activation_checkpointing else 0
     items = {
@@ -188,7 +204,8 @@ def memory_per_device(m: ModelShape, s: Setup) -> dict[str, float]:
         "ddp gradient buckets": P * p.grads if s.strategy == "ddp" and W > 1 else 0.0,
         "fsdp gathered units": _gathered_unit_bytes(m, s, p) if shard_states and W > 1 else 0.0,
         "bf16 weight copies": (P - checkpointed_parameters) * cast_copy,
-        "activations": tokens * activation_bytes_per_token(m, p, s.activation_checkpointing, s.accelerator == "cpu"),
+        "activations": tokens * activation_bytes_per_token(m, p, s.activation_checkpointing, s.accelerator == "cpu",
+                                                           s.micro_batch),
         "temporary logits": logits,
         "recomputed block": max(0.0, recomputed - logits) if s.activation_checkpointing else 0.0,
     }
