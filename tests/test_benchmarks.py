@@ -235,3 +235,66 @@ def test_quality_benchmark_reports_the_generation_figures_of_its_best_checkpoint
     monkeypatch.setattr(sys, "argv", ["quality.py", "--test-file", str(text_file), "--gen-prompts", "13"])
     with pytest.raises(SystemExit, match="fewer than --prompts 13"):
         quality.parse_args()
+
+
+def test_recipe_throughput_times_both_contexts_of_the_default_recipe():
+    from tests.helpers import WIKITEXT_DIR
+
+    if not (WIKITEXT_DIR / "wiki.valid.raw").is_file():
+        pytest.skip(f"WikiText-2 raw files not found in {WIKITEXT_DIR}")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe_throughput.py"), "--precisions",
+                             "32-true", "--steps", "30", "--warmup", "1"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 32-true |")]
+    # 10 warm-up steps, then 85% of the other 20 at 256 tokens: steps 0-26 at 256, 27-29 at 512 (less one each).
+    assert [(row[2].strip(), row[3].strip()) for row in rows] == [("256", "26"), ("512", "2")]
+    for row in rows:
+        assert 0 < float(row[8].strip(" *%")) < 100  # of the measured peak
+    assert not (ROOT / "checkpoints" / "recipe_throughput_32-true").exists()  # its outputs are not kept
+
+
+NANOGPT_STAND_IN = '''
+# Stands in for nanoGPT's model.py: its interface (GPTConfig fields, GPT(config), forward(idx, targets) -> (logits,
+# loss), configure_optimizers), built from lm's GPT for the test.
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+from lm.model import GPT as LMGPT, GPTConfig as LMConfig
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+class GPT(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.net = LMGPT(LMConfig(vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
+                                  num_attention_heads=config.n_head, max_position_embeddings=config.block_size))
+
+    def forward(self, idx, targets=None):
+        logits = self.net(idx)
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay)
+'''
+
+
+def test_vs_nanogpt_runs_both_sides_from_a_checkout_and_says_when_there_is_none(tmp_path):
+    (tmp_path / "model.py").write_text(NANOGPT_STAND_IN)
+    command = [sys.executable, str(ROOT / "benchmarks" / "vs_nanogpt.py"), "--precisions", "32-true", "--rounds", "1",
+               "--steps", "1", "--warmup", "0"]
+    result = subprocess.run([*command, "--nanogpt", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line.split("|") for line in result.stdout.splitlines() if line.startswith("| 32-true |"))
+    assert float(row[2]) > 0 and float(row[3]) > 0 and row[4].strip().endswith("x**")
+    missing = subprocess.run([*command, "--nanogpt", str(tmp_path / "nowhere")], capture_output=True, text=True,
+                             timeout=600, cwd=ROOT)
+    assert missing.returncode != 0 and "git clone https://github.com/karpathy/nanoGPT" in missing.stderr
