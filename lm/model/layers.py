@@ -337,10 +337,10 @@ WRITTEN_OUT_ATTENTION_MAX_SCORES = 2 ** 23
 def written_out_attention_is_faster(device_type: str, dtype: torch.dtype, scores: int, needs_grad: bool) -> bool:
     """Whether `attention: sdpa` takes `math_attention` instead of torch's fused kernel: on CPU, in bf16, when a
     gradient is wanted and the scores are few (`WRITTEN_OUT_ATTENTION_MAX_SCORES`). torch's fused CPU kernel keeps
-    no scores, but its bf16 backward pass is slow: per layer, forward + backward, 8 x 4 heads x 256 x 64 took 18.1
-    ms fused against 12.8 written out, 4 x 4 x 512 x 64 29.2 against 21.8 (Zen 4, 2 threads); in fp32, and in the
-    forward pass alone, the fused kernel is as fast or faster. The default recipe's bf16 step is 6-10% shorter.
-    `lm.plan.estimate` counts the scores' memory by the same rule."""
+    no scores, but its bf16 backward pass is slow: per layer, forward + backward, 8 x 4 heads x 256 x 64 took 24.5
+    ms fused against 14.5 written out, 4 x 4 x 512 x 64 39.1 against 29.1 (Zen 4, 2 threads); in fp32, and in the
+    forward pass alone, the fused kernel is as fast or faster (docs/results/figures.md, "The default recipe's
+    training step"). `lm.plan.estimate` counts the scores' memory by the same rule."""
     return (device_type == "cpu" and dtype == torch.bfloat16 and needs_grad
             and scores <= WRITTEN_OUT_ATTENTION_MAX_SCORES)
 
