@@ -42,7 +42,7 @@ class StepClock(L.Callback):
     """Writes each training step's (context, seconds) and the run's FLOPs per step to `path` (JSON) at the end."""
 
     def __init__(self, path: str):
-        self.path, self.steps, self._start = path, [], None
+        self.path, self.steps, self._start, self.tokens = path, [], None, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()
