@@ -41,7 +41,8 @@ from lm.callbacks.training_context import split_windows
 from lm.errors import LMError
 from lm.evaluation.token_metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
 from lm.model import GPT, GPTConfig, SamplingOptions, build_gpt, generate_text
-from lm.modules.optimizers import OptimizerName, Schedule, build_optimizer, lr_multiplier, step_progress
+from lm.modules.optimizers import (MUON_OPTIMIZERS, OptimizerName, Schedule, build_optimizer, lr_multiplier,
+                                   step_progress)
 
 
 class LanguageModel(L.LightningModule):
@@ -59,7 +60,10 @@ class LanguageModel(L.LightningModule):
         weight_decay: Decoupled weight decay for linear weights (norms, biases and embeddings get none).
         betas: AdamW betas.
         optimizer: `adamw`, or `muon`: Muon for the hidden weight matrices and AdamW for the rest, at the
-            same learning rate (`lm.modules.optimizers.MuonWithAdamW`).
+            same learning rate (`lm.modules.optimizers.MuonWithAdamW`); `normuon` / `muon_polar_express`:
+            the same with NorMuon's row normalization / Polar Express's orthogonalization.
+        adamw_lr_ratio: With a Muon optimizer, the learning rate of AdamW's groups (embeddings, the LM head,
+            norms, biases) as a multiple of `learning_rate` (Muon's); the schedule scales both alike.
         warmup_steps: Optimizer steps of linear warm-up.
         max_steps: Steps over which the LR decays; default: the Trainer's total optimizer steps.
         schedule: After warm-up, `cosine` decay or `wsd` (warmup-stable-decay: constant, then a linear
@@ -95,6 +99,7 @@ class LanguageModel(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         optimizer: OptimizerName = "adamw",
+        adamw_lr_ratio: float = 1.0,
         warmup_steps: int = 100,
         max_steps: Optional[int] = None,
         schedule: Schedule = "cosine",
@@ -107,7 +112,8 @@ class LanguageModel(L.LightningModule):
         loss_chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__()
-        _check_optimizer_settings(learning_rate, min_learning_rate, weight_decay, warmup_steps, cooldown_fraction)
+        _check_optimizer_settings(learning_rate, min_learning_rate, weight_decay, warmup_steps, cooldown_fraction,
+                                  optimizer, adamw_lr_ratio)
         self._check_loss_chunk_size(loss_chunk_size)
         # A dict when reloaded from a checkpoint's plain hyper-parameters; copied either way so the
         # shared default instance is never mutated.
@@ -318,11 +324,12 @@ class LanguageModel(L.LightningModule):
     # ------------------------------------------------------------------------------- optimization
     def configure_optimizers(self):
         hp = self.hparams
-        if hp.get("optimizer") == "muon" and self._sharded_run():
+        if hp.get("optimizer") in MUON_OPTIMIZERS and self._sharded_run():
             raise LMError("optimizer: muon does not work with sharded training (FSDP/FSDP2) yet: its checkpoints "
                           "need a single optimizer state. Use --model.optimizer adamw, or DDP.")
         optimizer = build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
-                                    fused=self.fused_adamw, optimizer=hp.get("optimizer", "adamw"))
+                                    fused=self.fused_adamw, optimizer=hp.get("optimizer", "adamw"),
+                                    adamw_lr_ratio=hp.get("adamw_lr_ratio", 1.0))
         min_lr = hp.min_learning_rate if hp.min_learning_rate is not None else hp.learning_rate / 10
         warmup, progress = self._schedule_progress()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
@@ -426,7 +433,8 @@ def attached_trainer(module: L.LightningModule) -> Optional[L.Trainer]:
 
 
 def _check_optimizer_settings(learning_rate: float, min_learning_rate: Optional[float], weight_decay: float,
-                              warmup_steps: int, cooldown_fraction: float) -> None:
+                              warmup_steps: int, cooldown_fraction: float, optimizer: str = "adamw",
+                              adamw_lr_ratio: float = 1.0) -> None:
     """Refuse impossible optimizer settings when the run is configured (AdamW would raise deep in Lightning)."""
     if not learning_rate > 0:
         raise LMError(f"model.learning_rate must be positive, got {learning_rate}: e.g. --model.learning_rate 1e-3.")
@@ -439,3 +447,9 @@ def _check_optimizer_settings(learning_rate: float, min_learning_rate: Optional[
     if not 0 < cooldown_fraction <= 1:
         raise LMError(f"model.cooldown_fraction must be in (0, 1], got {cooldown_fraction}: the share of the run "
                       f"spent decaying the LR (1.0: a linear decay from the end of warm-up).")
+    if not adamw_lr_ratio > 0:
+        raise LMError(f"model.adamw_lr_ratio must be positive, got {adamw_lr_ratio}: e.g. --model.adamw_lr_ratio 1.0.")
+    if adamw_lr_ratio != 1.0 and optimizer not in MUON_OPTIMIZERS:
+        raise LMError(f"model.adamw_lr_ratio={adamw_lr_ratio} sets AdamW's learning rate beside Muon's, but "
+                      f"model.optimizer is {optimizer!r}: every parameter is AdamW's there. Set "
+                      f"model.learning_rate instead, or use a Muon optimizer (--model.optimizer muon).")

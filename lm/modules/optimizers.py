@@ -6,7 +6,11 @@ vectors), so those go in a group without decay.
 
 `build_optimizer(..., optimizer="muon")` gives the hidden matrices to Muon (torch.optim.Muon, with its
 Newton-Schulz iterations in fp32 on CPUs without native bf16: see `Muon`) and the rest to AdamW, in one
-optimizer object that Lightning, the LR scheduler and checkpoints treat as one.
+optimizer object that Lightning, the LR scheduler and checkpoints treat as one. Two variants of Muon's
+update from the speedrun literature: `"normuon"` (each output row's step evened out, `normalize_rows`) and
+`"muon_polar_express"` (Polar Express's orthogonalization, `POLAR_EXPRESS_COEFFICIENTS`). Neither beat plain
+Muon in the default recipe (docs/results/quality.md, "Round 2"); they are there for runs where they were found
+to pay.
 """
 
 from __future__ import annotations
@@ -73,26 +77,30 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return lr_multiplier(step, step_progress(step, warmup_steps, max_steps), warmup_steps, min_lr_ratio)
 
 
-OptimizerName = Literal["adamw", "muon"]
+OptimizerName = Literal["adamw", "muon", "normuon", "muon_polar_express"]
+MUON_OPTIMIZERS = ("muon", "normuon", "muon_polar_express")  # the names that give hidden matrices to `Muon`
 
 
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float],
                     eps: float = 1e-8, fused: bool | None = None,
-                    optimizer: OptimizerName = "adamw") -> torch.optim.Optimizer:
-    """AdamW over `parameter_groups`, or `MuonWithAdamW` for `optimizer="muon"`. `fused=None` picks the
-    fused AdamW kernel where torch has one for the parameters' device (CUDA, and CPU in recent torch),
-    which is faster than the per-tensor loop."""
+                    optimizer: OptimizerName = "adamw", adamw_lr_ratio: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW over `parameter_groups`, or `MuonWithAdamW` for `optimizer="muon"` (or a variant), its AdamW
+    groups at `adamw_lr_ratio` times `learning_rate`. `fused=None` picks the fused AdamW kernel where torch
+    has one for the parameters' device (CUDA, and CPU in recent torch), which is faster than the per-tensor
+    loop."""
     if fused is None:
         fused = _fused_available(model)
     decay, no_decay = parameter_groups(model, weight_decay)
-    if optimizer == "muon":
+    if optimizer in MUON_OPTIMIZERS:
         head = getattr(model, "lm_head", None)
         is_hidden = [p.dim() == 2 and (head is None or p is not head.weight) for p in decay["params"]]
         hidden = [p for p, h in zip(decay["params"], is_hidden) if h]
         rest = [p for p, h in zip(decay["params"], is_hidden) if not h]
-        muon = Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-        adamw = torch.optim.AdamW([{**decay, "params": rest}, no_decay], lr=learning_rate, betas=betas, eps=eps,
-                                  fused=fused or None)
+        muon = Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw",
+                    row_normalization_beta2=NORMUON_BETA2 if optimizer == "normuon" else None,
+                    polar_express=optimizer == "muon_polar_express")
+        adamw = torch.optim.AdamW([{**decay, "params": rest}, no_decay], lr=learning_rate * adamw_lr_ratio,
+                                  betas=betas, eps=eps, fused=fused or None)
         return MuonWithAdamW(muon, adamw)
     return torch.optim.AdamW([decay, no_decay], lr=learning_rate, betas=betas, eps=eps, fused=fused or None)
 
@@ -114,12 +122,16 @@ class Muon(torch.optim.Muon):
     (benchmarks/muon_step.py; figures in docs/results/figures.md). There, `step` runs the same update as
     torch's (momentum, Nesterov, the quintic iteration, the LR adjustment, decoupled weight decay) with the
     iteration in fp32; state dicts are torch's. `newton_schulz_dtype` forces a dtype (None: bf16 where
-    fast, else fp32).
+    fast, else fp32). `row_normalization_beta2` (NorMuon) and `polar_express` change the update; either one
+    takes this class's own step in both dtypes.
     """
 
-    def __init__(self, params, *, newton_schulz_dtype: torch.dtype | None = None, **kwargs):
+    def __init__(self, params, *, newton_schulz_dtype: torch.dtype | None = None,
+                 row_normalization_beta2: float | None = None, polar_express: bool = False, **kwargs):
         super().__init__(params, **kwargs)
         self.newton_schulz_dtype = newton_schulz_dtype
+        self.row_normalization_beta2 = row_normalization_beta2
+        self.polar_express = polar_express
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -127,7 +139,7 @@ class Muon(torch.optim.Muon):
         if dtype is None:
             devices = {p.device for group in self.param_groups for p in group["params"]}
             dtype = torch.bfloat16 if all(fast_bf16_matmul(d) for d in devices) else torch.float32
-        if dtype == torch.bfloat16:
+        if dtype == torch.bfloat16 and self.row_normalization_beta2 is None and not self.polar_express:
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -149,25 +161,63 @@ class Muon(torch.optim.Muon):
             buffer = state["momentum_buffer"]
             buffer.lerp_(param.grad, 1 - momentum)
             update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-            update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+            if self.polar_express:
+                update = newton_schulz(update, POLAR_EXPRESS_COEFFICIENTS, 0, group["eps"], dtype,
+                                       POLAR_EXPRESS_NORM_MARGIN)
+            else:
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+            if self.row_normalization_beta2 is not None:
+                update = normalize_rows(update, state, self.row_normalization_beta2)
             param.mul_(1 - lr * group["weight_decay"])
             param.add_(update, alpha=-lr * muon_lr_ratio(group["adjust_lr_fn"], param.shape))
 
 
-def newton_schulz(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
-                  dtype: torch.dtype) -> torch.Tensor:
+def newton_schulz(matrix: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype,
+                  norm_margin: float = 1.0) -> torch.Tensor:
     """The approximate orthogonalization of torch's Muon (quintic Newton-Schulz, the same operations in
-    the same order), computed in `dtype`."""
-    a, b, c = coefficients
+    the same order), computed in `dtype`. `coefficients`: one (a, b, c) for all `steps` iterations (torch's),
+    or one per iteration (Polar Express: `POLAR_EXPRESS_COEFFICIENTS`, with its `norm_margin` of 1.02; `steps`
+    is then ignored). The matrix is first divided by `norm_margin` times its Frobenius norm."""
+    per_step = coefficients if isinstance(coefficients[0], (tuple, list)) else [coefficients] * steps
     x = matrix.to(dtype, copy=True)  # never the caller's tensor (the momentum buffer without Nesterov)
     tall = matrix.size(0) > matrix.size(1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.T
-    x.div_(x.norm().clamp(min=eps))  # spectral norm <= 1
-    for _ in range(steps):
+    x.div_((x.norm() * norm_margin).clamp(min=eps))  # spectral norm <= 1
+    for a, b, c in per_step:
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
+
+
+# Polar Express (Amsel et al. 2025, arXiv:2505.16932): one quintic per iteration, each the minimax-optimal one
+# for where the singular values can be by then (5 iterations, safety factor 2e-2, cushion 2: the paper's
+# numbers). The norm is inflated by 2% first, the safety margin they were derived for.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_NORM_MARGIN = 1.02
+
+NORMUON_BETA2 = 0.95  # the NorMuon paper's second-moment decay
+
+
+def normalize_rows(update: torch.Tensor, state: dict, beta2: float, eps: float = 1e-10) -> torch.Tensor:
+    """NorMuon (Li et al. 2025): divide each row (output neuron) of an orthogonalized update by the root of
+    a moving average of its mean square, then rescale the whole update back to its Frobenius norm, so the
+    LR adjustment that matches AdamW's RMS still holds. Orthogonalization equalizes the update's singular
+    values, not its rows; this evens out the per-neuron step sizes as Adam does per coordinate."""
+    update = update.float()
+    if "row_second_moment" not in state:
+        state["row_second_moment"] = torch.zeros(update.shape[0], 1, device=update.device)
+    moment = state["row_second_moment"]
+    moment.lerp_(update.square().mean(dim=1, keepdim=True), 1 - beta2)
+    norm = update.norm()
+    update = update * moment.clamp(min=eps).rsqrt()
+    return update * (norm / update.norm().clamp(min=eps))
 
 
 def newton_schulz_flops(shape: tuple[int, ...], steps: int = 5) -> int:

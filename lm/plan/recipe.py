@@ -24,7 +24,7 @@ from lm.cli.lightning_cli import parse_recipe
 from lm.errors import LMError
 from lm.io.class_paths import import_class
 from lm.model.layers import Block
-from lm.modules.optimizers import newton_schulz_flops
+from lm.modules.optimizers import MUON_OPTIMIZERS, newton_schulz_flops
 
 STRATEGIES = ("single", "ddp", "fsdp", "fsdp2")
 SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP")  # FSDP1's ZeRO-3 and ZeRO-2; fsdp2 is always FULL_SHARD
@@ -142,7 +142,8 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
     in_blocks = {id(p) for m in net.modules() if isinstance(m, Block) for p in m.parameters()}
     root = sum(p.numel() for p in net.parameters() if id(p) not in in_blocks)
     states, optimizer_flops = 2.0, 0.0
-    if init_args.get("optimizer") == "muon":  # Muon's hidden matrices keep one buffer, the rest AdamW's two
+    if init_args.get("optimizer") in MUON_OPTIMIZERS:  # Muon's hidden matrices keep one buffer (NorMuon one more
+        # value per row: not counted), the rest AdamW's two
         hidden = [m.weight for b in net.modules() if isinstance(b, Block)
                   for m in b.modules() if isinstance(m, torch.nn.Linear)]
         muon = sum(w.numel() for w in hidden)
