@@ -277,3 +277,15 @@ def test_adamw_lr_ratio_scales_adamws_groups_beside_muon_and_the_schedule_scales
         LanguageModel(config, optimizer="muon", adamw_lr_ratio=0.0)
     module = LanguageModel(config, optimizer="muon", adamw_lr_ratio=1.7)
     assert module.hparams.adamw_lr_ratio == 1.7  # saved: a checkpoint resumes with the same groups
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "normuon"])
+def test_muon_optimizers_refuse_sharded_training_by_name(optimizer):
+    from lm.errors import LMError
+    from lm.modules.language_model import LanguageModel
+
+    module = LanguageModel(GPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4),
+                           optimizer=optimizer)
+    module._sharded_run = lambda: True  # what an FSDP strategy makes it
+    with pytest.raises(LMError, match=f"optimizer: {optimizer} \\(Muon\\) does not work with sharded training"):
+        module.configure_optimizers()

@@ -325,8 +325,8 @@ class LanguageModel(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         if hp.get("optimizer") in MUON_OPTIMIZERS and self._sharded_run():
-            raise LMError("optimizer: muon does not work with sharded training (FSDP/FSDP2) yet: its checkpoints "
-                          "need a single optimizer state. Use --model.optimizer adamw, or DDP.")
+            raise LMError(f"optimizer: {hp.optimizer} (Muon) does not work with sharded training (FSDP/FSDP2) yet: "
+                          "its checkpoints need a single optimizer state. Use --model.optimizer adamw, or DDP.")
         optimizer = build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
                                     fused=self.fused_adamw, optimizer=hp.get("optimizer", "adamw"),
                                     adamw_lr_ratio=hp.get("adamw_lr_ratio", 1.0))
