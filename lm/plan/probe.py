@@ -161,7 +161,8 @@ def step_memory_main(request: str) -> None:
     module = build_module(config.model).train()
     hp = module.hparams
     optimizer = build_optimizer(module.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
-                                fused=getattr(module, "fused_adamw", None), optimizer=hp.get("optimizer", "adamw"))
+                                fused=getattr(module, "fused_adamw", None), optimizer=hp.get("optimizer", "adamw"),
+                                adamw_lr_ratio=hp.get("adamw_lr_ratio", 1.0))
     vocab = int(module.model.config.vocab_size)
     micro_batch = options["micro_batch"] or int(config.data.batch_size)
     batch = next(iter(random_batches(1, micro_batch, int(config.data.block_size), vocab)))
