@@ -213,12 +213,12 @@ def test_polar_express_orthogonalizes_closer_than_the_quintic_in_as_many_iterati
     from lm.modules.optimizers import POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_NORM_MARGIN, newton_schulz
 
     def polar_express(matrix, eps, dtype):
-        return newton_schulz(matrix, POLAR_EXPRESS_COEFFICIENTS, 0, eps, dtype, POLAR_EXPRESS_NORM_MARGIN)
+        return newton_schulz(matrix, POLAR_EXPRESS_COEFFICIENTS, eps, dtype, POLAR_EXPRESS_NORM_MARGIN)
 
     torch.manual_seed(0)
     for shape in [(64, 256), (256, 64)]:
         matrix = torch.randn(shape)
-        quintic = torch.linalg.svdvals(newton_schulz(matrix, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32))
+        quintic = torch.linalg.svdvals(newton_schulz(matrix, [(3.4445, -4.7750, 2.0315)] * 5, 1e-7, torch.float32))
         express = torch.linalg.svdvals(polar_express(matrix, 1e-7, torch.float32))
         assert polar_express(matrix, 1e-7, torch.float32).shape == shape
         assert express.min() > quintic.min() + 0.1

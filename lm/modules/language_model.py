@@ -327,14 +327,20 @@ class LanguageModel(L.LightningModule):
         if hp.get("optimizer") in MUON_OPTIMIZERS and self._sharded_run():
             raise LMError(f"optimizer: {hp.optimizer} (Muon) does not work with sharded training (FSDP/FSDP2) yet: "
                           "its checkpoints need a single optimizer state. Use --model.optimizer adamw, or DDP.")
-        optimizer = build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
-                                    fused=self.fused_adamw, optimizer=hp.get("optimizer", "adamw"),
-                                    adamw_lr_ratio=hp.get("adamw_lr_ratio", 1.0))
+        optimizer = self.new_optimizer()
         min_lr = hp.min_learning_rate if hp.min_learning_rate is not None else hp.learning_rate / 10
         warmup, progress = self._schedule_progress()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
             step, progress(step), warmup, min_lr / hp.learning_rate, hp.schedule, hp.cooldown_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer the hyper-parameters describe, over the network's parameters (no schedule): what
+        `configure_optimizers` steps, and what `lm plan`'s memory probe builds to measure a step."""
+        hp = self.hparams
+        return build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
+                               fused=self.fused_adamw, optimizer=hp.get("optimizer", "adamw"),
+                               adamw_lr_ratio=hp.get("adamw_lr_ratio", 1.0))
 
     def _sharded_run(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy

@@ -16,7 +16,7 @@ to pay.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -162,29 +162,28 @@ class Muon(torch.optim.Muon):
             buffer.lerp_(param.grad, 1 - momentum)
             update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
             if self.polar_express:
-                update = newton_schulz(update, POLAR_EXPRESS_COEFFICIENTS, 0, group["eps"], dtype,
+                update = newton_schulz(update, POLAR_EXPRESS_COEFFICIENTS, group["eps"], dtype,
                                        POLAR_EXPRESS_NORM_MARGIN)
             else:
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+                update = newton_schulz(update, [group["ns_coefficients"]] * group["ns_steps"], group["eps"], dtype)
             if self.row_normalization_beta2 is not None:
                 update = normalize_rows(update, state, self.row_normalization_beta2)
             param.mul_(1 - lr * group["weight_decay"])
             param.add_(update, alpha=-lr * muon_lr_ratio(group["adjust_lr_fn"], param.shape))
 
 
-def newton_schulz(matrix: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype,
-                  norm_margin: float = 1.0) -> torch.Tensor:
+def newton_schulz(matrix: torch.Tensor, coefficients: Sequence[tuple[float, float, float]], eps: float,
+                  dtype: torch.dtype, norm_margin: float = 1.0) -> torch.Tensor:
     """The approximate orthogonalization of torch's Muon (quintic Newton-Schulz, the same operations in
-    the same order), computed in `dtype`. `coefficients`: one (a, b, c) for all `steps` iterations (torch's),
-    or one per iteration (Polar Express: `POLAR_EXPRESS_COEFFICIENTS`, with its `norm_margin` of 1.02; `steps`
-    is then ignored). The matrix is first divided by `norm_margin` times its Frobenius norm."""
-    per_step = coefficients if isinstance(coefficients[0], (tuple, list)) else [coefficients] * steps
+    the same order), computed in `dtype`. `coefficients`: one (a, b, c) per iteration (torch's one triple
+    repeated `ns_steps` times, or Polar Express's `POLAR_EXPRESS_COEFFICIENTS` with its `norm_margin` of 1.02).
+    The matrix is first divided by `norm_margin` times its Frobenius norm."""
     x = matrix.to(dtype, copy=True)  # never the caller's tensor (the momentum buffer without Nesterov)
     tall = matrix.size(0) > matrix.size(1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.T
     x.div_((x.norm() * norm_margin).clamp(min=eps))  # spectral norm <= 1
-    for a, b, c in per_step:
+    for a, b, c in coefficients:
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x

@@ -47,7 +47,6 @@ from lm.cli.lightning_cli import parse_recipe
 from lm.data import TextDataModule
 from lm.errors import LMError
 from lm.io.files import atomic_write_text
-from lm.modules.optimizers import build_optimizer
 from lm.plan.speed_probe import build_module, random_batches
 
 MEASURE_ENV = {"LM_DEFAULT_MALLOC": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
@@ -159,10 +158,7 @@ def step_memory_main(request: str) -> None:
     options = json.loads(request)
     config = parse_recipe(options["args"])
     module = build_module(config.model).train()
-    hp = module.hparams
-    optimizer = build_optimizer(module.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
-                                fused=getattr(module, "fused_adamw", None), optimizer=hp.get("optimizer", "adamw"),
-                                adamw_lr_ratio=hp.get("adamw_lr_ratio", 1.0))
+    optimizer = module.new_optimizer()
     vocab = int(module.model.config.vocab_size)
     micro_batch = options["micro_batch"] or int(config.data.batch_size)
     batch = next(iter(random_batches(1, micro_batch, int(config.data.block_size), vocab)))
