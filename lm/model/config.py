@@ -82,6 +82,16 @@ class GPTConfig:
             fraction of the previous token's, e_t + smear_lambda * sigmoid(smear_gate . e_t[:24]) * e_{t-1}, a
             cheap "previous token" feature that otherwise takes an attention head. smear_lambda starts at 0 (the
             plain model) and the gate at small positive weights, as in nanochat.
+        token_noise: In training, replace each input token with probability p by a token drawn from the batch's
+            own tokens (so from its unigram distribution): unigram noising (Xie et al. 2017, "Data Noising as
+            Smoothing in Neural Network Language Models"). The targets are unchanged, so the model cannot lean on
+            any single context token being right, and a small corpus's exact sequences are harder to memorize.
+            0: off.
+        stochastic_depth: In training, drop each block's attention and MLP branches (each on its own) for a whole
+            sequence with a probability that rises linearly with depth from 0 (the first block) to this rate (the
+            last): stochastic depth (Huang et al. 2016), a regularizer that trains an ensemble of shallower networks
+            sharing weights. Kept branches are scaled by 1 / (1 - p); evaluation and generation use every block as
+            is, so the trained weights serve every verb unchanged. 0: off.
         context_cache: Opt into the context cache extension (lm/model/context_cache.py; `build_gpt` then makes
             a `GPTWithContextCache`): a copy distribution over the window's earlier tokens mixed into the
             softmax on request (a neural cache, Grave et al. 2017, limited to the model's own context), with
@@ -115,6 +125,8 @@ class GPTConfig:
     value_embeddings: int = 0
     bigram_embedding: int = 0
     smear: bool = False
+    token_noise: float = 0.0
+    stochastic_depth: float = 0.0
     context_cache: bool = False
 
     def __post_init__(self) -> None:
@@ -151,7 +163,7 @@ class GPTConfig:
         if self.bigram_embedding < 0 or self.bigram_embedding == 1:
             raise LMError(f"bigram_embedding is the number of rows of the hashed bigram table: 0 (off) or at least 2 "
                           f"(one row is reserved for \"no previous token\"; e.g. 4096), got {self.bigram_embedding}.")
-        for name in ("dropout", "attention_dropout", "embedding_dropout"):
+        for name in ("dropout", "attention_dropout", "embedding_dropout", "token_noise", "stochastic_depth"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise LMError(f"{name} must be in [0, 1), got {value}.")

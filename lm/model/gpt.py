@@ -141,6 +141,8 @@ class GPT(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)
+        if self.training and self.config.token_noise > 0:
+            input_ids = self._noised_tokens(input_ids)
         x = self.embed_tokens(input_ids)
         keep_scale = None
         if self.training and self.config.embedding_dropout > 0:
@@ -222,6 +224,13 @@ class GPT(nn.Module):
             rows = self.bigram_embedding(bigram_hash(previous, input_ids, self.config.bigram_embedding))
             x = x + (rows * keep_scale if keep_scale is not None else rows)
         return x
+
+    def _noised_tokens(self, input_ids: Tensor) -> Tensor:
+        """`input_ids` with each token replaced, with probability `token_noise`, by a token of the batch drawn
+        at random (a draw from the batch's unigram distribution, with no frequency table to keep)."""
+        replace = torch.rand(input_ids.shape, device=input_ids.device) < self.config.token_noise
+        donors = input_ids.flatten()[torch.randint(0, input_ids.numel(), input_ids.shape, device=input_ids.device)]
+        return torch.where(replace, donors, input_ids)
 
     def _embedding_keep_scale(self, input_ids: Tensor) -> Tensor:
         """(B, T, 1) factors of `embedding_dropout`: 0 for the token types dropped this step, 1 / (1 - p)

@@ -401,6 +401,10 @@ class Block(nn.Module):
         if config.residual_scalars:
             self.residual_scale = nn.Parameter(torch.ones(()))
             self.embedding_scale = nn.Parameter(torch.zeros(()))
+        # Stochastic depth: this block's share of config.stochastic_depth, 0 for the first block rising linearly
+        # to the full rate for the last (Huang et al. 2016; timm's linspace): the first layers build the features
+        # every later one reads, the last ones refine them.
+        self.drop_path = config.stochastic_depth * layer_idx / max(config.num_hidden_layers - 1, 1)
 
     def forward(self, x: Tensor, rotary=None, kv_cache: Optional[KVCache] = None,
                 attention_mask: Optional[Tensor] = None, x0: Optional[Tensor] = None,
@@ -408,5 +412,14 @@ class Block(nn.Module):
         if x0 is not None:
             x = self.residual_scale * x + self.embedding_scale * x0
         extra = {"value_embedding": value_embedding} if value_embedding is not None else {}  # a custom attention
-        x = x + self.attn(self.attn_norm(x), rotary, kv_cache, attention_mask, **extra)     # may not take it
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self._drop_path(self.attn(self.attn_norm(x), rotary, kv_cache, attention_mask, **extra))  # may not
+        return x + self._drop_path(self.mlp(self.mlp_norm(x)))                                             # take it
+
+    def _drop_path(self, branch: Tensor) -> Tensor:
+        """In training, a residual branch's output zeroed for each sequence with probability `drop_path` (the
+        others scaled by 1 / (1 - p), so its expectation is unchanged); as is otherwise."""
+        p = self.drop_path
+        if not self.training or p == 0.0:
+            return branch
+        keep = torch.empty((branch.shape[0],) + (1,) * (branch.dim() - 1), device=branch.device).bernoulli_(1.0 - p)
+        return branch * (keep / (1.0 - p)).to(branch.dtype)

@@ -85,6 +85,13 @@ class LanguageModel(L.LightningModule):
             each chunk's logits in the backward pass (one more head forward per step), so a step never
             holds the (batch x time x vocab) float32 logits; None: all tokens at once. Same loss, same
             gradients, same `val/*` and `test/*`.
+        multi_token_prediction: Train n extra heads, head k predicting the token k + 1 places ahead from the same
+            final hidden state (multi-token prediction, Gloeckle et al. 2024): each is `FutureTokenHead` (h + W
+            norm(h), W starting at zero) read by the network's own LM head. They are training-only: they live in
+            this module, not in the network, so evaluation, generation and every export see the plain GPT (a
+            resumed run trains them on). The objective becomes the next-token loss plus `multi_token_weight` x
+            the heads' mean loss (logged as `train/future_loss`); `val/*` and `test/*` stay the network's. 0: off.
+        multi_token_weight: Weight of the future heads' mean loss in the objective.
     """
 
     # Choices of the run at hand, not of the weights: a resumed run takes them from its own command line.
@@ -110,6 +117,8 @@ class LanguageModel(L.LightningModule):
         init_from: Optional[str] = None,
         activation_checkpointing: bool = False,
         loss_chunk_size: Optional[int] = None,
+        multi_token_prediction: int = 0,
+        multi_token_weight: float = 0.5,
     ) -> None:
         super().__init__()
         _check_optimizer_settings(learning_rate, min_learning_rate, weight_decay, warmup_steps, cooldown_fraction,
@@ -137,6 +146,7 @@ class LanguageModel(L.LightningModule):
                           f"lm.model.GPT has); {type(self).__name__}.build_model returned a "
                           f"{type(self.model).__name__}. Drop the option for this network.")
         self.loss_chunk_size = loss_chunk_size
+        self.future_heads = self._future_heads(multi_token_prediction, multi_token_weight)
         self.tokenizer = None  # the DataModule's, given in setup(): see set_tokenizer
         # Training windows shorter than the data's (same tokens per step), set per step by
         # lm.callbacks.TrainingContextSchedule; None: the batches as they come. Never applied to validation/test.
@@ -146,6 +156,18 @@ class LanguageModel(L.LightningModule):
         self.test_metrics = LanguageModelingMetrics()
         self._compiled = False
         self._sharded = False
+
+    def _future_heads(self, count: int, weight: float) -> nn.ModuleList:
+        """Multi-token prediction's heads (`multi_token_prediction`), checked. Training-only: they are not part of
+        the network (lm.io.checkpoints.load_model reads `model.*` alone, so every verb after training sees the plain
+        GPT); head k predicts the token k + 1 places ahead from the same hidden state through the shared LM head."""
+        if count < 0 or not weight >= 0:
+            raise LMError(f"model.multi_token_prediction must be >= 0 (extra future tokens to predict) and "
+                          f"model.multi_token_weight >= 0, got {count} and {weight}.")
+        if count and (self.loss_chunk_size is not None or not callable(getattr(self.model, "head", None))):
+            raise LMError("model.multi_token_prediction needs the plain loss path (no loss_chunk_size) and a network "
+                          "with a `head` method and `return_hidden` (as lm.model.GPT has).")
+        return nn.ModuleList(FutureTokenHead(self.config) for _ in range(count))
 
     # ------------------------------------------------------------------------------ subclass hooks
     def build_model(self, config: GPTConfig) -> nn.Module:
@@ -270,6 +292,13 @@ class LanguageModel(L.LightningModule):
         """The objective of a training batch: `compute_loss` of the logits, or with `loss_chunk_size` the same
         mean cross-entropy, chunk by chunk."""
         input_ids, targets = batch
+        if len(self.future_heads):
+            hidden = self.model(input_ids, return_hidden=True)
+            loss = self.compute_loss(self.model.head(hidden), targets)
+            future = sum(self.compute_loss(self.model.head(head(hidden[:, :-k])), targets[:, k:])
+                         for k, head in enumerate(self.future_heads, start=1)) / len(self.future_heads)
+            self.log("train/future_loss", future.detach(), on_step=True)
+            return loss + self.hparams.multi_token_weight * future
         if self.loss_chunk_size is None:
             return self.compute_loss(self(input_ids), targets)
         nll, num_tokens = self.summed_nll(input_ids, targets)
@@ -338,7 +367,8 @@ class LanguageModel(L.LightningModule):
         """The optimizer the hyper-parameters describe, over the network's parameters (no schedule): what
         `configure_optimizers` steps, and what `lm plan`'s memory probe builds to measure a step."""
         hp = self.hparams
-        return build_optimizer(self.model, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
+        network = self.model if not len(self.future_heads) else _WithFutureHeads(self.model, self.future_heads)
+        return build_optimizer(network, hp.learning_rate, hp.weight_decay, tuple(hp.betas),
                                fused=self.fused_adamw, optimizer=hp.get("optimizer", "adamw"),
                                adamw_lr_ratio=hp.get("adamw_lr_ratio", 1.0))
 
@@ -436,6 +466,30 @@ def attached_trainer(module: L.LightningModule) -> Optional[L.Trainer]:
         return module.trainer
     except RuntimeError:
         return None
+
+
+class FutureTokenHead(nn.Module):
+    """Multi-token prediction's extra head: the final hidden state h plus W norm(h) (W starts at zero, so the head
+    starts as the next-token prediction), read by the network's own LM head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        from lm.model.layers import make_norm
+
+        self.norm = make_norm(config)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden + self.proj(self.norm(hidden))
+
+
+class _WithFutureHeads(nn.Module):
+    """The network and the future-token heads as one module for `build_optimizer` (the LM head stays the head)."""
+
+    def __init__(self, model: nn.Module, future_heads: nn.ModuleList) -> None:
+        super().__init__()
+        self.model, self.future_heads, self.lm_head = model, future_heads, model.lm_head
 
 
 def _check_optimizer_settings(learning_rate: float, min_learning_rate: Optional[float], weight_decay: float,

@@ -134,6 +134,10 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
     with torch.device("meta"):  # shapes only: no memory is allocated, no weights initialized
         module = import_class(model_config.class_path)(**init_args)
     net = getattr(module, "model", module)
+    if len(getattr(module, "future_heads", ())):
+        raise LMError(f"lm plan does not estimate multi-token prediction's extra heads (model.multi_token_prediction="
+                      f"{len(module.future_heads)}: one more LM head's logits and its backward per head, each step). "
+                      f"Plan the recipe without them (--model.multi_token_prediction 0) and allow for that much more.")
     if not (hasattr(net, "num_parameters") and hasattr(net, "flops_per_token")):
         raise LMError(f"{model_config.class_path} builds a {type(net).__name__}: lm plan needs a network with "
                          f"num_parameters() and flops_per_token() (as lm.model.GPT has).")

@@ -1,0 +1,155 @@
+"""Training-time levers of issue 28 that leave the trained network as it is: `GPTConfig.stochastic_depth` (blocks'
+branches dropped per sequence), `GPTConfig.token_noise` (unigram noising of the inputs) and
+`LanguageModel(multi_token_prediction=...)` (extra heads predicting tokens further ahead, kept out of the network).
+Each is checked for what it does in training, for doing nothing in evaluation, and through `lm fit` + `lm generate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm.cli.main import main
+from lm.errors import LMError
+from lm.io.checkpoints import load_model, read_checkpoint
+from lm.model import GPTConfig, build_gpt
+from lm.modules.language_model import LanguageModel
+from lm.modules.optimizers import MuonWithAdamW
+from tests.conftest import write_corpus_files
+from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, assert_lm_generate_matches, tiny_data
+
+VOCAB = 97
+TINY = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=32)
+
+
+def ids(batch: int = 4, length: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------- stochastic depth
+def test_stochastic_depth_rises_linearly_from_the_first_block_to_the_last():
+    model = build_gpt(GPTConfig(**TINY, stochastic_depth=0.3))
+    assert [round(block.drop_path, 6) for block in model.layers] == [0.0, 0.1, 0.2, 0.3]
+    assert build_gpt(GPTConfig(**{**TINY, "num_hidden_layers": 1}, stochastic_depth=0.3)).layers[0].drop_path == 0.0
+
+
+def test_stochastic_depth_drops_whole_sequences_and_keeps_the_expectation():
+    block = build_gpt(GPTConfig(**TINY, stochastic_depth=0.5)).layers[-1].train()
+    torch.manual_seed(0)
+    out = block._drop_path(torch.ones(4000, 3, 2))
+    per_sequence = out.flatten(1)
+    assert ((per_sequence == 0).all(1) | (per_sequence == 2.0).all(1)).all()  # a sequence is dropped whole or kept
+    assert abs(out.mean().item() - 1.0) < 0.05  # kept ones scaled by 1 / (1 - p)
+    assert torch.equal(block.eval()._drop_path(torch.ones(8, 3, 2)), torch.ones(8, 3, 2))
+
+
+def test_stochastic_depth_changes_training_only():
+    torch.manual_seed(0)
+    plain = build_gpt(GPTConfig(**TINY))
+    dropped = build_gpt(GPTConfig(**TINY, stochastic_depth=0.9))
+    dropped.load_state_dict(plain.state_dict())  # no parameter of its own
+    x = ids()
+    assert torch.equal(plain.eval()(x), dropped.eval()(x))
+    torch.manual_seed(3)
+    trained = dropped.train()(x)
+    torch.manual_seed(3)
+    assert not torch.allclose(trained, plain.train()(x))
+
+
+# ---------------------------------------------------------------------------------------------- token noise
+def test_token_noise_replaces_that_share_of_inputs_by_tokens_of_the_batch():
+    model = build_gpt(GPTConfig(**TINY, token_noise=0.3))
+    x = torch.arange(4000).remainder(VOCAB)[None].repeat(2, 1)[:, :2000]
+    torch.manual_seed(0)
+    noised = model._noised_tokens(x)
+    changed = (noised != x).float().mean().item()
+    assert 0.25 < changed < 0.31  # 0.3, less the draws that picked the token itself (1 in 97 here)
+    assert set(noised.unique().tolist()) <= set(x.unique().tolist())
+    only_sevens = torch.full((3, 50), 7)
+    assert torch.equal(model._noised_tokens(only_sevens), only_sevens)  # a batch of one token has no other to draw
+
+
+def test_token_noise_changes_training_only():
+    torch.manual_seed(0)
+    plain = build_gpt(GPTConfig(**TINY))
+    noised = build_gpt(GPTConfig(**TINY, token_noise=0.5))
+    noised.load_state_dict(plain.state_dict())
+    x = ids()
+    assert torch.equal(plain.eval()(x), noised.eval()(x))
+    torch.manual_seed(3)
+    trained = noised.train()(x)
+    torch.manual_seed(3)
+    assert not torch.allclose(trained, plain.train()(x))
+
+
+@pytest.mark.parametrize("field", ["token_noise", "stochastic_depth"])
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
+def test_regularizer_rates_outside_0_1_are_refused(field, value):
+    with pytest.raises(LMError, match=rf"{field} must be in \[0, 1\)"):
+        GPTConfig(**TINY, **{field: value})
+
+
+# ---------------------------------------------------------------------------------------------- multi-token prediction
+def tiny_module(**kwargs) -> LanguageModel:
+    torch.manual_seed(0)
+    module = LanguageModel(config=GPTConfig(**TINY), optimizer="muon", **kwargs)
+    module.log = lambda *args, **kw: None  # no Trainer attached
+    return module
+
+
+def test_future_heads_start_as_the_next_token_prediction_and_add_their_weighted_loss():
+    module = tiny_module(multi_token_prediction=2, multi_token_weight=0.25).eval()
+    x, y = ids(seed=1), ids(seed=2)
+    logits = module.model(x)
+    main_loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    # W starts at zero: head k reads the same hidden state, scored against the targets k places further on.
+    future = [F.cross_entropy(logits[:, :-k].flatten(0, 1), y[:, k:].flatten()) for k in (1, 2)]
+    expected = main_loss + 0.25 * (future[0] + future[1]) / 2
+    assert torch.allclose(module.training_loss((x, y)), expected, atol=1e-5)
+
+
+def test_future_heads_are_trained_by_muon_and_stay_out_of_the_network(tmp_path, monkeypatch):
+    module = tiny_module(multi_token_prediction=1)
+    optimizer = module.new_optimizer()
+    assert isinstance(optimizer, MuonWithAdamW)
+    muon_ids = {id(p) for group in optimizer.muon.param_groups for p in group["params"]}
+    adamw_ids = {id(p) for group in optimizer.adamw.param_groups for p in group["params"]}
+    assert id(module.future_heads[0].proj.weight) in muon_ids
+    assert id(module.future_heads[0].norm.weight) in adamw_ids
+    assert id(module.model.lm_head.weight) in adamw_ids and id(module.model.lm_head.weight) not in muon_ids
+    x, y = ids(seed=1), ids(seed=2)
+    module.training_loss((x, y)).backward()
+    assert module.future_heads[0].proj.weight.grad.abs().sum() > 0
+
+    data = tiny_data(write_corpus_files(tmp_path), tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--experiment", "mtp", *TINY_MODEL, *TINY_TRAINER, *data, "--model.multi_token_prediction", "1",
+          "--model.config.stochastic_depth", "0.2", "--model.config.token_noise", "0.1",
+          "--model.optimizer", "muon", "--trainer.max_steps", "6", "--trainer.val_check_interval", "3"])
+    ckpt = tmp_path / "checkpoints" / "mtp" / "last.ckpt"
+    state = read_checkpoint(ckpt)["state_dict"]
+    assert any(k.startswith("future_heads.") for k in state)  # a resume keeps training them
+    model, _ = load_model(ckpt)  # the network alone: what every other verb reads
+    assert not any("future" in k for k in model.state_dict())
+    assert model.config.stochastic_depth == 0.2 and model.config.token_noise == 0.1
+    assert_lm_generate_matches(ckpt, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(multi_token_prediction=-1), "multi_token_prediction must be >= 0"),
+    (dict(multi_token_prediction=1, multi_token_weight=-0.5), "multi_token_weight >= 0"),
+    (dict(multi_token_prediction=1, loss_chunk_size=64), "no loss_chunk_size"),
+])
+def test_bad_multi_token_settings_are_refused(kwargs, message):
+    with pytest.raises(LMError, match=message):
+        LanguageModel(config=GPTConfig(**TINY), **kwargs)
+
+
+def test_lm_plan_says_it_does_not_estimate_the_future_heads():
+    from lm.plan.recipe import read_recipe
+
+    recipe = ["--config", str(REPO_ROOT / "experiments" / "wikitext2_cpu.yaml"),
+              "--model.config.stochastic_depth", "0.1", "--model.config.token_noise", "0.1"]
+    assert read_recipe(recipe, devices=1, nodes=1).model.parameters > 0  # training-only rates: planned as usual
+    with pytest.raises(LMError, match="does not estimate multi-token prediction"):
+        read_recipe([*recipe, "--model.multi_token_prediction", "1"], devices=1, nodes=1)
