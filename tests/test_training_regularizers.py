@@ -43,23 +43,10 @@ def test_stochastic_depth_drops_whole_sequences_and_keeps_the_expectation():
     assert torch.equal(block.eval()._drop_path(torch.ones(8, 3, 2)), torch.ones(8, 3, 2))
 
 
-def test_stochastic_depth_changes_training_only():
-    torch.manual_seed(0)
-    plain = build_gpt(GPTConfig(**TINY))
-    dropped = build_gpt(GPTConfig(**TINY, stochastic_depth=0.9))
-    dropped.load_state_dict(plain.state_dict())  # no parameter of its own
-    x = ids()
-    assert torch.equal(plain.eval()(x), dropped.eval()(x))
-    torch.manual_seed(3)
-    trained = dropped.train()(x)
-    torch.manual_seed(3)
-    assert not torch.allclose(trained, plain.train()(x))
-
-
 # ---------------------------------------------------------------------------------------------- token noise
 def test_token_noise_replaces_that_share_of_inputs_by_tokens_of_the_batch():
     model = build_gpt(GPTConfig(**TINY, token_noise=0.3))
-    x = torch.arange(4000).remainder(VOCAB)[None].repeat(2, 1)[:, :2000]
+    x = torch.arange(4000).remainder(VOCAB).view(2, 2000)
     torch.manual_seed(0)
     noised = model._noised_tokens(x)
     changed = (noised != x).float().mean().item()
@@ -69,15 +56,16 @@ def test_token_noise_replaces_that_share_of_inputs_by_tokens_of_the_batch():
     assert torch.equal(model._noised_tokens(only_sevens), only_sevens)  # a batch of one token has no other to draw
 
 
-def test_token_noise_changes_training_only():
+@pytest.mark.parametrize("rate", [dict(stochastic_depth=0.9), dict(token_noise=0.5)])
+def test_the_rates_change_training_only(rate):
     torch.manual_seed(0)
     plain = build_gpt(GPTConfig(**TINY))
-    noised = build_gpt(GPTConfig(**TINY, token_noise=0.5))
-    noised.load_state_dict(plain.state_dict())
+    regularized = build_gpt(GPTConfig(**TINY, **rate))
+    regularized.load_state_dict(plain.state_dict())  # no parameter of its own
     x = ids()
-    assert torch.equal(plain.eval()(x), noised.eval()(x))
+    assert torch.equal(plain.eval()(x), regularized.eval()(x))
     torch.manual_seed(3)
-    trained = noised.train()(x)
+    trained = regularized.train()(x)
     torch.manual_seed(3)
     assert not torch.allclose(trained, plain.train()(x))
 
