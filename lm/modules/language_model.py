@@ -41,6 +41,7 @@ from lm.callbacks.training_context import split_windows
 from lm.errors import LMError
 from lm.evaluation.token_metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
 from lm.model import GPT, GPTConfig, SamplingOptions, build_gpt, generate_text
+from lm.model.layers import make_norm
 from lm.modules.optimizers import (MUON_OPTIMIZERS, OptimizerName, Schedule, build_optimizer, lr_multiplier,
                                    step_progress)
 
@@ -474,8 +475,6 @@ class FutureTokenHead(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        from lm.model.layers import make_norm
-
         self.norm = make_norm(config)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         nn.init.zeros_(self.proj.weight)
@@ -489,7 +488,8 @@ class _WithFutureHeads(nn.Module):
 
     def __init__(self, model: nn.Module, future_heads: nn.ModuleList) -> None:
         super().__init__()
-        self.model, self.future_heads, self.lm_head = model, future_heads, model.lm_head
+        self.model, self.future_heads = model, future_heads
+        self.lm_head = getattr(model, "lm_head", None)  # build_optimizer keeps the head out of Muon
 
 
 def _check_optimizer_settings(learning_rate: float, min_learning_rate: Optional[float], weight_decay: float,

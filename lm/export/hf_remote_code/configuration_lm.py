@@ -22,6 +22,7 @@ class LMConfig(PretrainedConfig):
         intermediate_size: the MLP's hidden width (4 x hidden for gelu/relu2 unless set).
         max_position_embeddings: the longest sequence the model accepts (its training context).
         dropout, attention_dropout, embedding_dropout: training-time only (identity in eval mode).
+            (lm's other training-time rates, token_noise and stochastic_depth, are not applied by this code.)
         bias: biases in linear layers and LayerNorm.
         tie_embeddings: the LM head is the token embedding matrix.
         norm: `layernorm` or `rmsnorm`; norm_eps: their epsilon (also QK-norm's).
