@@ -3,6 +3,7 @@ its step times, and the share of the machine's matmul peak they reach.
 
     python benchmarks/recipe_throughput.py                          # the precision `precision: null` picks here
     python benchmarks/recipe_throughput.py --precisions 32-true bf16-mixed --steps 60
+    python benchmarks/recipe_throughput.py -- --model.compile true     # more `lm fit` arguments after `--`
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/recipe_throughput.py --precisions 32-true
 
 Each run is `python -m lm fit` with the recipe's own callbacks (EMA, the training-context schedule, the context
@@ -65,7 +66,7 @@ class StepClock(L.Callback):
             "precision": str(trainer.precision)}))
 
 
-def run(precision: str, steps: int, workdir: Path) -> dict:
+def run(precision: str, steps: int, workdir: Path, fit_args: list[str] = ()) -> dict:
     record, experiment = workdir / f"steps_{precision}.json", f"recipe_throughput_{precision}"
     outputs = [ROOT / folder / experiment for folder in ("checkpoints", "logs")]
     if any(path.exists() for path in outputs):
@@ -77,7 +78,7 @@ def run(precision: str, steps: int, workdir: Path) -> dict:
                "--model.warmup_steps", "10",  # the schedule's progress starts after the warm-up: 512 from step ~87 of 100
                "--trainer.enable_progress_bar", "false",
                "--trainer.callbacks+=benchmarks.recipe_throughput.StepClock",
-               "--trainer.callbacks.path", str(record)]
+               "--trainer.callbacks.path", str(record), *fit_args]
     print("$ " + " ".join(command), flush=True)
     fit = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -100,7 +101,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100,
                         help="optimizer steps per run: the first 10 warm up the LR, then 85%% of the rest at 256 tokens")
     parser.add_argument("--warmup", type=int, default=3, help="first steps of each context not counted")
+    parser.add_argument("fit_args", nargs=argparse.REMAINDER,
+                        help="after `--`: more `lm fit` arguments for every run, e.g. -- --model.compile true")
     args = parser.parse_args()
+    fit_args = args.fit_args[1:] if args.fit_args[:1] == ["--"] else args.fit_args
     precisions = args.precisions or [auto_precision("cpu")[0]]
     print(f"CPU: {describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load {os.getloadavg()[0]:.2f}")
@@ -109,7 +113,7 @@ def main() -> None:
         for precision in precisions:
             dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
             peak = measure_matmul_flops(dtype)
-            record = run(precision, args.steps, Path(scratch))
+            record = run(precision, args.steps, Path(scratch), fit_args)
             for context in sorted({c for c, _ in record["steps"]}):
                 times = [s for c, s in record["steps"] if c == context][args.warmup:]
                 if not times:

@@ -227,6 +227,10 @@ LOCAL_LM_IMPORTS: dict[tuple[str, str], str] = {
     ("lm/commands/serve.py", "lm.serve.protocol"): SERVE_EXTRA.format("pydantic (installed with fastapi)"),
     ("lm/commands/eval.py", "lm.evaluation.harness"): ("the harness extra: lm_eval is imported at its top (its LM base "
                                                        "class), and lm eval without --harness_tasks works without it"),
+    ("lm/commands/eval.py", "lm.evaluation.labelled_file"): ("keeps lm eval of text files light: it brings Lightning "
+                                                             "(a classifier's data module), ~2 s of start-up"),
+    ("lm/commands/eval.py", "lm.evaluation.generation_metrics"): ("keeps lm eval of text files light: torchmetrics' "
+                                                                  "text metrics, ~3 s of start-up"),
     ("lm/callbacks/text_sampler.py", "lm.model.generation"): PENDING,
     ("lm/commands/export.py", "lm.export.hf"): PENDING,
     ("lm/commands/export.py", "lm.export.onnx"): PENDING,
@@ -404,6 +408,16 @@ def test_every_function_local_lm_import_is_justified():
     present = {(file, module) for file, module, _ in local}
     stale = sorted(key for key, reason in LOCAL_LM_IMPORTS.items() if key not in present and reason != PENDING)
     assert not stale, f"no longer function-local: remove from LOCAL_LM_IMPORTS: {stale}"
+
+
+def test_scoring_and_generating_do_not_load_lightning_or_torchmetrics():
+    """`lm eval` of text files and `lm generate` need torch, not the training stack: Lightning and torchmetrics
+    (with the text metrics' transformers and scipy) took ~5 s of their start-up before (lm/commands/eval.py)."""
+    code = ("import sys, lm.commands.eval, lm.commands.generate, lm.evaluation.perplexity, lm.io.checkpoints\n"
+            "print(sorted(m for m in ('lightning', 'torchmetrics', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_the_tokenizer_path_and_lm_help_do_not_load_torch():

@@ -13,7 +13,7 @@ import torch
 
 from lm.io.checkpoints import load_model
 from lm.evaluation.perplexity import evaluate_text_file, score_windows_both, window_spans
-from lm.evaluation.token_metrics import token_nll
+from lm.evaluation.token_losses import target_log_probs_by_temperature, token_nll
 from lm.model import GPT, ContextKVCache, GPTConfig, GPTWithContextCache, KVCache, build_gpt
 from lm.model.context_cache import cache_inputs
 from tests.helpers import REPO_ROOT, TINY_MODEL, TINY_TRAINER, run_lm, tb_scalars, tiny_data
@@ -197,6 +197,25 @@ def test_scoring_both_distributions_in_one_pass_equals_the_models_own_forwards()
         assert both[cache][1] == tokens == len(stream) - 1
         assert both[cache][0] == pytest.approx(nll, rel=1e-5)
     assert both[True][0] != pytest.approx(both[False][0], rel=1e-3)  # the mixture is not the softmax
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_probs_at_the_targets_by_chunks_equal_the_whole_log_softmax(dtype):
+    """Scoring's log-probabilities at the targets, made a chunk of positions at a time (from the logits, or from
+    the hidden states through the head), at several temperatures, equal the float32 log-softmax of the whole."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).to(dtype)
+    hidden, targets = torch.randn(3, 7, 16, dtype=dtype), torch.randint(0, 50, (3, 7))
+    logits = head(hidden)
+    temperatures = (1.0, torch.tensor(0.8), 1.3)
+    expected = torch.stack([torch.log_softmax(logits.float() / t, -1).gather(-1, targets[..., None])[..., 0]
+                            for t in temperatures])
+    for rows in (1, 5, 21, 128):  # 21 positions: one chunk, exact chunks, a last short chunk
+        from_logits = target_log_probs_by_temperature(logits, targets, temperatures, rows=rows)
+        from_hidden = target_log_probs_by_temperature(hidden, targets, temperatures, head=head, rows=rows)
+        assert from_logits.shape == from_hidden.shape == (3, 3, 7) and from_logits.dtype == torch.float32
+        torch.testing.assert_close(from_logits, expected)
+        torch.testing.assert_close(from_hidden, expected)
 
 
 def test_the_plain_network_knows_nothing_of_the_cache():

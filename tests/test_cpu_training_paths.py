@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.evaluation.token_metrics import IGNORE_INDEX, SummedCrossEntropy, token_nll
+from lm.evaluation.token_losses import IGNORE_INDEX, SummedCrossEntropy, token_nll
 from lm.model import GPT, GPTConfig
 from lm.model.layers import (WRITTEN_OUT_ATTENTION_MAX_SCORES, CausalSelfAttention, Dropout,
                              written_out_attention_is_faster)

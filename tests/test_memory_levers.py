@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
 from lm.errors import LMError
-from lm.evaluation.token_metrics import IGNORE_INDEX
+from lm.evaluation.token_losses import IGNORE_INDEX
 from lm.model import GPT, GPTConfig
 from lm.model.layers import Block
 from lm.modules.distill import Distiller

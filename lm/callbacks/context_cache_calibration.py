@@ -25,7 +25,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lm.evaluation.token_metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
+from lm.evaluation.token_losses import IGNORE_INDEX, token_nll
+
+from lm.evaluation.token_metrics import LanguageModelingMetrics
 from lm.model.context_cache import GPTWithContextCache, cache_inputs
 
 

@@ -27,8 +27,6 @@ import torch
 
 from lm.errors import LMError
 from lm.commands.generate import prepare_args as prepare_generation_args
-from lm.evaluation.generation_metrics import evaluate_pairs_file
-from lm.evaluation.labelled_file import evaluate_labelled_file
 from lm.evaluation.perplexity import evaluate_text_file_both, summarize
 from lm.extras import install_hint
 from lm.io.checkpoints import load_model
@@ -104,7 +102,11 @@ def evaluate(
     if threads is not None:
         torch.set_num_threads(threads)
     results: dict[str, Any] = {"checkpoint": str(ckpt_path)}
+    # The labelled-file and pairs scorers are imported when asked for: they bring Lightning and torchmetrics' text
+    # metrics (~3 s of start-up at 2 threads) that scoring a text file, the common case, does not use.
     if labelled_file:
+        from lm.evaluation.labelled_file import evaluate_labelled_file
+
         results["classification"] = evaluate_labelled_file(ckpt_path, labelled_file, batch_size=batch_size)
         _print_classification(results["classification"])
     if text_files or pairs_file or harness_tasks:
@@ -115,6 +117,8 @@ def evaluate(
             for row in results["text"]:
                 row["dtype"] = scoring_dtype
         if pairs_file:
+            from lm.evaluation.generation_metrics import evaluate_pairs_file
+
             results["generation"] = evaluate_pairs_file(model, tokenizer, pairs_file, sampling, template, batch_size)
             print(_table(["metric", "value"], [[k, _fmt(v)] for k, v in results["generation"]["scores"].items()]))
         if harness_tasks:

@@ -5,7 +5,7 @@ What this file does:
 - `window_spans`: the windows that cover the stream, non-overlapping (stride = context) or strided
   (the standard sliding-window perplexity: each token is scored once, with the most context a
   window of `context` tokens can give it);
-- `score_windows`: the plain token negative log-likelihood (`lm.evaluation.token_metrics.token_nll`, nats) of those
+- `score_windows`: the plain token negative log-likelihood (`lm.evaluation.token_losses.token_nll`, nats) of those
   windows, batched, token-weighted and accumulated in float64, so the result does not depend on batch size;
   `score_windows_both`: the network's softmax and a context cache's mixture from one forward pass;
 - `evaluate_text_file`: one file -> {tokens, bytes, nll, loss, ppl, bpb}.
@@ -14,7 +14,7 @@ Bits-per-byte is `total NLL / ln 2 / bytes of the file as given`: the byte count
 not the tokens' bytes, so it is the figure papers report on raw test text. The first token has no
 context in the file; it is scored after `<|endoftext|>` (the document separator the model was
 trained with) when the tokenizer has one, so every byte of the file is predicted. `lm test` and this
-file share `lm.evaluation.token_metrics.token_nll`: the same plain NLL, independent of a training objective.
+file share `lm.evaluation.token_losses.token_nll`: the same plain NLL, independent of a training objective.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lm.errors import LMError, MissingFileError
-from lm.evaluation.token_metrics import IGNORE_INDEX, target_log_probs, token_nll
+from lm.evaluation.token_losses import IGNORE_INDEX, target_log_probs_by_temperature, token_nll
 from lm.model.context_cache import cache_inputs
 
 
@@ -103,21 +103,23 @@ def score_windows_both(model: nn.Module, stream: Tensor, spans: list[WindowSpan]
 def _distribution_nlls(model: nn.Module, inputs: Tensor, targets: Tensor, distributions: tuple[bool, ...]):
     """(distribution, (summed NLL, scored tokens)) for each asked one. With the cache among them, one pass of
     the network gives both: its hidden states and logits make the mixture (`GPTWithContextCache.forward(...,
-    context_cache=True)`), whose probability is needed at the targets only (`ContextCache.target_nll`)."""
+    context_cache=True)`), whose probability is needed at the targets only (`ContextCache.target_nll`). The
+    logits are made a chunk of positions at a time, and each chunk gives the log-probabilities of every asked
+    distribution's temperature (`target_log_probs_by_temperature`): no (B x T x vocab) tensor is ever whole."""
     if not hasattr(model, "head"):  # a network of a subclass (`build_model`) with logits only
         yield False, token_nll(model(inputs), targets)
         return
     hidden = model(inputs, return_hidden=True)
-    logits = model.head(hidden)
     scored = targets != IGNORE_INDEX
     count = scored.sum()
-    for cache in distributions:
+    temperatures = [model.context_cache.temperature.float() if cache else 1.0 for cache in distributions]
+    log_probs = target_log_probs_by_temperature(hidden, targets.clamp(min=0), temperatures, head=model.head)
+    for cache, row_log_probs in zip(distributions, log_probs):
         if cache:
-            yield True, (model.context_cache.target_nll(logits, hidden, *cache_inputs(hidden, inputs), targets,
-                                                        IGNORE_INDEX), count)
+            yield True, (model.context_cache.target_nll(row_log_probs, hidden, *cache_inputs(hidden, inputs),
+                                                        targets, IGNORE_INDEX), count)
         else:
-            nll = -(target_log_probs(logits, targets.clamp(min=0)) * scored).sum(dtype=torch.float64)
-            yield False, (nll, count)
+            yield False, (-(row_log_probs * scored).sum(dtype=torch.float64), count)
 
 
 def text_stream(path: str | Path, tokenizer) -> tuple[Tensor, int]:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.errors import LMError
-from lm.evaluation.token_metrics import target_log_probs
+from lm.evaluation.token_losses import target_log_probs_by_temperature
 from lm.model.config import GPTConfig
 from lm.model.gpt import GPT
 from lm.model.layers import KVCache
@@ -121,15 +121,15 @@ class ContextCache(nn.Module):
         return (attention * hits).sum(-1), attention.sum(-1)
 
     @torch.no_grad()
-    def target_nll(self, logits: Tensor, hidden: Tensor, keys: Tensor, next_ids: Tensor, key_mask: Tensor,
+    def target_nll(self, log_probs: Tensor, hidden: Tensor, keys: Tensor, next_ids: Tensor, key_mask: Tensor,
                    targets: Tensor, ignore_index: int = -100) -> Tensor:
-        """Summed NLL (float64) of `targets` (B, T) under the mixture `forward` returns, at the targets only:
-        the copy probability of a target is the attention on keys followed by it, so no (B, T, vocab) copy
-        distribution is built (scoring: `lm eval`'s cache row at about the cost of the network's)."""
-        with _float32(logits.device):
+        """Summed NLL (float64) of `targets` (B, T) under the mixture `forward` returns, at the targets only, from
+        the network's `log_probs` at the targets at the cache's temperature (B, T; `target_log_probs_by_temperature(
+        logits, targets, [cache.temperature])[0]`, or made beside the plain softmax's by `target_log_probs_by_temperature`, as
+        `lm eval` does): the copy probability of a target is the attention on keys followed by it, so no (B, T,
+        vocab) copy distribution is built (`lm eval`'s cache row at about the cost of the network's)."""
+        with _float32(log_probs.device):
             scored = targets != ignore_index
-            safe_targets = targets.clamp(min=0)
-            log_probs = target_log_probs(logits, safe_targets, self.temperature.float())
             if keys.shape[1] == 0:  # a single position: nothing to copy from
                 return -(log_probs * scored).sum(dtype=torch.float64)
             copy, history = self.copy_at_targets(self.copy_weights(hidden, keys, key_mask, self.sharpness.float()),
@@ -150,7 +150,7 @@ class ContextCache(nn.Module):
                   targets: Tensor, ignore_index: int) -> Tensor:
         scored = targets != ignore_index
         safe_targets = targets.clamp(min=0)
-        log_probs = torch.stack([target_log_probs(logits, safe_targets, t) for t in self.TEMPERATURE])  # (temps, B, T)
+        log_probs = target_log_probs_by_temperature(logits, safe_targets, self.TEMPERATURE)  # (temps, B, T)
         result = torch.zeros(self.grid_shape(), dtype=torch.float64, device=logits.device)
         for s, sharpness in enumerate(self.SHARPNESS):
             copy, history = self.copy_at_targets(self.copy_weights(hidden, keys, key_mask, sharpness), next_ids, targets)

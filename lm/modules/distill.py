@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lm.callbacks.training_context import split_windows
 from lm.errors import LMError
-from lm.evaluation.token_metrics import IGNORE_INDEX
+from lm.evaluation.token_losses import IGNORE_INDEX
 from lm.io.checkpoints import load_model
 from lm.modules.language_model import LanguageModel
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from lm.evaluation.token_metrics import token_nll
+from lm.evaluation.token_losses import token_nll
 from lm.model import GPT
 from lm.modules.finetune import FinetuneModule
 from lm.modules.lora import DEFAULT_TARGETS, add_lora, merge_lora

@@ -7,7 +7,7 @@ enough to evaluate or generate.
 
 Objective vs metrics: `compute_loss` is the objective training minimizes, and a subclass may change
 it (label smoothing, z-loss, ...). Validation and test metrics never use it: `val/*` and `test/*` are
-always the plain token negative log-likelihood of the logits (`lm.evaluation.token_metrics.token_nll`), so perplexity
+always the plain token negative log-likelihood of the logits (`lm.evaluation.token_losses.token_nll`), so perplexity
 and bits-per-byte stay comparable between runs whatever they trained on. With a context cache
 (`GPTConfig.context_cache`), `configure_callbacks` adds its calibration (lm/callbacks/context_cache_calibration.py),
 which logs the mixture's figures as `val/cache_*` and `test/cache_*`; `val/*` and `test/*` stay the network's.
@@ -39,7 +39,8 @@ from torch.utils.checkpoint import checkpoint
 from lm.callbacks.context_cache_calibration import ContextCacheCalibration
 from lm.callbacks.training_context import split_windows
 from lm.errors import LMError
-from lm.evaluation.token_metrics import IGNORE_INDEX, LanguageModelingMetrics, token_nll
+from lm.evaluation.token_losses import IGNORE_INDEX, token_nll
+from lm.evaluation.token_metrics import LanguageModelingMetrics
 from lm.model import GPT, GPTConfig, SamplingOptions, build_gpt, generate_text
 from lm.model.layers import make_norm
 from lm.modules.optimizers import (MUON_OPTIMIZERS, OptimizerName, Schedule, build_optimizer, lr_multiplier,
@@ -306,7 +307,7 @@ class LanguageModel(L.LightningModule):
         return nll / num_tokens.clamp(min=1)
 
     def summed_nll(self, input_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Summed NLL of `targets` and their number (`lm.evaluation.token_metrics.token_nll`), by chunks of
+        """Summed NLL of `targets` and their number (`lm.evaluation.token_losses.token_nll`), by chunks of
         `loss_chunk_size` tokens when it is set."""
         if self.loss_chunk_size is None:
             return token_nll(self(input_ids), targets)

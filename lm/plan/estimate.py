@@ -172,7 +172,7 @@ def recomputed_block_bytes_per_token(m: ModelShape, p: Precision, cpu: bool = Fa
 
 def temporary_logits_bytes(m: ModelShape, s: Setup, p: Precision) -> float:
     """The logits' peak, in the backward pass of the loss, for every token (or one chunk of tokens). On CPU the
-    logits (saved by the forward) and their gradient, both in the compute dtype (`lm.evaluation.token_metrics.
+    logits (saved by the forward) and their gradient, both in the compute dtype (`lm.evaluation.token_losses.
     SummedCrossEntropy` computes the fp32 loss a block of rows at a time: its fp32 blocks are small); on an
     accelerator the fp32 log-softmax (saved by `F.cross_entropy`), the gradient reaching it and the one it passes
     back, 12 bytes a value whatever the precision. A chunk's backward also makes its own head-weight gradient

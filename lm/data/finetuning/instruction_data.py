@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from lm.data.finetuning.classification_data import TaskDataModule
 from lm.data.finetuning.templates import alpaca_prompt
 from lm.errors import LMError, MissingFileError
-from lm.evaluation.token_metrics import IGNORE_INDEX
+from lm.evaluation.token_losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.errors import LMError
-from lm.evaluation.token_metrics import IGNORE_INDEX  # noqa: F401  (targets the loss skips; re-exported for lm.data)
+from lm.evaluation.token_losses import IGNORE_INDEX  # noqa: F401  (targets the loss skips; re-exported for lm.data)
 
 logger = logging.getLogger("lm.data")
 
