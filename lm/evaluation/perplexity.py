@@ -103,9 +103,9 @@ def score_windows_both(model: nn.Module, stream: Tensor, spans: list[WindowSpan]
 def _distribution_nlls(model: nn.Module, inputs: Tensor, targets: Tensor, distributions: tuple[bool, ...]):
     """(distribution, (summed NLL, scored tokens)) for each asked one. With the cache among them, one pass of
     the network gives both: its hidden states and logits make the mixture (`GPTWithContextCache.forward(...,
-    context_cache=True)`), whose probability is needed at the targets only (`ContextCache.target_nll`). The
-    logits are made a chunk of positions at a time, and each chunk gives the log-probabilities of every asked
-    distribution's temperature (`target_log_probs_by_temperature`): no (B x T x vocab) tensor is ever whole."""
+    context_cache=True)`), whose probability is needed at the targets only (`ContextCache.target_nll`). Each
+    chunk of the logits gives the log-probabilities at every asked distribution's temperature in one read
+    (`target_log_probs_by_temperature`)."""
     if not hasattr(model, "head"):  # a network of a subclass (`build_model`) with logits only
         yield False, token_nll(model(inputs), targets)
         return
@@ -113,7 +113,7 @@ def _distribution_nlls(model: nn.Module, inputs: Tensor, targets: Tensor, distri
     scored = targets != IGNORE_INDEX
     count = scored.sum()
     temperatures = [model.context_cache.temperature.float() if cache else 1.0 for cache in distributions]
-    log_probs = target_log_probs_by_temperature(hidden, targets.clamp(min=0), temperatures, head=model.head)
+    log_probs = target_log_probs_by_temperature(model.head(hidden), targets.clamp(min=0), temperatures)
     for cache, row_log_probs in zip(distributions, log_probs):
         if cache:
             yield True, (model.context_cache.target_nll(row_log_probs, hidden, *cache_inputs(hidden, inputs),
