@@ -126,11 +126,25 @@ def test_future_heads_are_trained_by_muon_and_stay_out_of_the_network(tmp_path, 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(multi_token_prediction=-1), "multi_token_prediction must be >= 0"),
     (dict(multi_token_prediction=1, multi_token_weight=-0.5), "multi_token_weight >= 0"),
-    (dict(multi_token_prediction=1, loss_chunk_size=64), "no loss_chunk_size"),
+    (dict(multi_token_prediction=1, loss_chunk_size=64), "plain loss path: drop model.loss_chunk_size"),
 ])
 def test_bad_multi_token_settings_are_refused(kwargs, message):
     with pytest.raises(LMError, match=message):
         LanguageModel(config=GPTConfig(**TINY), **kwargs)
+
+
+class _LogitsOnlyModel(LanguageModel):
+    """A subclass whose network maps ids to logits and has no `head` (what `build_model` allows)."""
+
+    def build_model(self, config):
+        return torch.nn.Sequential(torch.nn.Embedding(config.vocab_size, 8), torch.nn.Linear(8, config.vocab_size))
+
+
+@pytest.mark.parametrize("option, value", [("multi_token_prediction", 1), ("loss_chunk_size", 64)])
+def test_options_that_read_hidden_states_refuse_a_network_without_a_head(option, value):
+    with pytest.raises(LMError, match=rf"model.{option} needs a network with a `head` method .* Sequential"):
+        _LogitsOnlyModel(config=GPTConfig(**TINY), **{option: value})
+    _LogitsOnlyModel(config=GPTConfig(**TINY))  # without the option the network is welcome
 
 
 def test_lm_plan_says_it_does_not_estimate_the_future_heads():

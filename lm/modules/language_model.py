@@ -143,10 +143,8 @@ class LanguageModel(L.LightningModule):
                               f"attribute (as lm.model.GPT has); {type(self).__name__}.build_model returned a "
                               f"{type(self.model).__name__}. Drop the option, or add the attribute to the network.")
             self.model.activation_checkpointing = True
-        if loss_chunk_size is not None and not callable(getattr(self.model, "head", None)):
-            raise LMError(f"model.loss_chunk_size needs a network with a `head` method and `return_hidden` (as "
-                          f"lm.model.GPT has); {type(self).__name__}.build_model returned a "
-                          f"{type(self.model).__name__}. Drop the option for this network.")
+        if loss_chunk_size is not None:
+            self._require_head("loss_chunk_size")
         self.loss_chunk_size = loss_chunk_size
         self.future_heads = self._future_heads(multi_token_prediction, multi_token_weight)
         self.tokenizer = None  # the DataModule's, given in setup(): see set_tokenizer
@@ -166,10 +164,18 @@ class LanguageModel(L.LightningModule):
         if count < 0 or not weight >= 0:
             raise LMError(f"model.multi_token_prediction must be >= 0 (extra future tokens to predict) and "
                           f"model.multi_token_weight >= 0, got {count} and {weight}.")
-        if count and (self.loss_chunk_size is not None or not callable(getattr(self.model, "head", None))):
-            raise LMError("model.multi_token_prediction needs the plain loss path (no loss_chunk_size) and a network "
-                          "with a `head` method and `return_hidden` (as lm.model.GPT has).")
+        if count and self.loss_chunk_size is not None:
+            raise LMError("model.multi_token_prediction needs the plain loss path: drop model.loss_chunk_size.")
+        if count:
+            self._require_head("multi_token_prediction")
         return nn.ModuleList(FutureTokenHead(self.config) for _ in range(count))
+
+    def _require_head(self, option: str) -> None:
+        """`model.<option>` reads the network's final hidden states (`return_hidden`) and applies its `head`."""
+        if not callable(getattr(self.model, "head", None)):
+            raise LMError(f"model.{option} needs a network with a `head` method and `return_hidden` (as lm.model.GPT "
+                          f"has); {type(self).__name__}.build_model returned a {type(self.model).__name__}. Drop the "
+                          f"option for this network.")
 
     # ------------------------------------------------------------------------------ subclass hooks
     def build_model(self, config: GPTConfig) -> nn.Module:
