@@ -43,6 +43,8 @@ from lm.evaluation.token_losses import IGNORE_INDEX, token_nll
 from lm.evaluation.token_metrics import LanguageModelingMetrics
 from lm.model import GPT, GPTConfig, SamplingOptions, build_gpt, generate_text
 from lm.model.layers import make_norm
+from lm.modules.temperature_calibration import (TEMPERATURES, check_foldable, fold_temperature,
+                                                summed_nll_by_temperature, unfold_temperature)
 from lm.modules.optimizers import (MUON_OPTIMIZERS, OptimizerName, Schedule, build_optimizer, lr_multiplier,
                                    step_progress)
 
@@ -94,6 +96,10 @@ class LanguageModel(L.LightningModule):
             resumed run trains them on). The objective becomes the next-token loss plus `multi_token_weight` x
             the heads' mean loss (logged as `train/future_loss`); `val/*` and `test/*` stay the network's. 0: off.
         multi_token_weight: Weight of the future heads' mean loss in the objective.
+        calibrate_temperature: Pick the network's softmax temperature on each validation (logged as
+            `val/temperature`, `val/calibrated_loss`, `val/calibrated_bpb`) and fold it into every saved
+            checkpoint's final norm, so every verb after training uses the calibrated network; training and a
+            resumed fit use the trained weights (lm/modules/temperature_calibration.py).
     """
 
     # Choices of the run at hand, not of the weights: a resumed run takes them from its own command line.
@@ -121,6 +127,7 @@ class LanguageModel(L.LightningModule):
         loss_chunk_size: Optional[int] = None,
         multi_token_prediction: int = 0,
         multi_token_weight: float = 0.5,
+        calibrate_temperature: bool = False,
     ) -> None:
         super().__init__()
         _check_optimizer_settings(learning_rate, min_learning_rate, weight_decay, warmup_steps, cooldown_fraction,
@@ -147,6 +154,9 @@ class LanguageModel(L.LightningModule):
             self._require_head("loss_chunk_size")
         self.loss_chunk_size = loss_chunk_size
         self.future_heads = self._future_heads(multi_token_prediction, multi_token_weight)
+        self.calibrate_temperature = calibrate_temperature
+        self.network_temperature: Optional[float] = None  # the last validation's pick (calibrate_temperature)
+        self.temperature_metrics = self._temperature_metrics(calibrate_temperature)
         self.tokenizer = None  # the DataModule's, given in setup(): see set_tokenizer
         # Training windows shorter than the data's (same tokens per step), set per step by
         # lm.callbacks.TrainingContextSchedule; None: the batches as they come. Never applied to validation/test.
@@ -169,6 +179,15 @@ class LanguageModel(L.LightningModule):
         if count:
             self._require_head("multi_token_prediction")
         return nn.ModuleList(FutureTokenHead(self.config) for _ in range(count))
+
+    def _temperature_metrics(self, calibrate: bool) -> Optional[LanguageModelingMetrics]:
+        """The validation NLL at each of `TEMPERATURES` (calibrate_temperature), checked."""
+        if not calibrate:
+            return None
+        if self.loss_chunk_size is not None:
+            raise LMError("model.calibrate_temperature reads the validation logits whole: drop model.loss_chunk_size.")
+        check_foldable(self.model)
+        return LanguageModelingMetrics(grid_shape=(len(TEMPERATURES),))
 
     def _require_head(self, option: str) -> None:
         """`model.<option>` reads the network's final hidden states (`return_hidden`) and applies its `head`."""
@@ -261,8 +280,13 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_str()
+        # After the callbacks' hooks (Lightning's order): the EMA callback has put the averaged weights there.
+        fold_temperature(checkpoint, self.network_temperature if self.calibrate_temperature else None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = attached_trainer(self)
+        if trainer is not None and trainer.state.fn == "fit":  # a resumed fit: the trained weights, not the folded
+            self.network_temperature = unfold_temperature(checkpoint)
         saved = checkpoint.get("tokenizer")
         if saved is not None and self.tokenizer is not None and saved != self.tokenizer.to_str():
             raise LMError("The checkpoint was trained with another tokenizer than the data module's: its token ids "
@@ -323,7 +347,13 @@ class LanguageModel(L.LightningModule):
     def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: LanguageModelingMetrics) -> Tensor:
         input_ids, targets = batch
         num_bytes = self.token_bytes[targets.clamp(min=0)][targets != IGNORE_INDEX].sum()
-        nll, num_tokens = self.summed_nll(input_ids, targets)  # never the (overridable) objective
+        if self.temperature_metrics is not None and metrics is self.val_metrics:
+            logits = self(input_ids)
+            nll, num_tokens = token_nll(logits, targets)
+            self.temperature_metrics.update(summed_nll_by_temperature(logits, targets, IGNORE_INDEX), num_tokens,
+                                            num_bytes)
+        else:
+            nll, num_tokens = self.summed_nll(input_ids, targets)  # never the (overridable) objective
         metrics.update(nll, num_tokens, num_bytes)
         return nll / num_tokens.clamp(min=1)
 
@@ -341,6 +371,16 @@ class LanguageModel(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
+        if self.temperature_metrics is not None:
+            calibrated = self.temperature_metrics.compute()  # summed across processes before the best is chosen
+            self.temperature_metrics.reset()
+            if self.trainer.sanity_checking:  # a few batches before training: not a calibration to keep
+                return
+            self.network_temperature = TEMPERATURES[int(calibrated.pop("index"))]
+            self.log("val/temperature", self.network_temperature)
+            for name in ("loss", "bpb"):
+                if name in calibrated:
+                    self.log(f"val/calibrated_{name}", calibrated[name])
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
