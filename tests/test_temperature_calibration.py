@@ -12,6 +12,7 @@ import torch
 from lm.errors import LMError
 from lm.io.checkpoints import load_model
 from lm.model import GPTConfig, build_gpt
+from lm.modules.init_from import checkpoint_parts
 from lm.modules.language_model import LanguageModel
 from lm.modules.temperature_calibration import CHECKPOINT_KEY, fold_temperature, unfold_temperature
 from tests.helpers import TINY_MODEL, TINY_TRAINER, run_lm, tb_scalars, tiny_data
@@ -61,6 +62,18 @@ def test_a_resumed_fit_trains_from_the_unfolded_weights_and_other_verbs_keep_the
         weight = loaded["state_dict"]["model.norm.weight"]
         assert torch.equal(weight, trained / 1.3 if folded else trained), fn
         assert resumed.network_temperature == (None if folded else 1.3)
+
+
+def test_a_new_run_from_a_folded_checkpoint_starts_from_the_trained_weights(tmp_path):
+    """--model.init_from and the fine-tuning modules read `checkpoint_parts`: the network as trained, not calibrated."""
+    network = _network()
+    checkpoint = {"hyper_parameters": {"config": network.config.to_dict()},
+                  "state_dict": {f"model.{k}": v.clone() for k, v in network.state_dict().items()}}
+    fold_temperature(checkpoint, 1.2)
+    torch.save(checkpoint, tmp_path / "folded.ckpt")
+    parts = checkpoint_parts(tmp_path / "folded.ckpt")
+    assert torch.equal(parts.state_dict["norm.weight"], network.norm.weight)
+    assert torch.equal(parts.state_dict["norm.bias"], network.norm.bias)
 
 
 @pytest.mark.parametrize("kwargs, network, message", [

@@ -22,6 +22,7 @@ from lm.data.tokenizer import Tokenizer
 from lm.errors import LMError
 from lm.io.checkpoints import read_checkpoint
 from lm.model import GPTConfig
+from lm.modules.temperature_calibration import unfold_temperature
 
 # Fields that change parameter shapes or what the weights mean; dropout / init / attention kernel don't.
 _ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -38,8 +39,10 @@ class CheckpointParts:
 
 
 def checkpoint_parts(path: str | Path, prefix: str = "model.") -> CheckpointParts:
-    """Config, tokenizer JSON and network weights of a checkpoint written by `lm fit`."""
+    """Config, tokenizer JSON and network weights of a checkpoint written by `lm fit`: the weights as trained (a
+    temperature folded in by `calibrate_temperature` is taken out: a new run trains on from the trained network)."""
     checkpoint = read_checkpoint(path)
+    unfold_temperature(checkpoint)
     hparams = checkpoint.get("hyper_parameters", {})
     if "config" not in hparams:
         raise LMError(f"{path} is not an `lm` language-model checkpoint (no model config in it): "
