@@ -184,8 +184,6 @@ class LanguageModel(L.LightningModule):
         """The validation NLL at each of `TEMPERATURES` (calibrate_temperature), checked."""
         if not calibrate:
             return None
-        if self.loss_chunk_size is not None:
-            raise LMError("model.calibrate_temperature reads the validation logits whole: drop model.loss_chunk_size.")
         check_foldable(self.model)
         return LanguageModelingMetrics(grid_shape=(len(TEMPERATURES),))
 
@@ -348,14 +346,25 @@ class LanguageModel(L.LightningModule):
         input_ids, targets = batch
         num_bytes = self.token_bytes[targets.clamp(min=0)][targets != IGNORE_INDEX].sum()
         if self.temperature_metrics is not None and metrics is self.val_metrics:
-            logits = self(input_ids)
-            nll, num_tokens = token_nll(logits, targets)
-            self.temperature_metrics.update(summed_nll_by_temperature(logits, targets, IGNORE_INDEX), num_tokens,
-                                            num_bytes)
+            nll, num_tokens, by_temperature = 0.0, 0, 0.0
+            for logits, chunk_targets in self._logit_chunks(input_ids, targets):
+                chunk_nll, chunk_tokens = token_nll(logits, chunk_targets)
+                nll, num_tokens = nll + chunk_nll, num_tokens + chunk_tokens
+                by_temperature = by_temperature + summed_nll_by_temperature(logits, chunk_targets, IGNORE_INDEX)
+            self.temperature_metrics.update(by_temperature, num_tokens, num_bytes)
         else:
             nll, num_tokens = self.summed_nll(input_ids, targets)  # never the (overridable) objective
         metrics.update(nll, num_tokens, num_bytes)
         return nll / num_tokens.clamp(min=1)
+
+    def _logit_chunks(self, input_ids: Tensor, targets: Tensor):
+        """(logits, targets) of a batch: whole, or with `loss_chunk_size` that many tokens at a time."""
+        if self.loss_chunk_size is None:
+            yield self(input_ids), targets
+            return
+        hidden = self.model(input_ids, return_hidden=True).flatten(0, 1)
+        for chunk, chunk_targets in zip(hidden.split(self.loss_chunk_size), targets.flatten().split(self.loss_chunk_size)):
+            yield self.model.head(chunk.unsqueeze(0)), chunk_targets.unsqueeze(0)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._eval_step(batch, self.val_metrics)
