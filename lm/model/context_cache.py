@@ -123,11 +123,12 @@ class ContextCache(nn.Module):
     @torch.no_grad()
     def target_nll(self, log_probs: Tensor, hidden: Tensor, keys: Tensor, next_ids: Tensor, key_mask: Tensor,
                    targets: Tensor, ignore_index: int = -100) -> Tensor:
-        """Summed NLL (float64) of `targets` (B, T) under the mixture `forward` returns, at the targets only, from
-        the network's `log_probs` at the targets at the cache's temperature (B, T; `target_log_probs_by_temperature(
-        logits, targets, [cache.temperature])[0]`, or made beside the plain softmax's by `target_log_probs_by_temperature`, as
-        `lm eval` does): the copy probability of a target is the attention on keys followed by it, so no (B, T,
-        vocab) copy distribution is built (`lm eval`'s cache row at about the cost of the network's)."""
+        """Summed NLL (float64) of `targets` (B, T) under the mixture `forward` returns, at the targets only.
+
+        `log_probs`: the network's log-probabilities at the targets at the cache's temperature, (B, T) float32:
+        `target_log_probs_by_temperature(logits, targets, [cache.temperature])[0]` (`lm eval` makes them in the
+        same read as the plain softmax's). The copy probability of a target is the attention on keys followed by
+        it, so no (B, T, vocab) copy distribution is built (`lm eval`'s cache row at about the network's cost)."""
         with _float32(log_probs.device):
             scored = targets != ignore_index
             if keys.shape[1] == 0:  # a single position: nothing to copy from

@@ -363,7 +363,8 @@ class LanguageModel(L.LightningModule):
             yield self(input_ids), targets
             return
         hidden = self.model(input_ids, return_hidden=True).flatten(0, 1)
-        for chunk, chunk_targets in zip(hidden.split(self.loss_chunk_size), targets.flatten().split(self.loss_chunk_size)):
+        chunks = zip(hidden.split(self.loss_chunk_size), targets.flatten().split(self.loss_chunk_size))
+        for chunk, chunk_targets in chunks:
             yield self.model.head(chunk.unsqueeze(0)), chunk_targets.unsqueeze(0)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
