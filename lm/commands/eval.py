@@ -103,7 +103,7 @@ def evaluate(
         torch.set_num_threads(threads)
     results: dict[str, Any] = {"checkpoint": str(ckpt_path)}
     # The labelled-file and pairs scorers are imported when asked for: they bring Lightning and torchmetrics' text
-    # metrics (~3 s of start-up at 2 threads) that scoring a text file, the common case, does not use.
+    # metrics (~5 s of start-up at 2 threads) that scoring a text file, the common case, does not use.
     if labelled_file:
         from lm.evaluation.labelled_file import evaluate_labelled_file
 
