@@ -346,12 +346,12 @@ class LanguageModel(L.LightningModule):
         input_ids, targets = batch
         num_bytes = self.token_bytes[targets.clamp(min=0)][targets != IGNORE_INDEX].sum()
         if self.temperature_metrics is not None and metrics is self.val_metrics:
-            nll, num_tokens, by_temperature = 0.0, 0, 0.0
-            for logits, chunk_targets in self._logit_chunks(input_ids, targets):
-                chunk_nll, chunk_tokens = token_nll(logits, chunk_targets)
-                nll, num_tokens = nll + chunk_nll, num_tokens + chunk_tokens
-                by_temperature = by_temperature + summed_nll_by_temperature(logits, chunk_targets, IGNORE_INDEX)
+            # The NLL at every temperature from one read of the logits; the network's own is the one at T = 1.
+            by_temperature = sum(summed_nll_by_temperature(logits, chunk_targets, IGNORE_INDEX)
+                                 for logits, chunk_targets in self._logit_chunks(input_ids, targets))
+            num_tokens = (targets != IGNORE_INDEX).sum()
             self.temperature_metrics.update(by_temperature, num_tokens, num_bytes)
+            nll = by_temperature[TEMPERATURES.index(1.0)].float()
         else:
             nll, num_tokens = self.summed_nll(input_ids, targets)  # never the (overridable) objective
         metrics.update(nll, num_tokens, num_bytes)

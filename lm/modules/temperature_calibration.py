@@ -28,12 +28,12 @@ from torch import Tensor, nn
 from lm.errors import LMError
 from lm.evaluation.token_losses import target_log_probs_by_temperature
 
-TEMPERATURES = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.4, 1.5)  # each: one log-softmax of the logits
+TEMPERATURES = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.4, 1.5)  # 1.0: the network as trained (val/loss)
 FOLDED = ("norm.weight", "norm.bias", "context_cache.temperature")  # the tensors a fold divides by T
 CHECKPOINT_KEY = "network_temperature"  # {"temperature": T, "trained": {state-dict key: the tensor before the fold}}
 
 
-def check_foldable(network: nn.Module, option: str = "model.calibrate_temperature") -> None:
+def check_foldable(network: nn.Module) -> None:
     """A temperature folds into the weights exactly when the logits are a bias-free linear map of the final
     norm's output and nothing nonlinear follows: lm.model.GPT without `logit_softcap`."""
     norm, head = getattr(network, "norm", None), getattr(network, "lm_head", None)
@@ -44,7 +44,7 @@ def check_foldable(network: nn.Module, option: str = "model.calibrate_temperatur
         ("no logit_softcap", getattr(config, "logit_softcap", None) is not None),
     ) if bad]
     if problems:
-        raise LMError(f"{option} folds the temperature into the final norm, which needs {' and '.join(problems)} "
+        raise LMError(f"model.calibrate_temperature folds the temperature into the final norm, which needs {' and '.join(problems)} "
                       f"(as lm.model.GPT has by default); the network is a {type(network).__name__}. Drop the option.")
 
 
