@@ -1,6 +1,6 @@
 """The CPU training step's own paths, each against what it replaces: `lm.model.layers.Dropout`'s masks from 16-bit
-lanes (against `nn.Dropout`), `SummedCrossEntropy` (against `F.cross_entropy`), and the written-out attention
-that bf16 training takes on CPU (against torch's fused kernel)."""
+lanes (against `nn.Dropout`), `SummedCrossEntropy` and `SoftTargetCrossEntropy` (against `F.cross_entropy`), and the
+written-out attention that bf16 training takes on CPU (against torch's fused kernel)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.evaluation.token_losses import IGNORE_INDEX, SummedCrossEntropy, token_nll
+from lm.evaluation.token_losses import IGNORE_INDEX, SoftTargetCrossEntropy, SummedCrossEntropy, token_nll
 from lm.model import GPT, GPTConfig
 from lm.model.layers import (WRITTEN_OUT_ATTENTION_MAX_SCORES, CausalSelfAttention, Dropout,
                              written_out_attention_is_faster)
@@ -82,6 +82,29 @@ def test_summed_cross_entropy_equals_f_cross_entropy(dtype, rows):
     torch.testing.assert_close(nll, reference, rtol=1e-6, atol=1e-4)
     assert ours.dtype == dtype
     # fp32: to rounding; bf16: both are the fp32 gradient rounded once to bf16.
+    torch.testing.assert_close(ours, logits.grad, rtol=0 if dtype == torch.float32 else 1e-2,
+                               atol=1e-6 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, SoftTargetCrossEntropy.ROWS + 9])
+def test_soft_target_cross_entropy_equals_f_cross_entropy_of_the_dense_targets(dtype, rows):
+    torch.manual_seed(rows)
+    vocab, pairs = 50, 6
+    logits = (3 * torch.randn(rows, vocab)).to(dtype).requires_grad_()
+    ids = torch.randint(0, vocab, (rows, pairs))
+    ids[:, 1] = ids[:, 0]  # a repeated id: its weights add up
+    weights = torch.rand(rows, pairs)
+    weights[::2, 3:] = 0  # unused pairs
+    loss = SoftTargetCrossEntropy.apply(logits, ids, weights)
+    loss.backward(torch.tensor(0.7))
+    ours = logits.grad.clone()
+    logits.grad = None
+    dense = torch.zeros(rows, vocab).scatter_add_(1, ids, weights)  # unnormalized soft targets
+    reference = F.cross_entropy(logits.float(), dense / dense.sum(1, keepdim=True), reduction="none") @ dense.sum(1)
+    (0.7 * reference).backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-4)
+    assert ours.dtype == dtype
     torch.testing.assert_close(ours, logits.grad, rtol=0 if dtype == torch.float32 else 1e-2,
                                atol=1e-6 if dtype == torch.float32 else 1e-3)
 

@@ -1,6 +1,7 @@
 """Training-time levers of issue 28 that leave the trained network as it is: `GPTConfig.stochastic_depth` (blocks'
 branches dropped per sequence), `GPTConfig.token_noise` (unigram noising of the inputs) and
-`LanguageModel(multi_token_prediction=...)` (extra heads predicting tokens further ahead, kept out of the network).
+`LanguageModel(multi_token_prediction=...)` (extra heads predicting tokens further ahead, kept out of the network) and
+`LanguageModel(copy_distillation=...)` (the context cache's copy distribution as a soft target).
 Each is checked for what it does in training, for doing nothing in evaluation, and through `lm fit` + `lm generate`."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from lm.cli.main import main
 from lm.errors import LMError
 from lm.io.checkpoints import load_model, read_checkpoint
 from lm.model import GPTConfig, build_gpt
+from lm.modules.copy_distillation import copy_distillation_loss
 from lm.modules.language_model import LanguageModel
 from lm.modules.optimizers import MuonWithAdamW
 from tests.conftest import write_corpus_files
@@ -112,7 +114,7 @@ def test_future_heads_are_trained_by_muon_and_stay_out_of_the_network(tmp_path, 
     data = tiny_data(write_corpus_files(tmp_path), tmp_path / "cache")
     monkeypatch.chdir(tmp_path)
     main(["fit", "--experiment", "mtp", *TINY_MODEL, *TINY_TRAINER, *data, "--model.multi_token_prediction", "1",
-          "--model.config.stochastic_depth", "0.2", "--model.config.token_noise", "0.1",
+          "--model.copy_distillation", "0.2", "--model.config.context_cache", "true", "--model.config.stochastic_depth", "0.2", "--model.config.token_noise", "0.1",
           "--model.optimizer", "muon", "--trainer.max_steps", "6", "--trainer.val_check_interval", "3"])
     ckpt = tmp_path / "checkpoints" / "mtp" / "last.ckpt"
     state = read_checkpoint(ckpt)["state_dict"]
@@ -133,6 +135,70 @@ def test_bad_multi_token_settings_are_refused(kwargs, message):
         LanguageModel(config=GPTConfig(**TINY), **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------- copy distillation
+def test_copy_distillation_is_the_cross_entropy_of_hard_and_copy_targets_mixed():
+    """Against the definition, position by position: (1 - w) x the mean next-token cross-entropy + w x the mean over
+    positions with history of the cross-entropy of the copy distribution: softmax(sharpness x cosine) over the earlier
+    positions (masked targets offer nothing and are not scored), each offering the token that followed it."""
+    torch.manual_seed(0)
+    B, T, D = 2, 12, 16
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(B, T, VOCAB, dtype=dtype, requires_grad=True)
+        hidden, targets = torch.randn(B, T, D), ids(B, T, seed=4)
+        targets[0, 3] = targets[1, -1] = -100
+        loss = copy_distillation_loss(logits, hidden, targets, sharpness=8.0, weight=0.3)
+        loss.backward()
+        ours, logits.grad = logits.grad.clone(), None
+        log_p = torch.log_softmax(logits.float(), -1)
+        scored = targets != -100
+        hard = -(log_p.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * scored).sum() / scored.sum()
+        unit = F.normalize(hidden, dim=-1)
+        copy_terms = []
+        for b in range(B):
+            for t in range(1, T):
+                keys = [i for i in range(t) if i < T - 1 and targets[b, i] != -100]
+                if keys and targets[b, t] != -100:
+                    attention = torch.softmax(8.0 * unit[b, keys] @ unit[b, t], 0)
+                    copy_terms.append(-(attention * log_p[b, t, targets[b, keys]]).sum())
+        reference = 0.7 * hard + 0.3 * torch.stack(copy_terms).mean()
+        reference.backward()
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.float(), logits.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-3 if dtype == torch.bfloat16 else 1e-7)
+        logits.grad = None
+    plain = copy_distillation_loss(logits, hidden, targets, sharpness=8.0, weight=0.0)
+    torch.testing.assert_close(plain, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()))
+
+
+def test_copy_distillation_changes_the_objective_not_the_network():
+    torch.manual_seed(0)
+    plain = LanguageModel(config=GPTConfig(**TINY, context_cache=True))
+    distilled = LanguageModel(config=GPTConfig(**TINY, context_cache=True), copy_distillation=0.2)
+    distilled.load_state_dict(plain.state_dict())  # no parameter or buffer of its own
+    for module in (plain, distilled):
+        module.log = lambda *args, **kw: None
+    x, y = ids(seed=1), ids(seed=2)
+    assert torch.equal(plain.eval()(x), distilled.eval()(x))
+    hidden = plain.model(x, return_hidden=True)
+    expected = copy_distillation_loss(plain.model.head(hidden), hidden, y, plain.model.context_cache.sharpness.item(), 0.2)
+    torch.testing.assert_close(distilled.training_loss((x, y)), expected)  # the cache's sharpness
+    assert not torch.allclose(distilled.training_loss((x, y)), plain.training_loss((x, y)))
+    distilled.model.context_cache.sharpness.fill_(16.0)  # the calibrated value, when a validation has set it
+    hidden = distilled.model(x, return_hidden=True)
+    torch.testing.assert_close(distilled.training_loss((x, y)),
+                               copy_distillation_loss(distilled.model.head(hidden), hidden, y, 16.0, 0.2))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(copy_distillation=-0.1), r"copy_distillation is the soft target's share of the objective, in \[0, 1\)"),
+    (dict(copy_distillation=1.0), r"in \[0, 1\), got 1.0"),
+    (dict(copy_distillation=0.1, loss_chunk_size=64), "whole logits of a batch: drop model.loss_chunk_size"),
+])
+def test_bad_copy_distillation_settings_are_refused(kwargs, message):
+    with pytest.raises(LMError, match=message):
+        LanguageModel(config=GPTConfig(**TINY), **kwargs)
+
+
 class _LogitsOnlyModel(LanguageModel):
     """A subclass whose network maps ids to logits and has no `head` (what `build_model` allows)."""
 
@@ -140,14 +206,15 @@ class _LogitsOnlyModel(LanguageModel):
         return torch.nn.Sequential(torch.nn.Embedding(config.vocab_size, 8), torch.nn.Linear(8, config.vocab_size))
 
 
-@pytest.mark.parametrize("option, value", [("multi_token_prediction", 1), ("loss_chunk_size", 64)])
+@pytest.mark.parametrize("option, value", [("multi_token_prediction", 1), ("loss_chunk_size", 64),
+                                           ("copy_distillation", 0.1)])
 def test_options_that_read_hidden_states_refuse_a_network_without_a_head(option, value):
     with pytest.raises(LMError, match=rf"model.{option} needs a network with a `head` method .* Sequential"):
         _LogitsOnlyModel(config=GPTConfig(**TINY), **{option: value})
     _LogitsOnlyModel(config=GPTConfig(**TINY))  # without the option the network is welcome
 
 
-def test_lm_plan_says_it_does_not_estimate_the_future_heads():
+def test_lm_plan_says_it_does_not_estimate_the_future_heads_or_copy_distillation():
     from lm.plan.recipe import read_recipe
 
     recipe = ["--config", str(REPO_ROOT / "experiments" / "wikitext2_cpu.yaml"),
@@ -155,3 +222,5 @@ def test_lm_plan_says_it_does_not_estimate_the_future_heads():
     assert read_recipe(recipe, devices=1, nodes=1).model.parameters > 0  # training-only rates: planned as usual
     with pytest.raises(LMError, match="does not estimate multi-token prediction"):
         read_recipe([*recipe, "--model.multi_token_prediction", "1"], devices=1, nodes=1)
+    with pytest.raises(LMError, match="does not estimate copy distillation"):
+        read_recipe([*recipe, "--model.copy_distillation", "0.1"], devices=1, nodes=1)

@@ -73,6 +73,36 @@ class SummedCrossEntropy(torch.autograd.Function):
         return grad_logits, None
 
 
+class SoftTargetCrossEntropy(torch.autograd.Function):
+    """sum_n sum_k weights[n, k] * -log softmax(logits[n])[ids[n, k]]: the cross-entropy of logits (N, V) against
+    sparse soft targets, K (id, weight) pairs per row (weight 0 where a pair is unused), in float32, `ROWS` rows at a
+    time like `SummedCrossEntropy` (no float32 copy of the whole logits, none kept for the backward pass). With the
+    one-hot target as pair 0 it is a weighted cross-entropy plus whatever else the targets spread their mass on."""
+
+    ROWS = SummedCrossEntropy.ROWS
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        loss = logits.new_zeros((), dtype=torch.float32)
+        for block, block_ids, block_weights in zip(*(t.split(SoftTargetCrossEntropy.ROWS) for t in (logits, ids, weights))):
+            block = block.float()
+            log_z = torch.logsumexp(block, dim=-1, keepdim=True)
+            loss += (block_weights * (log_z - block.gather(1, block_ids))).sum()
+        ctx.save_for_backward(logits, ids, weights)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None, None]:
+        logits, ids, weights = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        weights = weights * grad_loss  # d loss / d logit row = softmax * sum(weights) - the weights at their ids
+        for start in range(0, logits.shape[0], SoftTargetCrossEntropy.ROWS):
+            rows = slice(start, start + SoftTargetCrossEntropy.ROWS)
+            grad = torch.softmax(logits[rows].float(), dim=-1).mul_(weights[rows].sum(1, keepdim=True))
+            grad_logits[rows] = grad.scatter_add_(1, ids[rows], -weights[rows])
+        return grad_logits, None, None
+
+
 def target_log_probs_by_temperature(logits: Tensor, targets: Tensor, temperatures: Sequence[float | Tensor],
                                     rows: int = 128) -> Tensor:
     """(len(temperatures), B, T) float32: log softmax(logits / t) at `targets` (B, T; valid ids) for each

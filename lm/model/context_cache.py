@@ -59,10 +59,11 @@ class ContextCache(nn.Module):
     SHARPNESS = (4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
     WEIGHT = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
     TEMPERATURE = (0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)  # each costs a log-softmax over the vocabulary
+    SHARPNESS_BEFORE_CALIBRATION = 8.0
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("sharpness", torch.tensor(8.0))
+        self.register_buffer("sharpness", torch.tensor(self.SHARPNESS_BEFORE_CALIBRATION))
         self.register_buffer("weight", torch.tensor(0.0))
         self.register_buffer("temperature", torch.tensor(1.0))
 

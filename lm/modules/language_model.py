@@ -42,7 +42,9 @@ from lm.errors import LMError
 from lm.evaluation.token_losses import IGNORE_INDEX, token_nll
 from lm.evaluation.token_metrics import LanguageModelingMetrics
 from lm.model import GPT, GPTConfig, SamplingOptions, build_gpt, generate_text
+from lm.model.context_cache import ContextCache
 from lm.model.layers import make_norm
+from lm.modules.copy_distillation import copy_distillation_loss
 from lm.modules.temperature_calibration import (TEMPERATURES, check_foldable, fold_temperature,
                                                 summed_nll_by_temperature, unfold_temperature)
 from lm.modules.optimizers import (MUON_OPTIMIZERS, OptimizerName, Schedule, build_optimizer, lr_multiplier,
@@ -100,6 +102,9 @@ class LanguageModel(L.LightningModule):
             `val/temperature`, `val/calibrated_loss`, `val/calibrated_bpb`) and fold it into every saved
             checkpoint's final norm, so every verb after training uses the calibrated network; training and a
             resumed fit use the trained weights (lm/modules/temperature_calibration.py).
+        copy_distillation: Share of the objective (in [0, 1)) given to the context cache's copy distribution as a
+            soft target: the network learns to copy from its window on its own (lm/modules/copy_distillation.py).
+            Training-only: the network and every verb after training are unchanged. 0: off.
     """
 
     # Choices of the run at hand, not of the weights: a resumed run takes them from its own command line.
@@ -128,6 +133,7 @@ class LanguageModel(L.LightningModule):
         multi_token_prediction: int = 0,
         multi_token_weight: float = 0.5,
         calibrate_temperature: bool = False,
+        copy_distillation: float = 0.0,
     ) -> None:
         super().__init__()
         _check_optimizer_settings(learning_rate, min_learning_rate, weight_decay, warmup_steps, cooldown_fraction,
@@ -154,6 +160,7 @@ class LanguageModel(L.LightningModule):
             self._require_head("loss_chunk_size")
         self.loss_chunk_size = loss_chunk_size
         self.future_heads = self._future_heads(multi_token_prediction, multi_token_weight)
+        self.copy_distillation = self._check_copy_distillation(copy_distillation)
         self.calibrate_temperature = calibrate_temperature
         self.network_temperature: Optional[float] = None  # the last validation's pick (calibrate_temperature)
         self.temperature_metrics = self._temperature_metrics(calibrate_temperature)
@@ -179,6 +186,15 @@ class LanguageModel(L.LightningModule):
         if count:
             self._require_head("multi_token_prediction")
         return nn.ModuleList(FutureTokenHead(self.config) for _ in range(count))
+
+    def _check_copy_distillation(self, weight: float) -> float:
+        if not 0 <= weight < 1:
+            raise LMError(f"model.copy_distillation is the soft target's share of the objective, in [0, 1), got {weight}.")
+        if weight and self.loss_chunk_size is not None:
+            raise LMError("model.copy_distillation needs the whole logits of a batch: drop model.loss_chunk_size.")
+        if weight:
+            self._require_head("copy_distillation")
+        return weight
 
     def _temperature_metrics(self, calibrate: bool) -> Optional[LanguageModelingMetrics]:
         """The validation NLL at each of `TEMPERATURES` (calibrate_temperature), checked."""
@@ -320,19 +336,30 @@ class LanguageModel(L.LightningModule):
 
     def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         """The objective of a training batch: `compute_loss` of the logits, or with `loss_chunk_size` the same
-        mean cross-entropy, chunk by chunk."""
+        mean cross-entropy, chunk by chunk; `copy_distillation` and `multi_token_prediction` add their terms."""
         input_ids, targets = batch
+        if not len(self.future_heads) and not self.copy_distillation:
+            if self.loss_chunk_size is None:
+                return self.compute_loss(self(input_ids), targets)
+            nll, num_tokens = self.summed_nll(input_ids, targets)
+            return nll / num_tokens.clamp(min=1)
+        hidden = self.model(input_ids, return_hidden=True)
+        logits = self.model.head(hidden)
+        if self.copy_distillation:
+            loss = copy_distillation_loss(logits, hidden, targets, self._copy_sharpness(), self.copy_distillation)
+        else:
+            loss = self.compute_loss(logits, targets)
         if len(self.future_heads):
-            hidden = self.model(input_ids, return_hidden=True)
-            loss = self.compute_loss(self.model.head(hidden), targets)
             future = sum(self.compute_loss(self.model.head(head(hidden[:, :-k])), targets[:, k:])
                          for k, head in enumerate(self.future_heads, start=1)) / len(self.future_heads)
             self.log("train/future_loss", future.detach(), on_step=True)
-            return loss + self.hparams.multi_token_weight * future
-        if self.loss_chunk_size is None:
-            return self.compute_loss(self(input_ids), targets)
-        nll, num_tokens = self.summed_nll(input_ids, targets)
-        return nll / num_tokens.clamp(min=1)
+            loss = loss + self.hparams.multi_token_weight * future
+        return loss
+
+    def _copy_sharpness(self) -> float:
+        """The copy attention's sharpness: the context cache's calibrated one, or its starting value without a cache."""
+        cache = getattr(self.model, "context_cache", None)
+        return float(cache.sharpness) if cache is not None else ContextCache.SHARPNESS_BEFORE_CALIBRATION
 
     def summed_nll(self, input_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Summed NLL of `targets` and their number (`lm.evaluation.token_losses.token_nll`), by chunks of

@@ -138,6 +138,11 @@ def model_shape(model_config: Any, sequence_length: int) -> ModelShape:
         raise LMError(f"lm plan does not estimate multi-token prediction's extra heads (model.multi_token_prediction="
                       f"{len(module.future_heads)}: one more LM head's logits and its backward per head, each step). "
                       f"Plan the recipe without them (--model.multi_token_prediction 0) and allow for that much more.")
+    if getattr(module, "copy_distillation", 0):
+        raise LMError(f"lm plan does not estimate copy distillation's soft targets (model.copy_distillation="
+                      f"{module.copy_distillation}: micro-batch x context^2 (id, weight) pairs beside the logits, ~24 "
+                      f"bytes each, while the loss is made). Plan the recipe without it (--model.copy_distillation 0) "
+                      f"and allow for that much more.")
     if not (hasattr(net, "num_parameters") and hasattr(net, "flops_per_token")):
         raise LMError(f"{model_config.class_path} builds a {type(net).__name__}: lm plan needs a network with "
                          f"num_parameters() and flops_per_token() (as lm.model.GPT has).")
