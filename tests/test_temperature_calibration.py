@@ -81,6 +81,28 @@ def test_a_network_the_fold_would_not_be_exact_for_is_refused():
         LanguageModel(config=GPTConfig(**TINY, logit_softcap=30.0), calibrate_temperature=True)
 
 
+@pytest.mark.parametrize("strategy, refused", [
+    (dict(kind="FSDPStrategy", state_dict_type="sharded"), True),
+    (dict(kind="ModelParallelStrategy", save_distributed_checkpoint=True), True),
+    (dict(kind="FSDPStrategy", state_dict_type="full"), False),
+    (dict(kind="ModelParallelStrategy", save_distributed_checkpoint=False), False),  # fsdp2_cpu.yaml's
+    (dict(kind="SingleDeviceStrategy", device="cpu"), False),
+])
+def test_a_strategy_that_saves_sharded_checkpoints_is_refused_before_training(strategy, refused, monkeypatch):
+    import lightning.pytorch.strategies as strategies
+
+    kind = strategy.pop("kind")
+    trainer = SimpleNamespace(strategy=getattr(strategies, kind)(**strategy), datamodule=None)
+    module = LanguageModel(config=GPTConfig(**TINY), calibrate_temperature=True)
+    monkeypatch.setattr(LanguageModel, "trainer", property(lambda self: trainer))
+    if refused:
+        with pytest.raises(LMError, match=f"this {kind} saves sharded checkpoints. Save full ones"):
+            module.setup("fit")
+    else:
+        module.setup("fit")
+    module.setup("validate")  # nothing is saved outside a fit: no check
+
+
 @torch.no_grad()
 def test_validation_by_chunks_of_the_logits_sums_what_whole_logits_do():
     """With loss_chunk_size (the memory lever), validation makes the logits a chunk at a time: the same sums."""
@@ -116,6 +138,11 @@ def test_fit_picks_a_temperature_and_the_saved_model_scores_what_validation_cali
     assert saved[CHECKPOINT_KEY]["temperature"] == pytest.approx(temperature)
     model, _ = load_model(ckpt)
     torch.testing.assert_close(model.norm.weight, saved[CHECKPOINT_KEY]["trained"]["model.norm.weight"] / temperature)
+
+    assert model.folded_temperature == pytest.approx(temperature)
+    result = run_lm("eval", "--ckpt_path", str(ckpt), "--text_files", str(corpus_files["test"]), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"temperature {temperature:g}, chosen on the validation text and folded" in result.stdout
 
     result = run_lm("validate", *common, "--experiment", "cal-validate", "--ckpt_path", str(ckpt), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -112,10 +112,10 @@ def evaluate(
     if text_files or pairs_file or harness_tasks:
         scoring_dtype = _scoring_dtype(dtype)
         model, tokenizer = load_model(ckpt_path, dtype=getattr(torch, scoring_dtype))
+        _say_folded_temperature(model, results)
         if text_files:
-            results["text"] = _evaluate_texts(model, tokenizer, text_files, context, stride, batch_size, context_cache)
-            for row in results["text"]:
-                row["dtype"] = scoring_dtype
+            results["text"] = [{**row, "dtype": scoring_dtype} for row in _evaluate_texts(
+                model, tokenizer, text_files, context, stride, batch_size, context_cache)]
         if pairs_file:
             from lm.evaluation.generation_metrics import evaluate_pairs_file
 
@@ -127,6 +127,14 @@ def evaluate(
     if output:
         _write_json(Path(output), results)
     return results
+
+
+def _say_folded_temperature(model, results: dict[str, Any]) -> None:
+    """What "the network's softmax" is in a checkpoint trained with model.calibrate_temperature."""
+    if model.folded_temperature is not None:
+        results["network_temperature"] = model.folded_temperature
+        print(f"The network's softmax is calibrated: temperature {model.folded_temperature:g}, chosen on the "
+              f"validation text and folded into the weights by training (model.calibrate_temperature).")
 
 
 def _evaluate_texts(model, tokenizer, text_files, context, stride, batch_size, context_cache) -> list[dict[str, Any]]:

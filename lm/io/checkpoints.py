@@ -70,6 +70,9 @@ def require_training_checkpoint(checkpoint: dict[str, Any], path: str | Path) ->
 
 
 # How `lm fit` names the stock LightningModule in `hyper_parameters["_class_path"]`.
+# Where a checkpoint keeps the temperature folded into its weights and the tensors before the fold
+# (lm/modules/temperature_calibration.py writes it; defined here so that reading a checkpoint imports no Lightning).
+NETWORK_TEMPERATURE_KEY = "network_temperature"
 _STOCK_CLASS_PATHS = {None, "lm.modules.LanguageModel", "lm.modules.language_model.LanguageModel"}
 
 
@@ -88,7 +91,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """Return `(model, tokenizer)` from a checkpoint written by `lm fit`; the model is in eval mode.
 
     The model is the network the LightningModule trained (`LanguageModel.model`): a `GPT`, or what a
-    subclass's `build_model` made."""
+    subclass's `build_model` made. Its `folded_temperature` is the softmax temperature training folded into the
+    weights (`model.calibrate_temperature`, lm/modules/temperature_calibration.py), None when there is none."""
     device = check_device(device)
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters", {})
@@ -113,6 +117,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise LMError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}: they do "
                       f"not belong together (ids past {vocab_size - 1} have no embedding). Use the checkpoint as `lm fit` wrote it.")
     model.to(device=device, dtype=dtype).eval()
+    model.folded_temperature = (checkpoint.get(NETWORK_TEMPERATURE_KEY) or {}).get("temperature")
     return model, tokenizer
 
 

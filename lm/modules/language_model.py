@@ -45,7 +45,7 @@ from lm.model import GPT, GPTConfig, SamplingOptions, build_gpt, generate_text
 from lm.model.context_cache import ContextCache
 from lm.model.layers import make_norm
 from lm.modules.copy_distillation import copy_distillation_loss
-from lm.modules.temperature_calibration import (TEMPERATURES, check_foldable, fold_temperature,
+from lm.modules.temperature_calibration import (TEMPERATURES, check_foldable, check_full_state_dict, fold_temperature,
                                                 summed_nll_by_temperature, unfold_temperature)
 from lm.modules.optimizers import (MUON_OPTIMIZERS, OptimizerName, Schedule, build_optimizer, lr_multiplier,
                                    step_progress)
@@ -149,13 +149,7 @@ class LanguageModel(L.LightningModule):
         self.compile_model = compile
         self.sampling = SamplingOptions.resolve(sampling)
         self.model = self.build_model(self.config)
-        self.activation_checkpointing = activation_checkpointing
-        if activation_checkpointing:
-            if not hasattr(self.model, "activation_checkpointing"):
-                raise LMError(f"model.activation_checkpointing needs a network with an `activation_checkpointing` "
-                              f"attribute (as lm.model.GPT has); {type(self).__name__}.build_model returned a "
-                              f"{type(self.model).__name__}. Drop the option, or add the attribute to the network.")
-            self.model.activation_checkpointing = True
+        self.activation_checkpointing = self._set_activation_checkpointing(activation_checkpointing)
         if loss_chunk_size is not None:
             self._require_head("loss_chunk_size")
         self.loss_chunk_size = loss_chunk_size
@@ -173,6 +167,15 @@ class LanguageModel(L.LightningModule):
         self.test_metrics = LanguageModelingMetrics()
         self._compiled = False
         self._sharded = False
+
+    def _set_activation_checkpointing(self, enabled: bool) -> bool:
+        if enabled:
+            if not hasattr(self.model, "activation_checkpointing"):
+                raise LMError(f"model.activation_checkpointing needs a network with an `activation_checkpointing` "
+                              f"attribute (as lm.model.GPT has); {type(self).__name__}.build_model returned a "
+                              f"{type(self.model).__name__}. Drop the option, or add the attribute to the network.")
+            self.model.activation_checkpointing = True
+        return enabled
 
     def _future_heads(self, count: int, weight: float) -> nn.ModuleList:
         """Multi-token prediction's heads (`multi_token_prediction`), checked. Training-only: they are not part of
@@ -255,6 +258,8 @@ class LanguageModel(L.LightningModule):
         datamodule = getattr(attached_trainer(self), "datamodule", None)
         if getattr(datamodule, "tokenizer", None) is not None and datamodule.tokenizer is not self.tokenizer:
             self.set_tokenizer(datamodule.tokenizer)
+        if stage == "fit" and self.calibrate_temperature:
+            check_full_state_dict(getattr(attached_trainer(self), "strategy", None))
         if stage == "fit" and self.hparams.get("init_from"):
             from lm.modules.init_from import load_initial_weights
 

@@ -27,10 +27,11 @@ from torch import Tensor, nn
 
 from lm.errors import LMError
 from lm.evaluation.token_losses import target_log_probs_by_temperature
+from lm.io.checkpoints import NETWORK_TEMPERATURE_KEY
 
 TEMPERATURES = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.4, 1.5)  # 1.0: the network as trained (val/loss)
 FOLDED = ("norm.weight", "norm.bias", "context_cache.temperature")  # the tensors a fold divides by T
-CHECKPOINT_KEY = "network_temperature"  # {"temperature": T, "trained": {state-dict key: the tensor before the fold}}
+CHECKPOINT_KEY = NETWORK_TEMPERATURE_KEY  # {"temperature": T, "trained": {state-dict key: the tensor before the fold}}
 
 
 def check_foldable(network: nn.Module) -> None:
@@ -46,6 +47,20 @@ def check_foldable(network: nn.Module) -> None:
     if problems:
         raise LMError(f"model.calibrate_temperature folds the temperature into the final norm, which needs {' and '.join(problems)} "
                       f"(as lm.model.GPT has by default); the network is a {type(network).__name__}. Drop the option.")
+
+
+def check_full_state_dict(strategy: Any) -> None:
+    """Refuse, before training, a strategy whose checkpoints hold a sharded state dict: the fold divides full
+    tensors (Lightning's FSDPStrategy with `state_dict_type="sharded"`, ModelParallelStrategy (FSDP2) with
+    `save_distributed_checkpoint=True`). Checked again at every save (`fold_temperature`)."""
+    sharded = (getattr(strategy, "_state_dict_type", None) == "sharded"
+               or getattr(strategy, "_save_distributed_checkpoint", False))
+    if sharded:
+        raise LMError(f"model.calibrate_temperature folds the temperature into a full state dict, and this "
+                      f"{type(strategy).__name__} saves sharded checkpoints. Save full ones (FSDPStrategy: "
+                      f"state_dict_type: full; ModelParallelStrategy: save_distributed_checkpoint: false, as "
+                      f"experiments/trainer/fsdp2_cpu.yaml does), or drop the option (--model.calibrate_temperature "
+                      f"false).")
 
 
 def fold_temperature(checkpoint: dict[str, Any], temperature: Optional[float], prefix: str = "model.") -> None:
