@@ -199,6 +199,17 @@ def test_bad_copy_distillation_settings_are_refused(kwargs, message):
         LanguageModel(config=GPTConfig(**TINY), **kwargs)
 
 
+class _OwnObjective(LanguageModel):
+    def compute_loss(self, logits, targets):
+        return logits.float().logsumexp(-1).mean()
+
+
+def test_copy_distillation_refuses_a_subclass_with_its_own_objective():
+    with pytest.raises(LMError, match="_OwnObjective overrides compute_loss"):
+        _OwnObjective(config=GPTConfig(**TINY), copy_distillation=0.1)
+    _OwnObjective(config=GPTConfig(**TINY))
+
+
 class _LogitsOnlyModel(LanguageModel):
     """A subclass whose network maps ids to logits and has no `head` (what `build_model` allows)."""
 

@@ -69,10 +69,10 @@ def require_training_checkpoint(checkpoint: dict[str, Any], path: str | Path) ->
                   f"pass one from checkpoints/<experiment>/, e.g. last.ckpt.")
 
 
-# How `lm fit` names the stock LightningModule in `hyper_parameters["_class_path"]`.
 # Where a checkpoint keeps the temperature folded into its weights and the tensors before the fold
 # (lm/modules/temperature_calibration.py writes it; defined here so that reading a checkpoint imports no Lightning).
 NETWORK_TEMPERATURE_KEY = "network_temperature"
+# How `lm fit` names the stock LightningModule in `hyper_parameters["_class_path"]`.
 _STOCK_CLASS_PATHS = {None, "lm.modules.LanguageModel", "lm.modules.language_model.LanguageModel"}
 
 

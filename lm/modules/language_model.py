@@ -195,6 +195,10 @@ class LanguageModel(L.LightningModule):
             raise LMError(f"model.copy_distillation is the soft target's share of the objective, in [0, 1), got {weight}.")
         if weight and self.loss_chunk_size is not None:
             raise LMError("model.copy_distillation needs the whole logits of a batch: drop model.loss_chunk_size.")
+        if weight and type(self).compute_loss is not LanguageModel.compute_loss:
+            raise LMError(f"model.copy_distillation mixes its soft target into the plain cross-entropy, but "
+                          f"{type(self).__name__} overrides compute_loss (its own objective): drop the option for "
+                          f"this model.")
         if weight:
             self._require_head("copy_distillation")
         return weight
