@@ -516,7 +516,9 @@ def test_sigterm_lets_a_stream_in_flight_finish_then_exits_without_a_traceback(t
                 try:
                     httpx.get(server.url + "/health", timeout=1)
                     time.sleep(0.05)
-                except httpx.ConnectError:
+                except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                    # refused outright, or (on a busy machine) a probe the kernel had queued on the listening
+                    # socket is reset when uvicorn closes it: either way, not served
                     break
             else:
                 pytest.fail("the server still accepted connections 10 s after SIGTERM")
