@@ -207,13 +207,15 @@ def test_log_probs_at_the_targets_by_chunks_equal_the_whole_log_softmax(dtype):
     head = torch.nn.Linear(16, 50, bias=False).to(dtype)
     hidden, targets = torch.randn(3, 7, 16, dtype=dtype), torch.randint(0, 50, (3, 7))
     logits = head(hidden)
-    temperatures = (1.0, torch.tensor(0.8), 1.3)
+    temperatures = (1.0, torch.tensor(0.8), 1.3, 1.0)  # each chunk is rescaled in place from the last temperature
     expected = torch.stack([torch.log_softmax(logits.float() / t, -1).gather(-1, targets[..., None])[..., 0]
                             for t in temperatures])
     for rows in (1, 5, 21, 128):  # 21 positions: one chunk, exact chunks, a last short chunk
+        before = logits.clone()
         log_probs = target_log_probs_by_temperature(logits, targets, temperatures, rows=rows)
-        assert log_probs.shape == (3, 3, 7) and log_probs.dtype == torch.float32
+        assert log_probs.shape == (4, 3, 7) and log_probs.dtype == torch.float32
         torch.testing.assert_close(log_probs, expected)
+        assert torch.equal(logits, before)  # never the caller's logits (float32: .float() is not a copy)
 
 
 def test_the_plain_network_knows_nothing_of_the_cache():

@@ -89,6 +89,34 @@ def test_sdpa_equals_math_attention(variant):
     torch.testing.assert_close(out_math[real], out_sdpa[real], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_attention_in_halves_equals_the_fused_causal_kernel(dtype, monkeypatch):
+    """The inference route 384-767 queries take on CPU (`causal_attention_in_halves`) gives each query the keys
+    plain causal attention gives it; the rule sends only gradient-free, concrete, cache-free CPU attention there."""
+    import lm.model.layers as layers
+
+    q, k, v = torch.randn(3, 2, 3, 512, 16, generator=torch.Generator().manual_seed(0)).to(dtype).unbind(0)
+    fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(layers.causal_attention_in_halves(q, k, v), fused, atol=tolerance, rtol=0)
+    faster = layers.causal_attention_in_halves_is_faster
+    assert faster(q, k, needs_grad=False)
+    assert not faster(q, k, needs_grad=True)
+    assert not faster(q[:, :, :256], k[:, :, :256], needs_grad=False)  # the same speed: the plain call
+    assert not faster(q[:, :, -1:], k, needs_grad=False)  # a decode step on a cache
+    long_q = torch.randn(1, 2, 1024, 16)
+    assert not faster(long_q, long_q, needs_grad=False)  # torch's kernel already uses larger blocks there
+
+    model = make_model("rope_mqa_qknorm", max_position_embeddings=512, num_key_value_heads=4)
+    calls, original = [], layers.causal_attention_in_halves
+    monkeypatch.setattr(layers, "causal_attention_in_halves", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(0, 64, (2, 400), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        halves = model(ids)
+    assert len(calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(halves, twin(model, attention="math")(ids), atol=1e-4, rtol=0)
+
+
 # ----------------------------------------------------------------------------------- KV cache
 @variants
 @pytest.mark.parametrize("attention", ["sdpa", "math"])

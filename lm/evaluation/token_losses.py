@@ -116,9 +116,13 @@ def target_log_probs_by_temperature(logits: Tensor, targets: Tensor, temperature
     result = torch.empty((len(temperatures), targets.numel()), dtype=torch.float32, device=targets.device)
     start = 0
     for chunk, chunk_targets in zip(logits.flatten(0, 1).split(rows), targets.flatten().split(rows)):
-        chunk = chunk.float()
+        scaled, scale = chunk.float(), 1.0  # `scaled` = chunk / scale
         for i, temperature in enumerate(temperatures):
-            scaled = chunk if isinstance(temperature, float) and temperature == 1.0 else chunk / temperature
+            if not (isinstance(temperature, float) and temperature == scale):
+                if scaled.data_ptr() == chunk.data_ptr():  # float32 logits: .float() gave the caller's own
+                    scaled = scaled.clone()
+                scaled.mul_(scale / temperature)  # in place, from the last temperature's: no new chunk per row
+                scale = temperature
             result[i, start:start + len(chunk)] = -F.cross_entropy(scaled, chunk_targets, reduction="none")
         start += len(chunk)
     return result.view(len(temperatures), *targets.shape)
