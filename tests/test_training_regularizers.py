@@ -114,7 +114,7 @@ def test_future_heads_are_trained_by_muon_and_stay_out_of_the_network(tmp_path, 
     data = tiny_data(write_corpus_files(tmp_path), tmp_path / "cache")
     monkeypatch.chdir(tmp_path)
     main(["fit", "--experiment", "mtp", *TINY_MODEL, *TINY_TRAINER, *data, "--model.multi_token_prediction", "1",
-          "--model.copy_distillation", "0.2", "--model.config.context_cache", "true", "--model.config.stochastic_depth", "0.2", "--model.config.token_noise", "0.1",
+          "--model.copy_distillation", "0.2", "--model.copy_distillation_until", "0.5", "--model.config.context_cache", "true", "--model.config.stochastic_depth", "0.2", "--model.config.token_noise", "0.1",
           "--model.optimizer", "muon", "--trainer.max_steps", "6", "--trainer.val_check_interval", "3"])
     ckpt = tmp_path / "checkpoints" / "mtp" / "last.ckpt"
     state = read_checkpoint(ckpt)["state_dict"]
@@ -189,7 +189,31 @@ def test_copy_distillation_changes_the_objective_not_the_network():
                                copy_distillation_loss(distilled.model.head(hidden), hidden, y, 16.0, 0.2))
 
 
+def test_copy_distillation_until_decays_the_share_to_zero_then_trains_on_the_plain_objective():
+    torch.manual_seed(0)
+    plain = LanguageModel(config=GPTConfig(**TINY, context_cache=True))
+    distilled = LanguageModel(config=GPTConfig(**TINY, context_cache=True), copy_distillation=0.2,
+                              copy_distillation_until=0.5)
+    distilled.load_state_dict(plain.state_dict())
+    logged = {}
+    distilled.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    plain.log = lambda *args, **kw: None
+    x, y = ids(seed=1), ids(seed=2)
+    hidden = plain.model(x, return_hidden=True)
+    sharpness = plain.model.context_cache.sharpness.item()
+    for progress, weight in [(-0.1, 0.2), (0.0, 0.2), (0.25, 0.1), (0.5, 0.0), (0.9, 0.0)]:  # -0.1: warm-up
+        distilled.schedule_progress = lambda step, progress=progress: progress
+        assert distilled._copy_distillation_weight() == pytest.approx(weight)
+        assert logged["train/copy_distillation"] == pytest.approx(weight)
+        expected = (copy_distillation_loss(plain.model.head(hidden), hidden, y, sharpness, weight) if weight
+                    else plain.training_loss((x, y)))
+        torch.testing.assert_close(distilled.training_loss((x, y)), expected)
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(copy_distillation=0.1, copy_distillation_until=0.0), r"copy_distillation_until .* in \(0, 1\], got 0.0"),
+    (dict(copy_distillation=0.1, copy_distillation_until=1.5), r"in \(0, 1\], got 1.5"),
+    (dict(copy_distillation_until=0.5), "schedules copy distillation, which is off: set model.copy_distillation"),
     (dict(copy_distillation=-0.1), r"copy_distillation is the soft target's share of the objective, in \[0, 1\)"),
     (dict(copy_distillation=1.0), r"in \[0, 1\), got 1.0"),
     (dict(copy_distillation=0.1, loss_chunk_size=64), "whole logits of a batch: drop model.loss_chunk_size"),

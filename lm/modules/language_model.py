@@ -105,6 +105,10 @@ class LanguageModel(L.LightningModule):
         copy_distillation: Share of the objective (in [0, 1)) given to the context cache's copy distribution as a
             soft target: the network learns to copy from its window on its own (lm/modules/copy_distillation.py).
             Training-only: the network and every verb after training are unchanged. 0: off.
+        copy_distillation_until: None: `copy_distillation` holds for the whole run. A fraction f in (0, 1]: the
+            share decays linearly from `copy_distillation` to 0 at progress f of the run (`schedule_progress`, the
+            LR schedule's), and the rest of the run trains on the plain objective alone (logged as
+            `train/copy_distillation`).
     """
 
     # Choices of the run at hand, not of the weights: a resumed run takes them from its own command line.
@@ -134,6 +138,7 @@ class LanguageModel(L.LightningModule):
         multi_token_weight: float = 0.5,
         calibrate_temperature: bool = False,
         copy_distillation: float = 0.0,
+        copy_distillation_until: Optional[float] = None,
     ) -> None:
         super().__init__()
         _check_optimizer_settings(learning_rate, min_learning_rate, weight_decay, warmup_steps, cooldown_fraction,
@@ -155,6 +160,13 @@ class LanguageModel(L.LightningModule):
         self.loss_chunk_size = loss_chunk_size
         self.future_heads = self._future_heads(multi_token_prediction, multi_token_weight)
         self.copy_distillation = self._check_copy_distillation(copy_distillation)
+        if copy_distillation_until is not None and not 0 < copy_distillation_until <= 1:
+            raise LMError(f"model.copy_distillation_until is the fraction of the run at which copy distillation's "
+                          f"share reaches 0, in (0, 1], got {copy_distillation_until}: e.g. 0.5, or null to keep it.")
+        if copy_distillation_until is not None and not copy_distillation:
+            raise LMError("model.copy_distillation_until schedules copy distillation, which is off: set "
+                          "model.copy_distillation too (e.g. 0.15), or drop copy_distillation_until.")
+        self.copy_distillation_until = copy_distillation_until
         self.calibrate_temperature = calibrate_temperature
         self.network_temperature: Optional[float] = None  # the last validation's pick (calibrate_temperature)
         self.temperature_metrics = self._temperature_metrics(calibrate_temperature)
@@ -347,15 +359,16 @@ class LanguageModel(L.LightningModule):
         """The objective of a training batch: `compute_loss` of the logits, or with `loss_chunk_size` the same
         mean cross-entropy, chunk by chunk; `copy_distillation` and `multi_token_prediction` add their terms."""
         input_ids, targets = batch
-        if not len(self.future_heads) and not self.copy_distillation:
+        copy_weight = self._copy_distillation_weight()
+        if not len(self.future_heads) and not copy_weight:
             if self.loss_chunk_size is None:
                 return self.compute_loss(self(input_ids), targets)
             nll, num_tokens = self.summed_nll(input_ids, targets)
             return nll / num_tokens.clamp(min=1)
         hidden = self.model(input_ids, return_hidden=True)
         logits = self.model.head(hidden)
-        if self.copy_distillation:
-            loss = copy_distillation_loss(logits, hidden, targets, self._copy_sharpness(), self.copy_distillation)
+        if copy_weight:
+            loss = copy_distillation_loss(logits, hidden, targets, self._copy_sharpness(), copy_weight)
         else:
             loss = self.compute_loss(logits, targets)
         if len(self.future_heads):
@@ -364,6 +377,16 @@ class LanguageModel(L.LightningModule):
             self.log("train/future_loss", future.detach(), on_step=True)
             loss = loss + self.hparams.multi_token_weight * future
         return loss
+
+    def _copy_distillation_weight(self) -> float:
+        """Copy distillation's share of this step's objective: `copy_distillation`, decayed by the run's progress
+        with `copy_distillation_until`."""
+        if not self.copy_distillation or self.copy_distillation_until is None:
+            return self.copy_distillation
+        progress = max(self.schedule_progress(self.global_step), 0.0)  # below 0 in a step-bounded warm-up
+        weight = self.copy_distillation * max(0.0, 1.0 - progress / self.copy_distillation_until)
+        self.log("train/copy_distillation", weight, on_step=True, on_epoch=False)
+        return weight
 
     def _copy_sharpness(self) -> float:
         """The copy attention's sharpness: the context cache's calibrated one, or its starting value without a cache."""
