@@ -159,13 +159,7 @@ class LanguageModel(L.LightningModule):
             self._require_head("loss_chunk_size")
         self.loss_chunk_size = loss_chunk_size
         self.future_heads = self._future_heads(multi_token_prediction, multi_token_weight)
-        self.copy_distillation = self._check_copy_distillation(copy_distillation)
-        if copy_distillation_until is not None and not 0 < copy_distillation_until <= 1:
-            raise LMError(f"model.copy_distillation_until is the fraction of the run at which copy distillation's "
-                          f"share reaches 0, in (0, 1], got {copy_distillation_until}: e.g. 0.5, or null to keep it.")
-        if copy_distillation_until is not None and not copy_distillation:
-            raise LMError("model.copy_distillation_until schedules copy distillation, which is off: set "
-                          "model.copy_distillation too (e.g. 0.15), or drop copy_distillation_until.")
+        self.copy_distillation = self._check_copy_distillation(copy_distillation, copy_distillation_until)
         self.copy_distillation_until = copy_distillation_until
         self.calibrate_temperature = calibrate_temperature
         self.network_temperature: Optional[float] = None  # the last validation's pick (calibrate_temperature)
@@ -202,9 +196,15 @@ class LanguageModel(L.LightningModule):
             self._require_head("multi_token_prediction")
         return nn.ModuleList(FutureTokenHead(self.config) for _ in range(count))
 
-    def _check_copy_distillation(self, weight: float) -> float:
+    def _check_copy_distillation(self, weight: float, until: Optional[float]) -> float:
         if not 0 <= weight < 1:
             raise LMError(f"model.copy_distillation is the soft target's share of the objective, in [0, 1), got {weight}.")
+        if until is not None and not 0 < until <= 1:
+            raise LMError(f"model.copy_distillation_until is the fraction of the run at which copy distillation's "
+                          f"share reaches 0, in (0, 1], got {until}: e.g. 0.5, or null to keep it.")
+        if until is not None and not weight:
+            raise LMError("model.copy_distillation_until schedules copy distillation, which is off: set "
+                          "model.copy_distillation too (e.g. 0.15), or drop copy_distillation_until.")
         if weight and self.loss_chunk_size is not None:
             raise LMError("model.copy_distillation needs the whole logits of a batch: drop model.loss_chunk_size.")
         if weight and type(self).compute_loss is not LanguageModel.compute_loss:
