@@ -368,7 +368,7 @@ def causal_attention_in_halves(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     T = q.shape[-2]
     half = T // 2
     first = F.scaled_dot_product_attention(q[:, :, :half], k[:, :, :half], v[:, :, :half], is_causal=True)
-    mask = torch.arange(T, device=q.device)[None, :] <= torch.arange(half, T, device=q.device)[:, None]
+    mask = causal_mask(T - half, half, None, q.device)  # the second half's queries after `half` earlier keys
     second = F.scaled_dot_product_attention(q[:, :, half:], k, v, attn_mask=mask)
     return torch.cat([first, second], dim=2)
 
