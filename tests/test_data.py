@@ -95,6 +95,9 @@ def test_every_tokenizer_kind_round_trips_with_exact_bytes(kind: str, tmp_path: 
         # Exact bits-per-byte: token byte lengths sum to the text's UTF-8 length (special tokens: 0).
         assert sum(lengths[i] for i in ids if i != loaded.eot_id) == len(text.replace(EOT, "").encode("utf-8"))
     assert lengths[loaded.eot_id] == 0
+    # `encode` goes through the batch call's fast variant (no character offsets): the backend's own ids.
+    for text in [UNICODE_TEXT, f"two{EOT}documents \r\n  spaces", "", wikitext_corpus(2, seed=3)]:
+        assert loaded.encode(text) == loaded._tok.encode(text, add_special_tokens=False).ids
     # Each kind makes its own kind of long token.
     ids = tok.encode(" the river")
     assert len(ids) < len(" the river") or kind == "char"

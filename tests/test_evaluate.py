@@ -66,6 +66,36 @@ def test_strided_uses_more_context_and_batch_size_does_not_matter(setup):
     assert plain["tokens"] == n1 and plain["nll"] != pytest.approx(nll1, rel=1e-9)
 
 
+def test_bf16_scoring_makes_the_logits_a_chunk_at_a_time_with_the_same_result(setup, monkeypatch):
+    """From bf16 hidden states `lm eval` makes the head's logits HEAD_ROWS positions at a time (never the whole
+    batch x time x vocab logits); the log-probabilities are those of the whole logits, row for row."""
+    import lm.evaluation.perplexity as perplexity
+    from lm.evaluation.token_losses import target_log_probs_by_temperature
+
+    _, model, tokenizer, text = setup
+    bf16 = tiny_gpt(tokenizer.vocab_size).to(torch.bfloat16)
+    stream, _ = text_stream(text, tokenizer)
+    inputs, targets = stream[:96].view(3, 32), stream[1:97].view(3, 32)
+    monkeypatch.setattr(perplexity, "HEAD_ROWS", 40)  # 96 positions: chunks of 40, 40 and 16
+    shapes = []
+    head = lambda hidden: shapes.append(tuple(hidden.shape)) or bf16.head(hidden)  # noqa: E731
+    with torch.inference_mode():
+        hidden = bf16(inputs, return_hidden=True)
+        chunked = perplexity._target_log_probs(head, hidden, targets, [1.0, 1.3])
+        whole = target_log_probs_by_temperature(bf16.head(hidden), targets, [1.0, 1.3])
+        assert [s[1] for s in shapes] == [40, 40, 16]
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+        shapes.clear()  # float32 hidden states: one product, as before
+        float32_head = lambda hidden: shapes.append(tuple(hidden.shape)) or model.head(hidden)  # noqa: E731
+        perplexity._target_log_probs(float32_head, model(inputs, return_hidden=True), targets, [1.0])
+        assert shapes == [(3, 32, 32)]
+    # The whole path agrees: bf16 scoring of the file through score_windows with chunks and without.
+    spans = window_spans(len(stream), 32)
+    chunked_nll, count = score_windows(bf16, stream, spans, batch_size=4)
+    monkeypatch.setattr(perplexity, "HEAD_ROWS", 10 ** 9)
+    assert score_windows(bf16, stream, spans, batch_size=4) == pytest.approx((chunked_nll, count), rel=1e-6)
+
+
 def test_bpb_divides_by_every_byte_of_the_raw_file(setup):
     _, model, tokenizer, text = setup
     scores = evaluate_text_file(model, tokenizer, text)

@@ -158,8 +158,10 @@ class Tokenizer:
     # ------------------------------------------------------------------ encode / decode
 
     def encode(self, text: str) -> list[int]:
-        # add_special_tokens=False: the byte-level post-processor adds nothing, but be explicit.
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """The ids of `text` (special tokens written in it, such as ``<|endoftext|>``, become their ids)."""
+        # Through the batch call: its fast variant skips the character offsets, which lm never reads, and took
+        # the raw WikiText-2 test file (1.3 MB) from 0.6-0.8 s to 0.37 s. The same ids as `encode`.
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts; the Rust backend spreads them over threads."""

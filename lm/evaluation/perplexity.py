@@ -113,13 +113,30 @@ def _distribution_nlls(model: nn.Module, inputs: Tensor, targets: Tensor, distri
     scored = targets != IGNORE_INDEX
     count = scored.sum()
     temperatures = [model.context_cache.temperature.float() if cache else 1.0 for cache in distributions]
-    log_probs = target_log_probs_by_temperature(model.head(hidden), targets.clamp(min=0), temperatures)
+    log_probs = _target_log_probs(model.head, hidden, targets.clamp(min=0), temperatures)
     for cache, row_log_probs in zip(distributions, log_probs):
         if cache:
             yield True, (model.context_cache.target_nll(row_log_probs, hidden, *cache_inputs(hidden, inputs),
                                                         targets, IGNORE_INDEX), count)
         else:
             yield False, (-(row_log_probs * scored).sum(dtype=torch.float64), count)
+
+
+HEAD_ROWS = 512  # positions whose logits `_target_log_probs` makes at a time from bf16 hidden states
+
+
+def _target_log_probs(head, hidden: Tensor, targets: Tensor, temperatures: list) -> Tensor:
+    """`target_log_probs_by_temperature(head(hidden), targets, temperatures)`. From bf16 (or other reduced
+    precision) hidden states, the head's logits are made `HEAD_ROWS` positions at a time and scored while the
+    CPU's cache holds them: the whole (batch x time x vocab) logits are never written to memory and read back
+    (docs/results/eval-speed.md). From float32 ones in one product: smaller float32 products cost more than
+    the saved memory traffic gives back."""
+    if hidden.dtype == torch.float32 or hidden.shape[0] * hidden.shape[1] <= HEAD_ROWS:
+        return target_log_probs_by_temperature(head(hidden), targets, temperatures)
+    flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()
+    parts = [target_log_probs_by_temperature(head(chunk[None]), chunk_targets[None], temperatures)[:, 0]
+             for chunk, chunk_targets in zip(flat_hidden.split(HEAD_ROWS), flat_targets.split(HEAD_ROWS))]
+    return torch.cat(parts, dim=1).view(len(temperatures), *targets.shape)
 
 
 def text_stream(path: str | Path, tokenizer) -> tuple[Tensor, int]:
