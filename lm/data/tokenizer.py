@@ -160,7 +160,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """The ids of `text` (special tokens written in it, such as ``<|endoftext|>``, become their ids)."""
         # Through the batch call: its fast variant skips the character offsets, which lm never reads, and took
-        # the raw WikiText-2 test file (1.3 MB) from 0.6-0.8 s to 0.37 s. The same ids as `encode`.
+        # the raw WikiText-2 test file (1.3 MB) from 0.6-0.8 s to 0.37 s. The same ids as the backend's `encode`.
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

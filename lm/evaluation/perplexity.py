@@ -127,11 +127,13 @@ HEAD_ROWS = 512  # positions whose logits `_target_log_probs` makes at a time fr
 
 def _target_log_probs(head, hidden: Tensor, targets: Tensor, temperatures: list) -> Tensor:
     """`target_log_probs_by_temperature(head(hidden), targets, temperatures)`. From bf16 (or other reduced
-    precision) hidden states, the head's logits are made `HEAD_ROWS` positions at a time and scored while the
-    CPU's cache holds them: the whole (batch x time x vocab) logits are never written to memory and read back
-    (docs/results/eval-speed.md). From float32 ones in one product: smaller float32 products cost more than
-    the saved memory traffic gives back."""
-    if hidden.dtype == torch.float32 or hidden.shape[0] * hidden.shape[1] <= HEAD_ROWS:
+    precision) hidden states on CPU, the head's logits are made `HEAD_ROWS` positions at a time and scored while
+    the CPU's cache holds them: the whole (batch x time x vocab) logits are never written to memory and read back
+    (docs/results/eval-speed.md: -3 to -9% of the scoring time). From float32 ones in one product: smaller float32
+    products cost more than the saved memory traffic gives back. On an accelerator in one product too: its
+    bandwidth makes the whole pass cheap, and chunks would cost kernel launches."""
+    if (hidden.dtype == torch.float32 or hidden.device.type != "cpu"
+            or hidden.shape[0] * hidden.shape[1] <= HEAD_ROWS):
         return target_log_probs_by_temperature(head(hidden), targets, temperatures)
     flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()
     parts = [target_log_probs_by_temperature(head(chunk[None]), chunk_targets[None], temperatures)[:, 0]
