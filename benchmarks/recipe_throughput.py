@@ -57,7 +57,8 @@ class StepClock(L.Callback):
 
         optimizer = trainer.optimizers[0]
         muon = getattr(optimizer, "muon", None)
-        optimizer_flops = sum(newton_schulz_flops(tuple(p.shape), group["ns_steps"], muon.iteration_dtype())
+        dtype = muon.iteration_dtype() if muon else None  # on the Gram matrix in fp32: fewer FLOPs
+        optimizer_flops = sum(newton_schulz_flops(tuple(p.shape), group["ns_steps"], dtype)
                               for group in (muon.param_groups if muon else []) for p in group["params"])
         contexts = sorted({context for context, _ in self.steps})
         Path(self.path).write_text(json.dumps({

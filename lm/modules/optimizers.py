@@ -178,8 +178,8 @@ class Muon(torch.optim.Muon):
 
 def newton_schulz(matrix: torch.Tensor, coefficients: Sequence[tuple[float, float, float]], eps: float,
                   dtype: torch.dtype, norm_margin: float = 1.0) -> torch.Tensor:
-    """The approximate orthogonalization of torch's Muon (quintic Newton-Schulz, the same operations in
-    the same order), computed in `dtype`. `coefficients`: one (a, b, c) per iteration (torch's one triple
+    """The approximate orthogonalization of torch's Muon (quintic Newton-Schulz; the plain form runs torch's
+    operations in the same order), computed in `dtype`. `coefficients`: one (a, b, c) per iteration (torch's one triple
     repeated `ns_steps` times, or Polar Express's `POLAR_EXPRESS_COEFFICIENTS` with its `norm_margin` of 1.02).
     The matrix is first divided by `norm_margin` times its Frobenius norm.
 
