@@ -4,8 +4,10 @@ layers, bf16 prepacked weights, a compiled decode step).
 
     python benchmarks/generate.py                          # the 6x6x384 / vocab 8192 model, 1 and 2 threads
     python benchmarks/generate.py --runs 5 --threads 1 --dtypes float32 --paths eager compiled
+    python benchmarks/generate.py --runs 5 --threads 2 --no-baseline --hf --batch 8   # 8 prompts at once
 
-Measures batch-1 decode tokens/s (prefill excluded: the clock starts at the first generated token)
+Measures decode tokens/s (prefill excluded: the clock starts at the first generated token; `--batch N`
+decodes N different prompts of the same length together and counts every row's tokens)
 on a randomly initialized model with greedy decoding, after a warm-up run (which also pays any
 compile time, reported as "setup"); reports the median of `--runs` runs, the speed-up of each path
 over the no-cache path, and the load average (other processes on the machine skew the numbers:
@@ -49,7 +51,29 @@ def decode_tokens_per_second(model: GPT, prompt: list[int], new_tokens: int, use
     return count / (time.perf_counter() - start)
 
 
-def hf_decode_tokens_per_second(model, prompt: list[int], new_tokens: int, repetition_penalty: float) -> float:
+def batch_decode_tokens_per_second(model: GPT, prompts: list[list[int]], new_tokens: int,
+                                   repetition_penalty: float = 1.0) -> float:
+    """Tokens/s of every row together, from the first generated token to the last: `generate` of
+    `new_tokens` minus `generate` of 1 (the prefill and the first token), timed back to back."""
+    def seconds(tokens: int) -> float:
+        start = time.perf_counter()
+        generate(model, prompts, max_new_tokens=tokens, temperature=0.0, repetition_penalty=repetition_penalty)
+        return time.perf_counter() - start
+
+    first = seconds(1)
+    return len(prompts) * (new_tokens - 1) / (seconds(new_tokens) - first)
+
+
+def lm_tokens_per_second(model: GPT, prompts: list[list[int]], new_tokens: int, use_cache: bool,
+                         repetition_penalty: float) -> float:
+    """One prompt: the streaming clock (`decode_tokens_per_second`); several: `batch_decode_tokens_per_second`
+    (the KV-cache path only: `main` refuses --batch without --no-baseline)."""
+    if len(prompts) == 1:
+        return decode_tokens_per_second(model, prompts[0], new_tokens, use_cache, repetition_penalty)
+    return batch_decode_tokens_per_second(model, prompts, new_tokens, repetition_penalty)
+
+
+def hf_decode_tokens_per_second(model, prompts: list[list[int]], new_tokens: int, repetition_penalty: float) -> float:
     """The same clock for Hugging Face transformers' `generate` (greedy, its KV cache): a streamer notes
     the time of every token it is handed; the first `put` is the prompt, the second the first new token."""
     from transformers.generation.streamers import BaseStreamer
@@ -65,11 +89,11 @@ def hf_decode_tokens_per_second(model, prompt: list[int], new_tokens: int, repet
             pass
 
     clock = Clock()
-    ids = torch.tensor([prompt])
+    ids = torch.tensor(prompts)
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                    do_sample=False, repetition_penalty=repetition_penalty, streamer=clock, pad_token_id=0)
     first_new, last = clock.times[1], clock.times[-1]
-    return (len(clock.times) - 2) / (last - first_new)
+    return len(prompts) * (len(clock.times) - 2) / (last - first_new)
 
 
 def hf_gpt2(config: GPTConfig, dtype: torch.dtype):
@@ -84,11 +108,12 @@ def hf_gpt2(config: GPTConfig, dtype: torch.dtype):
     return GPT2LMHeadModel(hf_config).to(dtype).eval()
 
 
-def hf_tokens_per_second(config: GPTConfig, dtype: torch.dtype, prompt: list[int], args: argparse.Namespace) -> float:
+def hf_tokens_per_second(config: GPTConfig, dtype: torch.dtype, prompts: list[list[int]],
+                         args: argparse.Namespace) -> float:
     """Median decode tokens/s of `hf_gpt2(config, dtype)` over `args.runs` runs after a warm-up."""
     peer = hf_gpt2(config, dtype)
-    hf_decode_tokens_per_second(peer, prompt, args.new_tokens, args.repetition_penalty)  # warm-up
-    return statistics.median(hf_decode_tokens_per_second(peer, prompt, args.new_tokens, args.repetition_penalty)
+    hf_decode_tokens_per_second(peer, prompts, args.new_tokens, args.repetition_penalty)  # warm-up
+    return statistics.median(hf_decode_tokens_per_second(peer, prompts, args.new_tokens, args.repetition_penalty)
                              for _ in range(args.runs))
 
 
@@ -107,6 +132,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256, help="max_position_embeddings")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (tokens/s counts every row)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per setting (median reported)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch.set_num_threads values")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
@@ -119,11 +145,15 @@ def main() -> None:
                         help="applied on both sides (lm generate's default is 1.2; HF's penalty looks at the "
                              "whole sequence, lm's at the last 64 tokens)")
     args = parser.parse_args()
+    if args.batch > 1 and not args.no_baseline:
+        parser.error("--batch > 1 measures the KV-cache paths only: add --no-baseline")
 
     config = model_config(args, context=args.context)
-    prompt = torch.randint(0, args.vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = torch.randint(0, args.vocab, (args.batch, args.prompt_tokens),
+                            generator=torch.Generator().manual_seed(0)).tolist()
     print(f"model: {args.layers} layers, {args.heads} heads, hidden {args.hidden}, vocab {args.vocab}, "
-          f"context {args.context}; batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+          f"context {args.context}; batch {args.batch}, {args.prompt_tokens}-token prompts, "
+          f"{args.new_tokens} new tokens, "
           f"greedy; median of {args.runs} runs after a warm-up; load average at start "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"CPU: {describe_cpu()}\n")
@@ -143,26 +173,26 @@ def main() -> None:
             dtype = getattr(torch, dtype_name)
             reference, uncached = None, None
             if args.hf:
-                hf_here = hf_tokens_per_second(config, dtype, prompt, args)
+                hf_here = hf_tokens_per_second(config, dtype, prompts, args)
                 if hf is None:  # this row if float32, else measured once
                     hf = (hf_here if dtype_name == "float32"
-                          else hf_tokens_per_second(config, torch.float32, prompt, args))
+                          else hf_tokens_per_second(config, torch.float32, prompts, args))
                 print(f"| {threads} | {dtype_name} | HF eager | {hf_here:.0f} | | | {hf_here / hf:.1f}x | 0.0 |",
                       flush=True)
             for path in args.paths:
                 model, setup = prepare(config, dtype, path)
                 start = time.perf_counter()
-                decode_tokens_per_second(model, prompt, args.new_tokens, True,
-                                         args.repetition_penalty)  # warm-up (and compile)
+                lm_tokens_per_second(model, prompts, args.new_tokens, True,
+                                     args.repetition_penalty)  # warm-up (and compile)
                 setup += time.perf_counter() - start if path == "compiled" else 0.0
-                cached = statistics.median(decode_tokens_per_second(model, prompt, args.new_tokens, True,
-                                                                    args.repetition_penalty) for _ in range(args.runs))
-                tokens = generate(model, [prompt], max_new_tokens=args.new_tokens, temperature=0)[0]
+                cached = statistics.median(lm_tokens_per_second(model, prompts, args.new_tokens, True,
+                                                                args.repetition_penalty) for _ in range(args.runs))
+                tokens = generate(model, prompts, max_new_tokens=args.new_tokens, temperature=0)
                 if reference is None:
                     reference = tokens
                     if not args.no_baseline:
-                        uncached = statistics.median(decode_tokens_per_second(model, prompt, args.new_tokens, False,
-                                                                              args.repetition_penalty)
+                        uncached = statistics.median(lm_tokens_per_second(model, prompts, args.new_tokens, False,
+                                                                          args.repetition_penalty)
                                                      for _ in range(max(1, args.runs // 2)))
                 same = "" if tokens == reference else " (tokens differ from eager!)"
                 no_cache = f"{uncached:.0f}" if uncached and path == args.paths[0] else ""

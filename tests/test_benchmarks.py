@@ -37,6 +37,15 @@ def test_generate_benchmark_prints_cache_and_no_cache_speeds():
     assert cache > 0 and no_cache > 0
 
 
+def test_generate_benchmark_decodes_a_batch_and_counts_every_row():
+    out = run("generate.py", "--context", "32", "--prompt-tokens", "4", "--new-tokens", "8", "--runs", "1",
+              "--threads", "1", "--dtypes", "float32", "--paths", "eager", "prepared", "--no-baseline", "--batch", "3")
+    assert "batch 3, 4-token prompts" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 1 | float32 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["eager", "prepared"]  # the same tokens: no warning
+    assert all(float(row.split("|")[4]) > 0 for row in rows)
+
+
 def test_serve_load_runs_both_phases(tmp_path):
     import json
 

@@ -14,6 +14,7 @@ experiments/trainer/callbacks/, appended with `callbacks+:` so they combine).
   (added by `LanguageModel.configure_callbacks` when the model has one; no recipe lists it).
 - `TrainingContextSchedule` (training_context.py): short training windows (same tokens per step) until a share of
   the run, then the model's full context.
+- `LateDropout` (late_dropout.py): the network's dropout off until a share of the run, on after it.
 
     lm fit --config experiments/wikitext2_cpu.yaml --config experiments/trainer/callbacks/throughput.yaml \\
            --config experiments/trainer/callbacks/text_sampler.yaml
@@ -22,6 +23,7 @@ experiments/trainer/callbacks/, appended with `callbacks+:` so they combine).
 from lm.callbacks.checkpointing import LastStepCheckpoint, last_good_checkpoint
 from lm.callbacks.context_cache_calibration import ContextCacheCalibration
 from lm.callbacks.ema import ExponentialMovingAverage
+from lm.callbacks.late_dropout import LateDropout
 from lm.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
 from lm.callbacks.prediction_writer import PredictionWriter
 from lm.callbacks.preemption import PREEMPTED_EXIT_STATUS, PreemptionCheckpoint
@@ -40,6 +42,7 @@ __all__ = [
     "ContextCacheCalibration",
     "ExponentialMovingAverage",
     "LastStepCheckpoint",
+    "LateDropout",
     "last_good_checkpoint",
     "NonFiniteGuard",
     "NonFiniteLossError",
