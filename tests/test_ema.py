@@ -50,7 +50,6 @@ def test_sharded_runs_refuse_the_average_and_the_fsdp_overlays_drop_it():
         ExponentialMovingAverage().setup(trainer, torch.nn.Linear(2, 2), "fit")
     experiments = Path(__file__).resolve().parents[1] / "experiments"
     recipe = ["--config", str(experiments / "wikitext2_cpu.yaml")]
-    assert [c.class_path for c in parse_recipe(recipe).trainer.callbacks] == [EMA, "lm.callbacks.TrainingContextSchedule",
-                                                                              "lm.callbacks.LateDropout"]
+    assert [c.class_path for c in parse_recipe(recipe).trainer.callbacks] == [EMA, "lm.callbacks.TrainingContextSchedule"]
     for overlay in ("fsdp2_cpu.yaml", "fsdp.yaml"):
         assert not parse_recipe([*recipe, "--config", str(experiments / "trainer" / overlay)]).trainer.callbacks

@@ -222,7 +222,7 @@ def test_the_recipe_has_the_schedule_after_its_ema(monkeypatch, capsys):
     assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
     callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
     assert [c["class_path"] for c in callbacks] == ["lm.callbacks.ExponentialMovingAverage",
-                                                    "lm.callbacks.TrainingContextSchedule", "lm.callbacks.LateDropout"]
+                                                    "lm.callbacks.TrainingContextSchedule"]
     assert callbacks[1]["init_args"] == {"short_context": 256, "until": 0.85}
 
 
