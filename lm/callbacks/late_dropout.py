@@ -15,7 +15,8 @@ residual branch), set to p = 0 before `start` and back to their built rate from 
 after training run in eval mode, without dropout either way.
 
 Progress is the LR schedule's own (`LanguageModel.schedule_progress`), as for `TrainingContextSchedule`: it is
-derived from the step counter and Lightning's Timer, both restored by a resume, so the callback keeps no state.
+derived from the step counter and Lightning's Timer, both restored by a resume, so nothing of the callback needs
+saving: it finds the dropout modules and their rates again when training starts.
 """
 
 from __future__ import annotations
