@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from lm.commands.eval import evaluate
 from lm.evaluation.perplexity import evaluate_text_file, score_windows, text_stream, window_spans
+from lm.evaluation.token_losses import target_log_probs_by_temperature
+from lm.model.inference import onednn_fp32_supported
 from tests.conftest import make_corpus
 from tests.tiny_checkpoint import tiny_gpt, tiny_tokenizer, write_checkpoint
 
@@ -70,7 +72,6 @@ def test_bf16_scoring_makes_the_logits_a_chunk_at_a_time_with_the_same_result(se
     """From bf16 hidden states `lm eval` makes the head's logits HEAD_ROWS positions at a time (never the whole
     batch x time x vocab logits); the log-probabilities are those of the whole logits, row for row."""
     import lm.evaluation.perplexity as perplexity
-    from lm.evaluation.token_losses import target_log_probs_by_temperature
 
     _, model, tokenizer, text = setup
     bf16 = tiny_gpt(tokenizer.vocab_size).to(torch.bfloat16)
@@ -94,6 +95,31 @@ def test_bf16_scoring_makes_the_logits_a_chunk_at_a_time_with_the_same_result(se
     chunked_nll, count = score_windows(bf16, stream, spans, batch_size=4)
     monkeypatch.setattr(perplexity, "HEAD_ROWS", 10 ** 9)
     assert score_windows(bf16, stream, spans, batch_size=4) == pytest.approx((chunked_nll, count), rel=1e-6)
+
+
+@pytest.mark.skipif(not onednn_fp32_supported(), reason="torch has no oneDNN here, or this is not an x86 CPU")
+def test_a_prepared_fp32_model_scores_in_chunks_with_the_same_result(setup, monkeypatch):
+    """`lm eval` prepares the model: its fp32 LM head multiplies by a packed oneDNN weight, so the logits are made
+    HEAD_ROWS positions at a time as from bf16 ones; the summed NLL is the unprepared model's."""
+    import lm.evaluation.perplexity as perplexity
+
+    _, model, tokenizer, text = setup
+    stream, _ = text_stream(text, tokenizer)
+    spans = window_spans(len(stream), 32)
+    plain = score_windows(model, stream, spans, batch_size=4)
+    prepared = tiny_gpt(tokenizer.vocab_size)
+    prepared.load_state_dict(model.state_dict())
+    prepared.prepare_for_inference()
+    monkeypatch.setattr(perplexity, "HEAD_ROWS", 40)
+    heads = []
+
+    def scored(logits, *args):
+        heads.append(logits.shape[1])
+        return target_log_probs_by_temperature(logits, *args)
+
+    monkeypatch.setattr(perplexity, "target_log_probs_by_temperature", scored)
+    assert score_windows(prepared, stream, spans, batch_size=4) == pytest.approx(plain, rel=1e-6)
+    assert heads and max(heads) == 40  # 4 windows of 32 positions: chunks of 40 (and the rest)
 
 
 def test_bpb_divides_by_every_byte_of_the_raw_file(setup):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lm.model import GPT, GPTConfig, generate
 from lm.model import inference
-from lm.model.inference import DecodeLinear, onednn_bf16_supported
+from lm.model.inference import DecodeLinear, onednn_bf16_supported, onednn_fp32_supported
 from tests.test_model import TINY, VARIANTS, make_model, variants
 
 LLAMA = VARIANTS["llama"]
@@ -56,6 +56,21 @@ def test_decode_linear_routes_equal_f_linear(rows):
             torch.testing.assert_close(layer(x.view(1, rows, 24)), expected.view(1, rows, 40), atol=1e-5, rtol=0)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not onednn_fp32_supported(), reason="torch has no oneDNN here, or this is not an x86 CPU")
+@pytest.mark.parametrize("rows", [1, 17, 40, 600])
+def test_packed_fp32_route_equals_f_linear(rows):
+    """Prepacked, a layer multiplies more than SMALL_ROWS fp32 rows by the oneDNN copy (and a few as before)."""
+    torch.manual_seed(0)
+    for bias in (True, False):
+        plain = torch.nn.Linear(24, 40, bias=bias)
+        layer = DecodeLinear(plain)
+        layer.prepack()
+        assert layer.has_packed_weight(torch.float32) and not layer.has_packed_weight(torch.bfloat16)
+        x = torch.randn(2, rows, 24)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), F.linear(x, plain.weight, plain.bias), atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------- prepared == plain
@@ -122,8 +137,9 @@ def test_prepared_bf16_model_matches_unprepared(overrides):
             == generate(plain, [[5, 17, 33]], max_new_tokens=10, temperature=0))
 
 
-def assert_packed_weight_is_dropped_when_the_weight_changes(model: GPT) -> None:
-    x = torch.randn(1, 1, model.config.hidden_size, dtype=torch.bfloat16)
+def assert_packed_weight_is_dropped_when_the_weight_changes(model: GPT, rows: int = 1) -> None:
+    dtype = model.lm_head.weight.dtype
+    x = torch.randn(1, rows, model.config.hidden_size, dtype=dtype)
     for change in ("optimizer step", "load", "move"):
         layer = model.prepare_for_inference().layers[0].mlp.up_proj
         assert layer.current_packed_weight() is not None
@@ -133,7 +149,7 @@ def assert_packed_weight_is_dropped_when_the_weight_changes(model: GPT) -> None:
             elif change == "load":
                 model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
             else:
-                model.float().to(torch.bfloat16)
+                model.double().to(dtype)
         assert layer.current_packed_weight() is None
         with torch.inference_mode():
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
@@ -143,6 +159,11 @@ def assert_packed_weight_is_dropped_when_the_weight_changes(model: GPT) -> None:
 @pytest.mark.skipif(not onednn_bf16_supported(), reason="this CPU has no oneDNN bf16 (needs AVX-512 bw/vl/dq)")
 def test_packed_weights_are_dropped_when_the_weight_changes():
     assert_packed_weight_is_dropped_when_the_weight_changes(make_model().to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not onednn_fp32_supported(), reason="torch has no oneDNN here, or this is not an x86 CPU")
+def test_packed_fp32_weights_are_dropped_when_the_weight_changes():
+    assert_packed_weight_is_dropped_when_the_weight_changes(make_model(), rows=DecodeLinear.SMALL_ROWS + 1)
 
 
 def test_stale_packed_weights_are_never_used_on_any_cpu(monkeypatch):

@@ -112,6 +112,8 @@ def evaluate(
     if text_files or pairs_file or harness_tasks:
         scoring_dtype = _scoring_dtype(dtype)
         model, tokenizer = load_model(ckpt_path, dtype=getattr(torch, scoring_dtype))
+        if hasattr(model, "prepare_for_inference"):  # a GPT: its CPU inference routes (lm/model/inference.py)
+            model.prepare_for_inference()
         _say_folded_temperature(model, results)
         if text_files:
             results["text"] = [{**row, "dtype": scoring_dtype} for row in _evaluate_texts(

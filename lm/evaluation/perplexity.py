@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from lm.errors import LMError, MissingFileError
 from lm.evaluation.token_losses import IGNORE_INDEX, target_log_probs_by_temperature, token_nll
 from lm.model.context_cache import cache_inputs
+from lm.model.inference import DecodeLinear
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def _distribution_nlls(model: nn.Module, inputs: Tensor, targets: Tensor, distri
     scored = targets != IGNORE_INDEX
     count = scored.sum()
     temperatures = [model.context_cache.temperature.float() if cache else 1.0 for cache in distributions]
-    log_probs = _target_log_probs(model.head, hidden, targets.clamp(min=0), temperatures)
+    log_probs = _target_log_probs(model.head, hidden, targets.clamp(min=0), temperatures, _packed_head(model, hidden))
     for cache, row_log_probs in zip(distributions, log_probs):
         if cache:
             yield True, (model.context_cache.target_nll(row_log_probs, hidden, *cache_inputs(hidden, inputs),
@@ -125,14 +126,22 @@ def _distribution_nlls(model: nn.Module, inputs: Tensor, targets: Tensor, distri
 HEAD_ROWS = 512  # positions whose logits `_target_log_probs` makes at a time from bf16 hidden states
 
 
-def _target_log_probs(head, hidden: Tensor, targets: Tensor, temperatures: list) -> Tensor:
+def _packed_head(model: nn.Module, hidden: Tensor) -> bool:
+    """Whether the LM head multiplies `hidden` by a packed oneDNN weight (a model `prepare_for_inference` made)."""
+    head = getattr(model, "lm_head", None)
+    return isinstance(head, DecodeLinear) and head.has_packed_weight(hidden.dtype)
+
+
+def _target_log_probs(head, hidden: Tensor, targets: Tensor, temperatures: list, packed_head: bool = False) -> Tensor:
     """`target_log_probs_by_temperature(head(hidden), targets, temperatures)`. From bf16 (or other reduced
     precision) hidden states on CPU, the head's logits are made `HEAD_ROWS` positions at a time and scored while
     the CPU's cache holds them: the whole (batch x time x vocab) logits are never written to memory and read back
-    (docs/results/eval-speed.md: -3 to -9% of the scoring time). From float32 ones in one product: smaller float32
-    products cost more than the saved memory traffic gives back. On an accelerator in one product too: its
-    bandwidth makes the whole pass cheap, and chunks would cost kernel launches."""
-    if (hidden.dtype == torch.float32 or hidden.device.type != "cpu"
+    (docs/results/eval-speed.md: -3 to -9% of the scoring time). From float32 ones too when the head multiplies by
+    a packed oneDNN weight (`packed_head`), which runs products of `HEAD_ROWS` rows as fast as larger ones; MKL's
+    smaller float32 products cost more than the saved memory traffic gives back, so without it in one product. On
+    an accelerator in one product too: its bandwidth makes the whole pass cheap, and chunks would cost kernel
+    launches."""
+    if ((hidden.dtype == torch.float32 and not packed_head) or hidden.device.type != "cpu"
             or hidden.shape[0] * hidden.shape[1] <= HEAD_ROWS):
         return target_log_probs_by_temperature(head(hidden), targets, temperatures)
     flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()

@@ -14,8 +14,11 @@ streaming the weights from memory, and the kernel decides how close it gets to t
     layout (a cache, dropped as soon as the weight changes);
   - fp32: `(weight @ x.T).T` with one row padded to two, which MKL runs with its matrix-matrix
     kernel instead of its slower matrix-vector one.
-  With autograd on (training) or many rows it is `F.linear`, so a prepared model still trains
-  correctly;
+  For many fp32 rows (`lm eval`'s windows, a prompt's prefill) it multiplies by a copy of the weight
+  prepacked in oneDNN's layout, where oneDNN is built in: on an AMD EPYC Zen 3 (AVX2) this ran the
+  model's products 5-50% faster than `F.linear` (MKL), the 8,192-way LM head's the most
+  (docs/results/eval-speed.md). The copy costs the weights' memory once more, as the bf16 one does.
+  With autograd on (training) it is `F.linear`, so a prepared model still trains correctly;
 - `compile=True`: `GPT.decode` (the one-token step of generation) becomes a `torch.compile`d forward
   with the inductor options of `decode_compile_options`. Weights are not frozen into the compiled
   code, so it stays correct when they change; a new case (another dtype, a padding mask) recompiles.
@@ -27,6 +30,7 @@ Benchmark: `benchmarks/generate.py` (figures in the README).
 from __future__ import annotations
 
 import contextlib
+import platform
 from typing import Callable, Optional
 
 import torch
@@ -42,11 +46,17 @@ def onednn_bf16_supported() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def onednn_pack_weight(weight: Tensor) -> Tensor:
-    """Private `torch.ops.mkldnn._reorder_linear_weight`: a copy of a bf16 weight in oneDNN's blocked
-    layout (what inductor's weight-freezing pass makes). Without it oneDNN reorders the weight on every
-    call, and eager bf16 decoding is slower than fp32."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # 1: batch size hint (decoding)
+def onednn_fp32_supported() -> bool:
+    """Whether torch was built with oneDNN on an x86 CPU, where its fp32 kernels run on any CPU torch supports
+    (the packed fp32 route of `DecodeLinear`; elsewhere, e.g. on Arm, oneDNN's fp32 linear was not measured)."""
+    return torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def onednn_pack_weight(weight: Tensor, rows: int = 1) -> Tensor:
+    """Private `torch.ops.mkldnn._reorder_linear_weight`: a copy of a bf16 or fp32 weight in oneDNN's blocked
+    layout (what inductor's weight-freezing pass makes), its blocking chosen for products of about `rows` rows.
+    Without it oneDNN reorders the weight on every call, and eager bf16 decoding is slower than fp32."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
 def onednn_linear(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -62,6 +72,7 @@ class DecodeLinear(nn.Linear):
     state-dict keys, same ties."""
 
     SMALL_ROWS = 16  # up to this many rows a decode route beats F.linear
+    MANY_ROWS = 512  # the product size an fp32 packed weight is blocked for (a 512-token window, a batch of them)
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
@@ -72,13 +83,17 @@ class DecodeLinear(nn.Linear):
         self._packed: Optional[tuple[Tensor, Tensor, int]] = None  # (packed weight, its source, source version)
 
     def prepack(self) -> None:
-        """bf16 on a CPU with oneDNN bf16: keep a packed copy of the weight for decoding (a cache, not in
-        the state dict). fp32 has nothing to pack: a packed fp32 weight was no faster than the padded
-        product."""
+        """Keep a copy of the weight packed in oneDNN's layout (a cache, not in the state dict): bf16 on a CPU
+        with oneDNN bf16, for decoding; fp32 where oneDNN runs, for many rows (for a few, a packed fp32 weight
+        was no faster than the padded product)."""
         weight = self.weight.detach()
         self._packed = None
-        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and onednn_bf16_supported():
+        if weight.device.type != "cpu":
+            return
+        if weight.dtype == torch.bfloat16 and onednn_bf16_supported():
             self._packed = (onednn_pack_weight(weight), weight, weight._version)
+        elif weight.dtype == torch.float32 and onednn_fp32_supported():
+            self._packed = (onednn_pack_weight(weight, self.MANY_ROWS), weight, weight._version)
 
     def current_packed_weight(self) -> Optional[Tensor]:
         """The packed weight, or None if there is none or it is stale (then it is dropped).
@@ -94,15 +109,24 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if not (0 < rows <= self.SMALL_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()):
+        if not (rows > 0 and x.device.type == "cpu" and not torch.is_grad_enabled()):
+            return F.linear(x, self.weight, self.bias)
+        if rows > self.SMALL_ROWS:
+            if x.dtype == torch.float32 and self.has_packed_weight(x.dtype) and not torch.compiler.is_compiling():
+                return onednn_linear(x, self._packed[0], self.bias)
             return F.linear(x, self.weight, self.bias)
         if rows == 1 and torch.compiler.is_compiling():
             return one_row_multiply_sum(x, self.weight, self.bias)
-        if x.dtype == torch.bfloat16 and self.current_packed_weight() is not None:
+        if x.dtype == torch.bfloat16 and self.has_packed_weight(x.dtype):
             return onednn_linear(x, self._packed[0], self.bias)
         if x.dtype == torch.float32:
             return small_rows_matmul(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def has_packed_weight(self, dtype: torch.dtype) -> bool:
+        """Whether a current (not stale) packed weight of `dtype` is there to multiply by."""
+        packed = self.current_packed_weight()
+        return packed is not None and packed.dtype == dtype
 
 
 def one_row_multiply_sum(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
