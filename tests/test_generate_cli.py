@@ -55,13 +55,22 @@ def test_greedy_output_equals_generate_text(trained):
 
 
 @pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16", "no-native-bf16"])
-def test_auto_dtype_follows_the_cpu(native_bf16, monkeypatch):
-    """`--dtype auto` (the default): bfloat16 on a CPU with native bf16, float32 elsewhere (and on other devices
-    without bf16)."""
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_auto_dtype_follows_the_cpu(native_bf16, machine, monkeypatch):
+    """`--dtype auto` (the default): decoding in bfloat16 on a CPU with native bf16 and on any x86 CPU (its prefill
+    multiplied in float32 there), float32 elsewhere; scoring (`lm eval`) in bfloat16 only with native bf16."""
+    import platform
+
     import lm.runtime.hardware as hardware
 
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native_bf16)
-    assert hardware.auto_inference_dtype("cpu")[0] == ("bfloat16" if native_bf16 else "float32")
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    decoding = "bfloat16" if native_bf16 or machine == "x86_64" else "float32"
+    assert hardware.auto_inference_dtype("cpu")[0] == decoding
+    assert hardware.resolve_inference_dtype("auto", "cpu")[0] == decoding
+    assert hardware.auto_inference_dtype("cpu", decoding=False)[0] == ("bfloat16" if native_bf16 else "float32")
+    assert hardware.resolve_inference_dtype("auto", "cpu", decoding=False)[0] == hardware.auto_inference_dtype(
+        "cpu", decoding=False)[0]
     assert hardware.auto_inference_dtype("mps")[0] == "float32"
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lm.model import GPT, GPTConfig, generate
 from lm.model import inference
-from lm.model.inference import DecodeLinear, onednn_bf16_supported, onednn_fp32_supported
+from lm.model.inference import DecodeLinear, onednn_bf16_supported, onednn_fp32_supported, upcast_linear
 from tests.test_model import TINY, VARIANTS, make_model, variants
 
 LLAMA = VARIANTS["llama"]
@@ -71,6 +71,24 @@ def test_packed_fp32_route_equals_f_linear(rows):
         x = torch.randn(2, rows, 24)
         with torch.inference_mode():
             torch.testing.assert_close(layer(x), F.linear(x, plain.weight, plain.bias), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 17, 64])
+def test_many_bf16_rows_without_onednn_bf16_multiply_in_float32(rows, monkeypatch):
+    """Where oneDNN has no bf16 (AVX2) more than SMALL_ROWS bf16 rows are multiplied in float32 and rounded back,
+    not by torch's bf16 reference kernel; a few rows keep bf16's own product."""
+    monkeypatch.setattr(inference, "onednn_bf16_supported", lambda: False)
+    torch.manual_seed(0)
+    layer = DecodeLinear(torch.nn.Linear(24, 40).to(torch.bfloat16))
+    layer.prepack()
+    x = torch.randn(1, rows, 24, dtype=torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(inference, "upcast_linear", lambda *args: calls.append(1) or upcast_linear(*args))
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and bool(calls) == (rows > DecodeLinear.SMALL_ROWS)
+    expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=1e-2)  # bf16 rounding of the output
 
 
 # ------------------------------------------------------------------------- prepared == plain

@@ -33,7 +33,7 @@ def server(tmp_path_factory):
     proc = ServerProcess(ckpt, workdir, "--max_batch_size", "4", "--max_tokens", "100", "--max_body_bytes", "100000",
                          "--feedback_path", str(workdir / "feedback.jsonl"), "--model_name", "tiny",
                          env={"LM_API_KEY": KEY})
-    # The server decodes in `--dtype auto` (bfloat16 on a CPU with native bf16), prepared for inference as
+    # The server decodes in `--dtype auto` (bfloat16 on x86 CPUs, `auto_inference_dtype`), prepared for inference as
     # `lm serve` prepares it: the reference greedy text comes from the same.
     model, tokenizer = load_model(ckpt, dtype=getattr(torch, auto_inference_dtype("cpu")[0]))
     model.prepare_for_inference()

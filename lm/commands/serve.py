@@ -83,8 +83,8 @@ def serve(
         feedback_path: JSONL file that POST /v1/feedback appends training examples to (null: off).
         blocklist: A file of words (one per line) masked as *** in every output.
         device: Where to run the model, e.g. cpu or cuda.
-        dtype: float32 or bfloat16 weights; `auto`: bfloat16 where the hardware multiplies it natively,
-            else float32 (as `lm generate`; /info says which).
+        dtype: float32 or bfloat16 weights; `auto`: as `lm generate` picks it (bfloat16 on CPUs and bf16 GPUs,
+            else float32; /info says which).
         threads: CPU threads for torch (default: torch's choice).
         log_level: Server log level; the request log is at info.
     """

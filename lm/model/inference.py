@@ -18,6 +18,8 @@ streaming the weights from memory, and the kernel decides how close it gets to t
   prepacked in oneDNN's layout, where oneDNN is built in: on an AMD EPYC Zen 3 (AVX2) this ran the
   model's products 5-50% faster than `F.linear` (MKL), the 8,192-way LM head's the most
   (docs/results/eval-speed.md). The copy costs the weights' memory once more, as the bf16 one does.
+  Many bf16 rows where oneDNN has no bf16 (AVX2) are multiplied in float32 and rounded back (`upcast_linear`):
+  torch's bf16 product there is a reference kernel, ~5x slower for a prompt's prefill.
   With autograd on (training) it is `F.linear`, so a prepared model still trains correctly;
 - `compile=True`: `GPT.decode` (the one-token step of generation) becomes a `torch.compile`d forward
   with the inductor options of `decode_compile_options`. Weights are not frozen into the compiled
@@ -114,6 +116,8 @@ class DecodeLinear(nn.Linear):
         if rows > self.SMALL_ROWS:
             if x.dtype == torch.float32 and self.has_packed_weight(x.dtype) and not torch.compiler.is_compiling():
                 return onednn_linear(x, self._packed[0], self.bias)
+            if x.dtype == torch.bfloat16 and not onednn_bf16_supported():
+                return upcast_linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         if rows == 1 and torch.compiler.is_compiling():
             return one_row_multiply_sum(x, self.weight, self.bias)
@@ -134,6 +138,15 @@ def one_row_multiply_sum(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> T
     product is never materialized)."""
     y = (x.unsqueeze(-2) * weight).sum(-1)
     return y + bias if bias is not None else y
+
+
+def upcast_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear of bf16 `x` as a float32 product, rounded back to bf16: where oneDNN has no bf16 (AVX2-only CPUs)
+    torch multiplies many bf16 rows with a reference kernel, and a 400-token prefill of the 6 x 384 bench model
+    took 1.0 s against 0.17-0.19 s this way (the weights' float32 copies are made per call: small against the
+    product of that many rows). A few rows (decoding) keep bf16's own product, which streams half the bytes."""
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)
 
 
 def small_rows_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
