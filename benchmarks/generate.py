@@ -200,8 +200,9 @@ def main() -> None:
                 versus_hf = f"{cached / hf:.1f}x" if hf else ""
                 print(f"| {threads} | {dtype_name} | {path}{same} | {cached:.0f} | {no_cache} | {speedup} | "
                       f"{versus_hf} | {setup:.1f} |", flush=True)
-    dtype_name, why = auto_inference_dtype("cpu")
-    print(f"\nlm generate's default path on this CPU: the {dtype_name} prepared row ({why}; not compiled)")
+    dtype_name, why = auto_inference_dtype("cpu", decode_rows=args.batch)
+    print(f"\nlm generate's default path on this CPU at batch {args.batch}: the {dtype_name} prepared row ({why}; "
+          "not compiled)")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

@@ -57,36 +57,36 @@ def test_greedy_output_equals_generate_text(trained):
 @pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16", "no-native-bf16"])
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
 def test_auto_dtype_follows_the_cpu(native_bf16, machine, monkeypatch):
-    """`--dtype auto` (the default): decoding in bfloat16 on a CPU with native bf16 and on any x86 CPU (its prefill
-    multiplied in float32 there), float32 elsewhere; scoring (`lm eval`) in bfloat16 only with native bf16."""
+    """`--dtype auto` (the default): bfloat16 on a CPU with native bf16; without it, on x86, for decoding one or two
+    sequences together (its prefill multiplied in float32); float32 for larger batches, scoring (0 rows) and elsewhere."""
     import platform
 
     import lm.runtime.hardware as hardware
 
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(platform, "machine", lambda: machine)
-    decoding = "bfloat16" if native_bf16 or machine == "x86_64" else "float32"
-    assert hardware.auto_inference_dtype("cpu")[0] == decoding
-    assert hardware.resolve_inference_dtype("auto", "cpu")[0] == decoding
-    assert hardware.auto_inference_dtype("cpu", decoding=False)[0] == ("bfloat16" if native_bf16 else "float32")
-    assert hardware.resolve_inference_dtype("auto", "cpu", decoding=False)[0] == hardware.auto_inference_dtype(
-        "cpu", decoding=False)[0]
+    for rows in (0, 1, 2, 3, 8):
+        bf16 = native_bf16 or (machine == "x86_64" and 1 <= rows <= hardware.BF16_DECODE_MAX_ROWS)
+        assert hardware.auto_inference_dtype("cpu", rows)[0] == ("bfloat16" if bf16 else "float32"), rows
+        assert hardware.resolve_inference_dtype("auto", "cpu", rows)[0] == hardware.auto_inference_dtype("cpu", rows)[0]
+    assert hardware.resolve_inference_dtype("float32", "cpu", 1) == ("float32", "")
     assert hardware.auto_inference_dtype("mps")[0] == "float32"
 
 
-def test_default_path_decodes_as_python_in_the_dtype_it_chose(trained):
-    """The CLI's defaults on this machine: stderr says which dtype and why, and the text is what Python
-    decodes from the checkpoint loaded in that dtype."""
+@pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:1]], ids=["batch", "one-prompt"])
+def test_default_path_decodes_as_python_in_the_dtype_it_chose(trained, prompts):
+    """The CLI's defaults on this machine: stderr says which dtype and why (for one prompt, streamed, bfloat16 on any
+    x86 CPU), and the text is what Python decodes from the checkpoint loaded in that dtype."""
     import torch
 
     from lm.runtime.hardware import auto_inference_dtype
 
     workdir, ckpt, _ = trained
-    dtype, why = auto_inference_dtype("cpu")
+    dtype, why = auto_inference_dtype("cpu", decode_rows=len(prompts))  # one batch (--batch_size 8)
     model, tokenizer = load_model(ckpt, dtype=getattr(torch, dtype))
     model.prepare_for_inference()
-    expected = generate_text(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=0)
-    result = run_lm("generate", "--ckpt_path", str(ckpt), "--prompt", json.dumps(PROMPTS), "--temperature", "0",
+    expected = generate_text(model, tokenizer, prompts, max_new_tokens=12, temperature=0)
+    result = run_lm("generate", "--ckpt_path", str(ckpt), "--prompt", json.dumps(prompts), "--temperature", "0",
                     "--max_new_tokens", "12", "--format", "jsonl", cwd=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"lm generate: {dtype} weights ({why}" in result.stderr

@@ -33,9 +33,9 @@ def server(tmp_path_factory):
     proc = ServerProcess(ckpt, workdir, "--max_batch_size", "4", "--max_tokens", "100", "--max_body_bytes", "100000",
                          "--feedback_path", str(workdir / "feedback.jsonl"), "--model_name", "tiny",
                          env={"LM_API_KEY": KEY})
-    # The server decodes in `--dtype auto` (bfloat16 on x86 CPUs, `auto_inference_dtype`), prepared for inference as
-    # `lm serve` prepares it: the reference greedy text comes from the same.
-    model, tokenizer = load_model(ckpt, dtype=getattr(torch, auto_inference_dtype("cpu")[0]))
+    # The server decodes in `--dtype auto` (for its 4 batch slots: bfloat16 on a CPU with native bf16), prepared for
+    # inference as `lm serve` prepares it: the reference greedy text comes from the same.
+    model, tokenizer = load_model(ckpt, dtype=getattr(torch, auto_inference_dtype("cpu", decode_rows=4)[0]))
     model.prepare_for_inference()
     yield proc, workdir, model, tokenizer
     torch.set_num_threads(threads)
@@ -269,7 +269,7 @@ def test_metrics_info_models_and_playground(server, client):
         assert name in metrics
     info = client.get("/info").json()
     assert info["config"]["max_position_embeddings"] == 128 and info["parameters"] > 0
-    assert info["dtype"] == auto_inference_dtype("cpu")[0]  # --dtype auto, resolved
+    assert info["dtype"] == auto_inference_dtype("cpu", decode_rows=4)[0]  # --dtype auto, for 4 rows
     assert info["tokenizer"]["vocab_size"] == 300 and info["checkpoint"]["global_step"] == 20
     assert info["engine"]["max_batch_size"] == 4 and info["limits"]["max_tokens"] == 100
     page = httpx.get(server[0].url + "/")

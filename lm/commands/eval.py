@@ -192,7 +192,7 @@ def _evaluate_harness(model, tokenizer, tasks: str, include_path: Optional[str],
 
 
 def _scoring_dtype(dtype: str) -> str:
-    dtype, chosen = resolve_inference_dtype(dtype, "cpu", decoding=False)  # lm eval scores on the CPU
+    dtype, chosen = resolve_inference_dtype(dtype, "cpu", decode_rows=0)  # lm eval scores, on the CPU
     if chosen and dtype == "bfloat16":  # float32 is the reference figure: say only when it is not that
         print(f"Scoring with {chosen}.")
     return dtype

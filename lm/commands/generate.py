@@ -64,10 +64,11 @@ def generate(
             `jsonl` (one {"prompt", "completion"} object per line).
         echo_prompt: With the text format, print the prompt before its completion.
         device: Where to run the model, e.g. cpu or cuda.
-        dtype: Weights and activations type. `auto`: bfloat16 on CPUs (half the bytes to stream per decoded
-            token; without native bf16, x86 only, a prompt's prefill is multiplied in float32) and bf16 GPUs, else
-            float32 (`lm.runtime.hardware.auto_inference_dtype`). `float32` decodes exactly as the checkpoint's
-            weights.
+        dtype: Weights and activations type. `auto`: bfloat16 where the hardware multiplies it natively
+            (AVX-512-BF16/AMX CPUs, bf16 GPUs: half the bytes to stream per decoded token) and, for one or two
+            sequences decoded together, on other x86 CPUs too (a prompt's prefill is multiplied in float32 there);
+            else float32 (`lm.runtime.hardware.auto_inference_dtype`). `float32` decodes exactly as the
+            checkpoint's weights.
         compile: Compile the decode step (`GPT.prepare_for_inference(compile=True)`): faster steps (2.2-2.4x in
             bf16 at benchmarks/generate.py's shape) after a one-time compile of ~7 s with torch's on-disk cache
             warm (~20 s cold), so it pays for long runs only (docs/results/figures.md, "Decoding").
@@ -85,7 +86,7 @@ def generate(
         raise LMError(f"batch_size must be positive, got {batch_size}.")
     if stream is None:
         stream = len(prompts) == 1 and format == "text"
-    dtype, chosen = resolve_inference_dtype(dtype, device)
+    dtype, chosen = resolve_inference_dtype(dtype, device, decode_rows=1 if stream else min(batch_size, len(prompts)))
     if chosen:
         print(f"lm generate: {chosen}", file=sys.stderr)
     model, tokenizer = _load(ckpt_path, device, dtype, compile, threads)

@@ -83,8 +83,8 @@ def serve(
         feedback_path: JSONL file that POST /v1/feedback appends training examples to (null: off).
         blocklist: A file of words (one per line) masked as *** in every output.
         device: Where to run the model, e.g. cpu or cuda.
-        dtype: float32 or bfloat16 weights; `auto`: as `lm generate` picks it (bfloat16 on CPUs and bf16 GPUs,
-            else float32; /info says which).
+        dtype: float32 or bfloat16 weights; `auto`: as `lm generate` picks it for `max_batch_size` sequences
+            decoded together (/info says which).
         threads: CPU threads for torch (default: torch's choice).
         log_level: Server log level; the request log is at info.
     """
@@ -128,7 +128,7 @@ def build_state(ckpt_path: str, *, model_name: Optional[str] = None, max_batch_s
     filter_ = Blocklist.from_file(blocklist) if blocklist else NoFilter()  # a bad file fails before the load
     feedback = FeedbackLog(feedback_path) if feedback_path else None  # so does a feedback file it cannot write
     path = Path(ckpt_path)
-    dtype, chosen = resolve_inference_dtype(dtype, device)
+    dtype, chosen = resolve_inference_dtype(dtype, device, decode_rows=max_batch_size)
     if chosen:
         log.info(chosen)
     model, tokenizer = load_model(path, device=device, dtype=getattr(torch, dtype))
