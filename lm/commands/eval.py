@@ -111,9 +111,7 @@ def evaluate(
         _print_classification(results["classification"])
     if text_files or pairs_file or harness_tasks:
         scoring_dtype = _scoring_dtype(dtype)
-        model, tokenizer = load_model(ckpt_path, dtype=getattr(torch, scoring_dtype))
-        if hasattr(model, "prepare_for_inference"):  # a GPT: its CPU inference routes (lm/model/inference.py)
-            model.prepare_for_inference()
+        model, tokenizer = _load_for_scoring(ckpt_path, scoring_dtype)
         _say_folded_temperature(model, results)
         if text_files:
             results["text"] = [{**row, "dtype": scoring_dtype} for row in _evaluate_texts(
@@ -129,6 +127,15 @@ def evaluate(
     if output:
         _write_json(Path(output), results)
     return results
+
+
+def _load_for_scoring(ckpt_path: str, dtype: str):
+    """(model, tokenizer) of the checkpoint in `dtype`, a GPT prepared for inference (lm/model/inference.py: on x86,
+    float32 products of many rows by weights packed for oneDNN)."""
+    model, tokenizer = load_model(ckpt_path, dtype=getattr(torch, dtype))
+    if hasattr(model, "prepare_for_inference"):  # a custom network may not have it
+        model.prepare_for_inference()
+    return model, tokenizer
 
 
 def _say_folded_temperature(model, results: dict[str, Any]) -> None:
