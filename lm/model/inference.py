@@ -143,7 +143,7 @@ def one_row_multiply_sum(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> T
 def upcast_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """F.linear of bf16 `x` as a float32 product, rounded back to bf16: where oneDNN has no bf16 (AVX2-only CPUs)
     torch multiplies many bf16 rows with a reference kernel, and a 400-token prefill of the 6 x 384 bench model
-    took 1.0 s against 0.17-0.19 s this way (the weights' float32 copies are made per call: small against the
+    took 1.0 s against 0.16-0.19 s this way (the weights' float32 copies are made per call: small against the
     product of that many rows). A few rows (decoding) keep bf16's own product, which streams half the bytes."""
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return y.to(x.dtype)
