@@ -32,12 +32,13 @@ Benchmark: `benchmarks/generate.py` (figures in the README).
 from __future__ import annotations
 
 import contextlib
-import platform
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lm.runtime.hardware import cpu_is_x86
 
 
 # ------------------------------------------------------------------------ private torch calls
@@ -51,7 +52,7 @@ def onednn_bf16_supported() -> bool:
 def onednn_fp32_supported() -> bool:
     """Whether torch was built with oneDNN on an x86 CPU, where its fp32 kernels run on any CPU torch supports
     (the packed fp32 route of `DecodeLinear`; elsewhere, e.g. on Arm, oneDNN's fp32 linear was not measured)."""
-    return torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+    return torch.backends.mkldnn.is_available() and cpu_is_x86()
 
 
 def onednn_pack_weight(weight: Tensor, rows: int = 1) -> Tensor:

@@ -40,6 +40,11 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in _cpuinfo()[1] for flag in NATIVE_BF16_CPU_FLAGS)
 
 
+def cpu_is_x86() -> bool:
+    """Whether this is an x86-64 CPU: where the bf16 decoding default and oneDNN's packed fp32 weights were measured."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. a container's or taskset's share), not the host's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -104,13 +109,10 @@ def auto_inference_dtype(device: str, decode_rows: int = 1) -> tuple[str, str]:
     float32 on an AVX2 Zen 3), and a prompt's prefill, many rows, is multiplied in float32 there
     (`lm.model.inference.upcast_linear`). A batch of 8 decoded faster in float32 (421 against 303 tokens/s), and
     scoring is many rows throughout: float32."""
-    import platform
-
     fast, why = bf16_is_fast(device)
     if fast:
         return "bfloat16", why
-    if (1 <= decode_rows <= BF16_DECODE_MAX_ROWS and str(device) == "cpu"
-            and platform.machine().lower() in ("x86_64", "amd64")):
+    if 1 <= decode_rows <= BF16_DECODE_MAX_ROWS and str(device) == "cpu" and cpu_is_x86():
         return "bfloat16", ("the CPU has no native bf16, but decoding one sequence streams every weight once a token "
                             f"and bf16 halves the bytes; a prompt's prefill is multiplied in float32 ({describe_cpu()})")
     return "float32", why
