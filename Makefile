@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make train   create .venv, install CPU torch + lm, train the default CPU experiment
-#   make test    create .venv, install CPU torch + lm + pytest, run the test suite
+#   make test    create .venv, install CPU torch + lm + pytest, run the test suite (2 processes: PYTEST_JOBS)
 #   make smoke   the `make train` path on a step budget, then every lm verb on its checkpoint (32-true, bf16-mixed)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -47,11 +47,12 @@ train: venv
 
 # The `make train` path (same CONFIG and DATA_CONFIG: lm fit, then lm test of the best checkpoint) on a step
 # budget, then every other verb on that checkpoint, once per precision (tests/smoke.py; outputs in
-# checkpoints/smoke-<precision>*/ and logs/smoke-<precision>*/, removed when a run starts). One precision:
-# `make smoke PRECISION=32-true`.
+# checkpoints/smoke-<precision>*/ and logs/smoke-<precision>*/, removed when a run starts), the precisions side by
+# side. One precision: `make smoke PRECISION=32-true`; one after the other: `make smoke SMOKE_ARGS="--jobs 1"`.
 PRECISION ?= 32-true bf16-mixed
+SMOKE_ARGS ?=
 smoke: venv
-	$(BIN)/python tests/smoke.py --precision $(PRECISION) --config $(CONFIG) $(DATA_CONFIG)
+	$(BIN)/python tests/smoke.py --precision $(PRECISION) --config $(CONFIG) $(DATA_CONFIG) $(SMOKE_ARGS)
 
 # Debian's chromium for the playground's browser test (tests/test_serve.py), installed only if missing.
 # Playwright drives it; `playwright install` (a browser download) is never used.
@@ -61,12 +62,14 @@ chromium:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
 		|| echo "chromium could not be installed: the browser test will skip" >&2; }
 
-# The whole suite, as CI runs it (`make test-fast` leaves out the few tests marked slow).
+# The whole suite, as CI runs it (`make test-fast` leaves out the few tests marked slow), in PYTEST_JOBS processes
+# (pytest-xdist; a test file stays in one process, so its module fixtures are built once; PYTEST_JOBS=0: one process).
+PYTEST_JOBS ?= 2
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_JOBS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

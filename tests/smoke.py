@@ -2,6 +2,7 @@
 
     make smoke                                  # 32-true, then bf16-mixed
     make smoke PRECISION=32-true                # one precision
+    make smoke SMOKE_ARGS="--jobs 1"            # the precisions one after the other (default: side by side)
     python tests/smoke.py --precision bf16-mixed --config experiments/wikitext2_cpu.yaml \
         --config experiments/data/wikitext2_offline.yaml      # what `make smoke` runs (configs from the Makefile)
 
@@ -42,6 +43,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -411,16 +413,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--config", action="append", default=None,
                         help="the recipe's --config files, in order (`make smoke` passes make train's)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the budget's)")
+    parser.add_argument("--jobs", type=int, default=2, help="precisions run side by side (1: one after the other)")
     args = parser.parse_args(argv)
     os.chdir(REPO_ROOT)
     configs = args.config or list(DEFAULT_CONFIGS)
     lm = Path(sys.executable).parent / "lm"
     native = fast_bf16() if any(p.startswith("bf16") for p in args.precision) else True
     print(f"smoke: {' '.join(configs)}; bf16 matmuls {'in hardware' if native else 'emulated (short bf16 budget)'}")
-    runs: dict[str, list[Result]] = {}
-    for precision in args.precision:
-        run = Run(precision, configs, Budget.for_run(precision, native, args.steps), lm)
-        runs[precision] = run.run()
+    pending = [Run(p, configs, Budget.for_run(p, native, args.steps), lm) for p in args.precision]
+    # Side by side: each run is its own `lm` processes and folders, and most verbs are bound by one core (Python
+    # and Lightning start-up), so two runs take little more than the longer one on 2 cores.
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        runs: dict[str, list[Result]] = dict(zip(args.precision, pool.map(Run.run, pending)))
     text = summary(runs)
     print("\n" + text)
     for precision in runs:

@@ -124,6 +124,24 @@ def test_throughput_overlay_logs_tokens_per_sec_and_mfu(workdir, corpus_files):
     assert 0 < mfu[-1] < 1
 
 
+def test_the_matmul_peak_shrinks_its_product_to_the_time_it_is_given(monkeypatch):
+    """A dtype without a fast kernel (bf16 on AVX2: one 2048^2 product took a minute) is timed on a product that
+    fits the budget; a fast one keeps 2048^2. On a fake clock a 256^2 product takes 5 ms: 2048^2 would take 2.6 s."""
+    from lm.callbacks import throughput
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock) * 0.005)  # each call: 5 ms later
+    assert throughput._affordable_size(torch.float32, 2048, seconds=1.0, device="cpu") == 1024  # 0.33 s
+    assert throughput._affordable_size(torch.float32, 2048, seconds=6.0, device="cpu") == 2048
+    assert throughput._affordable_size(torch.float32, 2048, seconds=1e-6, device="cpu") == 256  # never below 256
+    monkeypatch.undo()
+    calls = []
+    original = throughput._affordable_size
+    monkeypatch.setattr(throughput, "_affordable_size", lambda *a: calls.append(a) or 256)
+    assert throughput.measure_matmul_flops(torch.float32, seconds=0.05) > 0 and calls  # the probe decides the size
+    assert original(torch.float32, 2048, 1.0, "cpu") == 2048  # fp32 is fast on every CPU torch runs on
+
+
 def test_throughput_monitor_given_peak_and_lightning_functions(workdir, corpus_files):
     # Lightning's own ThroughputMonitor configured from YAML with our importable batch functions.
     overlay = write_overlay(workdir / "tp.yaml", [

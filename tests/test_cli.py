@@ -245,9 +245,10 @@ def test_options_a_resumed_run_cannot_use_are_named(trained_run, lm_warnings):
 
 
 @pytest.mark.parametrize("where", ["flag", "flag=", "yaml", "data", "print_config"])
-def test_setting_the_block_size_is_refused_in_one_line(where, tmp_path):
+def test_setting_the_block_size_is_refused_in_one_line(where, tmp_path, monkeypatch, capsys):
     """`data.block_size` is the link's target: set anywhere, it is refused with one line naming the key to
-    set instead (jsonargparse alone refuses the flag tersely and drops a YAML value silently)."""
+    set instead (jsonargparse alone refuses the flag tersely and drops a YAML value silently). The first case
+    runs the `lm` command; the others call its `main` in this process (the same code, without a start-up)."""
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("data:\n  block_size: 64\n")
     args = {"flag": ["--data.block_size", "64", "--trainer.max_steps", "1"],
@@ -255,10 +256,17 @@ def test_setting_the_block_size_is_refused_in_one_line(where, tmp_path):
             "yaml": ["--config", str(overlay), "--trainer.max_steps", "1"],
             "data": ["--data", "{block_size: 64}", "--trainer.max_steps", "1"],
             "print_config": ["--data.block_size", "64", "--print_config"]}[where]
-    result = run_lm("fit", "--config", CPU_RECIPE, *args, cwd=REPO_ROOT)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[0].startswith("lm fit: error: data.block_size is set ") and "Traceback" not in result.stderr
+    if where == "flag":
+        result = run_lm("fit", "--config", CPU_RECIPE, *args, cwd=REPO_ROOT)
+        code, stderr = result.returncode, result.stderr
+    else:
+        monkeypatch.chdir(REPO_ROOT)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", CPU_RECIPE, *args])
+        code, stderr = exit_info.value.code, capsys.readouterr().err
+    assert code == 2, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("lm fit: error: data.block_size is set ") and "Traceback" not in stderr
     assert "state it once, as model.config.max_position_embeddings (e.g. --model.config.max_position_embeddings 64)" \
         in lines[0], lines
     assert lines[1:] == ["(set LM_DEBUG=1 to see the traceback)"], lines

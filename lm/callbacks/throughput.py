@@ -38,28 +38,50 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, s
     """Best FLOP/s of a square `size` matmul in `dtype` on `device`, with torch's current thread count.
 
     A practical peak of this machine (what its BLAS reaches on a large matmul), for MFU where no
-    datasheet number exists (CPUs). Takes about `seconds` plus a warm-up."""
+    datasheet number exists (CPUs). Takes about `seconds` plus a warm-up. Where `dtype` has no fast kernel
+    (bf16 on a CPU without AVX-512-BF16/AMX: under 1 GFLOP/s) one 2048^2 product would take a minute, so a
+    256^2 product is timed first and `size` halved (not below 256) until one product would take at most
+    `seconds`: the rate of a product that size is what such a CPU reaches on the recipe's small matrices."""
+    size = min(size, max(256, _affordable_size(dtype, size, seconds, device)))
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     flops = 2.0 * size ** 3
     for _ in range(2):  # warm-up: thread pool, BLAS kernel selection
         start = time.perf_counter()
         a @ b
-        if time.perf_counter() - start > seconds:  # no fast kernel for this dtype (bf16 on AVX2): stop here
+        if time.perf_counter() - start > seconds:  # slower than the 256^2 probe foretold: stop here
             return flops / (time.perf_counter() - start)
     best = 0.0
     deadline = time.perf_counter() + seconds
     while True:
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         start = time.perf_counter()
         a @ b
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         best = max(best, flops / (time.perf_counter() - start))
         if time.perf_counter() > deadline:
             return best
 
+
+def _affordable_size(dtype: torch.dtype, size: int, seconds: float, device: Union[str, torch.device]) -> int:
+    """The largest of size, size/2, ... whose product the rate of a 256^2 one says takes at most `seconds`
+    (the small product is the slower per FLOP where kernels are fast, so a fast dtype keeps `size`)."""
+    a = torch.randn(256, 256, device=device).to(dtype)
+    elapsed = float("inf")
+    for _ in range(2):  # the second: after the thread pool's and the kernel's first-call costs
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ a
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+    while size > 256 and elapsed * (size / 256) ** 3 > seconds:
+        size //= 2
+    return size
+
+
+def _synchronize(device: Union[str, torch.device]) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def model_flops_per_token(pl_module: LightningModule, sequence_length: int) -> float:
