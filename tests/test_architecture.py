@@ -146,6 +146,27 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert precision == "32-true" and "no native bf16" in reason
 
 
+def test_bf16_chosen_on_a_cpu_without_native_bf16_is_warned_of(monkeypatch):
+    import lm.runtime.hardware as hardware
+    from lm.cli.lightning_cli import _warn_of_emulated_bf16
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("lm").addHandler(handler)
+    try:
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+        for precision, accelerator in (("bf16-mixed", "cpu"), ("bf16-true", "auto"), ("32-true", "cpu")):
+            _warn_of_emulated_bf16(precision, accelerator)
+        warnings = [r.getMessage() for r in records]
+        assert len(warnings) == 2 and all("no native bf16" in w and "--trainer.precision 32-true" in w for w in warnings)
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+        _warn_of_emulated_bf16("bf16-mixed", "cpu")
+        assert len(records) == 2
+    finally:
+        logging.getLogger("lm").removeHandler(handler)
+
+
 def test_cli_picks_precision_visibly_and_an_explicit_value_wins(tmp_path, corpus_files, monkeypatch):
     from lm.runtime.hardware import auto_precision
     from lm.cli.lightning_cli import run_lightning_cli

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import io
 import subprocess
 import sys
-import traceback
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -26,7 +23,7 @@ import torch
 
 from lm.cli.main import main
 from tests.conftest import make_corpus, write_corpus_files
-from tests.helpers import REPO_ROOT, TINY_MODEL, tiny_data
+from tests.helpers import REPO_ROOT, TINY_MODEL, run_cli_here, tiny_data
 
 TRAINER = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "2",
            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
@@ -486,7 +483,7 @@ def test_bad_input(case: Case, world: World, request, monkeypatch):
     monkeypatch.setattr("sys.argv", ["lm"])  # as from a shell: LightningCLI warns when given args and sys.argv has more
     before = _snapshot(world.root)
     if case.argv is not None:
-        code, output = _run_cli(case.argv(world))
+        code, output = run_cli_here(case.argv(world))
         message = _error_message(output)
     else:
         method, path, kwargs = case.request
@@ -502,21 +499,6 @@ def test_bad_input(case: Case, world: World, request, monkeypatch):
     assert not changed, f"existing files changed or deleted: {changed}"
     assert not [path for path in after.keys() - before.keys() if path.startswith("checkpoints")], "a checkpoint was written"
     assert not (world.root / FILES["marker"]).exists(), "a pickled object was executed"
-
-
-def _run_cli(argv: list[str]) -> tuple[Any, str]:
-    """`lm <argv>` in this process: (exit code, stdout + stderr)."""
-    out = io.StringIO()
-    with redirect_stdout(out), redirect_stderr(out):
-        try:
-            main(argv)
-            code: Any = 0
-        except SystemExit as exit_:
-            code = exit_.code
-        except BaseException:  # a bug: show it as the user would see it
-            traceback.print_exc(file=out)
-            code = "exception"
-    return code, out.getvalue()
 
 
 def _error_message(output: str) -> str:

@@ -56,9 +56,22 @@ from lm.io.checkpoints import read_checkpoint, require_training_checkpoint
 from lm.io.class_paths import import_class
 from lm.modules import LanguageModel
 from lm.runtime.allocator import keep_large_allocations_in_heap
-from lm.runtime.hardware import auto_precision
+from lm.runtime.hardware import auto_precision, bf16_is_fast
 
 log = logging.getLogger("lm")
+
+
+def _warn_of_emulated_bf16(precision: str, accelerator: str) -> None:
+    """A bf16 precision chosen on a CPU without native bf16 runs, but its matmuls are emulated (tens of times slower
+    than fp32: docs/results/figures.md): say so once, with the setting that trains at full speed."""
+    import torch
+
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision.startswith("bf16") and on_cpu:
+        fast, reason = bf16_is_fast("cpu")
+        if not fast:
+            log.warning(f"trainer.precision {precision}: {reason}. Every step will be many times slower than in "
+                        f"32-true: set --trainer.precision 32-true, or leave it null to let lm choose.")
 
 
 class LMCLI(LightningCLI):
@@ -152,6 +165,8 @@ class LMCLI(LightningCLI):
             precision, reason = auto_precision(str(config.trainer.get("accelerator") or "auto"))
             config.trainer.precision = precision
             log.info(f"precision {precision} (trainer.precision was left null: {reason}; set it to override)")
+        else:
+            _warn_of_emulated_bf16(str(config.trainer.precision), str(config.trainer.get("accelerator") or "auto"))
 
     def before_fit(self) -> None:
         """Before any step: the output folders take files and have room (a clear error now, not a run that

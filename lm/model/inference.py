@@ -193,9 +193,15 @@ def decode_compile_options(device: torch.device) -> dict:
 
 
 def compile_decode_step(model: nn.Module) -> Callable[..., Tensor]:
-    """`model.forward` compiled for decoding; dynamic shapes, so a growing KV cache does not recompile."""
+    """`model.forward` compiled for decoding; dynamic shapes, so a growing KV cache does not recompile.
+
+    `isolate_recompiles`: this model's compiled graphs are its own. By default every `torch.compile` of
+    `GPT.forward` in a process shares one set of entries (the code object's): after other models were compiled
+    (a notebook, a test session, an int8 copy beside its fp32 original) this model's step then counted against
+    their recompile limit, and a guard-skipping step (`skipping_guards`) looked among their graphs, found none
+    and raised "Recompilation triggered with skip_guard_eval_unsafe stance"."""
     device = next(model.parameters()).device
-    return torch.compile(model.forward, dynamic=True, options=decode_compile_options(device))
+    return torch.compile(model.forward, dynamic=True, options=decode_compile_options(device), isolate_recompiles=True)
 
 
 # Steps since the decoder's rows or columns last changed after which a compiled step skips dynamo's guards.
