@@ -132,7 +132,8 @@ def test_quantized_checkpoint_loads_and_generates_in_bfloat16(tokenizer, tmp_pat
 def test_compiled_int8_decode_is_the_weight_only_product(tokenizer):
     """`prepare_for_inference(compile=True)` on an int8 model: the compiled decode step multiplies fp32
     activations by the int8 weights (no packed op inside the graph), so it decodes exactly what an fp32
-    model holding the dequantized weights decodes."""
+    model holding the dequantized weights decodes, compiled (first, in the same process: each model's compiled
+    step keeps its own graphs) or not."""
     model = tiny_gpt()
     quantized = quantize_model(copy.deepcopy(model))
     twin = copy.deepcopy(model)
@@ -140,9 +141,12 @@ def test_compiled_int8_decode_is_the_weight_only_product(tokenizer):
         for name, module in quantized.named_modules():
             if isinstance(module, Int8Linear):
                 twin.get_submodule(name).weight.copy_(module.dequantized_weight())
-    quantized.prepare_for_inference(compile=True)
     x = ids(tokenizer, 8)
-    assert torch.equal(generate(quantized, x, max_new_tokens=12, temperature=0), generate(twin, x, max_new_tokens=12, temperature=0))
+    expected = generate(twin, x, max_new_tokens=12, temperature=0)
+    twin.prepare_for_inference(compile=True)
+    assert torch.equal(generate(twin, x, max_new_tokens=12, temperature=0), expected)
+    quantized.prepare_for_inference(compile=True)
+    assert torch.equal(generate(quantized, x, max_new_tokens=12, temperature=0), expected)
 
 
 # ---------------------------------------------------------------------------------------- pruning

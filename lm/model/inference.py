@@ -32,6 +32,7 @@ Benchmark: `benchmarks/generate.py` (figures in the README).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -199,9 +200,12 @@ def compile_decode_step(model: nn.Module) -> Callable[..., Tensor]:
     `GPT.forward` in a process shares one set of entries (the code object's): after other models were compiled
     (a notebook, a test session, an int8 copy beside its fp32 original) this model's step then counted against
     their recompile limit, and a guard-skipping step (`skipping_guards`) looked among their graphs, found none
-    and raised "Recompilation triggered with skip_guard_eval_unsafe stance"."""
+    and raised "Recompilation triggered with skip_guard_eval_unsafe stance". (torch 2.13 has the option; older
+    versions compile without it.)"""
     device = next(model.parameters()).device
-    return torch.compile(model.forward, dynamic=True, options=decode_compile_options(device), isolate_recompiles=True)
+    own_graphs = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+    return torch.compile(model.forward, dynamic=True, options=decode_compile_options(device),
+                         **({"isolate_recompiles": True} if own_graphs else {}))
 
 
 # Steps since the decoder's rows or columns last changed after which a compiled step skips dynamo's guards.
