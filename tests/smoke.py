@@ -1,6 +1,6 @@
 """`make smoke`: the `make train` path on a step budget, then every `lm` verb on its best checkpoint.
 
-    make smoke                                  # 32-true, then bf16-mixed
+    make smoke                                  # 32-true and bf16-mixed, side by side
     make smoke PRECISION=32-true                # one precision
     make smoke SMOKE_ARGS="--jobs 1"            # the precisions one after the other (default: side by side)
     python tests/smoke.py --precision bf16-mixed --config experiments/wikitext2_cpu.yaml \
