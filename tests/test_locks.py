@@ -19,7 +19,7 @@ import torch
 
 from lm.cli.main import main
 from lm.io.files import lock_holder, release_lock, try_lock
-from tests.helpers import REPO_ROOT, TINY_MODEL, run_cli_here, tiny_data
+from tests.helpers import REPO_ROOT, TINY_MODEL, run_cli_here, run_lm, tiny_data
 
 TRAINER = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.val_check_interval", "2",
            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
@@ -79,19 +79,17 @@ def start_paused():
 
 
 def test_a_second_run_of_a_running_experiment_is_refused(tmp_path, corpus_files, start_paused, monkeypatch):
-    """The paused runs are `lm` processes; the others are `lm`'s `main` in this process (the lock is another pid's
-    all the same), without a start-up each."""
+    """The runs are `lm` processes, but the last, which only has to train: `lm`'s `main` in this process."""
     data = tiny_data(corpus_files, tmp_path / "cache")
     fit = ["fit", "--experiment", "shared", *TINY_MODEL, *TRAINER, *data]
     first, release = start_paused(tmp_path, "before_fit", *fit, "--trainer.max_steps", "2")
 
-    monkeypatch.chdir(tmp_path)
-    code, output = run_cli_here([*fit, "--trainer.max_steps", "2"])  # started while the first runs
-    assert code == 2, output[-3000:]
-    message = output.split("error: ", 1)[-1].split("\n")[0]
+    second = run_lm(*fit, "--trainer.max_steps", "2", cwd=tmp_path)  # started while the first runs
+    assert second.returncode == 2, second.stderr[-3000:]
+    message = second.stderr.split("error: ", 1)[-1].split("\n")[0]
     assert f"Experiment 'shared' is in use by another run (lm fit, pid {first.pid}, started " in message, message
     assert "Wait for that run to end, then resume it with --ckpt_path last, or give this one another --experiment" \
-        in message and "Traceback" not in output
+        in message and "Traceback" not in second.stderr
 
     release.touch()
     _, stderr = first.communicate(timeout=300)
@@ -104,6 +102,7 @@ def test_a_second_run_of_a_running_experiment_is_refused(tmp_path, corpus_files,
     resumed, release = start_paused(tmp_path, "before_fit", *fit, "--trainer.max_steps", "4", "--ckpt_path", "last")
     resumed.send_signal(signal.SIGKILL)
     resumed.communicate(timeout=60)
+    monkeypatch.chdir(tmp_path)
     code, output = run_cli_here([*fit, "--trainer.max_steps", "4", "--ckpt_path", "last"])
     assert code in (0, None), output[-3000:]
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 4

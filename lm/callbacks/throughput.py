@@ -42,7 +42,7 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, s
     (bf16 on a CPU without AVX-512-BF16/AMX: under 1 GFLOP/s) one 2048^2 product would take a minute, so a
     256^2 product is timed first and `size` halved (not below 256) until one product would take at most
     `seconds`: the rate of a product that size is what such a CPU reaches on the recipe's small matrices."""
-    size = min(size, max(256, _affordable_size(dtype, size, seconds, device)))
+    size = _affordable_size(dtype, size, seconds, device)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     flops = 2.0 * size ** 3

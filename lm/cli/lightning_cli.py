@@ -56,7 +56,7 @@ from lm.io.checkpoints import read_checkpoint, require_training_checkpoint
 from lm.io.class_paths import import_class
 from lm.modules import LanguageModel
 from lm.runtime.allocator import keep_large_allocations_in_heap
-from lm.runtime.hardware import auto_precision, bf16_is_fast
+from lm.runtime.hardware import auto_precision, bf16_is_fast, trains_on_cuda
 
 log = logging.getLogger("lm")
 
@@ -64,9 +64,7 @@ log = logging.getLogger("lm")
 def _warn_of_emulated_bf16(precision: str, accelerator: str) -> None:
     """A bf16 precision chosen on a CPU without native bf16 runs, but its matmuls are emulated (tens of times slower
     than fp32: docs/results/figures.md): say so once, with the setting that trains at full speed."""
-    import torch
-
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    on_cpu = accelerator in ("cpu", "auto") and not trains_on_cuda(accelerator)
     if precision.startswith("bf16") and on_cpu:
         fast, reason = bf16_is_fast("cpu")
         if not fast:

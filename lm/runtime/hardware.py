@@ -86,11 +86,15 @@ def bf16_is_fast(device: str) -> tuple[bool, str]:
 
 def auto_precision(accelerator: str) -> tuple[str, str]:
     """(Trainer precision, the reason) for an `accelerator` setting ("cpu", "gpu", "cuda", "auto")."""
+    fast, why = bf16_is_fast("cuda" if trains_on_cuda(accelerator) else "cpu")
+    return ("bf16-mixed" if fast else "32-true"), why
+
+
+def trains_on_cuda(accelerator: str) -> bool:
+    """Whether a Trainer `accelerator` setting ("cpu", "gpu", "cuda", "auto") trains on a CUDA GPU."""
     import torch  # here, not at the top: see describe_cpu
 
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    fast, why = bf16_is_fast("cuda" if on_gpu else "cpu")
-    return ("bf16-mixed" if fast else "32-true"), why
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 # Sequences a decode step may advance together for `auto_inference_dtype` to pick bf16 on a CPU without native bf16:
